@@ -1,0 +1,1 @@
+"""Triton kernels for vicinity attention (installed as vicinity_attn.kernels)."""

@@ -1,0 +1,15 @@
+"""vicinity_attn: linear-complexity vicinity attention for vision models (Triton + PyTorch)."""
+from .functional import resolve_backend, triton_available, vicinity_attention
+from .positions import feature_count, position_features
+from .spec import VicinitySpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "vicinity_attention",
+    "resolve_backend",
+    "triton_available",
+    "position_features",
+    "feature_count",
+    "VicinitySpec",
+]

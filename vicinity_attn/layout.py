@@ -1,0 +1,18 @@
+"""Output allocation that follows the caller's memory layout."""
+from __future__ import annotations
+
+import torch
+
+
+def empty_output_like(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised [B, H, Nq, dv] tensor whose memory order matches q's.
+
+    q is a [B, H, Nq, D] view; when its memory is [B, Nq, H, D] (layout "bnhd", heads
+    inner to tokens) the output is allocated that way too, so that transposing it back to the
+    caller's layout gives a contiguous tensor.
+    """
+    B, H, N, _ = q.shape
+    dtype = q.dtype if dtype is None else dtype
+    if H > 1 and N > 1 and q.stride(1) < q.stride(2):
+        return torch.empty(B, N, H, dv, dtype=dtype, device=q.device).transpose(1, 2)
+    return torch.empty(B, H, N, dv, dtype=dtype, device=q.device)

@@ -1,0 +1,31 @@
+"""The validated description of one vicinity-attention call, handed to every backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .positions import feature_count
+
+
+@dataclass(frozen=True)
+class VicinitySpec:
+    """Everything about a call except the tensors.
+
+    ``grid`` / ``kv_grid``: 1 to 3 positive ints; the query / key sequence is
+    ``num_prefix_tokens`` prefix tokens followed by ``prod(grid)`` / ``prod(kv_grid)`` grid tokens.
+    """
+
+    grid: tuple[int, ...]
+    kv_grid: tuple[int, ...]
+    variant: str = "sum"
+    feature_map: str = "relu"
+    eps: float = 1e-4
+    num_prefix_tokens: int = 0
+
+    @property
+    def n_axes(self) -> int:
+        return len(self.grid)
+
+    @property
+    def n_features(self) -> int:
+        """F, the number of position features per token."""
+        return feature_count(self.n_axes, self.variant, self.num_prefix_tokens > 0)

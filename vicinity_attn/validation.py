@@ -1,0 +1,112 @@
+"""Argument checking for the public API: every bad call fails here, with the argument named."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+from .feature_maps import FEATURE_MAPS
+from .positions import VARIANTS
+from .spec import VicinitySpec
+
+LAYOUTS = ("bhnd", "bnhd")
+BACKENDS = ("auto", "triton", "torch", "reference")
+MAX_AXES = 3
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def normalize_grid(grid: int | Sequence[int], name: str = "grid") -> tuple[int, ...]:
+    """A grid as a tuple of 1 to 3 positive Python ints; an int means a 1-d grid."""
+    if isinstance(grid, torch.Tensor):
+        grid = grid.tolist()
+    if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
+        grid = (grid,)
+    if not isinstance(grid, (tuple, list, torch.Size)):
+        raise TypeError(f"{name} must be an int or a sequence of 1 to {MAX_AXES} ints, got {type(grid).__name__}")
+    out = []
+    for size in grid:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name} must contain ints, got {grid!r}")
+        if size <= 0:
+            raise ValueError(f"{name} sizes must be positive, got {tuple(grid)}")
+        out.append(int(size))
+    if not 1 <= len(out) <= MAX_AXES:
+        raise ValueError(f"{name} must have 1 to {MAX_AXES} axes, got {len(out)}: {tuple(grid)}")
+    return tuple(out)
+
+
+def check_option(value: object, name: str, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def check_tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-d, got {t.dim()}-d with shape {tuple(t.shape)}")
+    return t
+
+
+def check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return float(eps)
+
+
+def check_prefix(num_prefix_tokens: object) -> int:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    return int(num_prefix_tokens)
+
+
+def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
+                  feature_map: str, eps: float, layout: str, backend: str,
+                  num_prefix_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:
+    """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec."""
+    layout = check_option(layout, "layout", LAYOUTS)
+    check_option(backend, "backend", BACKENDS)
+    variant = check_option(variant, "variant", VARIANTS)
+    feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
+    eps = check_eps(eps)
+    n_prefix = check_prefix(num_prefix_tokens)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if layout == "bnhd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dims = "[B, H, N, D]" if layout == "bhnd" else "[B, N, H, D]"
+    (B, H, Nq, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
+    if (Bk, Hk) != (B, H) or (Bv, Hv) != (B, H):
+        raise ValueError(f"q, k and v must share batch and head sizes (layout {layout!r}: {dims}); got "
+                         f"(B, H) = {(B, H)} for q, {(Bk, Hk)} for k, {(Bv, Hv)} for v")
+    if Nv != Nk:
+        raise ValueError(f"k and v must have the same number of tokens, got {Nk} and {Nv}")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    grid = normalize_grid(grid, "grid")
+    kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
+    if len(kv_grid) != len(grid):
+        raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
+    if n_prefix + math.prod(grid) != Nq:
+        raise ValueError(f"grid {grid} has {math.prod(grid)} tokens (+ {n_prefix} prefix tokens) "
+                         f"but q has {Nq} tokens")
+    if n_prefix + math.prod(kv_grid) != Nk:
+        name = "kv_grid" if kv_grid is not grid else "grid (used as kv_grid)"
+        raise ValueError(f"{name} {kv_grid} has {math.prod(kv_grid)} tokens (+ {n_prefix} prefix tokens) "
+                         f"but k has {Nk} tokens")
+    spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=feature_map, eps=eps,
+                        num_prefix_tokens=n_prefix)
+    return q, k, v, spec
