@@ -1,5 +1,6 @@
 """vicinity_attn: linear-complexity vicinity attention for vision models (Triton + PyTorch)."""
 from .functional import resolve_backend, triton_available, vicinity_attention
+from .modules import VicinityAttention
 from .positions import feature_count, position_features
 from .spec import VicinitySpec
 
@@ -7,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "vicinity_attention",
+    "VicinityAttention",
     "resolve_backend",
     "triton_available",
     "position_features",

@@ -1,0 +1,108 @@
+"""``VicinityAttention``: the drop-in attention layer (PVT / VVT calling convention)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import vicinity_attention
+from .validation import BACKENDS, check_eps, check_option, check_prefix
+from .feature_maps import FEATURE_MAPS
+from .positions import VARIANTS
+
+
+class VicinityAttention(nn.Module):
+    """Multi-head vicinity attention over a 2-d grid of tokens, linear in the number of tokens.
+
+    ``forward(x, H, W)`` takes x [B, num_prefix_tokens + H*W, dim] (prefix tokens first, grid
+    tokens row-major) and returns a tensor of the same shape. q, k and v come from linear
+    projections; with ``sr_ratio > 1`` keys and values come from a spatially reduced grid, a
+    Conv2d(kernel = stride = sr_ratio) followed by LayerNorm over the H x W grid tokens (as in
+    PVT / VVT), giving a (H // sr_ratio, W // sr_ratio) key grid; prefix tokens bypass the
+    reduction. The output goes through a linear projection and dropout.
+
+    Args:
+        dim: channels C; must be divisible by ``num_heads``.
+        num_heads: attention heads; head dim = dim // num_heads.
+        qkv_bias: bias in the q, k, v projections.
+        sr_ratio: spatial-reduction factor for keys and values (1 = none).
+        variant, feature_map, eps, backend: as in :func:`vicinity_attn.vicinity_attention`.
+        proj_drop: dropout probability after the output projection.
+        num_prefix_tokens: class/register tokens in front of the grid tokens.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
+                 variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
+                 proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0) -> None:
+        super().__init__()
+        for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if not 0.0 <= proj_drop <= 1.0:
+            raise ValueError(f"proj_drop must be in [0, 1], got {proj_drop!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.variant = check_option(variant, "variant", VARIANTS)
+        self.feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
+        self.eps = check_eps(eps)
+        self.backend = check_option(backend, "backend", BACKENDS)
+        self.num_prefix_tokens = check_prefix(num_prefix_tokens)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated-normal (std 0.02) linear weights and zero biases, as in PVT / VVT."""
+        for lin in (self.q, self.k, self.v, self.proj):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if self.sr_ratio > 1:
+            self.sr.reset_parameters()
+            self.norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x [B, num_prefix_tokens + H*W, dim] -> [B, num_prefix_tokens + H*W, dim]."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        B, N, C = x.shape
+        if C != self.dim:
+            raise ValueError(f"x must have {self.dim} channels (dim), got {C}")
+        P = self.num_prefix_tokens
+        if H * W + P != N:
+            raise ValueError(f"H * W (+ {P} prefix tokens) must equal the number of tokens: "
+                             f"{H} * {W} + {P} != {N}")
+        heads, hd = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, heads, hd)
+        kv_input, kv_grid = x, (H, W)
+        if self.sr_ratio > 1:
+            kv_grid = (H // self.sr_ratio, W // self.sr_ratio)
+            if kv_grid[0] < 1 or kv_grid[1] < 1:
+                raise ValueError(f"the grid ({H}, {W}) is smaller than sr_ratio ({self.sr_ratio})")
+            grid_tokens = x[:, P:].transpose(1, 2).reshape(B, C, H, W)
+            reduced = self.norm(self.sr(grid_tokens).flatten(2).transpose(1, 2))
+            kv_input = torch.cat([x[:, :P], reduced], dim=1) if P else reduced
+        Nk = kv_input.shape[1]
+        k = self.k(kv_input).view(B, Nk, heads, hd)
+        v = self.v(kv_input).view(B, Nk, heads, hd)
+        out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map=self.feature_map,
+                                 eps=self.eps, layout="bnhd", backend=self.backend, num_prefix_tokens=P)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"sr_ratio={self.sr_ratio}",
+                 f"variant={self.variant!r}", f"feature_map={self.feature_map!r}", f"eps={self.eps}",
+                 f"backend={self.backend!r}"]
+        if self.num_prefix_tokens:
+            parts.append(f"num_prefix_tokens={self.num_prefix_tokens}")
+        return ", ".join(parts)
