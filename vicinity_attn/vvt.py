@@ -1,0 +1,233 @@
+"""``VicinityVisionAttention``: the attention layer of the authors' Vicinity Vision Transformer.
+
+This module reproduces the layer the authors released with the paper (Sun et al., "Vicinity
+Vision Transformer", arXiv 2206.10552; code in OpenNLPLab/Vicinity-Vision-Transformer, class
+``VicinityVisionAttention``) closely enough that their checkpoints load with ``strict=True`` and
+give the same outputs. Where each piece comes from:
+
+- **Projections** (their code; paper section 3, "vicinity attention"): ``q_proj``, ``k_proj`` and
+  ``v_proj`` are biased ``Linear(embed_dim, embed_dim // fr_ratio)``; ``out_proj`` is a biased
+  ``Linear(embed_dim // fr_ratio, embed_dim)``.
+- **Feature reduction** ``fr_ratio`` (their code; the paper's "feature reduction" that shrinks the
+  width the attention runs at, which matters because the expanded features are 4x wider): every
+  head works at ``head_dim // fr_ratio`` channels instead of ``head_dim``.
+- **Spatial reduction** ``sr_ratio`` (their code, borrowed from PVT): with ``sr_ratio > 1`` keys
+  and values come from ``sr`` (a ``Conv2d`` with kernel = stride = ``sr_ratio``) followed by
+  ``norm`` (``LayerNorm``), so the key grid is ``(H // sr_ratio, W // sr_ratio)`` and its angles
+  use those sizes.
+- **Vicinity weighting** (paper eq. for the 2-d decomposition; their ``get_index`` and the
+  ``torch.cat([q*cos(a), q*sin(a), q*cos(b), q*sin(b)])`` expansion): relu features, row angle
+  ``a = (pi/2) * row / H`` and column angle ``b = (pi/2) * col / W``; ``use_sum=True`` is the
+  paper's sum of cosines (variant ``"sum"``), ``use_sum=False`` the product (``"product"``).
+  No softmax, no 1/sqrt(d) scale, ``eps = 1e-4`` added to the normaliser.
+- **Squeeze-excitation gate** (their code; not in the paper's equations): ``se_pool``
+  averages the layer *input* over tokens, ``se_fc`` = Linear(C, C // se_reduction, no bias),
+  ReLU, Linear(C // se_reduction, C, no bias), Sigmoid gives a per-channel gate, applied after
+  the output projection as ``out = out + out * gate``.
+- **Magnitude clamp** (their ``abs_clamp``, on whenever their ``self.clip`` is True, which is
+  always): magnitudes are clamped into [1e-4, 1e4] keeping the sign (zeros stay zero) after the
+  state ``kv = K_x^T V``, after the inverse normaliser ``1 / (Q_x . sum K_x + eps)``, after the
+  numerator ``Q_x kv``, after the normalised output, after ``out_proj`` and after the SE step.
+  It is a training stabiliser of theirs, not part of vicinity attention (DESIGN.md section 1).
+
+With ``clip=True`` (the default, to match them) the clamps sit between the stages of the
+attention, so this layer runs its own PyTorch computation (the authors' expanded-feature form,
+in float32 or float64). With ``clip=False`` the attention goes through
+:func:`vicinity_attn.vicinity_attention` and any backend works (the fused kernels included).
+
+Differences from their code, none of which changes a result where theirs runs: angles are
+computed in float64 and cast (theirs are float32 whatever the input dtype); for half-precision
+inputs the clamped path accumulates in float32 (theirs runs in the input dtype); their unused
+constructor arguments (kdim, vdim, dropout_rate, causal) are not accepted, and their
+``linear=True`` mode (PVTv2 pooling, whose key grid their angle code does not match) is not
+supported; with ``sr_ratio > 1`` their angle code needs H and W divisible by ``sr_ratio``, while
+here the key grid is simply the Conv2d's output grid.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .feature_maps import apply_feature_map
+from .functional import vicinity_attention
+from .positions import position_features
+from .torch_backend import compute_dtype
+from .validation import BACKENDS, check_option
+
+CLAMP_MIN = 1e-4
+CLAMP_MAX = 1e4
+EPS = 1e-4
+
+
+def abs_clamp(t: torch.Tensor, min_mag: float = CLAMP_MIN, max_mag: float = CLAMP_MAX) -> torch.Tensor:
+    """Clamp magnitudes into [min_mag, max_mag] keeping the sign; zeros stay zero.
+
+    Same values and gradients as the authors' ``abs_clamp`` (which works in place), out of place.
+    """
+    return t.abs().clamp(min_mag, max_mag) * t.sign()
+
+
+def _expand(phi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[B, h, N, d] features and [N, F] positions -> [B, h, N, F*d] = concat_m(P_m * phi), feature-major
+    (the order of the authors' ``torch.cat([q*cos(a), q*sin(a), ...], dim=-1)``)."""
+    B, h, N, d = phi.shape
+    return (pos[:, :, None] * phi[:, :, :, None, :]).reshape(B, h, N, pos.shape[1] * d)
+
+
+def clamped_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               grid: tuple[int, int], kv_grid: tuple[int, int], variant: str) -> torch.Tensor:
+    """The authors' attention core with their magnitude clamps between the stages.
+
+    q [B, h, Nq, d], k [B, h, Nk, d], v [B, h, Nk, dv] (any float dtype) -> [B, h, Nq, dv] in q's
+    dtype, computed in float32 (float64 for float64 inputs). Relu features, eps = 1e-4. Memory is
+    O(N * F * d) (the expanded features, as in their code); nothing N x N.
+    """
+    dtype = compute_dtype(q.dtype)
+    pos_q = position_features(grid, variant, side="query", dtype=dtype, device=q.device)
+    pos_k = position_features(kv_grid, variant, side="key", dtype=dtype, device=q.device)
+    xq = _expand(apply_feature_map(q.to(dtype), "relu"), pos_q)   # [B, h, Nq, F*d]
+    xk = _expand(apply_feature_map(k.to(dtype), "relu"), pos_k)   # [B, h, Nk, F*d]
+    state = abs_clamp(xk.transpose(-1, -2) @ v.to(dtype))         # their kv_: [B, h, F*d, dv]
+    k_sum = xk.sum(dim=2)                                         # [B, h, F*d]
+    inv_den = abs_clamp(1.0 / ((xq * k_sum[:, :, None, :]).sum(-1) + EPS))  # their z_: [B, h, Nq]
+    num = abs_clamp(xq @ state)                                   # [B, h, Nq, dv]
+    return abs_clamp(num * inv_den.unsqueeze(-1)).to(q.dtype)
+
+
+class VicinityVisionAttention(nn.Module):
+    """The authors' VVT attention layer (see the module docstring), checkpoint-compatible.
+
+    ``forward(x, H, W)``: x [B, H*W, embed_dim] (grid tokens row-major) -> [B, H*W, embed_dim],
+    x's dtype.
+
+    Args:
+        embed_dim: channels C; ``embed_dim // num_heads`` must be divisible by ``fr_ratio``.
+        num_heads: attention heads.
+        sr_ratio: spatial-reduction factor for keys and values (1 = none).
+        fr_ratio: feature-reduction factor; q, k, v are ``embed_dim // fr_ratio`` wide.
+        se_reduction: squeeze-excitation bottleneck factor; must divide ``embed_dim``.
+        use_sum: True for the sum-of-cosines weighting (paper default), False for the product.
+        linear: must be False (their PVTv2-style pooling mode is not supported).
+        clip: apply the authors' magnitude clamp (default True, as in their code). Also an
+            attribute: set ``layer.clip = False`` to turn it off after construction.
+        backend: backend for :func:`vicinity_attn.vicinity_attention` when ``clip`` is False.
+
+    Parameter names and shapes (state-dict keys) are theirs: ``k_proj``, ``v_proj``, ``q_proj``,
+    ``sr`` + ``norm`` (only when ``sr_ratio > 1``), ``out_proj``, ``se_fc.0``, ``se_fc.2``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, sr_ratio: int = 1, fr_ratio: int = 1,
+                 se_reduction: int = 2, use_sum: bool = True, linear: bool = False, clip: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        for value, name in ((embed_dim, "embed_dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio"),
+                            (fr_ratio, "fr_ratio"), (se_reduction, "se_reduction")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = embed_dim // num_heads
+        if head_dim % fr_ratio:
+            raise ValueError(f"the head dim embed_dim // num_heads ({head_dim}) must be divisible by "
+                             f"fr_ratio ({fr_ratio})")
+        if embed_dim % se_reduction:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by se_reduction ({se_reduction})")
+        if linear:
+            raise NotImplementedError("linear=True (the authors' PVTv2-style pooled keys) is not supported")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.fr = fr_ratio
+        self.sr_ratio = sr_ratio
+        self.linear = False
+        self.use_sum = bool(use_sum)
+        self.clip = bool(clip)
+        self.backend = check_option(backend, "backend", BACKENDS)
+        inner = embed_dim // fr_ratio
+        # Registration order follows theirs, so state_dict() lists keys in their order too.
+        self.k_proj = nn.Linear(embed_dim, inner)
+        self.v_proj = nn.Linear(embed_dim, inner)
+        self.q_proj = nn.Linear(embed_dim, inner)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(embed_dim, embed_dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(embed_dim)
+        self.out_proj = nn.Linear(inner, embed_dim)
+        self.se_pool = nn.AdaptiveAvgPool1d(1)
+        self.se_fc = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // se_reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(embed_dim // se_reduction, embed_dim, bias=False),
+            nn.Sigmoid(),
+        )
+        self.reset_parameters()
+
+    @property
+    def variant(self) -> str:
+        return "sum" if self.use_sum else "product"
+
+    def reset_parameters(self) -> None:
+        """The initialisation the layer gets inside their VVT ``Block``: truncated-normal (std 0.02)
+        Linear weights with zero biases, LayerNorm (1, 0), Conv2d normal(0, sqrt(2 / fan_out))."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _check_input(self, x: torch.Tensor, H: int, W: int) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        for value, name in ((H, "H"), (W, "W")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if x.shape[2] != self.embed_dim:
+            raise ValueError(f"x must have {self.embed_dim} channels (embed_dim), got {x.shape[2]}")
+        if H * W != x.shape[1]:
+            raise ValueError(f"H * W must equal the number of tokens: {H} * {W} != {x.shape[1]}")
+        if self.sr_ratio > 1 and (H < self.sr_ratio or W < self.sr_ratio):
+            raise ValueError(f"the grid ({H}, {W}) is smaller than sr_ratio ({self.sr_ratio})")
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x [B, H*W, embed_dim] -> [B, H*W, embed_dim]."""
+        self._check_input(x, H, W)
+        B, N, C = x.shape
+        heads = self.num_heads
+        d = C // heads // self.fr
+        # SE gate from the layer input: mean over tokens, bottleneck MLP, sigmoid -> [B, 1, C].
+        gate = self.se_fc(self.se_pool(x.transpose(1, 2)).view(B, C)).unsqueeze(1)
+        kv_input, kv_grid = x, (H, W)
+        if self.sr_ratio > 1:
+            reduced = self.sr(x.transpose(1, 2).reshape(B, C, H, W))
+            kv_grid = (reduced.shape[2], reduced.shape[3])
+            kv_input = self.norm(reduced.flatten(2).transpose(1, 2))
+        Nk = kv_input.shape[1]
+        q = self.q_proj(x).view(B, N, heads, d)
+        k = self.k_proj(kv_input).view(B, Nk, heads, d)
+        v = self.v_proj(kv_input).view(B, Nk, heads, d)
+        if self.clip:
+            out = clamped_vicinity_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             (H, W), kv_grid, self.variant).transpose(1, 2)
+        else:
+            out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map="relu",
+                                     eps=EPS, layout="bnhd", backend=self.backend)
+        out = self.out_proj(out.reshape(B, N, heads * d))
+        if self.clip:
+            out = abs_clamp(out)
+        out = out + out * gate
+        if self.clip:
+            out = abs_clamp(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, "
+                f"fr_ratio={self.fr}, use_sum={self.use_sum}, clip={self.clip}, backend={self.backend!r}")
