@@ -1,0 +1,62 @@
+"""Backward launcher: row weights, query pass (dq and the state gradients dS, dz), key pass (dk, dv).
+
+With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (DESIGN.md section 1):
+    dq = phi'(q) * sum_m P_m (S_m g + z_m c)
+    dS_m = sum_i P_m phi(q_i) g_i^T,  dz_m = sum_i P_m phi(q_i) c_i
+    dv = sum_m P_m dS_m^T phi(k),     dk = phi'(k) * sum_m P_m (dS_m v + dz_m)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .configs import pick_config, pick_precision, pow2_scale
+from .contract import contract_dv_kernel, row_weights_kernel
+from .forward import compute_states, contract_d
+from .launch import Geometry
+
+
+def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                      dv: torch.Tensor, geom: Geometry) -> None:
+    """Fills dq, dk, dv (strided, shaped like q, k, v) from dO [B, H, Nq, Dv] and the forward's saved
+    den, S, z (all scaled by s_k = 2^-ceil(log2 Nk), see ``vicinity_forward``).
+
+    Scaling bookkeeping: with den' = s_k den, rs = 1/den' and rz = -(dO.o)/den' are 1/s_k times g, c,
+    so S' rs = S g and z' rz = z c (dq exact). The state gradients come out 1/s_k too large; the
+    reduction multiplies by s_q = 2^-ceil(log2 Nq) to keep them O(1), and the key pass multiplies its
+    result by s_k / s_q (an exact power of two).
+    """
+    B, H, Nq, D = q.shape
+    Nk, Dv = v.shape[2], v.shape[3]
+    cfg = pick_config(D, Dv)
+    prec = pick_precision(q.dtype)
+    s_k, s_q = pow2_scale(Nk), pow2_scale(Nq)
+
+    rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
+    rz = torch.empty_like(rs)
+    row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
+        do, o, den, rs, rz, H, Nq, Dv, *do.stride(), *o.stride(), BLOCK_N=cfg.block_n,
+        BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps)
+
+    _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
+    dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)
+    key_scale = s_k / s_q
+    contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale)
+    _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, prec)
+
+
+def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float, cfg, prec):
+    """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None."""
+    B, H, N, D = x.shape
+    Dv = y.shape[-1]
+    row_weights = rs is not None
+    if not row_weights:
+        rs = rz = z  # never read
+    sizes = geom.q_sizes if is_query else geom.k_sizes
+    grid = (triton.cdiv(N, cfg.block_n), B * H, triton.cdiv(D, cfg.block_d))
+    contract_dv_kernel[grid](
+        x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, *sizes, out_scale,
+        *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
+        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,0 +1,173 @@
+"""Per-token kernels that contract tokens against the (small) reduced states.
+
+``contract_d_kernel``  (forward output pass, backward dv):
+    out_i = out_scale * sum_m P_m(i) phi(x_i)^T M_m            [Dv]  (contract over D)
+    optionally divided by den_i = sum_m P_m(i) phi(x_i).z_m + eps, den written out.
+``contract_dv_kernel`` (backward dq and dk):
+    out_i = out_scale * phi'(x_i) * (rs_i sum_m P_m(i) M_m y_i + rz_i sum_m P_m(i) z_m)   [D]
+    (contract over Dv); dq: x = q, y = dO, rs = 1/den, rz = -(dO.o)/den;  dk: x = k, y = v, rs = rz = 1.
+``row_weights_kernel`` (backward preprocessing): rs = 1/den, rz = -(dO.o)/den.
+States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtype ACC.
+"""
+import triton
+import triton.language as tl
+
+from .common import feature_map, feature_map_grad, mma
+from .positions import position_feature
+
+
+@triton.jit
+def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix, s0, s1, s2,
+                     sxn, sxd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                     HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
+                     WITH_DEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Adds the contribution of one D tile (all F features) to acc [BLOCK_N, BLOCK_DV] and den [BLOCK_N]."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < D
+    mask_x = mask_n[:, None] & mask_d[None, :]
+    x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
+    phi = feature_map(x, mask_x, FMAP)
+    mask_m = mask_d[:, None] & (offs_e[None, :] < DV)
+    for M in tl.static_range(N_FEAT):
+        p = position_feature(offs_n, n_prefix, s0, s1, s2, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                             IS_QUERY, ACC)
+        a = phi * p[:, None]
+        state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :], mask=mask_m, other=0.0)
+        acc = mma(a, state, acc, DOT, PREC)
+        if WITH_DEN:
+            zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
+            den += tl.sum(a * zm[None, :], axis=1)
+    return acc, den
+
+
+@triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2"])
+def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_prefix, s0, s1, s2, eps, out_scale,
+                      sxb, sxh, sxn, sxd, sob, soh, son, sod,
+                      N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
+                      WITH_DEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), BH, n_dv_tiles). x [B, H, N, D] strided; out [B, H, N, DV] strided
+    (written in out's dtype); den [BH, N] ACC (written when WITH_DEN, by the first Dv tile)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    e0 = tl.program_id(2) * BLOCK_DV
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    x_base = x_ptr + b * sxb + h * sxh
+    m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
+    z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    den = tl.zeros((BLOCK_N,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        acc, den = _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix,
+                                    s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                    FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
+    if WITH_DEN:
+        den += eps
+        acc = acc / den[:, None]
+        tl.store(den_ptr + bh * N + offs_n, den, mask=mask_n & ((offs_n * 0 + tl.program_id(2)) == 0))
+    acc = acc * out_scale
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    out_base = out_ptr + b * sob + h * soh
+    tl.store(out_base + offs_n[:, None] * son + offs_e[None, :] * sod, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (offs_e[None, :] < DV))
+
+
+@triton.jit
+def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, s0, s1, s2,
+                      syn, syd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Adds sum_m P_m(i) y_i M_m^T over one Dv tile to acc [BLOCK_N, BLOCK_D]."""
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    mask_e = offs_e < DV
+    y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd,
+                mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
+    for M in tl.static_range(N_FEAT):
+        p = position_feature(offs_n, n_prefix, s0, s1, s2, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                             IS_QUERY, ACC)
+        # M_m^T tile [BLOCK_DV, BLOCK_D], read transposed straight from the [D, DV] state
+        state_t = tl.load(m_base + M * D * DV + offs_e[:, None] + offs_d[None, :] * DV,
+                          mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+        acc = mma(y * p[:, None], state_t, acc, DOT, PREC)
+    return acc
+
+
+@triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2"])
+def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N, D, DV, n_prefix, s0, s1, s2,
+                       out_scale, sxb, sxh, sxn, sxd, syb, syh, syn, syd, sob, soh, son, sod,
+                       N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                       HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
+                       ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
+    rs, rz [BH, N] ACC when ROW_WEIGHTS (else both 1)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_D
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
+    z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
+    y_base = y_ptr + b * syb + h * syh
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+
+    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    for e0 in range(0, DV, BLOCK_DV):
+        acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
+                                s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                BLOCK_DV, ACC, DOT, PREC)
+    zsum = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    for M in tl.static_range(N_FEAT):
+        p = position_feature(offs_n, n_prefix, s0, s1, s2, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                             IS_QUERY, ACC)
+        zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
+        zsum += p[:, None] * zm[None, :]
+    if ROW_WEIGHTS:
+        rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+        rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+        acc = acc * rs[:, None] + zsum * rz[:, None]
+    else:
+        acc = acc + zsum
+    mask = mask_n[:, None] & mask_d[None, :]
+    x = tl.load(x_ptr + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
+                mask=mask, other=0.0).to(ACC)
+    acc = acc * feature_map_grad(x, FMAP) * out_scale
+    tl.store(out_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["H", "N", "DV"])
+def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV,
+                       sgb, sgh, sgn, sgd, sob, soh, son, sod,
+                       BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    """rs_i = 1 / den_i, rz_i = -(dO_i . o_i) / den_i. Grid (cdiv(N, BLOCK_N), BH). dO, o [B, H, N, DV]
+    strided; den, rs, rz [BH, N] ACC."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    delta = tl.zeros((BLOCK_N,), ACC)
+    for e0 in range(0, DV, BLOCK_DV):
+        offs_e = e0 + tl.arange(0, BLOCK_DV)
+        mask = mask_n[:, None] & (offs_e[None, :] < DV)
+        g = tl.load(do_ptr + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
+                    mask=mask, other=0.0).to(ACC)
+        o = tl.load(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_e[None, :] * sod,
+                    mask=mask, other=0.0).to(ACC)
+        delta += tl.sum(g * o, axis=1)
+    den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
+    rs = 1.0 / den
+    tl.store(rs_ptr + bh * N + offs_n, rs, mask=mask_n)
+    tl.store(rz_ptr + bh * N + offs_n, -delta * rs, mask=mask_n)

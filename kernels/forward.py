@@ -1,0 +1,86 @@
+"""Forward launcher: state pass over the keys, fixed-order chunk reduction, output pass over the queries."""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .configs import ChunkPlan, LaunchConfig, Precision, chunk_plan, pick_config, pick_precision, pow2_scale
+from .contract import contract_d_kernel
+from .launch import Geometry
+from .state import chunk_reduce_kernel, state_partial_kernel
+
+REDUCE_BLOCK = 1024
+
+
+def _acc_torch_dtype(prec: Precision) -> torch.dtype:
+    return torch.float64 if prec.acc.primitive_bitwidth == 64 else torch.float32
+
+
+def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
+                   cfg: LaunchConfig, prec: Precision, rs: torch.Tensor | None = None,
+                   rz: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
+
+    x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
+    """
+    B, H, N, D = x.shape
+    Dv = y.shape[-1]
+    F = geom.n_feat
+    acc_dtype = _acc_torch_dtype(prec)
+    tiles = triton.cdiv(D, cfg.block_d) * triton.cdiv(Dv, cfg.block_dv)
+    plan: ChunkPlan = chunk_plan(N, cfg.block_n, B * H * F * tiles)
+    s_part = torch.empty(plan.n_chunks, B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
+    z_part = torch.empty(plan.n_chunks, B * H, F, D, dtype=acc_dtype, device=x.device)
+    sizes = geom.q_sizes if is_query else geom.k_sizes
+    row_weights = rs is not None
+    if not row_weights:
+        rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
+    state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
+        x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, *sizes, plan.blocks_per_chunk,
+        *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
+        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    S = torch.empty(B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
+    z = torch.empty(B * H, F, D, dtype=acc_dtype, device=x.device)
+    for part, out in ((s_part, S), (z_part, z)):
+        rows = out.numel()
+        chunk_reduce_kernel[(triton.cdiv(rows, REDUCE_BLOCK),)](part, out, rows, plan.n_chunks, scale,
+                                                                BLOCK=REDUCE_BLOCK)
+    return S, z
+
+
+def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
+               is_query: bool, cfg: LaunchConfig, prec: Precision, eps: float | None,
+               out_scale: float = 1.0) -> torch.Tensor | None:
+    """out = out_scale * sum_m P_m phi(x) M_m, divided by den = sum_m P_m phi(x).z_m + eps when eps is
+    given (then den [BH, N] is returned). x [B, H, N, D], out [B, H, N, Dv] strided."""
+    B, H, N, D = x.shape
+    Dv = out.shape[-1]
+    with_den = eps is not None
+    den = torch.empty(B * H, N, dtype=states.dtype, device=x.device) if with_den else states
+    sizes = geom.q_sizes if is_query else geom.k_sizes
+    grid = (triton.cdiv(N, cfg.block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
+    contract_d_kernel[grid](
+        x, states, z, out, den, H, N, D, Dv, geom.n_prefix, *sizes, eps if with_den else 0.0, out_scale,
+        *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
+        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return den if with_den else None
+
+
+def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, geom: Geometry,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fills o [B, H, Nq, Dv] (strided, q's dtype) and returns (den [BH, Nq], S [BH, F, D, Dv], z [BH, F, D]).
+
+    S, z and den are stored scaled by s = 2^-ceil(log2 Nk) (eps too), which leaves o unchanged and
+    keeps them O(1): fp16 tensor-core operands built from them cannot overflow however long the
+    sequence. They are in fp32 (fp64 for fp64 inputs).
+    """
+    assert q.dim() == k.dim() == v.dim() == o.dim() == 4
+    assert q.shape[-1] <= 256 and v.shape[-1] <= 256
+    cfg = pick_config(q.shape[-1], v.shape[-1])
+    prec = pick_precision(q.dtype)
+    scale = pow2_scale(k.shape[2])
+    S, z = compute_states(k, v, geom, False, scale, cfg, prec)
+    den = contract_d(q, S, z, o, geom, True, cfg, prec, eps * scale)
+    return den, S, z

@@ -1,0 +1,108 @@
+"""State kernels: per-chunk partial states and their fixed-order reduction.
+
+Forward (x = k, y = v, no row weights):
+    S_m = sum_j P_m(j) phi(k_j) v_j^T   [D, Dv],   z_m = sum_j P_m(j) phi(k_j)   [D]
+Backward query pass (x = q, y = dO, row weights rs = 1/den, rz = -(dO.o)/den):
+    dS_m = sum_i P_m(i) phi(q_i) rs_i dO_i^T,    dz_m = sum_i P_m(i) phi(q_i) rz_i
+Each program owns one (chunk, batch*head, feature m, D tile, Dv tile) and writes its partial; the
+reduction kernel then sums partials over chunks in index order, so results are bitwise reproducible
+without atomics.
+"""
+import triton
+import triton.language as tl
+
+from .common import feature_map, mma
+from .positions import position_feature_dyn
+
+
+@triton.jit
+def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV, n_prefix, s0, s1, s2,
+                 d0, e0, sxn, sxd, syn, syd,
+                 N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                 HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
+                 ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Adds one BLOCK_N slice of tokens to the [BLOCK_D, BLOCK_DV] state tile and [BLOCK_D] z tile."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < N
+    mask_x = mask_n[:, None] & (offs_d[None, :] < D)
+    x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
+    y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
+                mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
+    p = position_feature_dyn(offs_n, m, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                             IS_QUERY, ACC)
+    a = feature_map(x, mask_x, FMAP) * p[:, None]
+    if ROW_WEIGHTS:
+        rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+        rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+        z_acc += tl.sum(a * rz[:, None], axis=0)
+        a = a * rs[:, None]
+    else:
+        z_acc += tl.sum(a, axis=0)
+    s_acc = mma(tl.trans(a), y, s_acc, DOT, PREC)
+    return s_acc, z_acc
+
+
+@triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2", "blocks_per_chunk"])
+def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
+                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk,
+                         sxb, sxh, sxn, sxd, syb, syh, syn, syd,
+                         N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                         HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
+                         ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Grid (BH * N_FEAT * n_d_tiles * n_dv_tiles, n_chunks).
+
+    x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
+    Writes s_part [n_chunks, BH, N_FEAT, D, DV] and z_part [n_chunks, BH, N_FEAT, D] in ACC.
+    """
+    n_d_tiles = tl.cdiv(D, BLOCK_D)
+    n_e_tiles = tl.cdiv(DV, BLOCK_DV)
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    e_tile = pid % n_e_tiles
+    d_tile = (pid // n_e_tiles) % n_d_tiles
+    m = (pid // (n_e_tiles * n_d_tiles)) % N_FEAT
+    bh = pid // (n_e_tiles * n_d_tiles * N_FEAT)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    x_base = x_ptr + b * sxb + h * sxh
+    y_base = y_ptr + b * syb + h * syh
+    d0 = d_tile * BLOCK_D
+    e0 = e_tile * BLOCK_DV
+
+    s_acc = tl.zeros((BLOCK_D, BLOCK_DV), ACC)
+    z_acc = tl.zeros((BLOCK_D,), ACC)
+    first = chunk * blocks_per_chunk
+    for blk in range(first, first + blocks_per_chunk):
+        s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, blk * BLOCK_N,
+                                    N, D, DV, n_prefix, s0, s1, s2, d0, e0, sxn, sxd, syn, syd,
+                                    N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, FMAP, ROW_WEIGHTS,
+                                    BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
+
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    n_bh = tl.num_programs(0) // (n_e_tiles * n_d_tiles * N_FEAT)
+    row = (chunk.to(tl.int64) * n_bh + bh) * N_FEAT + m  # index of this (chunk, bh, m) state
+    mask_d = offs_d < D
+    tl.store(s_part_ptr + row * D * DV + offs_d[:, None] * DV + offs_e[None, :], s_acc,
+             mask=mask_d[:, None] & (offs_e[None, :] < DV))
+    # z does not depend on the Dv tile: the first Dv tile writes it.
+    tl.store(z_part_ptr + row * D + offs_d, z_acc, mask=mask_d & ((offs_d * 0 + e_tile) == 0))
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_chunks"])
+def chunk_reduce_kernel(part_ptr, out_ptr, n_rows, n_chunks, scale, BLOCK: tl.constexpr):
+    """out[r] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
+
+    part [n_chunks, n_rows], out [n_rows], both ACC dtype (fp32 / fp64). Grid (cdiv(n_rows, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_rows
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for c in range(1, n_chunks):
+        acc += tl.load(part_ptr + c * n_rows + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc * scale, mask=mask)

@@ -1,0 +1,67 @@
+"""The triton backend: an autograd Function over the fused kernels in ``vicinity_attn.kernels``.
+
+Forward saves q, k, v, o, den (one float per query token) and the reduced states S, z (F x D x Dv per
+head), the same order of memory as FlashAttention saves; nothing N x N and no F*D-wide expanded
+features exist at any point. CUDA tensors run on the GPU; CPU tensors run only in the Triton
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels.backward import vicinity_backward
+from .kernels.configs import interpreting
+from .kernels.forward import vicinity_forward
+from .kernels.launch import Geometry
+from .layout import empty_output_like
+from .spec import VicinitySpec
+
+MAX_HEAD_DIM = 256
+
+
+def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Errors for calls the kernels cannot run: head dims above 256, CPU tensors outside the interpreter."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got D = {D} for q/k")
+    if Dv > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got Dv = {Dv} for v")
+    if q.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError("backend='triton' needs CUDA tensors; CPU tensors run only in the Triton "
+                               "interpreter (set TRITON_INTERPRET=1 before importing triton), or use "
+                               "backend='torch'")
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}")
+
+
+class _VicinityAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+        geom = Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
+        o = empty_output_like(q, v.shape[-1])
+        den, S, z = vicinity_forward(q, k, v, o, geom, spec.eps)
+        ctx.save_for_backward(q, k, v, o, den, S, z)
+        ctx.geom = geom
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        q, k, v, o, den, S, z = ctx.saved_tensors
+        dq = empty_output_like(q, q.shape[-1])
+        dk = empty_output_like(k, k.shape[-1])
+        dv = empty_output_like(v, v.shape[-1])
+        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, ctx.geom)
+        return dq, dk, dv, None
+
+
+def triton_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              spec: VicinitySpec) -> torch.Tensor:
+    """Vicinity attention through the fused Triton kernels.
+
+    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv]: any strides (e.g. transposed [B, N, H, D]
+    views; no copies are made), one float dtype (fp16 / bf16 / fp32; fp64 in the interpreter).
+    Returns o [B, H, Nq, Dv] in q's dtype, laid out in memory like q. Differentiable in q, k, v.
+    """
+    check_triton_inputs(q, k, v)
+    return _VicinityAttentionFn.apply(q, k, v, spec)
