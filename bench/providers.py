@@ -1,0 +1,150 @@
+"""What the benchmark runs: one :class:`Provider` per attention implementation.
+
+A provider turns a :class:`~bench.cases.Case` into a callable ``fn(q, k, v) -> out`` on tensors in
+its own layout (``"bhnd"`` = [B, H, N, D], the SDPA convention; ``"bnhd"`` = [B, N, H, D], the
+flash_attn convention), so that no transpose is ever timed.
+
+- ``vicinity``: ``vicinity_attention(backend="auto")``: triton on a GPU, torch elsewhere.
+- ``vicinity-torch``: the linear pure-PyTorch backend, on any device.
+- ``authors``: :mod:`bench.authors`, the released code's 4x-expanded formulation.
+- ``flash``: ``flash_attn.flash_attn_func`` when it imports; else SDPA restricted to the
+  FLASH_ATTENTION backend, which on CUDA is FlashAttention-2 and on a CPU is PyTorch's
+  FlashAttention-style blocked CPU kernel (labelled ``sdpa-cpu (flash-style)``).
+- ``sdpa-math``: SDPA restricted to the MATH backend (materialises the N x N scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import vicinity_attn
+from vicinity_attn.positions import feature_count
+
+from .authors import authors_vicinity_attention
+from .cases import Case
+from .flops import softmax_forward_flops, vicinity_forward_flops
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PROVIDERS = ("vicinity", "vicinity-torch", "authors", "flash", "sdpa-math")
+DEFAULT_PROVIDERS = ("vicinity", "vicinity-torch", "authors", "flash")
+
+
+def default_providers(device: torch.device) -> tuple[str, ...]:
+    """The default provider list: on a device where ``vicinity`` already is the torch backend,
+    ``vicinity-torch`` would only time the same code twice, so it is left out."""
+    if vicinity_attn.resolve_backend("auto", device) == "torch":
+        return tuple(p for p in DEFAULT_PROVIDERS if p != "vicinity-torch")
+    return DEFAULT_PROVIDERS
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation at one case: its callable and what the runner needs to know about it."""
+
+    name: str          # as given on the command line
+    label: str         # what actually runs, e.g. "vicinity[torch]" or "sdpa-cpu (flash-style)"
+    kind: str          # "linear" (vicinity FLOP formula) or "softmax"
+    layout: str        # "bhnd" or "bnhd"
+    fn: AttnFn
+    forward_flops: float
+    # Rough bytes of working memory beyond the inputs, for fwd+bwd: used to skip before running.
+    memory_estimate: float
+
+
+def flash_attn_module():
+    """The ``flash_attn`` package when it imports, else None (it never does on a CPU-only machine)."""
+    try:
+        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_func  # noqa: F401
+    except Exception:  # ImportError, or a CUDA-extension load error: either way, not usable
+        return None
+    return flash_attn
+
+
+def _sdpa_restricted(backend) -> AttnFn:
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        # Restricting the backend makes SDPA raise instead of silently falling back to another kernel.
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+def _vicinity_fn(case: Case, backend: str, variant: str) -> AttnFn:
+    def fn(q, k, v):
+        return vicinity_attn.vicinity_attention(q, k, v, case.grid, variant=variant, backend=backend)
+    return fn
+
+
+def _authors_fn(case: Case, variant: str) -> AttnFn:
+    def fn(q, k, v):
+        return authors_vicinity_attention(q, k, v, case.grid, variant=variant)
+    return fn
+
+
+def make_provider(name: str, case: Case, device: torch.device, dtype: torch.dtype,
+                  variant: str = "sum") -> Provider | str:
+    """The provider ``name`` at ``case`` on ``device``/``dtype``, or a string saying why it cannot run."""
+    b, h, n, d, dv = case.batch, case.heads, case.n, case.dim, case.dim_v
+    size = torch.empty((), dtype=dtype).element_size()
+    n_feat = feature_count(len(case.grid), variant)
+    lin_flops = vicinity_forward_flops(b, h, n, n, d, dv, n_feat)
+    soft_flops = softmax_forward_flops(b, h, n, n, d, dv)
+    io_bytes = b * h * n * (2 * d + 2 * dv) * size       # q, k, v, o (and as much again for gradients)
+
+    if name in ("vicinity", "vicinity-torch"):
+        backend = vicinity_attn.resolve_backend("auto", device) if name == "vicinity" else "torch"
+        if backend == "triton" and dtype == torch.float64:
+            return "the triton backend runs fp64 only under the interpreter"
+        return Provider(name, f"vicinity[{backend}]", "linear", "bhnd", _vicinity_fn(case, backend, variant),
+                        lin_flops, memory_estimate=2 * io_bytes)
+    if name == "authors":
+        # Expanded q and k (F*D wide), their feature-mapped inputs, and the same again as gradients.
+        expanded = b * h * n * n_feat * d * size
+        return Provider(name, "authors (4x-expanded)", "linear", "bhnd", _authors_fn(case, variant),
+                        lin_flops, memory_estimate=2 * io_bytes + 6 * expanded)
+    if name == "flash":
+        if device.type == "cuda":
+            fa = flash_attn_module()
+            if dtype not in (torch.float16, torch.bfloat16):
+                return "FlashAttention runs fp16/bf16 only on a GPU (use --dtype bf16 or fp16)"
+            if fa is not None:
+                from flash_attn import flash_attn_func
+                return Provider(name, f"flash-attn {getattr(fa, '__version__', '?')}", "softmax", "bnhd",
+                                lambda q, k, v: flash_attn_func(q, k, v), soft_flops,
+                                memory_estimate=2 * io_bytes)
+            from torch.nn.attention import SDPBackend
+            return Provider(name, "sdpa-flash (cuda)", "softmax", "bhnd",
+                            _sdpa_restricted(SDPBackend.FLASH_ATTENTION), soft_flops,
+                            memory_estimate=2 * io_bytes)
+        if device.type == "cpu":
+            from torch.nn.attention import SDPBackend
+            return Provider(name, "sdpa-cpu (flash-style)", "softmax", "bhnd",
+                            _sdpa_restricted(SDPBackend.FLASH_ATTENTION), soft_flops,
+                            memory_estimate=2 * io_bytes)
+        return f"no FlashAttention provider for device type {device.type!r}"
+    if name == "sdpa-math":
+        from torch.nn.attention import SDPBackend
+        # Scores, probabilities and their gradients: about four B*H*N*N tensors alive at once.
+        return Provider(name, "sdpa-math", "softmax", "bhnd", _sdpa_restricted(SDPBackend.MATH), soft_flops,
+                        memory_estimate=2 * io_bytes + 4 * b * h * n * n * size)
+    return f"unknown provider {name!r} (choose from {', '.join(PROVIDERS)})"
+
+
+def make_inputs(provider: Provider, case: Case, device: torch.device, dtype: torch.dtype,
+                requires_grad: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random normal q, k, v for ``case`` in the provider's layout (same values for every provider)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape_qk = (case.batch, case.heads, case.n, case.dim)
+    shape_v = (case.batch, case.heads, case.n, case.dim_v)
+    tensors = [torch.randn(s, generator=gen, dtype=torch.float32) for s in (shape_qk, shape_qk, shape_v)]
+    out = []
+    for t in tensors:
+        if provider.layout == "bnhd":
+            t = t.transpose(1, 2)
+        out.append(t.to(device=device, dtype=dtype).contiguous().requires_grad_(requires_grad))
+    return out[0], out[1], out[2]
