@@ -66,23 +66,90 @@ def _states(k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor, spec: Vicinit
     return S, z.view(B, H, F * D)
 
 
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass: (o, den, S, z).
+
+    o [B, H, Nq, Dv] in q's dtype and memory order; den [B, H, Nq], S [B, H, F*D, Dv] and z [B, H, F*D]
+    in the compute dtype (float32, float64 for float64 inputs): what :func:`backward` needs.
+    Shared by the autograd Function below and the custom op of :mod:`vicinity_attn.ops`.
+    """
+    dtype = compute_dtype(q.dtype)
+    pos_q = position_features(spec.grid, spec.variant, side="query",
+                              num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
+    pos_k = position_features(spec.kv_grid, spec.variant, side="key",
+                              num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
+    S, z = _states(k, v, pos_k, spec, dtype)
+    B, H, Nq, _ = q.shape
+    o = empty_output_like(q, v.shape[-1])
+    den = torch.empty(B, H, Nq, dtype=dtype, device=q.device)
+    for s, e in _chunks(Nq):
+        xq = _expand(_phi(q[:, :, s:e], spec, dtype), pos_q[s:e])
+        den_c = (xq @ z.unsqueeze(-1)).squeeze(-1) + spec.eps
+        o[:, :, s:e] = (xq @ S).div_(den_c.unsqueeze(-1))
+        den[:, :, s:e] = den_c
+    return o, den, S, z
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
+             needs: tuple[bool, bool, bool] = (True, True, True),
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward pass: (dq, dk, dv) from dO [B, H, Nq, Dv] and :func:`forward`'s outputs.
+
+    ``needs`` says which of dq, dk, dv to compute; the others are returned as None.
+    Gradients have the dtype and memory order of q, k, v.
+    """
+    dtype = den.dtype
+    pos_q = position_features(spec.grid, spec.variant, side="query",
+                              num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
+    pos_k = position_features(spec.kv_grid, spec.variant, side="key",
+                              num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
+    need_dq, need_dk, need_dv = needs
+    B, H, Nq, D = q.shape
+    dq = torch.empty_like(q) if need_dq else None
+    dS = torch.zeros_like(S)
+    dz = torch.zeros_like(z)
+    # Query pass: g = dO / den, c = -(dO . o) / den; dS = sum X_q^T g, dz = sum X_q^T c,
+    # dphi(q) = contract(g S^T + c z^T).
+    for s, e in _chunks(Nq):
+        inv_den = den[:, :, s:e].reciprocal().unsqueeze(-1)
+        do_c = do[:, :, s:e].to(dtype)
+        g = do_c * inv_den
+        c = -(do_c * o[:, :, s:e].to(dtype)).sum(-1, keepdim=True) * inv_den
+        q_c = q[:, :, s:e].to(dtype)
+        phi_q = apply_feature_map(q_c, spec.feature_map)
+        xq = _expand(phi_q, pos_q[s:e])
+        dS.add_(xq.transpose(-1, -2) @ g)
+        dz.add_((xq * c).sum(2))
+        if need_dq:
+            grad_x = torch.baddbmm(c.flatten(0, 1) * z.flatten(0, 1).unsqueeze(1),
+                                   g.flatten(0, 1), S.flatten(0, 1).transpose(-1, -2))
+            dphi = _contract(grad_x.view(B, H, e - s, -1), pos_q[s:e])
+            dq[:, :, s:e] = dphi * feature_map_grad(q_c, phi_q, spec.feature_map)
+    if not (need_dk or need_dv):
+        return dq, None, None
+    Nk = k.shape[2]
+    dk = torch.empty_like(k) if need_dk else None
+    dv = torch.empty_like(v) if need_dv else None
+    # Key pass: dv = X_k dS, dphi(k) = contract(v dS^T + dz).
+    for s, e in _chunks(Nk):
+        k_c = k[:, :, s:e].to(dtype)
+        phi_k = apply_feature_map(k_c, spec.feature_map)
+        if need_dv:
+            dv[:, :, s:e] = _expand(phi_k, pos_k[s:e]) @ dS
+        if need_dk:
+            grad_x = torch.baddbmm(dz.flatten(0, 1).unsqueeze(1), v[:, :, s:e].to(dtype).flatten(0, 1),
+                                   dS.flatten(0, 1).transpose(-1, -2))
+            dphi = _contract(grad_x.view(B, H, e - s, -1), pos_k[s:e])
+            dk[:, :, s:e] = dphi * feature_map_grad(k_c, phi_k, spec.feature_map)
+    return dq, dk, dv
+
+
 class _TorchVicinityAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: VicinitySpec):
-        dtype = compute_dtype(q.dtype)
-        pos_q = position_features(spec.grid, spec.variant, side="query",
-                                  num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
-        pos_k = position_features(spec.kv_grid, spec.variant, side="key",
-                                  num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
-        S, z = _states(k, v, pos_k, spec, dtype)
-        B, H, Nq, _ = q.shape
-        o = empty_output_like(q, v.shape[-1])
-        den = torch.empty(B, H, Nq, dtype=dtype, device=q.device)
-        for s, e in _chunks(Nq):
-            xq = _expand(_phi(q[:, :, s:e], spec, dtype), pos_q[s:e])
-            den_c = (xq @ z.unsqueeze(-1)).squeeze(-1) + spec.eps
-            o[:, :, s:e] = (xq @ S).div_(den_c.unsqueeze(-1))
-            den[:, :, s:e] = den_c
+        o, den, S, z = forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, o, den, S, z)
         ctx.spec = spec
         return o
@@ -91,50 +158,7 @@ class _TorchVicinityAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, den, S, z = ctx.saved_tensors
-        spec: VicinitySpec = ctx.spec
-        dtype = den.dtype
-        pos_q = position_features(spec.grid, spec.variant, side="query",
-                                  num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
-        pos_k = position_features(spec.kv_grid, spec.variant, side="key",
-                                  num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
-        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
-        B, H, Nq, D = q.shape
-        dq = torch.empty_like(q) if need_dq else None
-        dS = torch.zeros_like(S)
-        dz = torch.zeros_like(z)
-        # Query pass: g = dO / den, c = -(dO . o) / den; dS = sum X_q^T g, dz = sum X_q^T c,
-        # dphi(q) = contract(g S^T + c z^T).
-        for s, e in _chunks(Nq):
-            inv_den = den[:, :, s:e].reciprocal().unsqueeze(-1)
-            do_c = do[:, :, s:e].to(dtype)
-            g = do_c * inv_den
-            c = -(do_c * o[:, :, s:e].to(dtype)).sum(-1, keepdim=True) * inv_den
-            q_c = q[:, :, s:e].to(dtype)
-            phi_q = apply_feature_map(q_c, spec.feature_map)
-            xq = _expand(phi_q, pos_q[s:e])
-            dS.add_(xq.transpose(-1, -2) @ g)
-            dz.add_((xq * c).sum(2))
-            if need_dq:
-                grad_x = torch.baddbmm(c.flatten(0, 1) * z.flatten(0, 1).unsqueeze(1),
-                                       g.flatten(0, 1), S.flatten(0, 1).transpose(-1, -2))
-                dphi = _contract(grad_x.view(B, H, e - s, -1), pos_q[s:e])
-                dq[:, :, s:e] = dphi * feature_map_grad(q_c, phi_q, spec.feature_map)
-        if not (need_dk or need_dv):
-            return dq, None, None, None
-        Nk = k.shape[2]
-        dk = torch.empty_like(k) if need_dk else None
-        dv = torch.empty_like(v) if need_dv else None
-        # Key pass: dv = X_k dS, dphi(k) = contract(v dS^T + dz).
-        for s, e in _chunks(Nk):
-            k_c = k[:, :, s:e].to(dtype)
-            phi_k = apply_feature_map(k_c, spec.feature_map)
-            if need_dv:
-                dv[:, :, s:e] = _expand(phi_k, pos_k[s:e]) @ dS
-            if need_dk:
-                grad_x = torch.baddbmm(dz.flatten(0, 1).unsqueeze(1), v[:, :, s:e].to(dtype).flatten(0, 1),
-                                       dS.flatten(0, 1).transpose(-1, -2))
-                dphi = _contract(grad_x.view(B, H, e - s, -1), pos_k[s:e])
-                dk[:, :, s:e] = dphi * feature_map_grad(k_c, phi_k, spec.feature_map)
+        dq, dk, dv = backward(do, q, k, v, o, den, S, z, ctx.spec, tuple(ctx.needs_input_grad[:3]))
         return dq, dk, dv, None
 
 
