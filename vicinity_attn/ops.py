@@ -1,0 +1,222 @@
+"""Vicinity attention as ``torch.library`` custom ops, so ``torch.compile`` traces through it.
+
+``torch.compile`` cannot look inside an ``autograd.Function`` that runs Python loops over chunks or
+launches Triton kernels without a graph break; a custom op is opaque to it instead: the compiler
+only needs the op's schema, a *fake* implementation (output shapes, dtypes and strides from input
+metadata) and an autograd formula. Each backend gets two ops, mirroring its autograd Function:
+
+    vicinity_attn::torch_forward(q, k, v, <spec>)  -> (o, den, S, z)
+    vicinity_attn::torch_backward(do, q, k, v, o, den, S, z, <spec>, need_dq, need_dk, need_dv) -> (dq, dk, dv)
+    vicinity_attn::triton_forward / vicinity_attn::triton_backward   (same signatures)
+
+``<spec>`` is the :class:`~vicinity_attn.spec.VicinitySpec` flattened into schema-friendly values:
+``grid: int[]``, ``kv_grid: int[]``, ``variant: str``, ``feature_map: str``, ``eps: float``,
+``num_prefix_tokens: int``. den, S and z are the backend's saved state (compute dtype, backend-
+specific shapes); only ``o`` is handed to users. A gradient not asked for comes back as an empty
+tensor (custom ops cannot return None) and is turned back into None here.
+
+The forward op's autograd formula calls the backward op, so the compiled backward graph holds one
+opaque call as well. The backward op itself is not differentiable (no double backward), as with the
+backends' ``once_differentiable`` Functions.
+
+Autocast: the ops run their bodies with autocast disabled, so that the backends' float32
+accumulations are not silently turned into bf16 / fp16 matmuls; casting the inputs to the
+autocast dtype is done by :func:`autocast_inputs`, called from ``vicinity_attention``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+from .layout import empty_output_like
+from .positions import feature_count
+from .spec import VicinitySpec
+
+NAMESPACE = "vicinity_attn"
+
+
+def spec_args(spec: VicinitySpec) -> tuple[list[int], list[int], str, str, float, int]:
+    """A spec as the plain values the ops' schemas take."""
+    return list(spec.grid), list(spec.kv_grid), spec.variant, spec.feature_map, spec.eps, spec.num_prefix_tokens
+
+
+def _spec(grid: Sequence[int], kv_grid: Sequence[int], variant: str, feature_map: str, eps: float,
+          num_prefix_tokens: int) -> VicinitySpec:
+    return VicinitySpec(grid=tuple(int(g) for g in grid), kv_grid=tuple(int(g) for g in kv_grid),
+                        variant=variant, feature_map=feature_map, eps=float(eps),
+                        num_prefix_tokens=int(num_prefix_tokens))
+
+
+def autocast_disabled(device: torch.device):
+    """Autocast off for the op bodies (see the module docstring); a no-op where autocast is not on."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _empty_if_none(g: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if g is None else g
+
+
+def _grad_or_empty(t: Tensor, needed: bool) -> Tensor:
+    return torch.empty_like(t) if needed else t.new_empty(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch backend
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{NAMESPACE}::torch_forward", mutates_args=(), device_types=None)
+def torch_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
+                  feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o, den, S, z) of the torch backend; see :func:`vicinity_attn.torch_backend.forward`."""
+    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+    with autocast_disabled(q.device):
+        return torch_backend.forward(q, k, v, spec)
+
+
+@torch_forward.register_fake
+def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
+    B, H, Nq, D = q.shape
+    dtype = torch_backend.compute_dtype(q.dtype)
+    FD = feature_count(len(grid), variant, num_prefix_tokens > 0) * D
+    return (empty_output_like(q, v.shape[-1]),
+            q.new_empty((B, H, Nq), dtype=dtype),
+            q.new_empty((B, H, FD, v.shape[-1]), dtype=dtype),
+            q.new_empty((B, H, FD), dtype=dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::torch_backward", mutates_args=(), device_types=None)
+def torch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
+                   grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
+                   num_prefix_tokens: int, need_dq: bool, need_dk: bool, need_dv: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the torch backend (empty tensors for gradients not needed)."""
+    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+    with autocast_disabled(q.device):
+        dq, dk, dv = torch_backend.backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
+    return _empty_if_none(dq, q), _empty_if_none(dk, k), _empty_if_none(dv, v)
+
+
+@torch_backward.register_fake
+def _(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
+      need_dq, need_dk, need_dv):
+    return _grad_or_empty(q, need_dq), _grad_or_empty(k, need_dk), _grad_or_empty(v, need_dv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# triton backend (the kernels' launchers; CUDA, or CPU under TRITON_INTERPRET=1)
+# ----------------------------------------------------------------------------------------------------
+
+def _triton_geometry(spec: VicinitySpec):
+    from .kernels.launch import Geometry
+    return Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::triton_forward", mutates_args=(), device_types=None)
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
+                   feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o, den, S, z) of the fused kernels: den [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D], stored
+    scaled by a power of two (see ``kernels/forward.py``), in float32 (float64 for float64 inputs)."""
+    from .kernels.forward import vicinity_forward
+    from .triton_backend import check_triton_inputs
+    check_triton_inputs(q, k, v)
+    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+    with autocast_disabled(q.device):
+        o = empty_output_like(q, v.shape[-1])
+        den, S, z = vicinity_forward(q, k, v, o, _triton_geometry(spec), spec.eps)
+    return o, den, S, z
+
+
+@triton_forward.register_fake
+def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
+    B, H, Nq, D = q.shape
+    Dv = v.shape[-1]
+    dtype = torch_backend.compute_dtype(q.dtype)
+    F = feature_count(len(grid), variant, num_prefix_tokens > 0)
+    return (empty_output_like(q, Dv),
+            q.new_empty((B * H, Nq), dtype=dtype),
+            q.new_empty((B * H, F, D, Dv), dtype=dtype),
+            q.new_empty((B * H, F, D), dtype=dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::triton_backward", mutates_args=(), device_types=None)
+def triton_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
+                    grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
+                    num_prefix_tokens: int, need_dq: bool, need_dk: bool, need_dv: bool
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the fused kernels. The kernels produce all three in one sweep (the key pass needs
+    the query pass's dS, dz anyway); gradients not needed are dropped."""
+    from .kernels.backward import vicinity_backward
+    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+    with autocast_disabled(q.device):
+        dq = empty_output_like(q, q.shape[-1])
+        dk = empty_output_like(k, k.shape[-1])
+        dv = empty_output_like(v, v.shape[-1])
+        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _triton_geometry(spec))
+    return (dq if need_dq else q.new_empty(0), dk if need_dk else k.new_empty(0),
+            dv if need_dv else v.new_empty(0))
+
+
+@triton_backward.register_fake
+def _(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
+      need_dq, need_dk, need_dv):
+    def grad(t: Tensor, needed: bool) -> Tensor:
+        return empty_output_like(t, t.shape[-1]) if needed else t.new_empty(0)
+    return grad(q, need_dq), grad(k, need_dk), grad(v, need_dv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd: forward op -> backward op
+# ----------------------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *spec = inputs
+    o, den, S, z = output
+    ctx.save_for_backward(q, k, v, o, den, S, z)
+    ctx.spec_args = spec
+    # den, S, z are internal outputs nobody differentiates: do not allocate zero gradients for them.
+    ctx.set_materialize_grads(False)
+
+
+def _make_backward(backward_op):
+    def _backward(ctx, do, _dden, _dS, _dz):
+        n_spec = len(ctx.spec_args)
+        if do is None:
+            return (None,) * (3 + n_spec)
+        q, k, v, o, den, S, z = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+        grads = backward_op(do, q, k, v, o, den, S, z, *ctx.spec_args, *needs)
+        return (*(g if n else None for g, n in zip(grads, needs)), *(None,) * n_spec)
+    return _backward
+
+
+torch_forward.register_autograd(_make_backward(torch_backward), setup_context=_setup_context)
+triton_forward.register_autograd(_make_backward(triton_backward), setup_context=_setup_context)
+
+FORWARD_OPS = {"torch": torch_forward, "triton": triton_forward}
+CUSTOM_OP_BACKENDS = tuple(FORWARD_OPS)
+
+
+def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:
+    """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
+    if backend == "triton":
+        # Device / head-dim errors must surface in eager and at trace time alike, before the op.
+        from .triton_backend import check_triton_inputs
+        check_triton_inputs(q, k, v)
+    return FORWARD_OPS[backend](q, k, v, *spec_args(spec))[0]
+
+
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under ``torch.autocast`` for q's device type, q, k, v cast to the autocast dtype (the way autocast
+    treats matmuls: float16 / bfloat16 / float32 inputs are cast, float64 is left alone); else unchanged."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t.to(dtype) if t.dtype != torch.float64 else t  # noqa: E731
+    return cast(q), cast(k), cast(v)
