@@ -5,6 +5,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .ops import CUSTOM_OP_BACKENDS, autocast_disabled, autocast_inputs, custom_op_attention
 from .spec import VicinitySpec
 from .validation import validate_call
 
@@ -74,17 +75,26 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             prefix token weighs 1 against every token and every token weighs 1 against it.
 
     Returns:
-        o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device.
-        Differentiable with respect to q, k and v for every backend.
+        o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device (under
+        ``torch.autocast`` for q's device: the autocast dtype, unless q is float64).
+        Differentiable with respect to q, k and v for every backend. The "torch" and "triton"
+        backends run as ``torch.library`` custom ops (:mod:`vicinity_attn.ops`), so
+        ``torch.compile(fullgraph=True)`` traces through them.
     """
     q4, k4, v4, spec = validate_call(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,
                                      eps=eps, layout=layout, backend=backend,
                                      num_prefix_tokens=num_prefix_tokens)
     name = resolve_backend(backend, q.device)
     fn = _backend_fn(name)
+    # Under torch.autocast the op runs in the autocast dtype (the backends still accumulate in fp32).
+    q4, k4, v4 = autocast_inputs(q4, k4, v4)
     if q4.shape[0] == 0 or q4.shape[1] == 0:
         # Empty batch: nothing to compute, but keep the graph so autograd still works.
         out = q4.new_zeros(*q4.shape[:3], v4.shape[-1]) + 0 * (q4.sum() + k4.sum() + v4.sum())
+    elif name in CUSTOM_OP_BACKENDS:
+        # Registered custom ops: torch.compile traces them without a graph break.
+        out = custom_op_attention(name, q4, k4, v4, spec)
     else:
-        out = fn(q4, k4, v4, spec)
+        with autocast_disabled(q4.device):
+            out = fn(q4, k4, v4, spec)
     return out.transpose(1, 2) if layout == "bnhd" else out
