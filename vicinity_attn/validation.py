@@ -31,7 +31,8 @@ def normalize_grid(grid: int | Sequence[int], name: str = "grid") -> tuple[int, 
             raise TypeError(f"{name} must contain ints, got {grid!r}")
         if size <= 0:
             raise ValueError(f"{name} sizes must be positive, got {tuple(grid)}")
-        out.append(int(size))
+        # A SymInt (a dynamic size under torch.compile) stays symbolic: int() would specialise it.
+        out.append(size if isinstance(size, torch.SymInt) else int(size))
     if not 1 <= len(out) <= MAX_AXES:
         raise ValueError(f"{name} must have 1 to {MAX_AXES} axes, got {len(out)}: {tuple(grid)}")
     return tuple(out)
