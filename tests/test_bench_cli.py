@@ -1,0 +1,132 @@
+"""Smoke tests of the benchmark CLI (``python -m bench``) on tiny shapes, and the correctness of its
+``authors`` baseline against the float64 reference. Fast: a few seconds on a CPU."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# bench/ is not installed with the package (it is run from a checkout: ``python -m bench``), so
+# make the repository root importable whatever directory pytest is started from.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from bench.authors import authors_vicinity_attention  # noqa: E402
+from bench.cli import main  # noqa: E402
+from bench.flops import mode_flops, softmax_forward_flops, vicinity_forward_flops  # noqa: E402
+from bench.memory import saved_tensor_bytes  # noqa: E402
+from bench.report import fit_exponent  # noqa: E402
+from vicinity_attn.reference import reference_vicinity_attention  # noqa: E402
+from vicinity_attn.spec import VicinitySpec  # noqa: E402
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("grid,kv_grid,variant", [
+    ((3, 5), (3, 5), "sum"),
+    ((4, 6), (2, 3), "sum"),        # keys on a coarser grid (the official sr_ratio)
+    ((3, 4), (3, 4), "product"),
+    ((7,), (7,), "sum"),            # 1-d
+    ((2, 3, 2), (2, 3, 2), "sum"),  # 3-d
+])
+def test_authors_baseline_matches_reference_float64(grid, kv_grid, variant):
+    """The baseline computes the same operation as the reference: forward and all three gradients."""
+    gen = torch.Generator().manual_seed(0)
+    nq, nk = math.prod(grid), math.prod(kv_grid)
+    q = torch.randn(2, 3, nq, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, nk, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, nk, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant)
+    ref = reference_vicinity_attention(q, k, v, spec)
+    out = authors_vicinity_attention(q, k, v, grid, kv_grid, variant=variant)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    assert _rel_err(out, ref) < 1e-12
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    g_ref = torch.autograd.grad(ref, (q, k, v), dout)
+    g_out = torch.autograd.grad(out, (q, k, v), dout)
+    for name, a, b in zip("qkv", g_out, g_ref):
+        assert _rel_err(a, b) < 1e-11, f"d{name} differs"
+
+
+def test_authors_baseline_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 6, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: authors_vicinity_attention(a, b, c, (2, 3)), (q, k, v))
+
+
+def test_cli_quick_tiny_shapes_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    plot = tmp_path / "r.png"
+    rc = main(["--grids", "4,6", "--heads", "2", "--dim", "8",
+               "--providers", "vicinity,vicinity-torch,authors,flash,sdpa-math",
+               "--budget-seconds", "0.02", "--out", str(out), "--plot", str(plot), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "No GPU timings are measured" in text
+    # On a CPU "vicinity" is the torch backend: the duplicate is skipped, and the reason is printed.
+    assert "same implementation as 'vicinity'" in text
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "torch_threads", "cpu_model", "gpu_measured"):
+        assert key in env
+    assert "4*N*F*D*Dv" in data["flop_formula"]
+    rows = data["rows"]
+    assert len(rows) == 2 * 5 * 3  # grids x providers x modes
+    for r in rows:
+        assert (r["median_ms"] is None) != (r["skipped"] is None), r
+        if r["median_ms"] is not None:
+            assert r["median_ms"] > 0 and r["flops_per_s"] > 0 and r["saved_bytes"] > 0
+    measured = {(r["provider"], r["mode"]) for r in rows if r["median_ms"] is not None}
+    for p in ("vicinity", "authors", "flash", "sdpa-math"):
+        for m in ("fwd", "bwd", "fwdbwd"):
+            assert (p, m) in measured
+    flash_rows = [r for r in rows if r["provider"] == "flash" and r["median_ms"] is not None]
+    assert all(r["speedup_vs_flash"] == pytest.approx(1.0) for r in flash_rows)
+    assert all(r["label"] == "sdpa-cpu (flash-style)" for r in flash_rows)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in text
+    else:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_skips_with_reason_and_still_writes(tmp_path, capsys):
+    """A time budget nothing fits into: every row is skipped, each with its reason printed."""
+    out = tmp_path / "r.json"
+    assert main(["--grids", "4", "--providers", "authors,flash", "--modes", "fwd", "--max-call-seconds", "1e-12",
+                 "--out", str(out), "--plot", "", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("per call > --max-call-seconds") == 2
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["skipped"] for r in rows)
+
+
+def test_cli_rejects_unknown_provider():
+    with pytest.raises(SystemExit):
+        main(["--providers", "nope", "--out", ""])
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(100, requires_grad=True)
+    y = torch.randn(100, requires_grad=True)
+    nbytes, count = saved_tensor_bytes(lambda: x * y)
+    assert nbytes == 2 * 100 * 4 and count == 2
+    nbytes, count = saved_tensor_bytes(lambda: x * x)  # x saved twice, one storage
+    assert nbytes == 100 * 4 and count == 2
+
+
+def test_flop_formulas_and_fit():
+    assert vicinity_forward_flops(1, 1, 10, 10, 8, 8, 4) == 4 * 10 * 4 * 8 * 8
+    assert softmax_forward_flops(1, 1, 10, 10, 8, 8) == 4 * 10 * 10 * 8
+    assert mode_flops(1.0, "linear", "fwdbwd") == 3.0
+    assert mode_flops(1.0, "softmax", "bwd") == 2.5
+    ns = [100, 400, 1600]
+    assert fit_exponent(ns, [3e-6 * n ** 1.2 for n in ns]) == pytest.approx(1.2)
