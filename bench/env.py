@@ -51,6 +51,9 @@ def environment(device: torch.device) -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Other work on the machine makes CPU timings noisy (threads get descheduled); keep the
+        # 1-minute load average at the start so a reader of the file can tell.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -32,19 +32,24 @@ def format_table(rows: Sequence[dict], env: dict) -> str:
         lines.append(f"Device: CPU, {env['cpu_model']}, {env['torch_threads']} threads. "
                      "No GPU timings are measured in this run.")
     lines.append(f"torch {env['torch']}, triton {env['triton']}, flash_attn {env['flash_attn'] or 'not installed'}")
-    head = ("case", "mode", "provider", "N", "median ms", "GFLOP/s", "vs flash", "saved MiB", "peak MiB")
+    load = env.get("load_average_1min")
+    if not env.get("gpu_measured") and load is not None and load > 0.5 * (env.get("cpu_count") or 1):
+        lines.append(f"WARNING: load average {load:.1f} on {env['cpu_count']} CPUs when this run started: "
+                     "other work shares the cores and these timings are noisy (rerun on an idle machine).")
+    head = ("case", "mode", "provider", "N", "median ms", "spread", "GFLOP/s", "vs flash", "saved MiB",
+            "peak MiB")
     table = [head]
     skipped = []
     for r in rows:
         if r["skipped"]:
             skipped.append(f"  {r['case']} {r['mode']} {r['provider']}: {r['skipped']}")
-            table.append((r["case"], r["mode"], r["provider"], str(r["n"]), "skipped", "-", "-", "-", "-"))
+            table.append((r["case"], r["mode"], r["provider"], str(r["n"]), "skipped", "-", "-", "-", "-", "-"))
             continue
         table.append((r["case"], r["mode"], r["label"], str(r["n"]), f"{r['median_ms']:.3f}",
-                      _fmt_rate(r["flops_per_s"]), _fmt_ratio(r["speedup_vs_flash"]),
+                      f"{100 * r['rel_iqr']:.0f}%", _fmt_rate(r["flops_per_s"]), _fmt_ratio(r["speedup_vs_flash"]),
                       _fmt_bytes(r["saved_bytes"]), _fmt_bytes(r["peak_bytes"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    numeric = {3, 4, 5, 6, 7, 8}
+    numeric = {3, 4, 5, 6, 7, 8, 9}
     for i, row in enumerate(table):
         cells = [c.rjust(w) if j in numeric else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
@@ -53,8 +58,9 @@ def format_table(rows: Sequence[dict], env: dict) -> str:
     if skipped:
         lines.append("Skipped:")
         lines.extend(skipped)
-    lines.append("vs flash = time(flash) / time(row), same case and mode. saved = bytes autograd keeps for "
-                 "backward (unique storages, inputs included); peak = GPU only.")
+    lines.append("spread = interquartile range / median of the timed samples. vs flash = time(flash) / "
+                 "time(row), same case and mode. saved = bytes autograd keeps for backward (unique storages, "
+                 "inputs included). peak = peak allocated memory beyond the inputs, GPU only.")
     lines.append(FLOP_FORMULA_TEXT)
     return "\n".join(lines)
 
@@ -98,7 +104,9 @@ def write_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
     where = (env["device_name"] if env.get("gpu_measured")
              else f"CPU ({env['cpu_model']}, {env['torch_threads']} threads), no GPU measured")
     dtypes = sorted({r["dtype"] for r in measured})
-    fig.suptitle(f"vicinity attention vs softmax attention, {'/'.join(dtypes)}, {where}", fontsize=10)
+    shapes = sorted({(r["batch"], r["heads"], r["dim"]) for r in measured})
+    shape = f"B={shapes[0][0]} H={shapes[0][1]} D={shapes[0][2]}, " if len(shapes) == 1 else "VVT-stage shapes, "
+    fig.suptitle(f"vicinity attention vs softmax attention, {shape}{'/'.join(dtypes)}, {where}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
