@@ -22,7 +22,8 @@ providers: vicinity (best backend for the device: triton on a GPU, torch elsewhe
 modes: fwd (training forward: inputs require grad), bwd (backward only, through a retained graph),
   fwdbwd (both).
 presets: square (grids 14x14 ... 224x224, B=1 H=4 D=64), vvt (the four VVT stage shapes),
-  quick (28x28 ... 112x112, one timing budget of 0.3 s per row; under two minutes on a 2-core CPU).
+  quick (28x28, 56x56, 112x112; 0.3 s timing budget per row; under two minutes on an idle 2-core CPU).
+dtype: fp32 on a CPU, bf16 on a GPU by default (FlashAttention needs fp16/bf16 on a GPU).
 {FLOP_FORMULA_TEXT}
 Timing: {timing_method(torch.device('cuda'))}; {timing_method(torch.device('cpu'))}.
 A provider whose single call is estimated (from its time at the previous size, or from the machine's
@@ -77,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_targets(device=args.device, out=args.out, progress=not args.quiet)
     preset = "quick" if args.quick else args.preset
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no CUDA device is available on this machine")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     providers = _split(args.providers or ",".join(default_providers(device)), PROVIDERS, "providers")
     modes = _split(args.modes, MODES, "modes")

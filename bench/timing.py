@@ -69,8 +69,13 @@ def gpu_median(fn: Callable[[], object]) -> Timing:
     L2 cache flushed between calls)."""
     import triton.testing
 
-    # return_mode="all" gives every per-call time, so median and spread come from one run.
-    times_ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+    try:
+        # return_mode="all" (recent triton) gives every per-call time: median and spread from one run.
+        times_ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+    except (AssertionError, TypeError, ValueError):
+        # Older triton: ask for the quartiles instead.
+        q1, median_ms, q3 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+        return Timing(median_ms / 1e3, 0, (q3 - q1) / median_ms if median_ms else 0.0)
     median_ms = statistics.median(times_ms)
     return Timing(median_ms / 1e3, len(times_ms), _quartile_spread(times_ms) if median_ms else 0.0)
 
