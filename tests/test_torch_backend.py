@@ -4,7 +4,6 @@ import torch
 
 from helpers import check_against_reference, make_inputs, token_counts
 from vicinity_attn import vicinity_attention
-import vicinity_attn.torch_backend as torch_backend
 
 # (grid, kv_grid, prefix tokens): 1-d, 2-d, 3-d, cross grids, odd sizes, 1 x n, prefix tokens.
 GRIDS = [
@@ -48,13 +47,6 @@ def test_low_precision_tolerance_rule(dtype, variant, grid, kv_grid, prefix, lay
     q, k, v = make_inputs(2, 2, Nq, Nk, 40, 24, dtype=dtype, layout=layout)
     check_against_reference(q, k, v, grid=grid, kv_grid=kv_grid, variant=variant, layout=layout,
                             backend="torch", num_prefix_tokens=prefix)
-
-
-def test_chunking_is_exercised(monkeypatch):
-    # Several chunks, the last one ragged: results must not depend on the chunk boundaries.
-    monkeypatch.setattr(torch_backend, "CHUNK_TOKENS", 7)
-    q, k, v = make_inputs(1, 2, 45, 20, 6, 3)
-    check_against_reference(q, k, v, grid=(5, 9), kv_grid=(4, 5), backend="torch")
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
