@@ -29,7 +29,7 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     """
     B, H, Nq, D = q.shape
     Nk, Dv = v.shape[2], v.shape[3]
-    cfg = pick_config(D, Dv)
+    cfg = pick_config(D, Dv, q.dtype)
     prec = pick_precision(q.dtype)
     s_k, s_q = pow2_scale(Nk), pow2_scale(Nq)
 
@@ -37,7 +37,7 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     rz = torch.empty_like(rs)
     row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, o, den, rs, rz, H, Nq, Dv, *do.stride(), *o.stride(), BLOCK_N=cfg.block_n,
-        BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps)
+        BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
     dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)

@@ -50,17 +50,36 @@ class LaunchConfig:
     num_stages: int
 
 
-def pick_config(d: int, dv: int) -> LaunchConfig:
-    """The config for head dims d (q/k) and dv (v); the same function serves GPU and interpreter."""
-    if interpreting():
-        return LaunchConfig(INTERPRET_BLOCK_N, head_block(d), head_block(dv), num_warps=1, num_stages=1)
-    return LaunchConfig(GPU_BLOCK_N, head_block(d), head_block(dv), GPU_NUM_WARPS, GPU_NUM_STAGES)
+def pick_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
+    """The config for head dims d (q/k), dv (v) and input dtype; serves GPU and interpreter alike."""
+    # One tile for both head dims: few GPU configs in all (the compile gate builds each), at the
+    # price of padding the smaller of D / Dv when they differ a lot (rare: VVT uses D == Dv).
+    if interpreting():  # no register limit there; fewer, larger programs run faster
+        tile = head_block(max(d, dv))
+        return LaunchConfig(INTERPRET_BLOCK_N, tile, tile, num_warps=1, num_stages=1)
+    return gpu_config(min(head_block(max(d, dv)), max_tile(dtype)))
 
 
-def all_gpu_configs() -> list[LaunchConfig]:
-    """Every config ``pick_config`` can return on a GPU (what the compile gate builds)."""
-    return [LaunchConfig(GPU_BLOCK_N, bd, bdv, GPU_NUM_WARPS, GPU_NUM_STAGES)
-            for bd in HEAD_BLOCKS for bdv in HEAD_BLOCKS]
+def max_tile(dtype: torch.dtype) -> int:
+    """fp32 inputs run their dots as tf32x3 (three products per dot): at 64-wide tiles that spills
+    on sm_80, so fp32 (and fp64) heads use 32-wide tiles."""
+    return HEAD_BLOCKS[-1] if dtype in (torch.float16, torch.bfloat16) else 32
+
+
+def gpu_tiles(dtype: torch.dtype) -> list[int]:
+    """Every head tile ``pick_config`` can choose on a GPU for ``dtype`` (what the compile gate builds)."""
+    return [t for t in HEAD_BLOCKS if t <= max_tile(dtype)]
+
+
+def gpu_config(tile: int) -> LaunchConfig:
+    """The GPU launch config for a head tile."""
+    return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), GPU_NUM_STAGES)
+
+
+def gpu_num_warps(tile: int) -> int:
+    """8 warps for 64-wide head tiles: with 4, the 64 x 64 fp32 accumulator plus the fp32 feature
+    tile and the prefetched state tile exceed 255 registers on sm_80 and spill."""
+    return 8 if tile >= 64 else GPU_NUM_WARPS
 
 
 @dataclass(frozen=True)

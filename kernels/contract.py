@@ -17,6 +17,22 @@ from .positions import position_feature
 
 
 @triton.jit
+def _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e, mask_m, D, DV, n_prefix,
+                        s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                        HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, WITH_DEN: tl.constexpr,
+                        ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc += (P_M phi) @ M_M[d tile, dv tile];  den += (P_M phi) . z_M[d tile]."""
+    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+    a = phi * p[:, None]
+    state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :], mask=mask_m, other=0.0)
+    acc = mma(a, state, acc, DOT, PREC)
+    if WITH_DEN:
+        zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
+        den += tl.sum(a * zm[None, :], axis=1)
+    return acc, den
+
+
+@triton.jit
 def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix, s0, s1, s2,
                      sxn, sxd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
@@ -30,15 +46,18 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
     x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
     phi = feature_map(x, mask_x, FMAP)
     mask_m = mask_d[:, None] & (offs_e[None, :] < DV)
-    for M in tl.static_range(N_FEAT):
-        p = position_feature(offs_n, n_prefix, s0, s1, s2, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                             IS_QUERY, ACC)
-        a = phi * p[:, None]
-        state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :], mask=mask_m, other=0.0)
-        acc = mma(a, state, acc, DOT, PREC)
-        if WITH_DEN:
-            zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
-            den += tl.sum(a * zm[None, :], axis=1)
+    # A real loop over features, not static_range: unrolled, the compiler hoists all F state-tile loads
+    # at once and runs out of registers. A one-trip loop (F = 1) is written straight: ptxas spills
+    # around the degenerate loop otherwise.
+    if N_FEAT == 1:
+        acc, den = _contract_d_feature(phi, acc, den, 0, m_base, z_base, offs_n, offs_d, mask_d, offs_e, mask_m,
+                                       D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                                       IS_QUERY, WITH_DEN, ACC, DOT, PREC)
+    else:
+        for M in tl.range(N_FEAT, loop_unroll_factor=1):
+            acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
+                                           mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
+                                           HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
     return acc, den
 
 
@@ -80,6 +99,18 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
 
 
 @triton.jit
+def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix, s0, s1, s2,
+                         N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                         HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
+                         DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc += (P_M y) @ M_M[d tile, dv tile]^T."""
+    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+    state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :],
+                    mask=mask_d[:, None] & mask_e[None, :], other=0.0)
+    return mma(y * p[:, None], tl.trans(state), acc, DOT, PREC)
+
+
+@triton.jit
 def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, s0, s1, s2,
                       syn, syd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                       HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -89,13 +120,14 @@ def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D
     mask_e = offs_e < DV
     y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
-    for M in tl.static_range(N_FEAT):
-        p = position_feature(offs_n, n_prefix, s0, s1, s2, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                             IS_QUERY, ACC)
-        # M_m^T tile [BLOCK_DV, BLOCK_D], read transposed straight from the [D, DV] state
-        state_t = tl.load(m_base + M * D * DV + offs_e[:, None] + offs_d[None, :] * DV,
-                          mask=mask_e[:, None] & mask_d[None, :], other=0.0)
-        acc = mma(y * p[:, None], state_t, acc, DOT, PREC)
+    if N_FEAT == 1:  # see _contract_d_tile
+        acc = _contract_dv_feature(y, acc, 0, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix,
+                                   s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+    else:
+        for M in tl.range(N_FEAT, loop_unroll_factor=1):
+            acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                       n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                       ACC, DOT, PREC)
     return acc
 
 
@@ -126,18 +158,17 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
         acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
                                 s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                 BLOCK_DV, ACC, DOT, PREC)
-    zsum = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-    for M in tl.static_range(N_FEAT):
-        p = position_feature(offs_n, n_prefix, s0, s1, s2, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                             IS_QUERY, ACC)
-        zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
-        zsum += p[:, None] * zm[None, :]
     if ROW_WEIGHTS:
         rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
         rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
-        acc = acc * rs[:, None] + zsum * rz[:, None]
-    else:
-        acc = acc + zsum
+        acc = acc * rs[:, None]
+    # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
+    for M in tl.static_range(N_FEAT):
+        p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+        if ROW_WEIGHTS:
+            p = p * rz
+        zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
+        acc += p[:, None] * zm[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
     x = tl.load(x_ptr + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
                 mask=mask, other=0.0).to(ACC)

@@ -10,6 +10,7 @@ from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
 
 REDUCE_BLOCK = 1024
+REDUCE_WARPS = 4
 
 
 def _acc_torch_dtype(prec: Precision) -> torch.dtype:
@@ -45,7 +46,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     for part, out in ((s_part, S), (z_part, z)):
         rows = out.numel()
         chunk_reduce_kernel[(triton.cdiv(rows, REDUCE_BLOCK),)](part, out, rows, plan.n_chunks, scale,
-                                                                BLOCK=REDUCE_BLOCK)
+                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
     return S, z
 
 
@@ -78,7 +79,7 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     """
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
-    cfg = pick_config(q.shape[-1], v.shape[-1])
+    cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
     prec = pick_precision(q.dtype)
     scale = pow2_scale(k.shape[2])
     S, z = compute_states(k, v, geom, False, scale, cfg, prec)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import feature_map, mma
-from .positions import position_feature_dyn
+from .positions import position_feature
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
     x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
-    p = position_feature_dyn(offs_n, m, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+    p = position_feature(offs_n, m, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                              IS_QUERY, ACC)
     a = feature_map(x, mask_x, FMAP) * p[:, None]
     if ROW_WEIGHTS:
