@@ -14,11 +14,13 @@ Everything is computed in float32 (float64 for float64 inputs). :func:`forward` 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .axis_terms import AxisTerm, axis_terms, group_by_axis, ungroup_by_axis
-from .feature_maps import apply_feature_map, feature_map_grad
+from .axis_terms import AxisTerm, axis_terms
 from .layout import empty_output_like
+from .positions import position_features
 from .spec import VicinitySpec
 
 
@@ -27,31 +29,108 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Large temporaries are few and written in place on purpose: on a CPU every fresh multi-MB buffer
+# costs page faults comparable to a matmul over it, so the passes below reuse buffers and write
+# results with out= / in-place ops wherever that is possible.
+
+def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype) -> torch.Tensor:
+    """phi(x) as a new contiguous [B, H, n, D] tensor of ``dtype`` (x may be any strided view)."""
+    phi = torch.empty(x.shape, dtype=dtype, device=x.device)
+    phi.copy_(x)
+    if feature_map == "relu":
+        return phi.clamp_min_(0)
+    if feature_map == "elu1":
+        return torch.nn.functional.elu_(phi).add_(1.0)
+    raise ValueError(f"unknown feature_map {feature_map!r}")
+
+
+def _mul_feature_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """grad *= phi'(x), from phi = phi(x): relu' = [phi > 0]; elu1' = 1 above zero (phi > 1), phi below."""
+    if feature_map == "relu":
+        return grad.mul_(phi > 0)
+    return grad.mul_(torch.where(phi > 1, torch.ones_like(phi), phi))
+
+
+def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).contiguous()
+
+
+class _Workspace:
+    """Two reusable flat buffers: grouped (axis-permuted) copies of inputs, and matmul outputs."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.inputs = torch.empty(numel, dtype=dtype, device=device)
+        self.outputs = torch.empty(numel, dtype=dtype, device=device)
+
+
+def _grouped(x: torch.Tensor, grid, axis: int, buffer: torch.Tensor) -> torch.Tensor:
+    """Contiguous [B, H, prod(grid), E] -> [B*H*s, n, E] with tokens grouped by their coordinate on
+    ``axis`` (s = grid[axis]): a view for axis 0, a permuted copy into ``buffer`` otherwise."""
+    B, H, N, E = x.shape
+    s = grid[axis]
+    if axis == 0:
+        return x.view(B * H * s, N // s, E)
+    src = x.view(B, H, *grid, E).movedim(2 + axis, 2)
+    out = buffer[:x.numel()].view(src.shape)
+    out.copy_(src)
+    return out.view(B * H * s, N // s, E)
+
+
+def _grouped_view(acc: torch.Tensor, grid, axis: int) -> torch.Tensor:
+    """[B, H, prod(grid), E] -> the strided view [B, H, s, *other axes, E] matching :func:`_grouped`."""
+    B, H, N, E = acc.shape
+    return acc.view(B, H, *grid, E).movedim(2 + axis, 2)
+
+
+def _add_ungrouped_(acc: torch.Tensor, y: torch.Tensor, grid, axis: int, scale: torch.Tensor | None) -> None:
+    """acc [B, H, N, E] += y [B*H*s, n, E] put back in token order (times scale [N] per token)."""
+    target = _grouped_view(acc, grid, axis)
+    y = y.view(target.shape)
+    if scale is None:
+        target.add_(y)
+    else:
+        target.addcmul_(y, _grouped_view(scale.view(1, 1, -1, 1), grid, axis))
+
+
+def _mix(coord: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """[s, G] coordinate features and [B, H, G, D, Dv] states -> [B*H*s, D, Dv] = sum_g coord[c, g] states[g]."""
+    B, H, G, D, Dv = states.shape
+    return (coord @ states.reshape(B, H, G, D * Dv)).view(B * H * coord.shape[0], D, Dv)
+
+
+def _unmix(coord: torch.Tensor, per_coord: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """Adjoint of :func:`_mix`: [s, G] and [B*H*s, D, Dv] -> [B, H, G, D, Dv]."""
+    s, G = coord.shape
+    _, D, Dv = per_coord.shape
+    return (coord.T @ per_coord.view(B, H, s, D * Dv)).view(B, H, G, D, Dv)
+
+
+def _zeroed_accumulator(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed [B, H, n, E] accumulator: ``out`` itself when it already has the compute dtype and is
+    contiguous (saves a buffer and a copy), else a new tensor."""
+    if out.dtype == dtype and out.is_contiguous():
+        return out.zero_()
+    return torch.zeros(out.shape, dtype=dtype, device=out.device)
+
+
 def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale[:, None]
 
 
-def _mix(coord: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """[s, G] coordinate features and [B, H, G, ...] states -> [B, H, s, ...] = sum_g coord[c, g] states[g]."""
-    B, H, G = states.shape[:3]
-    return (coord @ states.reshape(B, H, G, -1)).reshape(B, H, coord.shape[0], *states.shape[3:])
+class _Plan:
+    """What forward and backward share: the axis terms, position features, sizes, prefix split."""
 
-
-def _unmix(coord: torch.Tensor, per_coord: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`_mix`: [s, G] and [B, H, s, ...] -> [B, H, G, ...]."""
-    B, H, s = per_coord.shape[:3]
-    return (coord.T @ per_coord.reshape(B, H, s, -1)).reshape(B, H, coord.shape[1], *per_coord.shape[3:])
-
-
-class _Setup:
-    """Everything forward and backward both need: terms, grids, prefix split, compute dtype."""
-
-    def __init__(self, q: torch.Tensor, spec: VicinitySpec, dtype: torch.dtype):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, dtype):
         self.spec, self.dtype = spec, dtype
-        self.P = spec.num_prefix_tokens
-        self.F = spec.n_features
-        self.terms: list[AxisTerm] = axis_terms(spec.grid, spec.kv_grid, spec.variant, dtype=dtype,
-                                                device=q.device)
+        self.P, self.F = spec.num_prefix_tokens, spec.n_features
+        self.B, self.H, self.Nq, self.D = q.shape
+        self.Nk, self.Dv = k.shape[2], v.shape[-1]
+        self.terms: list[AxisTerm] = axis_terms(spec.grid, spec.kv_grid, spec.variant, dtype=dtype, device=q.device)
+        kw = dict(num_prefix_tokens=self.P, dtype=dtype, device=q.device)
+        self.pos_q = position_features(spec.grid, spec.variant, side="query", **kw)   # [Nq, F]
+        self.pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)  # [Nk, F]
+        numel = self.B * self.H * max(self.Nq, self.Nk) * max(self.D, self.Dv)
+        self.ws = _Workspace(numel, dtype, q.device)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -63,52 +142,50 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :func:`backward` needs.
     """
     dtype = compute_dtype(q.dtype)
-    st = _Setup(q, spec, dtype)
-    P, F = st.P, st.F
-    B, H, Nq, D = q.shape
-    Dv = v.shape[-1]
-    phi_k = apply_feature_map(k.to(dtype), spec.feature_map)
-    v_c = v.to(dtype)
+    pl = _Plan(q, k, v, spec, dtype)
+    B, H, D, Dv, P, F = pl.B, pl.H, pl.D, pl.Dv, pl.P, pl.F
+    ws = pl.ws
     S = torch.zeros(B, H, F, D, Dv, dtype=dtype, device=q.device)
-    z = torch.zeros(B, H, F, D, dtype=dtype, device=q.device)
-    pk, vk = phi_k[:, :, P:], v_c[:, :, P:]
-    for t in st.terms:
-        xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis)   # [B, H, s, n, D]
-        per_coord = xg.transpose(-1, -2) @ group_by_axis(vk, spec.kv_grid, t.axis)
-        S[:, :, list(t.features)] = _unmix(t.coord_k, per_coord)
-        z[:, :, list(t.features)] = _unmix(t.coord_k, xg.sum(3))
+
+    # State pass over keys: per term, T[c] = sum over group c of phi(k)^T v, mixed into S.
+    pk = _features(k[:, :, P:], spec.feature_map, dtype)                       # [B, H, Nk_grid, D]
+    vk = _contiguous(v[:, :, P:], dtype)
+    for t in pl.terms:
+        xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
+        vg = _grouped(vk, spec.kv_grid, t.axis, ws.outputs)
+        S[:, :, list(t.features)] = _unmix(t.coord_k, torch.bmm(xg.transpose(1, 2), vg), B, H)
+    z = pl.pos_k[P:].T @ pk                                                     # [B, H, F, D]
     if P:
         # Prefix features: F-2 carries the prefix keys, F-1 the grid keys (positions.py scheme).
-        S[:, :, F - 2] = phi_k[:, :, :P].transpose(-1, -2) @ v_c[:, :, :P]
-        z[:, :, F - 2] = phi_k[:, :, :P].sum(2)
+        phi_kp = _features(k[:, :, :P], spec.feature_map, dtype)
+        S[:, :, F - 2] = phi_kp.transpose(-1, -2) @ v[:, :, :P].to(dtype)
         S[:, :, F - 1] = pk.transpose(-1, -2) @ vk
-        z[:, :, F - 1] = pk.sum(2)
+        z += pl.pos_k[:P].T @ phi_kp
+    del vk
 
-    phi_q = apply_feature_map(q.to(dtype), spec.feature_map)
-    pq = phi_q[:, :, P:]
-    num = torch.zeros(B, H, Nq, Dv, dtype=dtype, device=q.device)
-    den = torch.zeros(B, H, Nq, dtype=dtype, device=q.device)
-    for t in st.terms:
-        M = _mix(t.coord_q, S[:, :, list(t.features)])                     # [B, H, s, D, Dv]
-        m = _mix(t.coord_q, z[:, :, list(t.features)])                     # [B, H, s, D]
-        xg = group_by_axis(pq, spec.grid, t.axis)
-        num[:, :, P:] += _scaled_rows(ungroup_by_axis(xg @ M, spec.grid, t.axis), t.scale_q)
-        den[:, :, P:] += _scaled_rows(ungroup_by_axis(xg @ m.unsqueeze(-1), spec.grid, t.axis), t.scale_q)[..., 0]
-    if P:
-        num[:, :, P:] += pq @ S[:, :, F - 2]
-        den[:, :, P:] += (pq @ z[:, :, F - 2].unsqueeze(-1))[..., 0]
-        num[:, :, :P] = phi_q[:, :, :P] @ (S[:, :, F - 2] + S[:, :, F - 1])
-        den[:, :, :P] = (phi_q[:, :, :P] @ (z[:, :, F - 2] + z[:, :, F - 1]).unsqueeze(-1))[..., 0]
-    den += spec.eps
+    # Output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
+    pq = _features(q[:, :, P:], spec.feature_map, dtype)
     o = empty_output_like(q, Dv)
-    torch.div(num, den.unsqueeze(-1), out=num)
-    o.copy_(num)
-    return o, den, S.view(B, H, F * D, Dv), z.view(B, H, F * D)
-
-
-def _scaled_rows(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [B, H, N, E] with row i multiplied by scale[i] (None = 1)."""
-    return x if scale is None else x * scale[:, None]
+    num = _zeroed_accumulator(o[:, :, P:], dtype)
+    for t in pl.terms:
+        xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
+        out = ws.outputs[:num.numel()].view(xg.shape[0], xg.shape[1], Dv)
+        torch.bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)]), out=out)
+        _add_ungrouped_(num, out, spec.grid, t.axis, None)
+    # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
+    den = torch.empty(B, H, pl.Nq, dtype=dtype, device=q.device)
+    den[:, :, P:] = ((pq @ z.transpose(-1, -2)) * pl.pos_q[P:]).sum(-1)
+    if P:
+        num += pq @ S[:, :, F - 2]
+        phi_qp = _features(q[:, :, :P], spec.feature_map, dtype)
+        den[:, :, :P] = ((phi_qp @ z.transpose(-1, -2)) * pl.pos_q[:P]).sum(-1)
+        den[:, :, :P] += spec.eps
+        o[:, :, :P] = (phi_qp @ (S[:, :, F - 2] + S[:, :, F - 1])) / den[:, :, :P, None]
+    den[:, :, P:] += spec.eps
+    torch.div(num, den[:, :, P:, None], out=num)
+    if num.data_ptr() != o[:, :, P:].data_ptr():
+        o[:, :, P:] = num
+    return o, den, S.view(B, H, F * D, Dv), z.reshape(B, H, F * D)
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -121,88 +198,88 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Gradients have the dtype and memory order of q, k, v.
     """
     dtype = den.dtype
-    st = _Setup(q, spec, dtype)
-    P, F = st.P, st.F
+    pl = _Plan(q, k, v, spec, dtype)
+    B, H, D, Dv, P, F = pl.B, pl.H, pl.D, pl.Dv, pl.P, pl.F
+    ws = pl.ws
     need_dq, need_dk, need_dv = needs
-    B, H, Nq, D = q.shape
-    Dv = v.shape[-1]
     S = S.view(B, H, F, D, Dv)
     z = z.view(B, H, F, D)
-    # g = dO / den and c = -(dO . o) / den, the gradients of num and of den.
-    inv_den = den.reciprocal().unsqueeze(-1)
-    do_c = do.to(dtype)
-    g = do_c * inv_den
-    c = -(do_c * o.to(dtype)).sum(-1, keepdim=True) * inv_den                # [B, H, Nq, 1]
-    q_c = q.to(dtype)
-    phi_q = apply_feature_map(q_c, spec.feature_map)
-    pq, gq, cq = phi_q[:, :, P:], g[:, :, P:], c[:, :, P:]
+
+    # g = dO / den and c = -(dO . o) / den: the gradients of num and of den.
+    g = torch.empty(B, H, pl.Nq, Dv, dtype=dtype, device=q.device)
+    torch.div(do, den.unsqueeze(-1), out=g)
+    c = torch.linalg.vecdot(do.to(dtype), o.to(dtype)).div_(den).neg_().unsqueeze(-1)   # [B, H, Nq, 1]
+    pq = _features(q[:, :, P:], spec.feature_map, dtype)
+    gq = g[:, :, P:] if not P else g[:, :, P:].contiguous()
     dS = torch.zeros_like(S)
-    dz = torch.zeros_like(z)
-    dphi_q = torch.zeros_like(phi_q) if need_dq else None
-    for t in st.terms:
+    dq = torch.empty_like(q) if need_dq else None
+    dphi_q = _zeroed_accumulator(dq[:, :, P:], dtype) if need_dq else None
+    for t in pl.terms:
         feats = list(t.features)
-        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis)
-        gg = group_by_axis(gq, spec.grid, t.axis)
-        cg = group_by_axis(cq, spec.grid, t.axis)
-        dS[:, :, feats] = _unmix(t.coord_q, xg.transpose(-1, -2) @ gg)
-        dz[:, :, feats] = _unmix(t.coord_q, (xg * cg).sum(3))
+        xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
+        gg = _grouped(gq, spec.grid, t.axis, ws.outputs)
+        dS[:, :, feats] = _unmix(t.coord_q, torch.bmm(xg.transpose(1, 2), gg), B, H)
         if need_dq:
-            M = _mix(t.coord_q, S[:, :, feats])
-            m = _mix(t.coord_q, z[:, :, feats])
-            grad = torch.matmul(gg, M.transpose(-1, -2)).addcmul_(cg, m.unsqueeze(3))
-            dphi_q[:, :, P:] += _scaled_rows(ungroup_by_axis(grad, spec.grid, t.axis), t.scale_q)
-    if P:
-        gp, cp, xp = g[:, :, :P], c[:, :, :P], phi_q[:, :, :P]
-        dS_pre = xp.transpose(-1, -2) @ gp                                   # prefix queries see F-2 and F-1
-        dz_pre = (xp * cp).sum(2)
-        dS[:, :, F - 2] = pq.transpose(-1, -2) @ gq + dS_pre
-        dz[:, :, F - 2] = (pq * cq).sum(2) + dz_pre
-        dS[:, :, F - 1] = dS_pre
-        dz[:, :, F - 1] = dz_pre
-        if need_dq:
-            dphi_q[:, :, P:] += torch.matmul(gq, S[:, :, F - 2].transpose(-1, -2)).addcmul_(cq, z[:, :, None, F - 2])
-            S_pre = S[:, :, F - 2] + S[:, :, F - 1]
-            z_pre = z[:, :, F - 2] + z[:, :, F - 1]
-            dphi_q[:, :, :P] = torch.matmul(gp, S_pre.transpose(-1, -2)).addcmul_(cp, z_pre.unsqueeze(2))
-    dq = None
+            grad = torch.bmm(gg, _mix(t.coord_q, S[:, :, feats]).transpose(1, 2))
+            _add_ungrouped_(dphi_q, grad, spec.grid, t.axis, t.scale_q)
+    cp_q = c[:, :, P:] * pl.pos_q[P:]                                          # [B, H, Nq_grid, F]
+    dz = cp_q.transpose(-1, -2) @ pq                                             # [B, H, F, D]
     if need_dq:
-        dq = torch.empty_like(q)
-        dq.copy_(dphi_q.mul_(feature_map_grad(q_c, phi_q, spec.feature_map)))
+        dphi_q.view(B * H, -1, D).baddbmm_(cp_q.reshape(B * H, -1, F), z.reshape(B * H, F, D))
+    if P:
+        gp, phi_qp = g[:, :, :P], _features(q[:, :, :P], spec.feature_map, dtype)
+        dS_pre = phi_qp.transpose(-1, -2) @ gp                                   # prefix queries see F-2 and F-1
+        dS[:, :, F - 2] += pq.transpose(-1, -2) @ gq + dS_pre
+        dS[:, :, F - 1] += dS_pre
+        cp_p = c[:, :, :P] * pl.pos_q[:P]
+        dz += cp_p.transpose(-1, -2) @ phi_qp
+    if need_dq:
+        if P:
+            dphi_q += gq @ S[:, :, F - 2].transpose(-1, -2)
+            grad_p = gp @ (S[:, :, F - 2] + S[:, :, F - 1]).transpose(-1, -2) + cp_p @ z
+            dq[:, :, :P] = _mul_feature_grad_(grad_p, phi_qp, spec.feature_map)
+        _mul_feature_grad_(dphi_q, pq, spec.feature_map)
+        if dphi_q.data_ptr() != dq[:, :, P:].data_ptr():
+            dq[:, :, P:] = dphi_q
+    del dphi_q, pq, g, gq
     if not (need_dk or need_dv):
         return dq, None, None
 
-    k_c = k.to(dtype)
-    phi_k = apply_feature_map(k_c, spec.feature_map)
-    v_c = v.to(dtype)
-    pk, vk = phi_k[:, :, P:], v_c[:, :, P:]
-    dphi_k = torch.zeros_like(phi_k) if need_dk else None
-    dv_c = torch.zeros_like(v_c) if need_dv else None
-    for t in st.terms:
-        feats = list(t.features)
-        dM = _mix(t.coord_k, dS[:, :, feats])                                # [B, H, s, D, Dv]
-        dm = _mix(t.coord_k, dz[:, :, feats])                                # [B, H, s, D]
+    pk = _features(k[:, :, P:], spec.feature_map, dtype)
+    vk = _contiguous(v[:, :, P:], dtype)
+    dk = torch.empty_like(k) if need_dk else None
+    dv = torch.empty_like(v) if need_dv else None
+    dphi_k = _zeroed_accumulator(dk[:, :, P:], dtype) if need_dk else None
+    dv_g = _zeroed_accumulator(dv[:, :, P:], dtype) if need_dv else None
+    for t in pl.terms:
+        dM = _mix(t.coord_k, dS[:, :, list(t.features)])                        # [B*H*s, D, Dv]
         if need_dv:
-            xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis)
-            dv_c[:, :, P:] += ungroup_by_axis(xg @ dM, spec.kv_grid, t.axis)
+            xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
+            out = ws.outputs[:vk.numel()].view(xg.shape[0], xg.shape[1], Dv)
+            _add_ungrouped_(dv_g, torch.bmm(xg, dM, out=out), spec.kv_grid, t.axis, None)
         if need_dk:
-            vg = group_by_axis(vk, spec.kv_grid, t.axis)
-            grad = torch.matmul(vg, dM.transpose(-1, -2)).add_(dm.unsqueeze(3))
-            dphi_k[:, :, P:] += _scaled_rows(ungroup_by_axis(grad, spec.kv_grid, t.axis), t.scale_k)
+            vg = _grouped(vk, spec.kv_grid, t.axis, ws.inputs)
+            out = ws.outputs[:pk.numel()].view(vg.shape[0], vg.shape[1], D)
+            _add_ungrouped_(dphi_k, torch.bmm(vg, dM.transpose(1, 2), out=out), spec.kv_grid, t.axis, t.scale_k)
+    if need_dk:
+        # sum_m P_m(j) dz_m, the denominator's share of dphi(k_j).
+        dphi_k += pl.pos_k[P:] @ dz
     if P:
         # Prefix keys carry feature F-2; grid keys additionally carry F-1.
+        phi_kp, vp = _features(k[:, :, :P], spec.feature_map, dtype), v[:, :, :P].to(dtype)
         if need_dv:
-            dv_c[:, :, :P] = phi_k[:, :, :P] @ dS[:, :, F - 2]
-            dv_c[:, :, P:] += pk @ dS[:, :, F - 1]
+            dv_g += pk @ dS[:, :, F - 1]
+            dv[:, :, :P] = phi_kp @ dS[:, :, F - 2]
         if need_dk:
-            dphi_k[:, :, :P] = (v_c[:, :, :P] @ dS[:, :, F - 2].transpose(-1, -2)).add_(dz[:, :, None, F - 2])
-            dphi_k[:, :, P:] += (vk @ dS[:, :, F - 1].transpose(-1, -2)).add_(dz[:, :, None, F - 1])
-    dk = dv = None
+            dphi_k += vk @ dS[:, :, F - 1].transpose(-1, -2)
+            grad_p = vp @ dS[:, :, F - 2].transpose(-1, -2) + pl.pos_k[:P] @ dz
+            dk[:, :, :P] = _mul_feature_grad_(grad_p, phi_kp, spec.feature_map)
     if need_dk:
-        dk = torch.empty_like(k)
-        dk.copy_(dphi_k.mul_(feature_map_grad(k_c, phi_k, spec.feature_map)))
-    if need_dv:
-        dv = torch.empty_like(v)
-        dv.copy_(dv_c)
+        _mul_feature_grad_(dphi_k, pk, spec.feature_map)
+        if dphi_k.data_ptr() != dk[:, :, P:].data_ptr():
+            dk[:, :, P:] = dphi_k
+    if need_dv and dv_g.data_ptr() != dv[:, :, P:].data_ptr():
+        dv[:, :, P:] = dv_g
     return dq, dk, dv
 
 
