@@ -1,0 +1,228 @@
+"""The triton backend, run through the Triton interpreter (CPU tensors) when no GPU is present.
+
+tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton; on a CUDA machine with
+TRITON_INTERPRET=0 the same tests run on the GPU. Shapes are tiny: the interpreter costs about a
+millisecond per program per loop step.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import check_against_reference, make_inputs, rel_err, token_counts
+from vicinity_attn import position_features, vicinity_attention
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("triton backend tests need TRITON_INTERPRET=1 (set by tests/conftest.py) or a CUDA device",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+from vicinity_attn.kernels import configs  # noqa: E402
+from vicinity_attn.triton_backend import triton_vicinity_attention  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+def run_case(grid, kv_grid=None, *, D=16, Dv=24, B=1, H=2, dtype=torch.float64, layout="bhnd", prefix=0,
+             variant="sum", feature_map="relu"):
+    nq, nk = token_counts(grid, kv_grid, prefix)
+    q, k, v = make_inputs(B, H, nq, nk, D, Dv, dtype=dtype, layout=layout, device=DEVICE)
+    return check_against_reference(q, k, v, grid=grid, kv_grid=kv_grid, variant=variant, layout=layout,
+                                   feature_map=feature_map, num_prefix_tokens=prefix, backend="triton")
+
+
+# --- the in-kernel position features -------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(7,), (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_position_feature_helper_matches_position_features(grid, dtype):
+    import triton
+
+    from vicinity_attn.kernels.launch import VARIANT_CODES, feature_count
+    from vicinity_attn.kernels.positions import _position_features_kernel
+
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    for variant in ("none", "sum", "product"):
+        for prefix in (0, 2):
+            for side in ("query", "key"):
+                F = feature_count(len(grid), VARIANT_CODES[variant], prefix > 0)
+                N = prefix + math.prod(grid)
+                out = torch.full((2, N, F), float("nan"), dtype=dtype, device=DEVICE)
+                sizes = list(grid) + [1] * (3 - len(grid))
+                # axis 1 of the launch grid is the runtime feature index (second half of `out`)
+                _position_features_kernel[(triton.cdiv(N, 16), F)](
+                    out, N, prefix, *sizes, N_FEAT=F, N_AXES=len(grid), VARIANT=VARIANT_CODES[variant],
+                    HAS_PREFIX=prefix > 0, IS_QUERY=side == "query", BLOCK=16)
+                ref = position_features(grid, variant, side=side, num_prefix_tokens=prefix, dtype=torch.float64)
+                for half in (0, 1):
+                    err = (out[half].cpu().double() - ref).abs().max().item()
+                    assert err < tol, (variant, prefix, side, half, err)
+
+
+# --- forward and gradients against the float64 reference ------------------------------------------
+
+@pytest.mark.parametrize("variant", ["sum", "product", "none"])
+@pytest.mark.parametrize("grid", [(37,), (5, 7), (2, 3, 4)], ids=["1d", "2d", "3d"])
+def test_variants_and_axes_fp64(variant, grid):
+    run_case(grid, variant=variant)
+
+
+@pytest.mark.parametrize("grid,kv_grid,variant", [
+    ((6, 5), (3, 2), "sum"),
+    ((4, 6), (2, 3), "product"),
+    ((2, 4, 4), (1, 2, 2), "sum"),
+    ((33,), (9,), "product"),
+])
+def test_cross_grids_fp64(grid, kv_grid, variant):
+    run_case(grid, kv_grid, variant=variant)
+
+
+@pytest.mark.parametrize("D,Dv", [(8, 16), (40, 24), (48, 48), (64, 40), (100, 72)])
+def test_head_dims_fp64(D, Dv):
+    # 100 / 72 need two 64-wide tiles: the D loop of the output pass and the Dv grid axis.
+    grid = (3, 7) if D < 100 else (2, 5)
+    run_case(grid, D=D, Dv=Dv, B=1, H=1)
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_layouts_and_prefix_tokens_fp64(layout, prefix):
+    run_case((4, 5), (2, 3), layout=layout, prefix=prefix, H=3, B=2, variant="sum" if prefix != 1 else "product")
+
+
+@pytest.mark.parametrize("variant", ["sum", "product"])
+def test_elu1_feature_map_fp64(variant):
+    run_case((3, 2, 3), variant=variant, feature_map="elu1", prefix=1)
+
+
+@pytest.mark.parametrize("grid,kv_grid,variant,layout,prefix", [
+    ((7, 6), None, "sum", "bhnd", 0),
+    ((5, 4), (3, 2), "product", "bnhd", 1),
+    ((41,), None, "none", "bhnd", 0),
+])
+def test_fp32(grid, kv_grid, variant, layout, prefix):
+    run_case(grid, kv_grid, variant=variant, layout=layout, prefix=prefix, dtype=torch.float32, D=40, Dv=48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grid,kv_grid,variant,layout,prefix", [
+    ((6, 7), None, "sum", "bhnd", 0),
+    ((6, 4), (3, 2), "product", "bnhd", 1),
+    ((2, 3, 4), None, "sum", "bnhd", 0),
+])
+def test_half_precision_tolerance_rule(dtype, grid, kv_grid, variant, layout, prefix):
+    run_case(grid, kv_grid, variant=variant, layout=layout, prefix=prefix, dtype=dtype, D=48, Dv=40)
+
+
+def test_strided_views_without_copies():
+    """q, k, v as views into one fused [B, N, 3, H, D] qkv tensor (how attention layers produce them)."""
+    B, H, D, grid = 2, 2, 16, (3, 5)
+    N = math.prod(grid)
+    qkv = torch.randn(B, N, 3, H, D, dtype=torch.float64, device=DEVICE)
+    q, k, v = (qkv[:, :, i] for i in range(3))  # [B, N, H, D] views with a token stride of 3 H D
+    assert not q.is_contiguous()
+    out = vicinity_attention(q, k, v, grid, layout="bnhd", backend="triton")
+    ref = vicinity_attention(q, k, v, grid, layout="bnhd", backend="reference")
+    assert rel_err(out, ref) < 1e-12
+    assert out.is_contiguous()  # bnhd callers get contiguous memory back
+
+
+def test_gradcheck_fp64():
+    nq, nk = token_counts((3, 4), (2, 2), 1)
+    q, k, v = make_inputs(1, 2, nq, nk, 6, 5, device=DEVICE)
+
+    def fn(q, k, v):
+        return vicinity_attention(q, k, v, (3, 4), (2, 2), variant="sum", num_prefix_tokens=1, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_gradcheck_fp64_product_elu1():
+    q, k, v = make_inputs(1, 1, 12, 12, 5, 7, device=DEVICE)
+
+    def fn(q, k, v):
+        return vicinity_attention(q, k, v, (2, 2, 3), variant="product", feature_map="elu1", backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+# --- properties of the kernels --------------------------------------------------------------------
+
+def _forward_backward(q, k, v, do, **kw):
+    out = vicinity_attention(q, k, v, backend="triton", **kw)
+    return [out, *torch.autograd.grad(out, (q, k, v), do)]
+
+
+def test_bitwise_deterministic():
+    grid = (7, 9)  # 63 tokens: several blocks and several chunks per state pass
+    q, k, v = make_inputs(2, 2, 63, 63, 24, 20, dtype=torch.float32, device=DEVICE)
+    do = torch.randn(2, 2, 63, 20, device=DEVICE)
+    first = _forward_backward(q, k, v, do, grid=grid)
+    second = _forward_backward(q, k, v, do, grid=grid)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_every_output_element_written(monkeypatch):
+    """Poison every allocation (outputs, states, partials) with NaN: none may survive."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(real_empty_like(*a, **kw)))
+    assert torch.isnan(torch.empty(2)).all()  # the patch is live
+    for layout in ("bhnd", "bnhd"):
+        nq, nk = token_counts((5, 7), (3, 3), 1)
+        q, k, v = make_inputs(2, 2, nq, nk, 40, 72, dtype=torch.float32, layout=layout, device=DEVICE)
+        kw = dict(grid=(5, 7), kv_grid=(3, 3), num_prefix_tokens=1, layout=layout)
+        do = torch.randn((2, nq, 2, 72) if layout == "bnhd" else (2, 2, nq, 72), device=DEVICE)
+        results = _forward_backward(q, k, v, do, **kw)
+        for name, t in zip(("out", "dq", "dk", "dv"), results):
+            assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements ({layout})"
+        ref = vicinity_attention(q, k, v, backend="reference", **kw)
+        assert rel_err(results[0], ref) < 1e-5
+
+
+def test_fp16_large_magnitudes_do_not_overflow():
+    """|S| would reach ~1e6 here (600 tokens of |k v| ~ 1e3): far beyond fp16's 65504 unless the
+    states are kept in fp32 and scaled before any fp16 tensor-core operand is formed."""
+    grid = (24, 25)
+    n = math.prod(grid)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (30 * torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (t.abs().to(DEVICE) for t in (q, k, v))  # positive: every product adds up, nothing cancels
+    s_max = (k.transpose(-1, -2) @ v).abs().max().item()
+    assert s_max > 1e5  # the unscaled state would not fit in fp16
+    q16, k16, v16 = (t.half().requires_grad_(True) for t in (q, k, v))
+    out = vicinity_attention(q16, k16, v16, grid, backend="triton")
+    grads = torch.autograd.grad(out, (q16, k16, v16), torch.ones_like(out))
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q16, k16, v16))
+    ref = vicinity_attention(q64, k64, v64, grid, backend="reference")
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
+    assert rel_err(out, ref) < 5e-3
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 2e-2
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("D,Dv,name", [(257, 8, "D = 257"), (8, 300, "Dv = 300")])
+def test_head_dim_above_256_is_rejected(D, Dv, name):
+    q, k, v = make_inputs(1, 1, 4, 4, D, Dv, device=DEVICE, requires_grad=False)
+    with pytest.raises(ValueError, match=name):
+        vicinity_attention(q, k, v, (2, 2), backend="triton")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not configs.interpreting()
+    q, k, v = make_inputs(1, 1, 4, 4, 8, 8, device="cpu", requires_grad=False)
+    from vicinity_attn.spec import VicinitySpec
+    spec = VicinitySpec(grid=(2, 2), kv_grid=(2, 2))
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        triton_vicinity_attention(q, k, v, spec)
