@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {','.join(DEFAULT_PROVIDERS)}; vicinity-torch only where vicinity is not torch)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from fwd,bwd,fwdbwd (default all)")
     p.add_argument("--variant", default="sum", choices=("sum", "product", "none"), help="vicinity variant")
-    p.add_argument("--max-call-seconds", type=float, help="skip calls estimated longer (default 10; quick 8)")
+    p.add_argument("--max-call-seconds", type=float, help="skip calls estimated longer (default 10; quick 4)")
     p.add_argument("--budget-seconds", type=float, help="CPU timing budget per row (default 1; quick 0.3)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", help="JSON result path (default bench_results/<preset>-<device>.json; '' = none)")
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rate = matmul_rate(device, dtype if dtype != torch.bfloat16 or device.type == "cuda" else torch.float32,
                        size=2048, budget_s=0.3) if device.type == "cpu" else None
     config = SweepConfig(device=device, dtype=dtype, providers=providers, modes=modes, variant=args.variant,
-                         max_call_s=args.max_call_seconds or (8.0 if quick else 10.0),
+                         max_call_s=args.max_call_seconds or (4.0 if quick else 10.0),
                          budget_s=args.budget_seconds or (0.3 if quick else 1.0),
                          matmul_flops_per_s=rate, progress=not args.quiet)
     env = environment(device)
