@@ -73,7 +73,14 @@ def gpu_tiles(dtype: torch.dtype) -> list[int]:
 
 def gpu_config(tile: int) -> LaunchConfig:
     """The GPU launch config for a head tile."""
-    return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), GPU_NUM_STAGES)
+    return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), gpu_num_stages(tile))
+
+
+def gpu_num_stages(tile: int) -> int:
+    """Software-pipelining depth. With 64-wide tiles, 2 stages make ptxas spill a few bytes around the
+    feature loop on sm_80 (1 and 3 do not); 3 stages also prefetch further along the token loop of
+    the state pass, for 40 KB of shared memory."""
+    return 3 if tile >= 64 else GPU_NUM_STAGES
 
 
 def gpu_num_warps(tile: int) -> int:

@@ -78,6 +78,7 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
     x_base = x_ptr + b * sxb + h * sxh
     m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
+    out_base = out_ptr + b * sob + h * soh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
@@ -93,7 +94,6 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
         tl.store(den_ptr + bh * N + offs_n, den, mask=mask_n & ((offs_n * 0 + tl.program_id(2)) == 0))
     acc = acc * out_scale
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    out_base = out_ptr + b * sob + h * soh
     tl.store(out_base + offs_n[:, None] * son + offs_e[None, :] * sod, acc.to(out_ptr.dtype.element_ty),
              mask=mask_n[:, None] & (offs_e[None, :] < DV))
 
