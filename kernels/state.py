@@ -102,7 +102,9 @@ def chunk_reduce_kernel(part_ptr, out_ptr, n_rows, n_chunks, scale, BLOCK: tl.co
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for c in range(1, n_chunks):
-        acc += tl.load(part_ptr + c * n_rows + offs, mask=mask, other=0.0)
+    ptrs = part_ptr + offs
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in range(1, n_chunks):
+        ptrs += n_rows  # pointer steps: chunk * n_rows could overflow int32
+        acc += tl.load(ptrs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc * scale, mask=mask)
