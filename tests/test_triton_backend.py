@@ -74,9 +74,15 @@ def test_variants_and_axes_fp64(variant, grid):
     ((4, 6), (2, 3), "product"),
     ((2, 4, 4), (1, 2, 2), "sum"),
     ((33,), (9,), "product"),
+    ((1, 9), (1, 3), "product"),
 ])
 def test_cross_grids_fp64(grid, kv_grid, variant):
     run_case(grid, kv_grid, variant=variant)
+
+
+@pytest.mark.parametrize("grid,prefix", [((1,), 0), ((1, 1), 1), ((1, 1, 1), 0)])
+def test_single_token_grids_fp64(grid, prefix):
+    run_case(grid, prefix=prefix, variant="product")
 
 
 @pytest.mark.parametrize("D,Dv", [(8, 16), (40, 24), (48, 48), (64, 40), (100, 72)])
