@@ -73,7 +73,7 @@ def mode_callable(provider: Provider, mode: str, q, k, v) -> Callable[[], object
 def _base_row(case: Case, name: str, mode: str, config: SweepConfig) -> dict:
     return {**case.to_dict(), "case": case.name, "provider": name, "label": name, "mode": mode,
             "dtype": str(config.dtype).replace("torch.", ""), "device": str(config.device),
-            "median_ms": None, "flops": None, "flops_per_s": None, "speedup_vs_flash": None,
+            "median_ms": None, "min_ms": None, "flops": None, "flops_per_s": None, "speedup_vs_flash": None,
             "saved_bytes": None, "saved_tensors": None, "peak_bytes": None, "samples": None,
             "rel_iqr": None, "skipped": None}
 
@@ -136,7 +136,7 @@ def _run_provider(case: Case, provider: Provider, config: SweepConfig, history: 
                     saved = saved_tensor_bytes(lambda: provider.fn(q, k, v))
                 fn = mode_callable(provider, mode, q, k, v)
                 timing = median_time(fn, config.device, budget_s=config.budget_s)
-                row.update(median_ms=timing.median_s * 1e3, flops_per_s=flops / timing.median_s,
+                row.update(median_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3, flops_per_s=flops / timing.median_s,
                            samples=timing.samples, rel_iqr=timing.rel_iqr,
                            saved_bytes=saved[0], saved_tensors=saved[1],
                            peak_bytes=peak_allocated_bytes(fn, config.device))

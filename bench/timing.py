@@ -16,11 +16,13 @@ GPU_METHOD = "GPU: median of triton.testing.do_bench(warmup=25 ms, rep=100 ms, r
 
 @dataclass(frozen=True)
 class Timing:
-    """Median seconds per call, the number of timed samples and the relative spread (IQR / median)."""
+    """Median seconds per call, the number of timed samples, the relative spread (IQR / median) and
+    the fastest sample (the least disturbed one: a useful second opinion on a loaded machine)."""
 
     median_s: float
     samples: int
     rel_iqr: float
+    min_s: float = float("nan")
 
 
 def _quartile_spread(samples: list[float]) -> float:
@@ -61,7 +63,7 @@ def cpu_median(fn: Callable[[], object], *, budget_s: float = 1.0, min_samples: 
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing(statistics.median(samples), len(samples) * inner, _quartile_spread(samples))
+    return Timing(statistics.median(samples), len(samples) * inner, _quartile_spread(samples), min(samples))
 
 
 def gpu_median(fn: Callable[[], object]) -> Timing:
@@ -75,9 +77,10 @@ def gpu_median(fn: Callable[[], object]) -> Timing:
     except (AssertionError, TypeError, ValueError):
         # Older triton: ask for the quartiles instead.
         q1, median_ms, q3 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
-        return Timing(median_ms / 1e3, 0, (q3 - q1) / median_ms if median_ms else 0.0)
+        return Timing(median_ms / 1e3, 0, (q3 - q1) / median_ms if median_ms else 0.0, q1 / 1e3)
     median_ms = statistics.median(times_ms)
-    return Timing(median_ms / 1e3, len(times_ms), _quartile_spread(times_ms) if median_ms else 0.0)
+    return Timing(median_ms / 1e3, len(times_ms), _quartile_spread(times_ms) if median_ms else 0.0,
+                  min(times_ms) / 1e3)
 
 
 def median_time(fn: Callable[[], object], device: torch.device, *, budget_s: float = 1.0) -> Timing:
@@ -123,4 +126,4 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: Timing(statistics.median(s), len(s), _quartile_spread(s)) for name, s in samples.items()}
+    return {name: Timing(statistics.median(s), len(s), _quartile_spread(s), min(s)) for name, s in samples.items()}
