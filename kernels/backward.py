@@ -42,7 +42,7 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
     dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)
     key_scale = s_k / s_q
-    contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale)
+    contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale, num_warps=cfg.dv_num_warps)
     _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, prec)
 
 

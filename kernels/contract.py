@@ -47,14 +47,15 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
     phi = feature_map(x, mask_x, FMAP)
     mask_m = mask_d[:, None] & (offs_e[None, :] < DV)
     # A real loop over features, not static_range: unrolled, the compiler hoists all F state-tile loads
-    # at once and runs out of registers. A one-trip loop (F = 1) is written straight: ptxas spills
-    # around the degenerate loop otherwise.
+    # at once and runs out of registers; not software-pipelined either (num_stages=1), which on sm_80
+    # made ptxas spill a few bytes. A one-trip loop (F = 1) is written straight, for the same reason.
     if N_FEAT == 1:
-        acc, den = _contract_d_feature(phi, acc, den, 0, m_base, z_base, offs_n, offs_d, mask_d, offs_e, mask_m,
-                                       D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                                       IS_QUERY, WITH_DEN, ACC, DOT, PREC)
+        for M in tl.static_range(N_FEAT):
+            acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
+                                           mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
+                                           HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
     else:
-        for M in tl.range(N_FEAT, loop_unroll_factor=1):
+        for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
                                            mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
                                            HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
@@ -121,10 +122,12 @@ def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D
     y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
     if N_FEAT == 1:  # see _contract_d_tile
-        acc = _contract_dv_feature(y, acc, 0, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix,
-                                   s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+        for M in tl.static_range(N_FEAT):
+            acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                       n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                       ACC, DOT, PREC)
     else:
-        for M in tl.range(N_FEAT, loop_unroll_factor=1):
+        for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
                                        n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                        ACC, DOT, PREC)

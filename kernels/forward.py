@@ -52,7 +52,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
 
 def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
                is_query: bool, cfg: LaunchConfig, prec: Precision, eps: float | None,
-               out_scale: float = 1.0) -> torch.Tensor | None:
+               out_scale: float = 1.0, num_warps: int | None = None) -> torch.Tensor | None:
     """out = out_scale * sum_m P_m phi(x) M_m, divided by den = sum_m P_m phi(x).z_m + eps when eps is
     given (then den [BH, N] is returned). x [B, H, N, D], out [B, H, N, Dv] strided."""
     B, H, N, D = x.shape
@@ -65,7 +65,7 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix, *sizes, eps if with_den else 0.0, out_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREC=prec.prec, num_warps=num_warps or cfg.num_warps, num_stages=cfg.num_stages)
     return den if with_den else None
 
 

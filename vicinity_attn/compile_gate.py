@@ -146,7 +146,8 @@ def _source(case: Case):
                               VARIANT=VARIANT_CODES[variant], HAS_PREFIX=has_prefix, FMAP=FMAP_CODES[fmap],
                               BLOCK_D=cfg.block_d, DOT=prec.dot, PREC=prec.prec)
             constexprs.update(dict(role.fixed))
-        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        warps = cfg.dv_num_warps if role.name == "bwd_dv" else cfg.num_warps
+        options = dict(num_warps=warps, num_stages=cfg.num_stages)
     io_type = "*" + case.dtype
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
