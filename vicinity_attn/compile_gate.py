@@ -80,6 +80,8 @@ class Case:
     geometry: tuple = BASE_GEOMETRY   # (variant, n_axes, has_prefix, feature_map)
 
     def label(self) -> str:
+        if not ROLE_BY_NAME[self.role].uses_geometry:
+            return "-"
         variant, n_axes, prefix, fmap = self.geometry
         return f"{variant}-{n_axes}d{'+prefix' if prefix else ''}/{fmap}"
 
