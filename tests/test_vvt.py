@@ -229,3 +229,14 @@ def test_bad_input_names_the_argument():
         layer(x, 2, 10)
     with pytest.raises(NotImplementedError, match="linear"):
         VicinityVisionAttention(16, 2, linear=True)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_compiles_fullgraph(clip):
+    """Both paths trace without a graph break (clip off: through the torch custom op)."""
+    cfg = CONFIGS[1]
+    layer, _, x = _layer_and_weights(cfg, seed=5, clip=clip, backend="torch")
+    H, W = cfg[6], cfg[7]
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, H, W), layer(x, H, W), rtol=1e-12, atol=1e-13)
