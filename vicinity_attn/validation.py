@@ -55,7 +55,8 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
 
 
 def check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+    # Comparisons rather than math.isfinite: they also trace when torch.compile makes eps symbolic.
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     return float(eps)
 
