@@ -149,3 +149,14 @@ def test_compile_recompiles_at_most_once_for_new_grid_sizes(backend):
     assert graphs[0] == 1
     assert graphs[-1] <= 2, f"graphs compiled after each new grid size: {graphs}"
 
+
+
+def test_compile_dynamic_true_never_recompiles():
+    """With dynamic=True every size is symbolic from the first call: even 4x6 -> 6x4 (same token
+    count, different H and W) and a new token count reuse the one graph."""
+    torch._dynamo.reset()
+    counters.clear()
+    module = VicinityAttention(16, 2, sr_ratio=2, backend="torch").double()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager", dynamic=True)
+    graphs = _count_graphs(module, compiled, [(4, 6), (6, 4), (8, 10)])
+    assert graphs == [1, 1, 1], f"graphs compiled after each new grid size: {graphs}"
