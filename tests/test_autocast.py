@@ -97,3 +97,17 @@ def test_module_trains_under_autocast():
     ref.square().sum().backward()
     for n, p in module.named_parameters():
         assert rel_err(grads[n], p.grad) < 1e-1, n
+
+
+def test_autocast_inside_torch_compile():
+    """The autocast handling traces too: compiled (fullgraph) under autocast equals eager under autocast."""
+    torch._dynamo.reset()
+    module = VicinityAttention(16, 2, backend="torch")
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 24, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = compiled(x, 4, 6), module(x, 4, 6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
