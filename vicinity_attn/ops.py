@@ -112,24 +112,16 @@ def _(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_p
 # triton backend (the kernels' launchers; CUDA, or CPU under TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------------------------
 
-def _triton_geometry(spec: VicinitySpec):
-    from .kernels.launch import Geometry
-    return Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
-
-
 @torch.library.custom_op(f"{NAMESPACE}::triton_forward", mutates_args=(), device_types=None)
 def triton_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
                    feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(o, den, S, z) of the fused kernels: den [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D], stored
     scaled by a power of two (see ``kernels/forward.py``), in float32 (float64 for float64 inputs)."""
-    from .kernels.forward import vicinity_forward
-    from .triton_backend import check_triton_inputs
-    check_triton_inputs(q, k, v)
+    from . import triton_backend
+    triton_backend.check_triton_inputs(q, k, v)
     spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
     with autocast_disabled(q.device):
-        o = empty_output_like(q, v.shape[-1])
-        den, S, z = vicinity_forward(q, k, v, o, _triton_geometry(spec), spec.eps)
-    return o, den, S, z
+        return triton_backend.forward(q, k, v, spec)
 
 
 @triton_forward.register_fake
@@ -151,13 +143,10 @@ def triton_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den:
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the fused kernels. The kernels produce all three in one sweep (the key pass needs
     the query pass's dS, dz anyway); gradients not needed are dropped."""
-    from .kernels.backward import vicinity_backward
+    from . import triton_backend
     spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
     with autocast_disabled(q.device):
-        dq = empty_output_like(q, q.shape[-1])
-        dk = empty_output_like(k, k.shape[-1])
-        dv = empty_output_like(v, v.shape[-1])
-        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _triton_geometry(spec))
+        dq, dk, dv = triton_backend.backward(do, q, k, v, o, den, S, z, spec)
     return (dq if need_dq else q.new_empty(0), dk if need_dk else k.new_empty(0),
             dv if need_dv else v.new_empty(0))
 

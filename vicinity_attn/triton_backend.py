@@ -46,23 +46,44 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}")
 
 
+def _geometry(spec: VicinitySpec) -> Geometry:
+    return Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, den, S, z) of the fused kernels: o [B, H, Nq, Dv] in q's dtype and memory order; den
+    [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D] stored scaled by a power of two (see
+    ``kernels/forward.py``), in float32 (float64 for float64 inputs). Shared by the autograd
+    Function below and the custom op of :mod:`vicinity_attn.ops`."""
+    o = empty_output_like(q, v.shape[-1])
+    den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps)
+    return o, den, S, z
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             den: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from dO and :func:`forward`'s outputs; the kernels produce all three in one sweep
+    (the key pass needs the query pass's dS, dz anyway). Gradients are laid out like q, k, v."""
+    dq = empty_output_like(q, q.shape[-1])
+    dk = empty_output_like(k, k.shape[-1])
+    dv = empty_output_like(v, v.shape[-1])
+    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec))
+    return dq, dk, dv
+
+
 class _VicinityAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
-        geom = Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
-        o = empty_output_like(q, v.shape[-1])
-        den, S, z = vicinity_forward(q, k, v, o, geom, spec.eps)
+        o, den, S, z = forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, o, den, S, z)
-        ctx.geom = geom
+        ctx.spec = spec
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        q, k, v, o, den, S, z = ctx.saved_tensors
-        dq = empty_output_like(q, q.shape[-1])
-        dk = empty_output_like(k, k.shape[-1])
-        dv = empty_output_like(v, v.shape[-1])
-        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, ctx.geom)
+        dq, dk, dv = backward(do, *ctx.saved_tensors, ctx.spec)
         return dq, dk, dv, None
 
 
