@@ -36,11 +36,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype) -> torch.Tensor:
     """phi(x) as a new contiguous [B, H, n, D] tensor of ``dtype`` (x may be any strided view)."""
     phi = torch.empty(x.shape, dtype=dtype, device=x.device)
-    phi.copy_(x)
     if feature_map == "relu":
-        return phi.clamp_min_(0)
+        if x.dtype == dtype:
+            return torch.clamp_min(x, 0, out=phi)
+        return phi.copy_(x).clamp_min_(0)
     if feature_map == "elu1":
-        return torch.nn.functional.elu_(phi).add_(1.0)
+        return torch.nn.functional.elu_(phi.copy_(x)).add_(1.0)
     raise ValueError(f"unknown feature_map {feature_map!r}")
 
 
@@ -56,11 +57,19 @@ def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Workspace:
-    """Two reusable flat buffers: grouped (axis-permuted) copies of inputs, and matmul outputs."""
+    """Reusable flat buffers of one size, created on first use: grouped (axis-permuted) copies of
+    inputs go to "inputs" / "inputs2", matmul results to "results"."""
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
-        self.inputs = torch.empty(numel, dtype=dtype, device=device)
-        self.outputs = torch.empty(numel, dtype=dtype, device=device)
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        return self._buffers[name]
 
 
 def _grouped(x: torch.Tensor, grid, axis: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -105,12 +114,33 @@ def _unmix(coord: torch.Tensor, per_coord: torch.Tensor, B: int, H: int) -> torc
     return (coord.T @ per_coord.view(B, H, s, D * Dv)).view(B, H, G, D, Dv)
 
 
-def _zeroed_accumulator(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed [B, H, n, E] accumulator: ``out`` itself when it already has the compute dtype and is
-    contiguous (saves a buffer and a copy), else a new tensor."""
-    if out.dtype == dtype and out.is_contiguous():
-        return out.zero_()
-    return torch.zeros(out.shape, dtype=dtype, device=out.device)
+class _Accumulator:
+    """A [B, H, n, E] sum of per-term grouped matmuls, held in ``out`` itself when that already has
+    the compute dtype and is contiguous. The first axis-0 term is written in place by the matmul
+    (no zero fill, no add); later terms go through ``scratch`` and are added in token order."""
+
+    def __init__(self, out: torch.Tensor, dtype: torch.dtype):
+        ok = out.dtype == dtype and out.is_contiguous()
+        self.tensor = out if ok else torch.empty(out.shape, dtype=dtype, device=out.device)
+        self.fresh = True
+
+    def add_bmm(self, a: torch.Tensor, b: torch.Tensor, grid, axis: int, scale: torch.Tensor | None,
+                scratch: torch.Tensor) -> None:
+        """self += ungroup(a @ b) * scale, for grouped a [B*H*s, n, K] and b [B*H*s, K, E]."""
+        shape = (a.shape[0], a.shape[1], b.shape[2])
+        if self.fresh and axis == 0 and scale is None:
+            torch.bmm(a, b, out=self.tensor.view(shape))
+            self.fresh = False
+            return
+        out = torch.bmm(a, b, out=scratch[:math.prod(shape)].view(shape))
+        self.result()
+        _add_ungrouped_(self.tensor, out, grid, axis, scale)
+
+    def result(self) -> torch.Tensor:
+        if self.fresh:
+            self.tensor.zero_()
+            self.fresh = False
+        return self.tensor
 
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +182,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     vk = _contiguous(v[:, :, P:], dtype)
     for t in pl.terms:
         xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-        vg = _grouped(vk, spec.kv_grid, t.axis, ws.outputs)
+        vg = _grouped(vk, spec.kv_grid, t.axis, ws.inputs2)
         S[:, :, list(t.features)] = _unmix(t.coord_k, torch.bmm(xg.transpose(1, 2), vg), B, H)
     z = pl.pos_k[P:].T @ pk                                                     # [B, H, F, D]
     if P:
@@ -166,12 +196,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
     pq = _features(q[:, :, P:], spec.feature_map, dtype)
     o = empty_output_like(q, Dv)
-    num = _zeroed_accumulator(o[:, :, P:], dtype)
+    acc = _Accumulator(o[:, :, P:], dtype)
     for t in pl.terms:
         xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        out = ws.outputs[:num.numel()].view(xg.shape[0], xg.shape[1], Dv)
-        torch.bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)]), out=out)
-        _add_ungrouped_(num, out, spec.grid, t.axis, None)
+        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)]), spec.grid, t.axis, None, ws.results)
+    num = acc.result()
     # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
     den = torch.empty(B, H, pl.Nq, dtype=dtype, device=q.device)
     den[:, :, P:] = ((pq @ z.transpose(-1, -2)) * pl.pos_q[P:]).sum(-1)
@@ -213,17 +242,18 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     gq = g[:, :, P:] if not P else g[:, :, P:].contiguous()
     dS = torch.zeros_like(S)
     dq = torch.empty_like(q) if need_dq else None
-    dphi_q = _zeroed_accumulator(dq[:, :, P:], dtype) if need_dq else None
+    acc_q = _Accumulator(dq[:, :, P:], dtype) if need_dq else None
     for t in pl.terms:
         feats = list(t.features)
         xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        gg = _grouped(gq, spec.grid, t.axis, ws.outputs)
+        gg = _grouped(gq, spec.grid, t.axis, ws.inputs2)
         dS[:, :, feats] = _unmix(t.coord_q, torch.bmm(xg.transpose(1, 2), gg), B, H)
         if need_dq:
-            grad = torch.bmm(gg, _mix(t.coord_q, S[:, :, feats]).transpose(1, 2))
-            _add_ungrouped_(dphi_q, grad, spec.grid, t.axis, t.scale_q)
+            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats]).transpose(1, 2), spec.grid, t.axis, t.scale_q,
+                          ws.results)
     cp_q = c[:, :, P:] * pl.pos_q[P:]                                          # [B, H, Nq_grid, F]
     dz = cp_q.transpose(-1, -2) @ pq                                             # [B, H, F, D]
+    dphi_q = acc_q.result() if need_dq else None
     if need_dq:
         dphi_q.view(B * H, -1, D).baddbmm_(cp_q.reshape(B * H, -1, F), z.reshape(B * H, F, D))
     if P:
@@ -249,21 +279,21 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     vk = _contiguous(v[:, :, P:], dtype)
     dk = torch.empty_like(k) if need_dk else None
     dv = torch.empty_like(v) if need_dv else None
-    dphi_k = _zeroed_accumulator(dk[:, :, P:], dtype) if need_dk else None
-    dv_g = _zeroed_accumulator(dv[:, :, P:], dtype) if need_dv else None
+    acc_k = _Accumulator(dk[:, :, P:], dtype) if need_dk else None
+    acc_v = _Accumulator(dv[:, :, P:], dtype) if need_dv else None
     for t in pl.terms:
         dM = _mix(t.coord_k, dS[:, :, list(t.features)])                        # [B*H*s, D, Dv]
         if need_dv:
             xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-            out = ws.outputs[:vk.numel()].view(xg.shape[0], xg.shape[1], Dv)
-            _add_ungrouped_(dv_g, torch.bmm(xg, dM, out=out), spec.kv_grid, t.axis, None)
+            acc_v.add_bmm(xg, dM, spec.kv_grid, t.axis, None, ws.results)
         if need_dk:
             vg = _grouped(vk, spec.kv_grid, t.axis, ws.inputs)
-            out = ws.outputs[:pk.numel()].view(vg.shape[0], vg.shape[1], D)
-            _add_ungrouped_(dphi_k, torch.bmm(vg, dM.transpose(1, 2), out=out), spec.kv_grid, t.axis, t.scale_k)
+            acc_k.add_bmm(vg, dM.transpose(1, 2), spec.kv_grid, t.axis, t.scale_k, ws.results)
+    dphi_k = acc_k.result() if need_dk else None
+    dv_g = acc_v.result() if need_dv else None
     if need_dk:
         # sum_m P_m(j) dz_m, the denominator's share of dphi(k_j).
-        dphi_k += pl.pos_k[P:] @ dz
+        dphi_k.view(B * H, -1, D).baddbmm_(pl.pos_k[P:].expand(B * H, -1, -1), dz.reshape(B * H, F, D))
     if P:
         # Prefix keys carry feature F-2; grid keys additionally carry F-1.
         phi_kp, vp = _features(k[:, :, :P], spec.feature_map, dtype), v[:, :, :P].to(dtype)
