@@ -62,3 +62,20 @@ def memory_budget_bytes(device: torch.device) -> float:
     except OSError:
         pass
     return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def page_faults_per_call(fn: Callable[[], object], calls: int = 3) -> float | None:
+    """Minor page faults per ``fn()`` of this process (None where getrusage is unavailable).
+
+    A large count means every call gets fresh pages from the OS: glibc hands big freed buffers back
+    (munmap / trim) and the next call faults them in again, zero-filled, which can cost as much
+    as the arithmetic. Run after a warm-up.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
