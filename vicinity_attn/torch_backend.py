@@ -33,9 +33,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # costs page faults comparable to a matmul over it, so the passes below reuse buffers and write
 # results with out= / in-place ops wherever that is possible.
 
-def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype) -> torch.Tensor:
-    """phi(x) as a new contiguous [B, H, n, D] tensor of ``dtype`` (x may be any strided view)."""
-    phi = torch.empty(x.shape, dtype=dtype, device=x.device)
+def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype,
+              reuse: torch.Tensor | None = None) -> torch.Tensor:
+    """phi(x) as a contiguous [B, H, n, D] tensor of ``dtype`` (x may be any strided view), written
+    into ``reuse`` (a dead buffer of the same shape and dtype) when given, else into a new tensor."""
+    if reuse is not None and reuse.shape == x.shape and reuse.dtype == dtype:
+        phi = reuse
+    else:
+        phi = torch.empty(x.shape, dtype=dtype, device=x.device)
     if feature_map == "relu":
         if x.dtype == dtype:
             return torch.clamp_min(x, 0, out=phi)
@@ -57,18 +62,20 @@ def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Workspace:
-    """Reusable flat buffers of one size, created on first use: grouped (axis-permuted) copies of
-    inputs go to "inputs" / "inputs2", matmul results to "results"."""
+    """Reusable flat buffers, created on first use: grouped (axis-permuted) copies of inputs go to
+    "inputs" / "inputs2" and matmul results to "results" (token-sized), per-coordinate mixed states
+    to "mixed" (B*H*max(s)*D*Dv)."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
-        self.numel, self.dtype, self.device = numel, dtype, device
+    def __init__(self, numel: int, mixed_numel: int, dtype: torch.dtype, device: torch.device):
+        self._sizes = {"inputs": numel, "inputs2": numel, "results": numel, "mixed": mixed_numel}
+        self._dtype, self._device = dtype, device
         self._buffers: dict[str, torch.Tensor] = {}
 
     def __getattr__(self, name: str) -> torch.Tensor:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._buffers:
-            self._buffers[name] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            self._buffers[name] = torch.empty(self._sizes[name], dtype=self._dtype, device=self._device)
         return self._buffers[name]
 
 
@@ -101,10 +108,14 @@ def _add_ungrouped_(acc: torch.Tensor, y: torch.Tensor, grid, axis: int, scale: 
         target.addcmul_(y, _grouped_view(scale.view(1, 1, -1, 1), grid, axis))
 
 
-def _mix(coord: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """[s, G] coordinate features and [B, H, G, D, Dv] states -> [B*H*s, D, Dv] = sum_g coord[c, g] states[g]."""
+def _mix(coord: torch.Tensor, states: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """[s, G] coordinate features and [B, H, G, D, Dv] states -> [B*H*s, D, Dv] = sum_g coord[c, g] states[g],
+    written into ``buffer`` (flat, large enough)."""
     B, H, G, D, Dv = states.shape
-    return (coord @ states.reshape(B, H, G, D * Dv)).view(B * H * coord.shape[0], D, Dv)
+    s = coord.shape[0]
+    out = buffer[:B * H * s * D * Dv].view(B, H, s, D * Dv)
+    torch.matmul(coord, states.reshape(B, H, G, D * Dv), out=out)
+    return out.view(B * H * s, D, Dv)
 
 
 def _unmix(coord: torch.Tensor, per_coord: torch.Tensor, B: int, H: int) -> torch.Tensor:
@@ -160,7 +171,8 @@ class _Plan:
         self.pos_q = position_features(spec.grid, spec.variant, side="query", **kw)   # [Nq, F]
         self.pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)  # [Nk, F]
         numel = self.B * self.H * max(self.Nq, self.Nk) * max(self.D, self.Dv)
-        self.ws = _Workspace(numel, dtype, q.device)
+        max_coords = max(max(t.coord_q.shape[0], t.coord_k.shape[0]) for t in self.terms)
+        self.ws = _Workspace(numel, self.B * self.H * max_coords * self.D * self.Dv, dtype, q.device)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -182,7 +194,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     vk = _contiguous(v[:, :, P:], dtype)
     for t in pl.terms:
         xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-        vg = _grouped(vk, spec.kv_grid, t.axis, ws.inputs2)
+        vg = _grouped(vk, spec.kv_grid, t.axis, ws.results)
         S[:, :, list(t.features)] = _unmix(t.coord_k, torch.bmm(xg.transpose(1, 2), vg), B, H)
     z = pl.pos_k[P:].T @ pk                                                     # [B, H, F, D]
     if P:
@@ -194,12 +206,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     del vk
 
     # Output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
-    pq = _features(q[:, :, P:], spec.feature_map, dtype)
+    pq = _features(q[:, :, P:], spec.feature_map, dtype, reuse=pk if not P else None)
+    del pk
     o = empty_output_like(q, Dv)
     acc = _Accumulator(o[:, :, P:], dtype)
     for t in pl.terms:
         xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)]), spec.grid, t.axis, None, ws.results)
+        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), spec.grid, t.axis, None, ws.results)
     num = acc.result()
     # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
     den = torch.empty(B, H, pl.Nq, dtype=dtype, device=q.device)
@@ -249,7 +262,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         gg = _grouped(gq, spec.grid, t.axis, ws.inputs2)
         dS[:, :, feats] = _unmix(t.coord_q, torch.bmm(xg.transpose(1, 2), gg), B, H)
         if need_dq:
-            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats]).transpose(1, 2), spec.grid, t.axis, t.scale_q,
+            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), spec.grid, t.axis, t.scale_q,
                           ws.results)
     cp_q = c[:, :, P:] * pl.pos_q[P:]                                          # [B, H, Nq_grid, F]
     dz = cp_q.transpose(-1, -2) @ pq                                             # [B, H, F, D]
@@ -271,18 +284,19 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         _mul_feature_grad_(dphi_q, pq, spec.feature_map)
         if dphi_q.data_ptr() != dq[:, :, P:].data_ptr():
             dq[:, :, P:] = dphi_q
+    spare = pq if not P else None   # dead from here: the key pass may reuse its buffer
     del dphi_q, pq, g, gq
     if not (need_dk or need_dv):
         return dq, None, None
 
-    pk = _features(k[:, :, P:], spec.feature_map, dtype)
+    pk = _features(k[:, :, P:], spec.feature_map, dtype, reuse=spare)
     vk = _contiguous(v[:, :, P:], dtype)
     dk = torch.empty_like(k) if need_dk else None
     dv = torch.empty_like(v) if need_dv else None
     acc_k = _Accumulator(dk[:, :, P:], dtype) if need_dk else None
     acc_v = _Accumulator(dv[:, :, P:], dtype) if need_dv else None
     for t in pl.terms:
-        dM = _mix(t.coord_k, dS[:, :, list(t.features)])                        # [B*H*s, D, Dv]
+        dM = _mix(t.coord_k, dS[:, :, list(t.features)], ws.mixed)                        # [B*H*s, D, Dv]
         if need_dv:
             xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
             acc_v.add_bmm(xg, dM, spec.kv_grid, t.axis, None, ws.results)
