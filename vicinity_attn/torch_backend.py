@@ -118,6 +118,13 @@ def _mix(coord: torch.Tensor, states: torch.Tensor, buffer: torch.Tensor) -> tor
     return out.view(B * H * s, D, Dv)
 
 
+def _per_coord(xg: torch.Tensor, yg: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """sum over each group of xg^T yg: grouped [B*H*s, n, D] and [B*H*s, n, Dv] -> [B*H*s, D, Dv],
+    written into ``buffer``."""
+    shape = (xg.shape[0], xg.shape[2], yg.shape[2])
+    return torch.bmm(xg.transpose(1, 2), yg, out=buffer[:math.prod(shape)].view(shape))
+
+
 def _unmix(coord: torch.Tensor, per_coord: torch.Tensor, B: int, H: int) -> torch.Tensor:
     """Adjoint of :func:`_mix`: [s, G] and [B*H*s, D, Dv] -> [B, H, G, D, Dv]."""
     s, G = coord.shape
@@ -195,7 +202,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for t in pl.terms:
         xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
         vg = _grouped(vk, spec.kv_grid, t.axis, ws.results)
-        S[:, :, list(t.features)] = _unmix(t.coord_k, torch.bmm(xg.transpose(1, 2), vg), B, H)
+        S[:, :, list(t.features)] = _unmix(t.coord_k, _per_coord(xg, vg, ws.mixed), B, H)
     z = pl.pos_k[P:].T @ pk                                                     # [B, H, F, D]
     if P:
         # Prefix features: F-2 carries the prefix keys, F-1 the grid keys (positions.py scheme).
@@ -260,7 +267,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         feats = list(t.features)
         xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
         gg = _grouped(gq, spec.grid, t.axis, ws.inputs2)
-        dS[:, :, feats] = _unmix(t.coord_q, torch.bmm(xg.transpose(1, 2), gg), B, H)
+        dS[:, :, feats] = _unmix(t.coord_q, _per_coord(xg, gg, ws.mixed), B, H)
         if need_dq:
             acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), spec.grid, t.axis, t.scale_q,
                           ws.results)
