@@ -15,11 +15,11 @@ def apply_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
-def feature_map_grad(x: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """phi'(x), given x and phi(x); relu'(0) = 0."""
+def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """grad *= phi'(x), in place, from phi = phi(x) alone (x need not be kept):
+    relu' = [phi > 0] (so relu'(0) = 0); elu1' = 1 above zero (where phi > 1), phi = exp(x) below."""
     if feature_map == "relu":
-        return (x > 0).to(phi.dtype)
+        return grad.mul_(phi > 0)
     if feature_map == "elu1":
-        # elu(x) + 1 is x + 1 above zero (slope 1) and exp(x) below (slope exp(x) = phi(x)).
-        return torch.where(x > 0, torch.ones_like(phi), phi)
+        return grad.mul_(torch.where(phi > 1, torch.ones_like(phi), phi))
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")

@@ -19,6 +19,7 @@ import math
 import torch
 
 from .axis_terms import AxisTerm, axis_terms
+from .feature_maps import mul_feature_map_grad_
 from .layout import empty_output_like
 from .positions import position_features
 from .spec import VicinitySpec
@@ -48,13 +49,6 @@ def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype,
     if feature_map == "elu1":
         return torch.nn.functional.elu_(phi.copy_(x)).add_(1.0)
     raise ValueError(f"unknown feature_map {feature_map!r}")
-
-
-def _mul_feature_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """grad *= phi'(x), from phi = phi(x): relu' = [phi > 0]; elu1' = 1 above zero (phi > 1), phi below."""
-    if feature_map == "relu":
-        return grad.mul_(phi > 0)
-    return grad.mul_(torch.where(phi > 1, torch.ones_like(phi), phi))
 
 
 def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -287,8 +281,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if P:
             dphi_q += gq @ S[:, :, F - 2].transpose(-1, -2)
             grad_p = gp @ (S[:, :, F - 2] + S[:, :, F - 1]).transpose(-1, -2) + cp_p @ z
-            dq[:, :, :P] = _mul_feature_grad_(grad_p, phi_qp, spec.feature_map)
-        _mul_feature_grad_(dphi_q, pq, spec.feature_map)
+            dq[:, :, :P] = mul_feature_map_grad_(grad_p, phi_qp, spec.feature_map)
+        mul_feature_map_grad_(dphi_q, pq, spec.feature_map)
         if dphi_q.data_ptr() != dq[:, :, P:].data_ptr():
             dq[:, :, P:] = dphi_q
     spare = pq if not P else None   # dead from here: the key pass may reuse its buffer
@@ -324,9 +318,9 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if need_dk:
             dphi_k += vk @ dS[:, :, F - 1].transpose(-1, -2)
             grad_p = vp @ dS[:, :, F - 2].transpose(-1, -2) + pl.pos_k[:P] @ dz
-            dk[:, :, :P] = _mul_feature_grad_(grad_p, phi_kp, spec.feature_map)
+            dk[:, :, :P] = mul_feature_map_grad_(grad_p, phi_kp, spec.feature_map)
     if need_dk:
-        _mul_feature_grad_(dphi_k, pk, spec.feature_map)
+        mul_feature_map_grad_(dphi_k, pk, spec.feature_map)
         if dphi_k.data_ptr() != dk[:, :, P:].data_ptr():
             dk[:, :, P:] = dphi_k
     if need_dv and dv_g.data_ptr() != dv[:, :, P:].data_ptr():
