@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vicinity_attn.axis_terms import axis_terms, group_by_axis, ungroup_by_axis
+from vicinity_attn.axis_terms import axis_terms, group_by_axis, grouped_view
 from vicinity_attn.positions import position_features
 
 
@@ -31,12 +31,20 @@ def test_terms_rebuild_position_features(variant, grid, kv_grid):
 
 
 @pytest.mark.parametrize("grid", [(7,), (3, 5), (2, 3, 4)])
-def test_group_round_trip(grid):
-    x = torch.randn(2, 3, math.prod(grid), 4)
+@pytest.mark.parametrize("use_buffer", [False, True])
+def test_grouping_round_trip(grid, use_buffer):
+    n = math.prod(grid)
+    x = torch.randn(2, 3, n, 4)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in grid], indexing="ij"), -1).reshape(-1, len(grid))
+    buffer = torch.full((x.numel(),), float("nan")) if use_buffer else None
     for axis in range(len(grid)):
-        g = group_by_axis(x, grid, axis)
-        assert g.shape == (2, 3, grid[axis], math.prod(grid) // grid[axis], 4)
-        coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in grid], indexing="ij"), -1).reshape(-1, len(grid))
+        g = group_by_axis(x, grid, axis, buffer)
+        assert g.shape == (2 * 3 * grid[axis], n // grid[axis], 4) and g.is_contiguous()
+        g5 = g.view(2, 3, grid[axis], n // grid[axis], 4)
         for c in range(grid[axis]):  # group c holds exactly the tokens whose coordinate on axis is c
-            torch.testing.assert_close(g[:, :, c], x[:, :, coords[:, axis] == c])
-        torch.testing.assert_close(ungroup_by_axis(g, grid, axis), x, rtol=0, atol=0)
+            torch.testing.assert_close(g5[:, :, c], x[:, :, coords[:, axis] == c])
+        # Writing the groups back through the strided view restores token order.
+        back = torch.zeros_like(x)
+        target = grouped_view(back, grid, axis)
+        target.copy_(g.view(target.shape))
+        torch.testing.assert_close(back, x, rtol=0, atol=0)

@@ -79,19 +79,24 @@ def axis_terms(grid: Sequence[int], kv_grid: Sequence[int], variant: str, *,
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def group_by_axis(x: torch.Tensor, grid: Sequence[int], axis: int) -> torch.Tensor:
-    """[B, H, prod(grid), E] in token order -> [B, H, grid[axis], prod(grid) // grid[axis], E],
-    tokens grouped by their coordinate on ``axis`` (a view for axis 0, a copy otherwise)."""
+def grouped_view(x: torch.Tensor, grid: Sequence[int], axis: int) -> torch.Tensor:
+    """[B, H, prod(grid), E] in token order -> the strided view [B, H, grid[axis], *other axes, E]
+    (no copy): group c along dim 2 holds the tokens whose coordinate on ``axis`` is c."""
     B, H, N, E = x.shape
-    if axis == 0:
-        return x.reshape(B, H, grid[0], N // grid[0], E)
-    return x.reshape(B, H, *grid, E).movedim(2 + axis, 2).reshape(B, H, grid[axis], N // grid[axis], E)
+    return x.view(B, H, *grid, E).movedim(2 + axis, 2)
 
 
-def ungroup_by_axis(y: torch.Tensor, grid: Sequence[int], axis: int) -> torch.Tensor:
-    """Inverse of :func:`group_by_axis`: [B, H, grid[axis], n, E] -> [B, H, prod(grid), E]."""
-    B, H, s, n, E = y.shape
+def group_by_axis(x: torch.Tensor, grid: Sequence[int], axis: int,
+                  buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Contiguous [B, H, prod(grid), E] -> contiguous [B*H*s, n, E] (s = grid[axis], n = prod(grid) / s),
+    tokens grouped by their coordinate on ``axis`` as batched matrices: a view for axis 0, otherwise
+    a permuted copy (into the flat ``buffer`` when given, so that no fresh memory is touched)."""
+    B, H, N, E = x.shape
+    s = grid[axis]
     if axis == 0:
-        return y.reshape(B, H, s * n, E)
-    others = [g for a, g in enumerate(grid) if a != axis]
-    return y.reshape(B, H, s, *others, E).movedim(2, 2 + axis).reshape(B, H, s * n, E)
+        return x.view(B * H * s, N // s, E)
+    src = grouped_view(x, grid, axis)
+    out = torch.empty(src.shape, dtype=x.dtype, device=x.device) if buffer is None \
+        else buffer[:x.numel()].view(src.shape)
+    out.copy_(src)
+    return out.view(B * H * s, N // s, E)

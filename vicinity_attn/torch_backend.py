@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .axis_terms import AxisTerm, axis_terms
+from .axis_terms import AxisTerm, axis_terms, group_by_axis, grouped_view
 from .feature_maps import mul_feature_map_grad_
 from .layout import empty_output_like
 from .positions import position_features
@@ -73,33 +73,14 @@ class _Workspace:
         return self._buffers[name]
 
 
-def _grouped(x: torch.Tensor, grid, axis: int, buffer: torch.Tensor) -> torch.Tensor:
-    """Contiguous [B, H, prod(grid), E] -> [B*H*s, n, E] with tokens grouped by their coordinate on
-    ``axis`` (s = grid[axis]): a view for axis 0, a permuted copy into ``buffer`` otherwise."""
-    B, H, N, E = x.shape
-    s = grid[axis]
-    if axis == 0:
-        return x.view(B * H * s, N // s, E)
-    src = x.view(B, H, *grid, E).movedim(2 + axis, 2)
-    out = buffer[:x.numel()].view(src.shape)
-    out.copy_(src)
-    return out.view(B * H * s, N // s, E)
-
-
-def _grouped_view(acc: torch.Tensor, grid, axis: int) -> torch.Tensor:
-    """[B, H, prod(grid), E] -> the strided view [B, H, s, *other axes, E] matching :func:`_grouped`."""
-    B, H, N, E = acc.shape
-    return acc.view(B, H, *grid, E).movedim(2 + axis, 2)
-
-
 def _add_ungrouped_(acc: torch.Tensor, y: torch.Tensor, grid, axis: int, scale: torch.Tensor | None) -> None:
     """acc [B, H, N, E] += y [B*H*s, n, E] put back in token order (times scale [N] per token)."""
-    target = _grouped_view(acc, grid, axis)
+    target = grouped_view(acc, grid, axis)
     y = y.view(target.shape)
     if scale is None:
         target.add_(y)
     else:
-        target.addcmul_(y, _grouped_view(scale.view(1, 1, -1, 1), grid, axis))
+        target.addcmul_(y, grouped_view(scale.view(1, 1, -1, 1), grid, axis))
 
 
 def _mix(coord: torch.Tensor, states: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -194,8 +175,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pk = _features(k[:, :, P:], spec.feature_map, dtype)                       # [B, H, Nk_grid, D]
     vk = _contiguous(v[:, :, P:], dtype)
     for t in pl.terms:
-        xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-        vg = _grouped(vk, spec.kv_grid, t.axis, ws.results)
+        xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
+        vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.results)
         S[:, :, list(t.features)] = _unmix(t.coord_k, _per_coord(xg, vg, ws.mixed), B, H)
     z = pl.pos_k[P:].T @ pk                                                     # [B, H, F, D]
     if P:
@@ -212,7 +193,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o = empty_output_like(q, Dv)
     acc = _Accumulator(o[:, :, P:], dtype)
     for t in pl.terms:
-        xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
+        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
         acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), spec.grid, t.axis, None, ws.results)
     num = acc.result()
     # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
@@ -259,8 +240,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     acc_q = _Accumulator(dq[:, :, P:], dtype) if need_dq else None
     for t in pl.terms:
         feats = list(t.features)
-        xg = _grouped(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        gg = _grouped(gq, spec.grid, t.axis, ws.inputs2)
+        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
+        gg = group_by_axis(gq, spec.grid, t.axis, ws.inputs2)
         dS[:, :, feats] = _unmix(t.coord_q, _per_coord(xg, gg, ws.mixed), B, H)
         if need_dq:
             acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), spec.grid, t.axis, t.scale_q,
@@ -299,10 +280,10 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for t in pl.terms:
         dM = _mix(t.coord_k, dS[:, :, list(t.features)], ws.mixed)                        # [B*H*s, D, Dv]
         if need_dv:
-            xg = _grouped(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
+            xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
             acc_v.add_bmm(xg, dM, spec.kv_grid, t.axis, None, ws.results)
         if need_dk:
-            vg = _grouped(vk, spec.kv_grid, t.axis, ws.inputs)
+            vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.inputs)
             acc_k.add_bmm(vg, dM.transpose(1, 2), spec.kv_grid, t.axis, t.scale_k, ws.results)
     dphi_k = acc_k.result() if need_dk else None
     dv_g = acc_v.result() if need_dv else None
