@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ops import CUSTOM_OP_BACKENDS, autocast_disabled, autocast_inputs, custom_op_attention
+from .ops import autocast_disabled, autocast_inputs
 from .spec import VicinitySpec
 from .validation import validate_call
 
@@ -91,10 +91,8 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q4.shape[0] == 0 or q4.shape[1] == 0:
         # Empty batch: nothing to compute, but keep the graph so autograd still works.
         out = q4.new_zeros(*q4.shape[:3], v4.shape[-1]) + 0 * (q4.sum() + k4.sum() + v4.sum())
-    elif name in CUSTOM_OP_BACKENDS:
-        # Registered custom ops: torch.compile traces them without a graph break.
-        out = custom_op_attention(name, q4, k4, v4, spec)
     else:
+        # "torch" and "triton" are registered custom ops, which torch.compile traces without a graph break.
         with autocast_disabled(q4.device):
             out = fn(q4, k4, v4, spec)
     return out.transpose(1, 2) if layout == "bnhd" else out

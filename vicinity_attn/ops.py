@@ -70,6 +70,18 @@ def _grad_or_empty(t: Tensor, needed: bool) -> Tensor:
 # torch backend
 # ----------------------------------------------------------------------------------------------------
 
+def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (o, den, S, z) of a forward op: o like the real output; den [*lead, Nq], S [*lead, *state, Dv]
+    and z [*lead, *state] in the compute dtype. The backends differ only in ``lead`` ((B, H) or (B*H,))
+    and ``state`` ((F*D,) or (F, D))."""
+    Nq, Dv = q.shape[2], v.shape[-1]
+    dtype = torch_backend.compute_dtype(q.dtype)
+    return (empty_output_like(q, Dv),
+            q.new_empty((*lead, Nq), dtype=dtype),
+            q.new_empty((*lead, *state, Dv), dtype=dtype),
+            q.new_empty((*lead, *state), dtype=dtype))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::torch_forward", mutates_args=(), device_types=None)
 def torch_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
                   feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -81,13 +93,9 @@ def torch_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: lis
 
 @torch_forward.register_fake
 def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
-    B, H, Nq, D = q.shape
-    dtype = torch_backend.compute_dtype(q.dtype)
-    FD = feature_count(len(grid), variant, num_prefix_tokens > 0) * D
-    return (empty_output_like(q, v.shape[-1]),
-            q.new_empty((B, H, Nq), dtype=dtype),
-            q.new_empty((B, H, FD, v.shape[-1]), dtype=dtype),
-            q.new_empty((B, H, FD), dtype=dtype))
+    B, H, _, D = q.shape
+    F = feature_count(len(grid), variant, num_prefix_tokens > 0)
+    return _fake_forward(q, v, (B, H), (F * D,))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::torch_backward", mutates_args=(), device_types=None)
@@ -126,14 +134,9 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: li
 
 @triton_forward.register_fake
 def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
-    B, H, Nq, D = q.shape
-    Dv = v.shape[-1]
-    dtype = torch_backend.compute_dtype(q.dtype)
+    B, H, _, D = q.shape
     F = feature_count(len(grid), variant, num_prefix_tokens > 0)
-    return (empty_output_like(q, Dv),
-            q.new_empty((B * H, Nq), dtype=dtype),
-            q.new_empty((B * H, F, D, Dv), dtype=dtype),
-            q.new_empty((B * H, F, D), dtype=dtype))
+    return _fake_forward(q, v, (B * H,), (F, D))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::triton_backward", mutates_args=(), device_types=None)
@@ -188,7 +191,6 @@ torch_forward.register_autograd(_make_backward(torch_backward), setup_context=_s
 triton_forward.register_autograd(_make_backward(triton_backward), setup_context=_setup_context)
 
 FORWARD_OPS = {"torch": torch_forward, "triton": triton_forward}
-CUSTOM_OP_BACKENDS = tuple(FORWARD_OPS)
 
 
 def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:

@@ -9,8 +9,8 @@ half the FLOPs of the feature form (2 instead of 4 per token and pass), with no 
 features at all; nothing Nq x Nk is ever formed, and temporaries are O(N * max(D, Dv)).
 
 Everything is computed in float32 (float64 for float64 inputs). :func:`forward` and
-:func:`backward` are shared by the autograd Function here and the custom op of
-:mod:`vicinity_attn.ops`; what is saved for backward is q, k, v, o, den, S and z.
+:func:`backward` are the bodies of the custom ops of :mod:`vicinity_attn.ops`, which also carry
+the autograd formula; what is saved for backward is q, k, v, o, den, S and z.
 """
 from __future__ import annotations
 
@@ -309,27 +309,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return dq, dk, dv
 
 
-class _TorchVicinityAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec: VicinitySpec):
-        o, den, S, z = forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, o, den, S, z)
-        ctx.spec = spec
-        return o
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, den, S, z = ctx.saved_tensors
-        dq, dk, dv = backward(do, q, k, v, o, den, S, z, ctx.spec, tuple(ctx.needs_input_grad[:3]))
-        return dq, dk, dv, None
-
-
 def torch_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              spec: VicinitySpec) -> torch.Tensor:
     """Linear-time vicinity attention in pure PyTorch.
 
     q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv] (any strides, one floating dtype) ->
-    o [B, H, Nq, Dv] in q's dtype, in q's memory order. Differentiable in q, k, v.
+    o [B, H, Nq, Dv] in q's dtype, in q's memory order. Differentiable in q, k, v through the
+    registered custom op (its autograd formula calls :func:`backward`).
     """
-    return _TorchVicinityAttention.apply(q, k, v, spec)
+    from .ops import custom_op_attention
+    return custom_op_attention("torch", q, k, v, spec)

@@ -1,4 +1,5 @@
-"""The triton backend: an autograd Function over the fused kernels in ``vicinity_attn.kernels``.
+"""The triton backend: the fused kernels in ``vicinity_attn.kernels``, differentiable through the
+custom op of :mod:`vicinity_attn.ops`.
 
 Forward saves q, k, v, o, den (one float per query token) and the reduced states S, z (F x D x Dv per
 head), the same order of memory as FlashAttention saves; nothing N x N and no F*D-wide expanded
@@ -54,8 +55,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, den, S, z) of the fused kernels: o [B, H, Nq, Dv] in q's dtype and memory order; den
     [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D] stored scaled by a power of two (see
-    ``kernels/forward.py``), in float32 (float64 for float64 inputs). Shared by the autograd
-    Function below and the custom op of :mod:`vicinity_attn.ops`."""
+    ``kernels/forward.py``), in float32 (float64 for float64 inputs). The body of the custom
+    op of :mod:`vicinity_attn.ops`, which also carries the autograd formula."""
     o = empty_output_like(q, v.shape[-1])
     den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps)
     return o, den, S, z
@@ -73,20 +74,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return dq, dk, dv
 
 
-class _VicinityAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
-        o, den, S, z = forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, o, den, S, z)
-        ctx.spec = spec
-        return o
-
-    @staticmethod
-    def backward(ctx, do: torch.Tensor):
-        dq, dk, dv = backward(do, *ctx.saved_tensors, ctx.spec)
-        return dq, dk, dv, None
-
-
 def triton_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               spec: VicinitySpec) -> torch.Tensor:
     """Vicinity attention through the fused Triton kernels.
@@ -95,5 +82,5 @@ def triton_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     views; no copies are made), one float dtype (fp16 / bf16 / fp32; fp64 in the interpreter).
     Returns o [B, H, Nq, Dv] in q's dtype, laid out in memory like q. Differentiable in q, k, v.
     """
-    check_triton_inputs(q, k, v)
-    return _VicinityAttentionFn.apply(q, k, v, spec)
+    from .ops import custom_op_attention
+    return custom_op_attention("triton", q, k, v, spec)
