@@ -16,13 +16,7 @@ from typing import Sequence
 import torch
 
 from vicinity_attn.feature_maps import apply_feature_map
-from vicinity_attn.positions import position_features
-
-
-def expand_features(phi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] features and [N, F] positions -> [B, H, N, F*D] = concat_m(P_m * phi) on the last axis."""
-    B, H, N, D = phi.shape
-    return (phi.unsqueeze(-2) * pos[:, :, None]).reshape(B, H, N, pos.shape[1] * D)
+from vicinity_attn.positions import expand_features, position_features
 
 
 def authors_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -87,3 +87,12 @@ def position_features(grid: Sequence[int], variant: str, *, side: str = "query",
                                  .expand(num_prefix_tokens, 2)], dim=1)
         feats = torch.cat([prefix_rows, grid_rows], dim=0)
     return feats.to(dtype)
+
+
+def expand_features(phi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The F*D-wide expanded features of the authors' formulation: [B, H, N, D] features and [N, F]
+    positions -> [B, H, N, F*D] = concat_m(P_m * phi), feature-major (the order of their
+    ``torch.cat([q*cos(a), q*sin(a), ...], dim=-1)``). Used only where that formulation is reproduced
+    (the clamped VVT layer, the ``authors`` benchmark baseline); the backends never build it."""
+    B, H, N, D = phi.shape
+    return (pos[:, :, None] * phi[:, :, :, None, :]).reshape(B, H, N, pos.shape[1] * D)

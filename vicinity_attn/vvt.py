@@ -52,7 +52,7 @@ from torch import nn
 
 from .feature_maps import apply_feature_map
 from .functional import vicinity_attention
-from .positions import position_features
+from .positions import expand_features, position_features
 from .torch_backend import compute_dtype
 from .validation import BACKENDS, check_option
 
@@ -69,13 +69,6 @@ def abs_clamp(t: torch.Tensor, min_mag: float = CLAMP_MIN, max_mag: float = CLAM
     return t.abs().clamp(min_mag, max_mag) * t.sign()
 
 
-def _expand(phi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[B, h, N, d] features and [N, F] positions -> [B, h, N, F*d] = concat_m(P_m * phi), feature-major
-    (the order of the authors' ``torch.cat([q*cos(a), q*sin(a), ...], dim=-1)``)."""
-    B, h, N, d = phi.shape
-    return (pos[:, :, None] * phi[:, :, :, None, :]).reshape(B, h, N, pos.shape[1] * d)
-
-
 def clamped_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                grid: tuple[int, int], kv_grid: tuple[int, int], variant: str) -> torch.Tensor:
     """The authors' attention core with their magnitude clamps between the stages.
@@ -87,8 +80,8 @@ def clamped_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dtype = compute_dtype(q.dtype)
     pos_q = position_features(grid, variant, side="query", dtype=dtype, device=q.device)
     pos_k = position_features(kv_grid, variant, side="key", dtype=dtype, device=q.device)
-    xq = _expand(apply_feature_map(q.to(dtype), "relu"), pos_q)   # [B, h, Nq, F*d]
-    xk = _expand(apply_feature_map(k.to(dtype), "relu"), pos_k)   # [B, h, Nk, F*d]
+    xq = expand_features(apply_feature_map(q.to(dtype), "relu"), pos_q)   # [B, h, Nq, F*d]
+    xk = expand_features(apply_feature_map(k.to(dtype), "relu"), pos_k)   # [B, h, Nk, F*d]
     state = abs_clamp(xk.transpose(-1, -2) @ v.to(dtype))         # their kv_: [B, h, F*d, dv]
     k_sum = xk.sum(dim=2)                                         # [B, h, F*d]
     inv_den = abs_clamp(1.0 / ((xq * k_sum[:, :, None, :]).sum(-1) + EPS))  # their z_: [B, h, Nq]
