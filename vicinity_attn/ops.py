@@ -3,7 +3,8 @@
 ``torch.compile`` cannot look inside an ``autograd.Function`` that runs Python loops over chunks or
 launches Triton kernels without a graph break; a custom op is opaque to it instead: the compiler
 only needs the op's schema, a *fake* implementation (output shapes, dtypes and strides from input
-metadata) and an autograd formula. Each backend gets two ops, mirroring its autograd Function:
+metadata) and an autograd formula. These ops are the only autograd path of the "torch" and
+"triton" backends; each gets two, over its ``forward()`` / ``backward()`` functions:
 
     vicinity_attn::torch_forward(q, k, v, <spec>)  -> (o, den, S, z)
     vicinity_attn::torch_backward(do, q, k, v, o, den, S, z, <spec>, need_dq, need_dk, need_dv) -> (dq, dk, dv)
@@ -16,8 +17,7 @@ specific shapes); only ``o`` is handed to users. A gradient not asked for comes 
 tensor (custom ops cannot return None) and is turned back into None here.
 
 The forward op's autograd formula calls the backward op, so the compiled backward graph holds one
-opaque call as well. The backward op itself is not differentiable (no double backward), as with the
-backends' ``once_differentiable`` Functions.
+opaque call as well. The backward op itself is not differentiable (no double backward).
 
 Autocast: the ops run their bodies with autocast disabled, so that the backends' float32
 accumulations are not silently turned into bf16 / fp16 matmuls; casting the inputs to the
