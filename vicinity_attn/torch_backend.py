@@ -22,6 +22,7 @@ from .axis_terms import AxisTerm, axis_terms, group_by_axis, grouped_view
 from .feature_maps import mul_feature_map_grad_
 from .layout import empty_output_like
 from .positions import position_features
+from .scratch import scratch
 from .spec import VicinitySpec
 
 
@@ -30,16 +31,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Large temporaries are few and written in place on purpose: on a CPU every fresh multi-MB buffer
-# costs page faults comparable to a matmul over it, so the passes below reuse buffers and write
-# results with out= / in-place ops wherever that is possible.
+# Large temporaries are few, named scratch buffers (vicinity_attn.scratch) and written in place on
+# purpose: on a CPU every fresh multi-MB buffer costs page faults comparable to a matmul over it, so
+# the passes below reuse buffers and write results with out= / in-place ops wherever possible.
+# Scratch names in use: "phi" (phi(k), then phi(q), or the reverse in backward), "values",
+# "grad_out", and the _Workspace names; outputs and saved tensors are always fresh.
 
-def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype,
-              reuse: torch.Tensor | None = None) -> torch.Tensor:
+def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype, scratch_name: str | None = None) -> torch.Tensor:
     """phi(x) as a contiguous [B, H, n, D] tensor of ``dtype`` (x may be any strided view), written
-    into ``reuse`` (a dead buffer of the same shape and dtype) when given, else into a new tensor."""
-    if reuse is not None and reuse.shape == x.shape and reuse.dtype == dtype:
-        phi = reuse
+    into the scratch buffer ``scratch_name`` when given (a temporary), else into a new tensor."""
+    if scratch_name is not None:
+        phi = scratch(scratch_name, x.numel(), dtype, x.device).view(x.shape)
     else:
         phi = torch.empty(x.shape, dtype=dtype, device=x.device)
     if feature_map == "relu":
@@ -51,14 +53,17 @@ def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype,
     raise ValueError(f"unknown feature_map {feature_map!r}")
 
 
-def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype).contiguous()
+def _contiguous(x: torch.Tensor, dtype: torch.dtype, scratch_name: str) -> torch.Tensor:
+    """x as a contiguous tensor of ``dtype``: x itself when it already is, else a scratch copy."""
+    if x.dtype == dtype and x.is_contiguous():
+        return x
+    return scratch(scratch_name, x.numel(), dtype, x.device).view(x.shape).copy_(x)
 
 
 class _Workspace:
-    """Reusable flat buffers, created on first use: grouped (axis-permuted) copies of inputs go to
-    "inputs" / "inputs2" and matmul results to "results" (token-sized), per-coordinate mixed states
-    to "mixed" (B*H*max(s)*D*Dv)."""
+    """The flat temporaries of one call, taken from :mod:`vicinity_attn.scratch` on first use:
+    grouped (axis-permuted) copies of inputs go to "inputs" / "inputs2" and matmul results to
+    "results" (token-sized), per-coordinate mixed states to "mixed" (B*H*max(s)*D*Dv)."""
 
     def __init__(self, numel: int, mixed_numel: int, dtype: torch.dtype, device: torch.device):
         self._sizes = {"inputs": numel, "inputs2": numel, "results": numel, "mixed": mixed_numel}
@@ -69,7 +74,7 @@ class _Workspace:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._buffers:
-            self._buffers[name] = torch.empty(self._sizes[name], dtype=self._dtype, device=self._device)
+            self._buffers[name] = scratch(name, self._sizes[name], self._dtype, self._device)
         return self._buffers[name]
 
 
@@ -172,8 +177,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     S = torch.zeros(B, H, F, D, Dv, dtype=dtype, device=q.device)
 
     # State pass over keys: per term, T[c] = sum over group c of phi(k)^T v, mixed into S.
-    pk = _features(k[:, :, P:], spec.feature_map, dtype)                       # [B, H, Nk_grid, D]
-    vk = _contiguous(v[:, :, P:], dtype)
+    pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")                # [B, H, Nk_grid, D]
+    vk = _contiguous(v[:, :, P:], dtype, "values")
     for t in pl.terms:
         xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
         vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.results)
@@ -188,8 +193,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     del vk
 
     # Output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
-    pq = _features(q[:, :, P:], spec.feature_map, dtype, reuse=pk if not P else None)
-    del pk
+    del pk   # dead: its scratch buffer now holds phi(q)
+    pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     o = empty_output_like(q, Dv)
     acc = _Accumulator(o[:, :, P:], dtype)
     for t in pl.terms:
@@ -230,10 +235,10 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     z = z.view(B, H, F, D)
 
     # g = dO / den and c = -(dO . o) / den: the gradients of num and of den.
-    g = torch.empty(B, H, pl.Nq, Dv, dtype=dtype, device=q.device)
+    g = scratch("grad_out", B * H * pl.Nq * Dv, dtype, q.device).view(B, H, pl.Nq, Dv)
     torch.div(do, den.unsqueeze(-1), out=g)
     c = torch.linalg.vecdot(do.to(dtype), o.to(dtype)).div_(den).neg_().unsqueeze(-1)   # [B, H, Nq, 1]
-    pq = _features(q[:, :, P:], spec.feature_map, dtype)
+    pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     gq = g[:, :, P:] if not P else g[:, :, P:].contiguous()
     dS = torch.zeros_like(S)
     dq = torch.empty_like(q) if need_dq else None
@@ -266,13 +271,12 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         mul_feature_map_grad_(dphi_q, pq, spec.feature_map)
         if dphi_q.data_ptr() != dq[:, :, P:].data_ptr():
             dq[:, :, P:] = dphi_q
-    spare = pq if not P else None   # dead from here: the key pass may reuse its buffer
-    del dphi_q, pq, g, gq
+    del dphi_q, pq, g, gq   # dead from here: the key pass reuses the "phi" scratch buffer
     if not (need_dk or need_dv):
         return dq, None, None
 
-    pk = _features(k[:, :, P:], spec.feature_map, dtype, reuse=spare)
-    vk = _contiguous(v[:, :, P:], dtype)
+    pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")
+    vk = _contiguous(v[:, :, P:], dtype, "values")
     dk = torch.empty_like(k) if need_dk else None
     dv = torch.empty_like(v) if need_dv else None
     acc_k = _Accumulator(dk[:, :, P:], dtype) if need_dk else None
