@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .cases import DTYPES, PRESETS, build_cases, parse_grids
-from .env import environment, matmul_rate
+from .env import OtherCpuUse, environment, matmul_rate
 from .flops import FLOP_FORMULA_TEXT, MODES
 from .providers import DEFAULT_PROVIDERS, PROVIDERS, default_providers
 from .report import format_table, write_json, write_plot
@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type != "cuda":
         print("note: running on a CPU: no GPU timings are measured; 'flash' is PyTorch's FlashAttention-style "
               "CPU kernel and 'vicinity' is the torch backend.", file=sys.stderr)
-    rows = run_sweep(cases, config)
+    with OtherCpuUse() as other:
+        rows = run_sweep(cases, config)
+    env.update(other_processes_cpu_cores=other.cores, other_processes_cpu_warning=other.warning())
     print(format_table(rows, env))
     out = args.out if args.out is not None else f"bench_results/{preset}-{device.type}.json"
     extra = {"preset": preset, "timing_method": timing_method(device),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def environment(device: torch.device) -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # Other work on the machine makes CPU timings noisy (threads get descheduled); keep the
-        # 1-minute load average at the start so a reader of the file can tell.
+        # For the record only: the load average counts the benchmark's own threads too, so the
+        # warnings use OtherCpuUse, measured over the run, instead.
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -65,6 +66,55 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
     return env
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherCpuUse:
+    """Measures how many cores other processes kept busy while the ``with`` block ran.
+
+    The busy time of the whole machine (from /proc/stat, including time stolen by a hypervisor)
+    minus this process's own CPU time, over the wall time: unlike the load average, it does not count
+    the benchmark itself. ``cores`` is None where /proc/stat is unavailable."""
+
+    WARN_CORES = 0.25
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    def __enter__(self) -> "OtherCpuUse":
+        self._start = (_busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy0, own0, wall0 = self._start
+        busy1, own1, wall1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        if busy0 is not None and busy1 is not None and wall1 > wall0:
+            self.cores = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+
+    def warning(self) -> str | None:
+        """A warning line when other work shared the cores enough to disturb CPU timings."""
+        if self.cores is None or self.cores <= self.WARN_CORES:
+            return None
+        return (f"WARNING: other processes kept {self.cores:.2f} CPU cores busy on average during this run: "
+                "the timings are disturbed; rerun on an idle machine.")
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,

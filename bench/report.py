@@ -32,10 +32,8 @@ def format_table(rows: Sequence[dict], env: dict) -> str:
         lines.append(f"Device: CPU, {env['cpu_model']}, {env['torch_threads']} threads. "
                      "No GPU timings are measured in this run.")
     lines.append(f"torch {env['torch']}, triton {env['triton']}, flash_attn {env['flash_attn'] or 'not installed'}")
-    load = env.get("load_average_1min")
-    if not env.get("gpu_measured") and load is not None and load > 0.5 * (env.get("cpu_count") or 1):
-        lines.append(f"WARNING: load average {load:.1f} on {env['cpu_count']} CPUs when this run started: "
-                     "other work shares the cores and these timings are noisy (rerun on an idle machine).")
+    if not env.get("gpu_measured") and env.get("other_processes_cpu_warning"):
+        lines.append(env["other_processes_cpu_warning"])
     head = ("case", "mode", "provider", "N", "median ms", "spread", "GFLOP/s", "vs flash", "saved MiB",
             "peak MiB")
     table = [head]

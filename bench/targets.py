@@ -16,14 +16,13 @@ The machine is shared and noisy: the figures that matter are ratios taken within
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
 import torch
 
 from .cases import Case
-from .env import environment
+from .env import OtherCpuUse, environment
 from .flops import mode_flops
 from .memory import page_faults_per_call, saved_tensor_bytes
 from .providers import make_inputs, make_provider
@@ -122,7 +121,6 @@ def measure_targets(device: torch.device, *, budget_s: float = 2.0, progress: bo
         results.append({"target": key, "what": what, "value": value, "op": op, "bound": bound,
                         "pass": ok, "detail": detail, "value_from_fastest_samples": best.get(key)})
     return {
-        "load_average_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "case": case.to_dict(), "dtype": "float32",
         "matmul_flops_per_s": rate, "forward_flops": fwd_flops, "floor_ms": floor_s * 1e3,
         "fwdbwd_flops": mode_flops(fwd_flops, "linear", "fwdbwd"),
@@ -138,10 +136,8 @@ def format_targets(result: dict, env: dict) -> str:
     lines = [f"Target check, torch backend, fp32, B=1 H=4 D=64, 112x112 grid, on {env['device_name']} "
              f"({env['torch_threads']} threads; CPU timings, no GPU measured)" if not env.get("gpu_measured")
              else f"Target check on {env['device_name']}"]
-    loads = (env.get("load_average_1min"), result.get("load_average_1min_end"))
-    if not env.get("gpu_measured") and any(x is not None and x > 0.5 * (env.get("cpu_count") or 1) for x in loads):
-        lines.append(f"  WARNING: load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, on "
-                     f"{env['cpu_count']} CPUs: other work shared the cores; rerun on an idle machine.")
+    if not env.get("gpu_measured") and env.get("other_processes_cpu_warning"):
+        lines.append("  " + env["other_processes_cpu_warning"])
     for r in result["targets"]:
         verdict = "PASS" if r["pass"] else "FAIL"
         lines.append(f"  [{verdict}] ({r['target']}) {r['what']}: {r['value']:.3f} (target {r['op']} {r['bound']:g})")
@@ -160,7 +156,9 @@ def run_targets(device: str | None = None, threads: int | None = None, out: str 
         torch.set_num_threads(threads)
     dev = torch.device(device or "cpu")
     env = environment(dev)
-    result = measure_targets(dev, progress=progress)
+    with OtherCpuUse() as other:
+        result = measure_targets(dev, progress=progress)
+    env.update(other_processes_cpu_cores=other.cores, other_processes_cpu_warning=other.warning())
     print(format_targets(result, env))
     path = out if out is not None else f"bench_results/targets-{dev.type}.json"
     if path:

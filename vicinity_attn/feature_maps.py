@@ -15,11 +15,15 @@ def apply_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
-def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
+def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str,
+                          temp: torch.Tensor | None = None) -> torch.Tensor:
     """grad *= phi'(x), in place, from phi = phi(x) alone (x need not be kept):
-    relu' = [phi > 0] (so relu'(0) = 0); elu1' = 1 above zero (where phi > 1), phi = exp(x) below."""
+    relu' = [phi > 0] (so relu'(0) = 0); elu1' = 1 above zero (where phi > 1), phi = exp(x) below,
+    i.e. min(phi, 1). phi' is one elementwise temporary, written into ``temp`` (phi's shape and dtype)
+    when given. For relu it is sign(phi), exactly [phi > 0] for phi >= 0 and 2x faster on a CPU than
+    multiplying by a bool mask (which is converted to float first)."""
     if feature_map == "relu":
-        return grad.mul_(phi > 0)
+        return grad.mul_(torch.sign(phi, out=temp))
     if feature_map == "elu1":
-        return grad.mul_(torch.where(phi > 1, torch.ones_like(phi), phi))
+        return grad.mul_(torch.clamp_max(phi, 1.0, out=temp))
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")

@@ -39,7 +39,6 @@ def _limit_from_env() -> int:
 
 
 _limit_bytes = _limit_from_env()
-
 _local = threading.local()
 
 

@@ -237,7 +237,10 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # g = dO / den and c = -(dO . o) / den: the gradients of num and of den.
     g = scratch("grad_out", B * H * pl.Nq * Dv, dtype, q.device).view(B, H, pl.Nq, Dv)
     torch.div(do, den.unsqueeze(-1), out=g)
-    c = torch.linalg.vecdot(do.to(dtype), o.to(dtype)).div_(den).neg_().unsqueeze(-1)   # [B, H, Nq, 1]
+    # The product dO * o goes through the "results" buffer, which is free until the query pass.
+    prod = ws.results[:do.numel()].view(do.shape).copy_(do).mul_(o)
+    c = prod.sum(-1).div_(den).neg_().unsqueeze(-1)                             # [B, H, Nq, 1]
+    del prod
     pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     gq = g[:, :, P:] if not P else g[:, :, P:].contiguous()
     dS = torch.zeros_like(S)
@@ -268,7 +271,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             dphi_q += gq @ S[:, :, F - 2].transpose(-1, -2)
             grad_p = gp @ (S[:, :, F - 2] + S[:, :, F - 1]).transpose(-1, -2) + cp_p @ z
             dq[:, :, :P] = mul_feature_map_grad_(grad_p, phi_qp, spec.feature_map)
-        mul_feature_map_grad_(dphi_q, pq, spec.feature_map)
+        mul_feature_map_grad_(dphi_q, pq, spec.feature_map, ws.inputs[:pq.numel()].view(pq.shape))
         if dphi_q.data_ptr() != dq[:, :, P:].data_ptr():
             dq[:, :, P:] = dphi_q
     del dphi_q, pq, g, gq   # dead from here: the key pass reuses the "phi" scratch buffer
@@ -305,7 +308,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             grad_p = vp @ dS[:, :, F - 2].transpose(-1, -2) + pl.pos_k[:P] @ dz
             dk[:, :, :P] = mul_feature_map_grad_(grad_p, phi_kp, spec.feature_map)
     if need_dk:
-        mul_feature_map_grad_(dphi_k, pk, spec.feature_map)
+        mul_feature_map_grad_(dphi_k, pk, spec.feature_map, ws.inputs[:pk.numel()].view(pk.shape))
         if dphi_k.data_ptr() != dk[:, :, P:].data_ptr():
             dk[:, :, P:] = dphi_k
     if need_dv and dv_g.data_ptr() != dv[:, :, P:].data_ptr():
