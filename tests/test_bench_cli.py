@@ -130,3 +130,31 @@ def test_flop_formulas_and_fit():
     assert mode_flops(1.0, "softmax", "bwd") == 2.5
     ns = [100, 400, 1600]
     assert fit_exponent(ns, [3e-6 * n ** 1.2 for n in ns]) == pytest.approx(1.2)
+
+
+def test_other_cpu_use_excludes_own_time(monkeypatch):
+    """Machine busy time minus this process's own CPU time, over wall time; warns above 0.25 cores."""
+    import bench.env as env_mod
+    clock = {"busy": 100.0, "own": 10.0, "wall": 1000.0}
+    monkeypatch.setattr(env_mod, "_busy_cpu_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(env_mod, "_own_cpu_seconds", lambda: clock["own"])
+    monkeypatch.setattr(env_mod.time, "perf_counter", lambda: clock["wall"])
+    with env_mod.OtherCpuUse() as quiet:
+        clock.update(busy=104.0, own=13.9, wall=1002.0)     # 4 s busy, 3.9 s of it ours, over 2 s
+    assert quiet.cores == pytest.approx(0.05) and quiet.warning() is None
+    with env_mod.OtherCpuUse() as loud:
+        clock.update(busy=108.0, own=15.0, wall=1004.0)     # 4 s busy, 1.1 s ours, over 2 s
+    assert loud.cores == pytest.approx(1.45) and "1.45 CPU cores" in loud.warning()
+    monkeypatch.setattr(env_mod, "_busy_cpu_seconds", lambda: None)
+    with env_mod.OtherCpuUse() as unknown:
+        pass
+    assert unknown.cores is None and unknown.warning() is None
+
+
+def test_busy_cpu_seconds_reads_proc_stat():
+    import bench.env as env_mod
+    first = env_mod._busy_cpu_seconds()
+    if first is None:
+        pytest.skip("no /proc/stat on this system")
+    sum(i * i for i in range(200_000))
+    assert env_mod._busy_cpu_seconds() >= first > 0

@@ -3,8 +3,8 @@
 Why: on a CPU every fresh multi-megabyte buffer is page-faulted in (and zero-filled by the kernel)
 on first touch, and glibc hands large freed buffers straight back to the OS (munmap, heap trim), so
 a layer that allocates its temporaries afresh pays that again on every call. At 112x112, B=1, H=4,
-D=64 that was ~14,500 page faults and ~45 ms per training forward against ~27 ms with no faults
-(``python -m bench --target-check`` reports the fault count). On CUDA, PyTorch's caching allocator
+D=64 that was ~14,500 page faults and ~45 ms per training forward, against ~27 ms with glibc's
+trimming turned off (no faults); ``python -m bench --target-check`` reports the fault count. On CUDA, PyTorch's caching allocator
 already reuses memory, so the cache is CPU-only.
 
 The torch backend takes its temporaries (never its outputs, never anything saved for backward)
