@@ -107,3 +107,48 @@ def test_large_fp16_magnitudes_do_not_overflow():
     assert torch.isfinite(out).all()
     ref = vicinity_attention(q.double(), k.double(), v.double(), (64, 64), backend="torch")
     assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-2
+
+
+def _chunk_bytes_for(heads_per_chunk, Nq, Nk, D, Dv, dtype):
+    return heads_per_chunk * max(Nq, Nk) * max(D, Dv) * torch.empty((), dtype=dtype).element_size()
+
+
+# (B, H, heads per chunk): one head per chunk, uneven head ranges (3 = 2 + 1), whole batch
+# entries two at a time with an uneven tail (B = 3 -> 2 + 1).
+@pytest.mark.parametrize("B,H,per_chunk", [(2, 3, 1), (2, 3, 2), (3, 2, 4)])
+@pytest.mark.parametrize("layout,prefix,dtype", [("bhnd", 0, torch.float64), ("bnhd", 2, torch.float64),
+                                                 ("bnhd", 0, torch.bfloat16)])
+def test_chunked_over_heads_matches_reference(monkeypatch, B, H, per_chunk, layout, prefix, dtype):
+    """Forward and backward split into (batch, head) chunks (CHUNK_BYTES made small) stay exact."""
+    from vicinity_attn import torch_backend
+    grid, kv_grid = (6, 5), (3, 4)
+    Nq, Nk = token_counts(grid, kv_grid, prefix)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", _chunk_bytes_for(per_chunk, Nq, Nk, 8, 5, compute))
+    q, k, v = make_inputs(B, H, Nq, Nk, 8, 5, dtype=dtype, layout=layout)
+    check_against_reference(q, k, v, grid=grid, kv_grid=kv_grid, layout=layout, backend="torch",
+                            num_prefix_tokens=prefix)
+
+
+def test_head_chunks_cover_every_slice_once():
+    from vicinity_attn.torch_backend import _head_chunks
+    for B, H, per_chunk in [(1, 1, 1), (2, 3, 1), (2, 3, 2), (3, 2, 4), (5, 4, 100), (4, 8, 3)]:
+        seen = torch.zeros(B, H, dtype=torch.int64)
+        for c in _head_chunks(B, H, per_chunk):
+            seen[c] += 1
+            assert seen[c].numel() <= max(per_chunk, 1)
+        assert torch.equal(seen, torch.ones(B, H, dtype=torch.int64))
+
+
+def test_chunked_partial_requires_grad(monkeypatch):
+    from vicinity_attn import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 1)     # one (batch, head) slice per chunk
+    q, k, v = make_inputs(2, 3, 12, 12, 4, 4)
+    for frozen in (q, k, v):
+        frozen.requires_grad_(False)
+        wanted = [t for t in (q, k, v) if t.requires_grad]
+        out = vicinity_attention(q, k, v, (3, 4), backend="torch")
+        ref = vicinity_attention(q, k, v, (3, 4), backend="reference")
+        for got, exp in zip(torch.autograd.grad(out.sum(), wanted), torch.autograd.grad(ref.sum(), wanted)):
+            torch.testing.assert_close(got, exp)
+        frozen.requires_grad_(True)

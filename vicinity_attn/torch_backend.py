@@ -118,23 +118,24 @@ def _unmix(coord: torch.Tensor, per_coord: torch.Tensor, B: int, H: int) -> torc
 
 class _Accumulator:
     """A [B, H, n, E] sum of per-term grouped matmuls, held in ``out`` itself when that already has
-    the compute dtype and is contiguous. The first axis-0 term is written in place by the matmul
-    (no zero fill, no add); later terms go through ``scratch`` and are added in token order."""
+    the compute dtype and is contiguous, else in the scratch buffer ``name`` (copy it out at the end).
+    The first axis-0 term is written in place by the matmul (no zero fill, no add); later terms go
+    through ``buffer`` and are added in token order."""
 
-    def __init__(self, out: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, out: torch.Tensor, dtype: torch.dtype, name: str):
         ok = out.dtype == dtype and out.is_contiguous()
-        self.tensor = out if ok else torch.empty(out.shape, dtype=dtype, device=out.device)
+        self.tensor = out if ok else scratch(name, out.numel(), dtype, out.device).view(out.shape)
         self.fresh = True
 
     def add_bmm(self, a: torch.Tensor, b: torch.Tensor, grid, axis: int, scale: torch.Tensor | None,
-                scratch: torch.Tensor) -> None:
+                buffer: torch.Tensor) -> None:
         """self += ungroup(a @ b) * scale, for grouped a [B*H*s, n, K] and b [B*H*s, K, E]."""
         shape = (a.shape[0], a.shape[1], b.shape[2])
         if self.fresh and axis == 0 and scale is None:
             torch.bmm(a, b, out=self.tensor.view(shape))
             self.fresh = False
             return
-        out = torch.bmm(a, b, out=scratch[:math.prod(shape)].view(shape))
+        out = torch.bmm(a, b, out=buffer[:math.prod(shape)].view(shape))
         self.result()
         _add_ungrouped_(self.tensor, out, grid, axis, scale)
 
@@ -149,21 +150,42 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale[:, None]
 
 
+# Work is split into chunks of whole (batch, head) slices of about this many bytes per token-sized
+# tensor: forward and backward are independent per head, and a chunk's temporaries then stay in the
+# CPU's caches and the scratch held between calls stays small (DESIGN: one head at 112x112, D=64).
+CHUNK_BYTES = 4 * 2 ** 20
+
+
 class _Plan:
-    """What forward and backward share: the axis terms, position features, sizes, prefix split."""
+    """What forward and backward share: the axis terms, position features, sizes, prefix split and
+    the (batch, head) chunks."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, dtype):
         self.spec, self.dtype = spec, dtype
         self.P, self.F = spec.num_prefix_tokens, spec.n_features
-        self.B, self.H, self.Nq, self.D = q.shape
+        B, H, self.Nq, self.D = q.shape
         self.Nk, self.Dv = k.shape[2], v.shape[-1]
         self.terms: list[AxisTerm] = axis_terms(spec.grid, spec.kv_grid, spec.variant, dtype=dtype, device=q.device)
         kw = dict(num_prefix_tokens=self.P, dtype=dtype, device=q.device)
         self.pos_q = position_features(spec.grid, spec.variant, side="query", **kw)   # [Nq, F]
         self.pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)  # [Nk, F]
-        numel = self.B * self.H * max(self.Nq, self.Nk) * max(self.D, self.Dv)
+        head_bytes = max(self.Nq, self.Nk) * max(self.D, self.Dv) * dtype.itemsize
+        self.chunks = _head_chunks(B, H, max(1, CHUNK_BYTES // max(head_bytes, 1)))
+
+    def workspace(self, heads: int, device: torch.device) -> "_Workspace":
+        """The temporaries of a chunk of ``heads`` (batch, head) slices."""
+        numel = heads * max(self.Nq, self.Nk) * max(self.D, self.Dv)
         max_coords = max(max(t.coord_q.shape[0], t.coord_k.shape[0]) for t in self.terms)
-        self.ws = _Workspace(numel, self.B * self.H * max_coords * self.D * self.Dv, dtype, q.device)
+        return _Workspace(numel, heads * max_coords * self.D * self.Dv, self.dtype, device)
+
+
+def _head_chunks(B: int, H: int, per_chunk: int) -> list[tuple[slice, slice]]:
+    """Index pairs (batch slice, head slice) covering [B, H] in chunks of at most ``per_chunk``
+    (batch, head) slices: whole batch entries when a chunk holds all H heads, else head ranges."""
+    if per_chunk >= H:
+        step = per_chunk // H
+        return [(slice(b, min(b + step, B)), slice(None)) for b in range(0, B, step)]
+    return [(slice(b, b + 1), slice(h, min(h + per_chunk, H))) for b in range(B) for h in range(0, H, per_chunk)]
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -176,9 +198,23 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     dtype = compute_dtype(q.dtype)
     pl = _Plan(q, k, v, spec, dtype)
-    B, H, D, Dv, P, F = pl.B, pl.H, pl.D, pl.Dv, pl.P, pl.F
-    ws = pl.ws
-    S = torch.zeros(B, H, F, D, Dv, dtype=dtype, device=q.device)
+    B, H = q.shape[:2]
+    o = empty_output_like(q, pl.Dv)
+    den = torch.empty(B, H, pl.Nq, dtype=dtype, device=q.device)
+    S = torch.zeros(B, H, pl.F, pl.D, pl.Dv, dtype=dtype, device=q.device)
+    z = torch.empty(B, H, pl.F, pl.D, dtype=dtype, device=q.device)
+    for c in pl.chunks:
+        _forward_chunk(pl, q[c], k[c], v[c], o[c], den[c], S[c], z[c])
+    return o, den, S.view(B, H, pl.F * pl.D, pl.Dv), z.view(B, H, pl.F * pl.D)
+
+
+def _forward_chunk(pl: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   den: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> None:
+    """:func:`forward` on one chunk of (batch, head) slices, writing o, den, S (zeros on entry), z."""
+    spec, dtype = pl.spec, pl.dtype
+    B, H = q.shape[:2]
+    D, Dv, P, F = pl.D, pl.Dv, pl.P, pl.F
+    ws = pl.workspace(B * H, q.device)
 
     # State pass over keys: per term, T[c] = sum over group c of phi(k)^T v, mixed into S.
     pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")                # [B, H, Nk_grid, D]
@@ -187,7 +223,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
         vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.results)
         S[:, :, list(t.features)] = _unmix(t.coord_k, _per_coord(xg, vg, ws.mixed), B, H)
-    z = pl.pos_k[P:].T @ pk                                                     # [B, H, F, D]
+    z.copy_(pl.pos_k[P:].T @ pk)                                                # [B, H, F, D]
     if P:
         # Prefix features: F-2 carries the prefix keys, F-1 the grid keys (positions.py scheme).
         phi_kp = _features(k[:, :, :P], spec.feature_map, dtype)
@@ -199,14 +235,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
     del pk   # dead: its scratch buffer now holds phi(q)
     pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
-    o = empty_output_like(q, Dv)
-    acc = _Accumulator(o[:, :, P:], dtype)
+    acc = _Accumulator(o[:, :, P:], dtype, "acc_o")
     for t in pl.terms:
         xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
         acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), spec.grid, t.axis, None, ws.results)
     num = acc.result()
     # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
-    den = torch.empty(B, H, pl.Nq, dtype=dtype, device=q.device)
     den[:, :, P:] = ((pq @ z.transpose(-1, -2)) * pl.pos_q[P:]).sum(-1)
     if P:
         num += pq @ S[:, :, F - 2]
@@ -218,7 +252,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     torch.div(num, den[:, :, P:, None], out=num)
     if num.data_ptr() != o[:, :, P:].data_ptr():
         o[:, :, P:] = num
-    return o, den, S.view(B, H, F * D, Dv), z.reshape(B, H, F * D)
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -230,13 +263,26 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ``needs`` says which of dq, dk, dv to compute; the others are returned as None.
     Gradients have the dtype and memory order of q, k, v.
     """
-    dtype = den.dtype
-    pl = _Plan(q, k, v, spec, dtype)
-    B, H, D, Dv, P, F = pl.B, pl.H, pl.D, pl.Dv, pl.P, pl.F
-    ws = pl.ws
-    need_dq, need_dk, need_dv = needs
-    S = S.view(B, H, F, D, Dv)
-    z = z.view(B, H, F, D)
+    pl = _Plan(q, k, v, spec, den.dtype)
+    B, H = q.shape[:2]
+    S = S.view(B, H, pl.F, pl.D, pl.Dv)
+    z = z.view(B, H, pl.F, pl.D)
+    dq, dk, dv = (torch.empty_like(x) if need else None for x, need in zip((q, k, v), needs))
+    for c in pl.chunks:
+        _backward_chunk(pl, do[c], q[c], k[c], v[c], o[c], den[c], S[c], z[c],
+                        *(None if g is None else g[c] for g in (dq, dk, dv)))
+    return dq, dk, dv
+
+
+def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    o: torch.Tensor, den: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+                    dq: torch.Tensor | None, dk: torch.Tensor | None, dv: torch.Tensor | None) -> None:
+    """:func:`backward` on one chunk of (batch, head) slices, writing dq, dk, dv (where not None)."""
+    spec, dtype = pl.spec, pl.dtype
+    B, H = q.shape[:2]
+    D, Dv, P, F = pl.D, pl.Dv, pl.P, pl.F
+    ws = pl.workspace(B * H, q.device)
+    need_dq, need_dk, need_dv = dq is not None, dk is not None, dv is not None
 
     # g = dO / den and c = -(dO . o) / den: the gradients of num and of den.
     g = scratch("grad_out", B * H * pl.Nq * Dv, dtype, q.device).view(B, H, pl.Nq, Dv)
@@ -248,8 +294,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     gq = g[:, :, P:] if not P else g[:, :, P:].contiguous()
     dS = torch.zeros_like(S)
-    dq = torch.empty_like(q) if need_dq else None
-    acc_q = _Accumulator(dq[:, :, P:], dtype) if need_dq else None
+    acc_q = _Accumulator(dq[:, :, P:], dtype, "acc_q") if need_dq else None
     for t in pl.terms:
         feats = list(t.features)
         xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
@@ -280,14 +325,12 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             dq[:, :, P:] = dphi_q
     del dphi_q, pq, g, gq   # dead from here: the key pass reuses the "phi" scratch buffer
     if not (need_dk or need_dv):
-        return dq, None, None
+        return
 
     pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")
     vk = _contiguous(v[:, :, P:], dtype, "values")
-    dk = torch.empty_like(k) if need_dk else None
-    dv = torch.empty_like(v) if need_dv else None
-    acc_k = _Accumulator(dk[:, :, P:], dtype) if need_dk else None
-    acc_v = _Accumulator(dv[:, :, P:], dtype) if need_dv else None
+    acc_k = _Accumulator(dk[:, :, P:], dtype, "acc_k") if need_dk else None
+    acc_v = _Accumulator(dv[:, :, P:], dtype, "acc_v") if need_dv else None
     for t in pl.terms:
         dM = _mix(t.coord_k, dS[:, :, list(t.features)], ws.mixed)                        # [B*H*s, D, Dv]
         if need_dv:
@@ -317,7 +360,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             dk[:, :, P:] = dphi_k
     if need_dv and dv_g.data_ptr() != dv[:, :, P:].data_ptr():
         dv[:, :, P:] = dv_g
-    return dq, dk, dv
 
 
 def torch_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
