@@ -6,7 +6,12 @@ the output and the gradients term by term over grid axes (:mod:`vicinity_attn.ax
 grouped by their coordinate on one axis share that axis's features, so each term costs one
 D x Dv product per token instead of one per feature. For the paper's 2-d "sum" variant that is
 half the FLOPs of the feature form (2 instead of 4 per token and pass), with no F*D-wide expanded
-features at all; nothing Nq x Nk is ever formed, and temporaries are O(N * max(D, Dv)).
+features at all; nothing Nq x Nk is ever formed.
+
+Heads are independent, so the work runs in chunks of whole (batch, head) slices of about
+CHUNK_BYTES per token-sized tensor: a chunk's temporaries stay in the CPU's caches (at 224x224 the
+per-token cost then matches 56x56), and they are O(chunk), taken from the CPU scratch cache of
+:mod:`vicinity_attn.scratch`, so repeated calls do not fault fresh pages in.
 
 Everything is computed in float32 (float64 for float64 inputs). :func:`forward` and
 :func:`backward` are the bodies of the custom ops of :mod:`vicinity_attn.ops`, which also carry
@@ -150,9 +155,9 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale[:, None]
 
 
-# Work is split into chunks of whole (batch, head) slices of about this many bytes per token-sized
-# tensor: forward and backward are independent per head, and a chunk's temporaries then stay in the
-# CPU's caches and the scratch held between calls stays small (DESIGN: one head at 112x112, D=64).
+# Bytes per token-sized tensor of one chunk (one head at 112x112, D=64, fp32 is 3.2 MB). Measured
+# fwd+bwd at 4 heads, 2 threads, interleaved: unchunked -> 4 MiB chunks took 91 -> 82 ms at
+# 112x112 and 409 -> 348 ms at 224x224; 1, 2 and 8 MiB were within noise of 4 MiB.
 CHUNK_BYTES = 4 * 2 ** 20
 
 
