@@ -62,6 +62,9 @@ def environment(device: torch.device) -> dict:
         "flash_attn": _version("flash_attn"),
         "vicinity_attn": _version("vicinity_attn"),
         "git_commit": _git_commit(),
+        # Allocator settings change CPU timings a lot (page faults of fresh buffers; see README).
+        "allocator_env": {k: v for k, v in os.environ.items()
+                          if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")},
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda

@@ -140,6 +140,8 @@ def format_targets(result: dict, env: dict) -> str:
              else f"Target check on {env['device_name']}"]
     if not env.get("gpu_measured") and env.get("other_processes_cpu_warning"):
         lines.append("  " + env["other_processes_cpu_warning"])
+    if env.get("allocator_env"):
+        lines.append("  allocator settings: " + " ".join(f"{k}={v}" for k, v in env["allocator_env"].items()))
     for r in result["targets"]:
         verdict = "PASS" if r["pass"] else "FAIL"
         lines.append(f"  [{verdict}] ({r['target']}) {r['what']}: {r['value']:.3f} (target {r['op']} {r['bound']:g})")
