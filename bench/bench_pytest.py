@@ -45,8 +45,9 @@ def test_torch_vs_authors(benchmark, provider_name, side, mode):
     benchmark.group = f"{mode} {side}x{side}"
     benchmark.pedantic(fn, warmup_rounds=1, rounds=max(3, 768 // side), iterations=1)
     flops = mode_flops(provider.forward_flops, provider.kind, mode)
-    benchmark.extra_info.update(flops=flops, label=provider.label,
-                                gflops_per_s=flops / benchmark.stats.stats.median / 1e9)
+    if benchmark.stats is not None:   # None under --benchmark-disable (a plain correctness run)
+        benchmark.extra_info.update(flops=flops, label=provider.label,
+                                    gflops_per_s=flops / benchmark.stats.stats.median / 1e9)
 
 
 @pytest.mark.parametrize("side", SIDES, ids=lambda s: f"{s}x{s}")
