@@ -40,7 +40,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # purpose: on a CPU every fresh multi-MB buffer costs page faults comparable to a matmul over it, so
 # the passes below reuse buffers and write results with out= / in-place ops wherever possible.
 # Scratch names in use: "phi" (phi(k), then phi(q), or the reverse in backward), "values",
-# "grad_out", and the _Workspace names; outputs and saved tensors are always fresh.
+# "grad_out", "acc_o" / "acc_q" / "acc_k" / "acc_v" (accumulators when an output cannot be one) and
+# the _Workspace names; outputs and saved tensors are always fresh.
 
 def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype, scratch_name: str | None = None) -> torch.Tensor:
     """phi(x) as a contiguous [B, H, n, D] tensor of ``dtype`` (x may be any strided view), written
