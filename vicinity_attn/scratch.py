@@ -12,8 +12,9 @@ from here by name. Each thread keeps its own buffers, so concurrent calls from s
 never share one. Buffers grow to the largest request seen and are held until
 :func:`clear_cpu_scratch`; a request that would take the thread's total above the limit
 (:func:`set_cpu_scratch_limit`, default 256 MiB, or the environment variable
-``VICINITY_ATTN_CPU_SCRATCH_MB``) gets a plain fresh tensor instead, so memory held between calls is
-bounded and peak memory is never higher than without the cache.
+``VICINITY_ATTN_CPU_SCRATCH_MB``) gets a plain fresh tensor instead. The buffers held between calls
+add to the process's memory everywhere else too (other layers' peaks included), by at most the
+limit per thread that calls the backend.
 """
 from __future__ import annotations
 
