@@ -5,9 +5,21 @@ import torch
 from torch import nn
 
 from .functional import vicinity_attention
-from .validation import BACKENDS, check_eps, check_option, check_prefix
+from .validation import BACKENDS, check_eps, check_layer_input, check_option, check_positive_int, check_prefix
 from .feature_maps import FEATURE_MAPS
 from .positions import VARIANTS
+
+
+def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, sr: nn.Conv2d,
+                      norm: nn.LayerNorm) -> tuple[torch.Tensor, tuple[int, int]]:
+    """PVT's key/value reduction: grid tokens [B, H*W, C] (row-major) through ``sr`` (a Conv2d with
+    kernel = stride = sr_ratio) and ``norm`` (a LayerNorm) -> ([B, Nk, C], the key grid
+    (H // sr_ratio, W // sr_ratio))."""
+    if H < sr_ratio or W < sr_ratio:
+        raise ValueError(f"the grid ({H}, {W}) is smaller than sr_ratio ({sr_ratio})")
+    B, _, C = grid_tokens.shape
+    reduced = sr(grid_tokens.transpose(1, 2).reshape(B, C, H, W))
+    return norm(reduced.flatten(2).transpose(1, 2)), (H // sr_ratio, W // sr_ratio)
 
 
 class VicinityAttention(nn.Module):
@@ -35,8 +47,7 @@ class VicinityAttention(nn.Module):
                  proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0) -> None:
         super().__init__()
         for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if not 0.0 <= proj_drop <= 1.0:
@@ -72,25 +83,14 @@ class VicinityAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x [B, num_prefix_tokens + H*W, dim] -> [B, num_prefix_tokens + H*W, dim]."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        B, N, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x must have {self.dim} channels (dim), got {C}")
         P = self.num_prefix_tokens
-        if H * W + P != N:
-            raise ValueError(f"H * W (+ {P} prefix tokens) must equal the number of tokens: "
-                             f"{H} * {W} + {P} != {N}")
+        check_layer_input(x, H, W, self.dim, "dim", P)
+        B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
         q = self.q(x).view(B, N, heads, hd)
         kv_input, kv_grid = x, (H, W)
         if self.sr_ratio > 1:
-            kv_grid = (H // self.sr_ratio, W // self.sr_ratio)
-            if kv_grid[0] < 1 or kv_grid[1] < 1:
-                raise ValueError(f"the grid ({H}, {W}) is smaller than sr_ratio ({self.sr_ratio})")
-            grid_tokens = x[:, P:].transpose(1, 2).reshape(B, C, H, W)
-            reduced = self.norm(self.sr(grid_tokens).flatten(2).transpose(1, 2))
+            reduced, kv_grid = spatial_reduction(x[:, P:], H, W, self.sr_ratio, self.sr, self.norm)
             kv_input = torch.cat([x[:, :P], reduced], dim=1) if P else reduced
         Nk = kv_input.shape[1]
         k = self.k(kv_input).view(B, Nk, heads, hd)

@@ -69,6 +69,30 @@ def check_prefix(num_prefix_tokens: object) -> int:
     return int(num_prefix_tokens)
 
 
+def check_positive_int(value: object, name: str) -> int:
+    """A positive int (a SymInt, i.e. a dynamic size under torch.compile, is accepted as it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_layer_input(x: object, H: object, W: object, channels: int, channels_name: str,
+                      num_prefix_tokens: int = 0) -> torch.Tensor:
+    """The input of a layer's ``forward(x, H, W)``: x [B, num_prefix_tokens + H*W, channels]."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_positive_int(H, "H")
+    check_positive_int(W, "W")
+    if x.shape[2] != channels:
+        raise ValueError(f"x must have {channels} channels ({channels_name}), got {x.shape[2]}")
+    P = num_prefix_tokens
+    if H * W + P != x.shape[1]:
+        raise ValueError(f"H * W (+ {P} prefix tokens) must equal the number of tokens: "
+                         f"{H} * {W} + {P} != {x.shape[1]}")
+    return x
+
+
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
                   num_prefix_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:

@@ -54,7 +54,8 @@ from .feature_maps import apply_feature_map
 from .functional import vicinity_attention
 from .positions import expand_features, position_features
 from .torch_backend import compute_dtype
-from .validation import BACKENDS, check_option
+from .modules import spatial_reduction
+from .validation import BACKENDS, check_layer_input, check_option, check_positive_int
 
 CLAMP_MIN = 1e-4
 CLAMP_MAX = 1e4
@@ -117,8 +118,7 @@ class VicinityVisionAttention(nn.Module):
         super().__init__()
         for value, name in ((embed_dim, "embed_dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio"),
                             (fr_ratio, "fr_ratio"), (se_reduction, "se_reduction")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         head_dim = embed_dim // num_heads
@@ -176,23 +176,9 @@ class VicinityVisionAttention(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def _check_input(self, x: torch.Tensor, H: int, W: int) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        for value, name in ((H, "H"), (W, "W")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if x.shape[2] != self.embed_dim:
-            raise ValueError(f"x must have {self.embed_dim} channels (embed_dim), got {x.shape[2]}")
-        if H * W != x.shape[1]:
-            raise ValueError(f"H * W must equal the number of tokens: {H} * {W} != {x.shape[1]}")
-        if self.sr_ratio > 1 and (H < self.sr_ratio or W < self.sr_ratio):
-            raise ValueError(f"the grid ({H}, {W}) is smaller than sr_ratio ({self.sr_ratio})")
-
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x [B, H*W, embed_dim] -> [B, H*W, embed_dim]."""
-        self._check_input(x, H, W)
+        check_layer_input(x, H, W, self.embed_dim, "embed_dim")
         B, N, C = x.shape
         heads = self.num_heads
         d = C // heads // self.fr
@@ -200,9 +186,7 @@ class VicinityVisionAttention(nn.Module):
         gate = self.se_fc(self.se_pool(x.transpose(1, 2)).view(B, C)).unsqueeze(1)
         kv_input, kv_grid = x, (H, W)
         if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(B, C, H, W))
-            kv_grid = (reduced.shape[2], reduced.shape[3])
-            kv_input = self.norm(reduced.flatten(2).transpose(1, 2))
+            kv_input, kv_grid = spatial_reduction(x, H, W, self.sr_ratio, self.sr, self.norm)
         Nk = kv_input.shape[1]
         q = self.q_proj(x).view(B, N, heads, d)
         k = self.k_proj(kv_input).view(B, Nk, heads, d)
