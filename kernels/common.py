@@ -2,9 +2,6 @@
 import triton
 import triton.language as tl
 
-FMAP_RELU = 0
-FMAP_ELU1 = 1
-
 
 @triton.jit
 def feature_map(x, mask, FMAP: tl.constexpr):

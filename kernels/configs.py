@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 HEAD_BLOCKS = (16, 32, 64)
@@ -32,11 +33,7 @@ def interpreting() -> bool:
 
 def head_block(dim: int) -> int:
     """The power-of-two tile (16, 32 or 64) used for a head dim of ``dim`` (1..256)."""
-    return max(HEAD_BLOCKS[0], min(HEAD_BLOCKS[-1], triton_next_pow2(dim)))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    return max(HEAD_BLOCKS[0], min(HEAD_BLOCKS[-1], triton.next_power_of_2(dim)))
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,6 @@ the variant, the prefix flag and the side (query / key) are constexprs.
 import triton
 import triton.language as tl
 
-VARIANT_NONE = 0
-VARIANT_SUM = 1
-VARIANT_PRODUCT = 2
-
 HALF_PI = tl.constexpr(1.5707963267948966)
 
 

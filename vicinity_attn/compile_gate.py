@@ -29,7 +29,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-VARIANT_CODES = {"none": 0, "sum": 1, "product": 2}
 TARGETS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 # (variant, n_axes) pairs whose code differs; "none" does not depend on the axes.
@@ -91,16 +90,13 @@ def build_cases(quick: bool) -> list[Case]:
     base geometry, plus every geometry (variant x axes x prefix; elu1 with prefix, relu without) at
     the largest tile in bf16. Quick: the smallest and largest tile per dtype family and the geometry
     extremes (the largest F, the smallest, the 3-d sum)."""
-    import torch
-
     from .kernels.configs import gpu_tiles
 
-    torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if quick:
         dtype_tiles = [("fp16", 16), ("fp16", 64), ("bf16", 64), ("fp32", 32)]
         geometries = [("none", 1, False, "elu1"), ("product", 3, True, "elu1"), ("sum", 3, True, "relu")]
     else:
-        dtype_tiles = [(d, t) for d in DTYPES for t in gpu_tiles(torch_dtypes[d])]
+        dtype_tiles = [(d, t) for d in DTYPES for t in gpu_tiles(_torch_dtype(d))]
         geometries = [(v, a, p, "elu1" if p else "relu") for v, a in GEOMETRIES for p in (False, True)]
     cases = []
     for role in ROLES:
@@ -114,6 +110,12 @@ def build_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def _torch_dtype(name: str):
+    """The torch dtype of a DTYPES name (torch is imported lazily: the parent process never needs it)."""
+    import torch
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def _jit_function(fn):
     import triton
     if isinstance(fn, triton.runtime.JITFunction):
@@ -125,17 +127,15 @@ def _source(case: Case):
     """ASTSource and compile options for a case, mirroring what the launchers pass."""
     import importlib
 
-    import torch
     from triton.compiler import ASTSource
 
     from .kernels.configs import gpu_config, pick_precision
     from .kernels.forward import REDUCE_BLOCK, REDUCE_WARPS
-    from .kernels.launch import FMAP_CODES, feature_count
+    from .kernels.launch import Geometry
 
     role = ROLE_BY_NAME[case.role]
     fn = _jit_function(getattr(importlib.import_module(f"vicinity_attn.kernels.{role.module}"), role.kernel))
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
-    prec = pick_precision(torch_dtype, interpret=False)
+    prec = pick_precision(_torch_dtype(case.dtype), interpret=False)
     variant, n_axes, has_prefix, fmap = case.geometry
     if role.name == "chunk_reduce":
         constexprs = {"BLOCK": REDUCE_BLOCK}
@@ -144,10 +144,11 @@ def _source(case: Case):
         cfg = gpu_config(case.tile)
         constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=prec.acc)
         if role.uses_geometry:
-            constexprs.update(N_FEAT=feature_count(n_axes, VARIANT_CODES[variant], has_prefix), N_AXES=n_axes,
-                              VARIANT=VARIANT_CODES[variant], HAS_PREFIX=has_prefix, FMAP=FMAP_CODES[fmap],
-                              BLOCK_D=cfg.block_d, DOT=prec.dot, PREC=prec.prec)
-            constexprs.update(dict(role.fixed))
+            # The geometry constexprs exactly as a launch derives them (grid sizes are runtime values).
+            fixed = dict(role.fixed)
+            geometry = Geometry.build((1,) * n_axes, (1,) * n_axes, variant, fmap, int(has_prefix))
+            constexprs.update(geometry.constexprs(fixed["IS_QUERY"]), BLOCK_D=cfg.block_d, DOT=prec.dot,
+                              PREC=prec.prec, **fixed)
         warps = cfg.dv_num_warps if role.name == "bwd_dv" else cfg.num_warps
         options = dict(num_warps=warps, num_stages=cfg.num_stages)
     io_type = "*" + case.dtype

@@ -23,7 +23,6 @@ from typing import Sequence
 import torch
 
 VARIANTS = ("sum", "product", "none")
-VARIANT_CODES = {"none": 0, "sum": 1, "product": 2}
 
 
 def feature_count(n_axes: int, variant: str, has_prefix: bool = False) -> int:

@@ -33,9 +33,12 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"backend='triton' supports batch * heads < 65536 (a CUDA grid axis), got "
                          f"B * H = {B * H}")
     # Within one (batch, head) the kernels index tokens with int32 offsets (cheaper address math).
+    if B * H * max(Nq, Nk) >= 2 ** 31:
+        raise ValueError(f"backend='triton': B * H * max(Nq, Nk) = {B * H * max(Nq, Nk)} is too large for the "
+                         "kernels' int32 offsets into the per-token buffers (den and row weights)")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
-        if span >= 2 ** 31 or B * H * max(Nq, Nk) >= 2 ** 31:
+        if span >= 2 ** 31:
             raise ValueError(f"backend='triton': {name} is too large for the kernels' int32 token offsets "
                              f"(shape {tuple(t.shape)}, strides {t.stride()})")
     if q.device.type == "cpu":
