@@ -59,8 +59,15 @@ def check_against_reference(q, k, v, **kw):
     results = []
     for name, g, r, p in zip(("out", "dq", "dk", "dv"), got, ref, plain):
         assert g.dtype == dtype and g.shape == r.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
-        err, plain_err = rel_err(g, r), rel_err(p, r)
-        allowed = 2 * plain_err + FLOOR[dtype]
-        assert err <= allowed, f"{name}: error {err:.3e} > allowed {allowed:.3e} (plain {dtype} error {plain_err:.3e})"
-        results.append((err, allowed))
+        results.append(assert_rule(name, g, r, p, dtype))
     return results
+
+
+def assert_rule(name: str, got: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor,
+                dtype: torch.dtype) -> tuple[float, float]:
+    """The tolerance rule for one tensor: error of ``got`` against the float64 ``ref`` at most 2x the
+    error of ``plain`` (the same computation done plainly in ``dtype``) plus FLOOR[dtype]."""
+    err, plain_err = rel_err(got, ref), rel_err(plain, ref)
+    allowed = 2 * plain_err + FLOOR[dtype]
+    assert err <= allowed, f"{name}: error {err:.3e} > allowed {allowed:.3e} (plain {dtype} error {plain_err:.3e})"
+    return err, allowed

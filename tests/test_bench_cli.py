@@ -17,16 +17,13 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from bench.authors import authors_vicinity_attention  # noqa: E402
+from helpers import rel_err  # noqa: E402
 from bench.cli import main  # noqa: E402
 from bench.flops import mode_flops, softmax_forward_flops, vicinity_forward_flops  # noqa: E402
 from bench.memory import saved_tensor_bytes  # noqa: E402
 from bench.report import fit_exponent  # noqa: E402
 from vicinity_attn.reference import reference_vicinity_attention  # noqa: E402
 from vicinity_attn.spec import VicinitySpec  # noqa: E402
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("grid,kv_grid,variant", [
@@ -47,12 +44,12 @@ def test_authors_baseline_matches_reference_float64(grid, kv_grid, variant):
     ref = reference_vicinity_attention(q, k, v, spec)
     out = authors_vicinity_attention(q, k, v, grid, kv_grid, variant=variant)
     assert out.shape == ref.shape and out.dtype == torch.float64
-    assert _rel_err(out, ref) < 1e-12
+    assert rel_err(out, ref) < 1e-12
     dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     g_ref = torch.autograd.grad(ref, (q, k, v), dout)
     g_out = torch.autograd.grad(out, (q, k, v), dout)
     for name, a, b in zip("qkv", g_out, g_ref):
-        assert _rel_err(a, b) < 1e-11, f"d{name} differs"
+        assert rel_err(a, b) < 1e-11, f"d{name} differs"
 
 
 def test_authors_baseline_gradcheck():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import check_against_reference, make_inputs, token_counts
+from helpers import check_against_reference, make_inputs, rel_err, token_counts
 from vicinity_attn import vicinity_attention
 
 # (grid, kv_grid, prefix tokens): 1-d, 2-d, 3-d, cross grids, odd sizes, 1 x n, prefix tokens.
@@ -105,8 +105,10 @@ def test_large_fp16_magnitudes_do_not_overflow():
     pk = torch.relu(k.float())[0, 0]
     assert (pk.T @ v.float()[0, 0]).max() > 65504  # the unweighted state alone would overflow fp16
     assert torch.isfinite(out).all()
-    ref = vicinity_attention(q.double(), k.double(), v.double(), (64, 64), backend="torch")
-    assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-2
+    ref = vicinity_attention(q.double(), k.double(), v.double(), (64, 64), backend="reference")
+    # Not the 2x-plain rule: the plain fp16 reference overflows to inf here. Measured 3.8e-4 (half
+    # an fp16 step of the ~80-sized outputs); the "none" variant instead of "sum" would be 8.8e-3.
+    assert rel_err(out, ref) < 2e-3
 
 
 def _chunk_bytes_for(heads_per_chunk, Nq, Nk, D, Dv, dtype):
