@@ -17,10 +17,11 @@ from .launch import Geometry
 
 
 def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-                      dv: torch.Tensor, geom: Geometry) -> None:
+                      den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, dq: torch.Tensor | None,
+                      dk: torch.Tensor | None, dv: torch.Tensor | None, geom: Geometry) -> None:
     """Fills dq, dk, dv (strided, shaped like q, k, v) from dO [B, H, Nq, Dv] and the forward's saved
-    den, S, z (all scaled by s_k = 2^-ceil(log2 Nk), see ``vicinity_forward``).
+    den, S, z (all scaled by s_k = 2^-ceil(log2 Nk), see ``vicinity_forward``). A gradient passed as
+    None is not computed, and the passes only it needs are skipped.
 
     Scaling bookkeeping: with den' = s_k den, rs = 1/den' and rz = -(dO.o)/den' are 1/s_k times g, c,
     so S' rs = S g and z' rz = z c (dq exact). The state gradients come out 1/s_k too large; the
@@ -39,11 +40,16 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         do, o, den, rs, rz, H, Nq, Dv, *do.stride(), *o.stride(), BLOCK_N=cfg.block_n,
         BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
+    if dq is not None:
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
+    if dk is None and dv is None:
+        return
     dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)
     key_scale = s_k / s_q
-    contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale, num_warps=cfg.dv_num_warps)
-    _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, prec)
+    if dv is not None:
+        contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale, num_warps=cfg.dv_num_warps)
+    if dk is not None:
+        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, prec)
 
 
 def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float, cfg, prec):

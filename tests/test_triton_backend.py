@@ -154,6 +154,23 @@ def test_gradcheck_fp64_product_elu1():
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
+@pytest.mark.parametrize("frozen", ["q", "k", "v", "kv"])
+def test_partial_requires_grad(frozen):
+    """Gradients only for the inputs that need them; the backward skips the passes of the others
+    (with k and v both frozen, the state-gradient and key passes are not launched at all)."""
+    nq, nk = token_counts((3, 5), (2, 3), 1)
+    q, k, v = make_inputs(2, 2, nq, nk, 8, 6, device=DEVICE)
+    for name in frozen:
+        {"q": q, "k": k, "v": v}[name].requires_grad_(False)
+    wanted = [t for t in (q, k, v) if t.requires_grad]
+    kw = dict(grid=(3, 5), kv_grid=(2, 3), num_prefix_tokens=1)
+    out = vicinity_attention(q, k, v, backend="triton", **kw)
+    ref = vicinity_attention(q, k, v, backend="reference", **kw)
+    do = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, wanted, do), torch.autograd.grad(ref, wanted, do), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 # --- properties of the kernels --------------------------------------------------------------------
 
 def test_bitwise_deterministic():

@@ -16,3 +16,9 @@ def empty_output_like(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None
     if H > 1 and N > 1 and q.stride(1) < q.stride(2):
         return torch.empty(B, N, H, dv, dtype=dtype, device=q.device).transpose(1, 2)
     return torch.empty(B, H, N, dv, dtype=dtype, device=q.device)
+
+
+def empty_grads_like(tensors: tuple[torch.Tensor, ...], needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Uninitialised gradients for ``tensors`` [B, H, N, E], each laid out in memory like its tensor
+    (:func:`empty_output_like`), None where ``needs`` says it is not wanted."""
+    return tuple(empty_output_like(t, t.shape[-1]) if need else None for t, need in zip(tensors, needs))

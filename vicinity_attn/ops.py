@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .layout import empty_output_like
+from .layout import empty_grads_like, empty_output_like
 from .positions import feature_count
 from .spec import VicinitySpec
 
@@ -60,10 +60,6 @@ def autocast_disabled(device: torch.device):
 
 def _empty_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if g is None else g
-
-
-def _grad_or_empty(t: Tensor, needed: bool) -> Tensor:
-    return torch.empty_like(t) if needed else t.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,10 +106,14 @@ def torch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: 
     return _empty_if_none(dq, q), _empty_if_none(dk, k), _empty_if_none(dv, v)
 
 
-@torch_backward.register_fake
-def _(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
-      need_dq, need_dk, need_dv):
-    return _grad_or_empty(q, need_dq), _grad_or_empty(k, need_dk), _grad_or_empty(v, need_dv)
+def _fake_backward(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
+                   need_dq, need_dk, need_dv):
+    """Fake (dq, dk, dv) of either backward op: laid out like the real ones (empty where not needed)."""
+    grads = empty_grads_like((q, k, v), (need_dq, need_dk, need_dv))
+    return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
+
+
+torch_backward.register_fake(_fake_backward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,22 +144,15 @@ def triton_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den:
                     grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
                     num_prefix_tokens: int, need_dq: bool, need_dk: bool, need_dv: bool
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the fused kernels. The kernels produce all three in one sweep (the key pass needs
-    the query pass's dS, dz anyway); gradients not needed are dropped."""
+    """(dq, dk, dv) of the fused kernels (empty tensors for gradients not needed, whose passes are skipped)."""
     from . import triton_backend
     spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
     with autocast_disabled(q.device):
-        dq, dk, dv = triton_backend.backward(do, q, k, v, o, den, S, z, spec)
-    return (dq if need_dq else q.new_empty(0), dk if need_dk else k.new_empty(0),
-            dv if need_dv else v.new_empty(0))
+        dq, dk, dv = triton_backend.backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
+    return _empty_if_none(dq, q), _empty_if_none(dk, k), _empty_if_none(dv, v)
 
 
-@triton_backward.register_fake
-def _(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
-      need_dq, need_dk, need_dv):
-    def grad(t: Tensor, needed: bool) -> Tensor:
-        return empty_output_like(t, t.shape[-1]) if needed else t.new_empty(0)
-    return grad(q, need_dq), grad(k, need_dk), grad(v, need_dv)
+triton_backward.register_fake(_fake_backward)
 
 
 # ----------------------------------------------------------------------------------------------------

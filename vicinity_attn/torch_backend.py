@@ -25,7 +25,7 @@ import torch
 
 from .axis_terms import AxisTerm, axis_terms, group_by_axis, grouped_view
 from .feature_maps import mul_feature_map_grad_
-from .layout import empty_output_like
+from .layout import empty_grads_like, empty_output_like
 from .positions import position_features
 from .scratch import scratch
 from .spec import VicinitySpec
@@ -273,7 +273,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     B, H = q.shape[:2]
     S = S.view(B, H, pl.F, pl.D, pl.Dv)
     z = z.view(B, H, pl.F, pl.D)
-    dq, dk, dv = (torch.empty_like(x) if need else None for x, need in zip((q, k, v), needs))
+    dq, dk, dv = empty_grads_like((q, k, v), needs)
     for c in pl.chunks:
         _backward_chunk(pl, do[c], q[c], k[c], v[c], o[c], den[c], S[c], z[c],
                         *(None if g is None else g[c] for g in (dq, dk, dv)))

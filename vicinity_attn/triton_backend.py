@@ -14,7 +14,7 @@ from .kernels.backward import vicinity_backward
 from .kernels.configs import interpreting
 from .kernels.forward import vicinity_forward
 from .kernels.launch import Geometry
-from .layout import empty_output_like
+from .layout import empty_grads_like, empty_output_like
 from .spec import VicinitySpec
 
 MAX_HEAD_DIM = 256
@@ -66,13 +66,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             den: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
-             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from dO and :func:`forward`'s outputs; the kernels produce all three in one sweep
-    (the key pass needs the query pass's dS, dz anyway). Gradients are laid out like q, k, v."""
-    dq = empty_output_like(q, q.shape[-1])
-    dk = empty_output_like(k, k.shape[-1])
-    dv = empty_output_like(v, v.shape[-1])
+             den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
+             needs: tuple[bool, bool, bool] = (True, True, True),
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
+    kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
+    dq, dk, dv = empty_grads_like((q, k, v), needs)
     vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec))
     return dq, dk, dv
 
