@@ -30,19 +30,24 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     acc_dtype = _acc_torch_dtype(prec)
     tiles = triton.cdiv(D, cfg.block_d) * triton.cdiv(Dv, cfg.block_dv)
     plan: ChunkPlan = chunk_plan(N, cfg.block_n, B * H * F * tiles)
-    s_part = torch.empty(plan.n_chunks, B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
-    z_part = torch.empty(plan.n_chunks, B * H, F, D, dtype=acc_dtype, device=x.device)
+    S = torch.empty(B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
+    z = torch.empty(B * H, F, D, dtype=acc_dtype, device=x.device)
+    # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
+    # would compute, so the result is bitwise the same), and the reduction is skipped.
+    single = plan.n_chunks == 1
+    s_part = S if single else torch.empty(plan.n_chunks, B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
+    z_part = z if single else torch.empty(plan.n_chunks, B * H, F, D, dtype=acc_dtype, device=x.device)
     sizes = geom.q_sizes if is_query else geom.k_sizes
     row_weights = rs is not None
     if not row_weights:
         rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
     state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, *sizes, plan.blocks_per_chunk,
-        *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
+        scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
         PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    S = torch.empty(B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
-    z = torch.empty(B * H, F, D, dtype=acc_dtype, device=x.device)
+    if single:
+        return S, z
     for part, out in ((s_part, S), (z_part, z)):
         rows = out.numel()
         chunk_reduce_kernel[(triton.cdiv(rows, REDUCE_BLOCK),)](part, out, rows, plan.n_chunks, scale,

@@ -6,7 +6,8 @@ Backward query pass (x = q, y = dO, row weights rs = 1/den, rz = -(dO.o)/den):
     dS_m = sum_i P_m(i) phi(q_i) rs_i dO_i^T,    dz_m = sum_i P_m(i) phi(q_i) rz_i
 Each program owns one (chunk, batch*head, feature m, D tile, Dv tile) and writes its partial; the
 reduction kernel then sums partials over chunks in index order, so results are bitwise reproducible
-without atomics.
+without atomics. With a single chunk (the usual case on a GPU) the partial kernel applies the scale
+and writes the states directly, and no reduction runs.
 """
 import triton
 import triton.language as tl
@@ -47,7 +48,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
 
 @triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2", "blocks_per_chunk"])
 def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
-                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk,
+                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk, scale,
                          sxb, sxh, sxn, sxd, syb, syh, syn, syd,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
@@ -57,7 +58,8 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     """Grid (BH * N_FEAT * n_d_tiles * n_dv_tiles, n_chunks).
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
-    Writes s_part [n_chunks, BH, N_FEAT, D, DV] and z_part [n_chunks, BH, N_FEAT, D] in ACC.
+    Writes scale * the partial sums to s_part [n_chunks, BH, N_FEAT, D, DV] and z_part
+    [n_chunks, BH, N_FEAT, D] in ACC.
     """
     n_d_tiles = tl.cdiv(D, BLOCK_D)
     n_e_tiles = tl.cdiv(DV, BLOCK_DV)
@@ -88,10 +90,10 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     n_bh = tl.num_programs(0) // (n_e_tiles * n_d_tiles * N_FEAT)
     row = (chunk.to(tl.int64) * n_bh + bh) * N_FEAT + m  # index of this (chunk, bh, m) state
     mask_d = offs_d < D
-    tl.store(s_part_ptr + row * D * DV + offs_d[:, None] * DV + offs_e[None, :], s_acc,
+    tl.store(s_part_ptr + row * D * DV + offs_d[:, None] * DV + offs_e[None, :], s_acc * scale,
              mask=mask_d[:, None] & (offs_e[None, :] < DV))
     # z does not depend on the Dv tile: the first Dv tile writes it.
-    tl.store(z_part_ptr + row * D + offs_d, z_acc, mask=mask_d & ((offs_d * 0 + e_tile) == 0))
+    tl.store(z_part_ptr + row * D + offs_d, z_acc * scale, mask=mask_d & ((offs_d * 0 + e_tile) == 0))
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_chunks"])
