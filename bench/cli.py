@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from vicinity_attn.positions import VARIANTS
+
 from .cases import DTYPES, PRESETS, build_cases, parse_grids
 from .env import OtherCpuUse, environment, matmul_rate
 from .flops import FLOP_FORMULA_TEXT, MODES
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help=f"comma-separated, from {','.join(PROVIDERS)} "
                    f"(default {','.join(DEFAULT_PROVIDERS)}; vicinity-torch only where vicinity is not torch)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from fwd,bwd,fwdbwd (default all)")
-    p.add_argument("--variant", default="sum", choices=("sum", "product", "none"), help="vicinity variant")
+    p.add_argument("--variant", default="sum", choices=VARIANTS, help="vicinity variant")
     p.add_argument("--max-call-seconds", type=float, help="skip calls estimated longer (default 10; quick 4)")
     p.add_argument("--budget-seconds", type=float, help="CPU timing budget per row (default 1; quick 0.3)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")

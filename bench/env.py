@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .timing import median_time
+from .timing import Timing, median_time
 
 
 def cpu_model() -> str:
@@ -120,10 +120,15 @@ class OtherCpuUse:
                 "the timings are disturbed; rerun on an idle machine.")
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
-                budget_s: float = 1.5) -> float:
-    """Measured FLOP/s of one large square ``torch.matmul`` (2 * size^3 FLOPs) on ``device``."""
+def matmul_timing(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
+                  budget_s: float = 1.5) -> Timing:
+    """Timing of one large square ``torch.matmul`` (2 * size^3 FLOPs) on ``device``."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    t = median_time(lambda: torch.matmul(a, b), device, budget_s=budget_s)
-    return 2.0 * size ** 3 / t.median_s
+    return median_time(lambda: torch.matmul(a, b), device, budget_s=budget_s)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
+                budget_s: float = 1.5) -> float:
+    """Measured FLOP/s (median) of one large square ``torch.matmul`` on ``device``."""
+    return 2.0 * size ** 3 / matmul_timing(device, dtype, size, budget_s).median_s

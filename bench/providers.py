@@ -107,28 +107,22 @@ def make_provider(name: str, case: Case, device: torch.device, dtype: torch.dtyp
         expanded = b * h * n * n_feat * d * size
         return Provider(name, "authors (4x-expanded)", "linear", "bhnd", _authors_fn(case, variant),
                         lin_flops, memory_estimate=2 * io_bytes + 6 * expanded)
+    from torch.nn.attention import SDPBackend
     if name == "flash":
+        if device.type not in ("cuda", "cpu"):
+            return f"no FlashAttention provider for device type {device.type!r}"
         if device.type == "cuda":
-            fa = flash_attn_module()
             if dtype not in (torch.float16, torch.bfloat16):
                 return "FlashAttention runs fp16/bf16 only on a GPU (use --dtype bf16 or fp16)"
+            fa = flash_attn_module()
             if fa is not None:
-                from flash_attn import flash_attn_func
                 return Provider(name, f"flash-attn {getattr(fa, '__version__', '?')}", "softmax", "bnhd",
-                                lambda q, k, v: flash_attn_func(q, k, v), soft_flops,
+                                lambda q, k, v: fa.flash_attn_func(q, k, v), soft_flops,
                                 memory_estimate=2 * io_bytes)
-            from torch.nn.attention import SDPBackend
-            return Provider(name, "sdpa-flash (cuda)", "softmax", "bhnd",
-                            _sdpa_restricted(SDPBackend.FLASH_ATTENTION), soft_flops,
-                            memory_estimate=2 * io_bytes)
-        if device.type == "cpu":
-            from torch.nn.attention import SDPBackend
-            return Provider(name, "sdpa-cpu (flash-style)", "softmax", "bhnd",
-                            _sdpa_restricted(SDPBackend.FLASH_ATTENTION), soft_flops,
-                            memory_estimate=2 * io_bytes)
-        return f"no FlashAttention provider for device type {device.type!r}"
+        label = "sdpa-flash (cuda)" if device.type == "cuda" else "sdpa-cpu (flash-style)"
+        return Provider(name, label, "softmax", "bhnd", _sdpa_restricted(SDPBackend.FLASH_ATTENTION),
+                        soft_flops, memory_estimate=2 * io_bytes)
     if name == "sdpa-math":
-        from torch.nn.attention import SDPBackend
         # Scores, probabilities and their gradients: about four B*H*N*N tensors alive at once.
         return Provider(name, "sdpa-math", "softmax", "bhnd", _sdpa_restricted(SDPBackend.MATH), soft_flops,
                         memory_estimate=2 * io_bytes + 4 * b * h * n * n * size)

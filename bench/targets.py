@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from .cases import Case
-from .env import OtherCpuUse, environment
+from .env import OtherCpuUse, environment, matmul_timing
 from .flops import mode_flops
 from .memory import page_faults_per_call, saved_tensor_bytes
 from .providers import make_inputs, make_provider
@@ -63,15 +63,12 @@ def measure_targets(device: torch.device, *, budget_s: float = 2.0, progress: bo
     # on its own: interleaving it with a 4096^3 matmul was seen to slow it by 10-30%.
     say("fp32 matmul rate (4096^3), torch backend forward, matmul rate again")
     size = 4096
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    mm = lambda: torch.matmul(a, b)  # noqa: E731
-    t_mm_before = median_time(mm, device, budget_s=budget_s)
+    t_mm_before = matmul_timing(device, size=size, budget_s=budget_s)
     fwd_fn = _callable("vicinity-torch", case, "fwd", device)
     tm_fwd = median_time(fwd_fn, device, budget_s=2 * budget_s)
     faults_fwd = page_faults_per_call(fwd_fn) if device.type == "cpu" else None
     del fwd_fn
-    t_mm_after = median_time(mm, device, budget_s=budget_s)
-    del a, b
+    t_mm_after = matmul_timing(device, size=size, budget_s=budget_s)
     rate = 2.0 * size ** 3 / min(t_mm_before.median_s, t_mm_after.median_s)
     t_fwd = tm_fwd.median_s
     # Ratios of the fastest samples: a second opinion that load spikes disturb less than medians.

@@ -1,6 +1,7 @@
 """Median wall time of a callable: ``triton.testing.do_bench`` on a GPU, a careful loop on a CPU."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -32,6 +33,19 @@ def _quartile_spread(samples: list[float]) -> float:
     return (q3 - q1) / statistics.median(samples)
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """The garbage collector off while timing: a collection in the middle of a sample is noise, not
+    the kernel's cost."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def cpu_median(fn: Callable[[], object], *, budget_s: float = 1.0, min_samples: int = 3,
                max_samples: int = 50) -> Timing:
     """Median seconds per call of ``fn`` on a CPU.
@@ -52,17 +66,12 @@ def cpu_median(fn: Callable[[], object], *, budget_s: float = 1.0, min_samples: 
     inner = max(1, int(2e-3 / max(first, 1e-9))) if first < 2e-3 else 1
     n_samples = int(min(max_samples, max(min_samples, budget_s // max(first * inner, 1e-9))))
     samples = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection in the middle of a sample is noise, not the kernel's cost
-    try:
+    with _gc_paused():
         for _ in range(n_samples):
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
             samples.append((time.perf_counter() - t0) / inner)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return Timing(statistics.median(samples), len(samples) * inner, _quartile_spread(samples), min(samples))
 
 
@@ -115,15 +124,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
         first[name] = time.perf_counter() - t0
     n_rounds = int(min(max_rounds, max(min_rounds, budget_s // max(sum(first.values()), 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_paused():
         for _ in range(n_rounds):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return {name: Timing(statistics.median(s), len(s), _quartile_spread(s), min(s)) for name, s in samples.items()}
