@@ -26,7 +26,7 @@ autocast dtype is done by :func:`autocast_inputs`, called from ``vicinity_attent
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -62,14 +62,9 @@ def _empty_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if g is None else g
 
 
-# ----------------------------------------------------------------------------------------------------
-# torch backend
-# ----------------------------------------------------------------------------------------------------
-
 def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fake (o, den, S, z) of a forward op: o like the real output; den [*lead, Nq], S [*lead, *state, Dv]
-    and z [*lead, *state] in the compute dtype. The backends differ only in ``lead`` ((B, H) or (B*H,))
-    and ``state`` ((F*D,) or (F, D))."""
+    and z [*lead, *state] in the compute dtype."""
     Nq, Dv = q.shape[2], v.shape[-1]
     dtype = torch_backend.compute_dtype(q.dtype)
     return (empty_output_like(q, Dv),
@@ -78,81 +73,54 @@ def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple) -> tuple[Tens
             q.new_empty((*lead, *state), dtype=dtype))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::torch_forward", mutates_args=(), device_types=None)
-def torch_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
-                  feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(o, den, S, z) of the torch backend; see :func:`vicinity_attn.torch_backend.forward`."""
-    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
-    with autocast_disabled(q.device):
-        return torch_backend.forward(q, k, v, spec)
-
-
-@torch_forward.register_fake
-def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
-    B, H, _, D = q.shape
-    F = feature_count(len(grid), variant, num_prefix_tokens > 0)
-    return _fake_forward(q, v, (B, H), (F * D,))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::torch_backward", mutates_args=(), device_types=None)
-def torch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
-                   grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
-                   num_prefix_tokens: int, need_dq: bool, need_dk: bool, need_dv: bool
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the torch backend (empty tensors for gradients not needed)."""
-    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
-    with autocast_disabled(q.device):
-        dq, dk, dv = torch_backend.backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
-    return _empty_if_none(dq, q), _empty_if_none(dk, k), _empty_if_none(dv, v)
-
-
 def _fake_backward(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
                    need_dq, need_dk, need_dv):
-    """Fake (dq, dk, dv) of either backward op: laid out like the real ones (empty where not needed)."""
+    """Fake (dq, dk, dv) of a backward op: laid out like the real ones (empty where not needed)."""
     grads = empty_grads_like((q, k, v), (need_dq, need_dk, need_dv))
     return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
 
 
-torch_backward.register_fake(_fake_backward)
-
-
-# ----------------------------------------------------------------------------------------------------
-# triton backend (the kernels' launchers; CUDA, or CPU under TRITON_INTERPRET=1)
-# ----------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op(f"{NAMESPACE}::triton_forward", mutates_args=(), device_types=None)
-def triton_forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
-                   feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(o, den, S, z) of the fused kernels: den [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D], stored
-    scaled by a power of two (see ``kernels/forward.py``), in float32 (float64 for float64 inputs)."""
+def _backend_module(backend: str):
+    """The module with the backend's ``forward()`` / ``backward()`` (triton imported on first use: it
+    may be absent)."""
+    if backend == "torch":
+        return torch_backend
     from . import triton_backend
-    triton_backend.check_triton_inputs(q, k, v)
-    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
-    with autocast_disabled(q.device):
-        return triton_backend.forward(q, k, v, spec)
+    return triton_backend
 
 
-@triton_forward.register_fake
-def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
-    B, H, _, D = q.shape
-    F = feature_count(len(grid), variant, num_prefix_tokens > 0)
-    return _fake_forward(q, v, (B * H,), (F, D))
+def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple[tuple, tuple]]):
+    """Registers ``vicinity_attn::<backend>_forward`` and ``<backend>_backward`` over the backend
+    module's ``forward()`` / ``backward()``, with fakes and the autograd formula. ``state_layout(B, H,
+    F, D)`` gives the (lead, state) dims of the saved den / S / z (see :func:`_fake_forward`): the torch
+    backend keeps (B, H) and F*D, the kernels B*H and (F, D)."""
 
+    @torch.library.custom_op(f"{NAMESPACE}::{backend}_forward", mutates_args=(), device_types=None)
+    def forward_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
+                   feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+        with autocast_disabled(q.device):
+            return _backend_module(backend).forward(q, k, v, spec)
 
-@torch.library.custom_op(f"{NAMESPACE}::triton_backward", mutates_args=(), device_types=None)
-def triton_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
+    @forward_op.register_fake
+    def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
+        B, H, _, D = q.shape
+        F = feature_count(len(grid), variant, num_prefix_tokens > 0)
+        return _fake_forward(q, v, *state_layout(B, H, F, D))
+
+    @torch.library.custom_op(f"{NAMESPACE}::{backend}_backward", mutates_args=(), device_types=None)
+    def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
                     grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
                     num_prefix_tokens: int, need_dq: bool, need_dk: bool, need_dv: bool
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the fused kernels (empty tensors for gradients not needed, whose passes are skipped)."""
-    from . import triton_backend
-    spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
-    with autocast_disabled(q.device):
-        dq, dk, dv = triton_backend.backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
-    return _empty_if_none(dq, q), _empty_if_none(dk, k), _empty_if_none(dv, v)
+        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+        with autocast_disabled(q.device):
+            grads = _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
+        return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
 
-
-triton_backward.register_fake(_fake_backward)
+    backward_op.register_fake(_fake_backward)
+    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
+    return forward_op, backward_op
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,8 +148,9 @@ def _make_backward(backward_op):
     return _backward
 
 
-torch_forward.register_autograd(_make_backward(torch_backward), setup_context=_setup_context)
-triton_forward.register_autograd(_make_backward(triton_backward), setup_context=_setup_context)
+torch_forward, torch_backward = _define_ops("torch", lambda B, H, F, D: ((B, H), (F * D,)))
+# The kernels' launchers: CUDA, or CPU under TRITON_INTERPRET=1.
+triton_forward, triton_backward = _define_ops("triton", lambda B, H, F, D: ((B * H,), (F, D)))
 
 FORWARD_OPS = {"torch": torch_forward, "triton": triton_forward}
 

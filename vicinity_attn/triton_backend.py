@@ -60,6 +60,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D] stored scaled by a power of two (see
     ``kernels/forward.py``), in float32 (float64 for float64 inputs). The body of the custom
     op of :mod:`vicinity_attn.ops`, which also carries the autograd formula."""
+    check_triton_inputs(q, k, v)
     o = empty_output_like(q, v.shape[-1])
     den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps)
     return o, den, S, z
