@@ -52,9 +52,9 @@ from torch import nn
 
 from .feature_maps import apply_feature_map
 from .functional import vicinity_attention
+from .modules import spatial_reduction
 from .positions import expand_features, position_features
 from .torch_backend import compute_dtype
-from .modules import spatial_reduction
 from .validation import BACKENDS, check_layer_input, check_option, check_positive_int
 
 CLAMP_MIN = 1e-4
