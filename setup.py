@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # kernels/ ships inside the package: a top-level "kernels" would clash with other projects.
-    packages=["vicinity_attn", "vicinity_attn.kernels"],
+    packages=["vicinity_attn", "vicinity_attn.backends", "vicinity_attn.layers", "vicinity_attn.tools",
+              "vicinity_attn.kernels", "vicinity_attn.kernels.vicinity"],
     package_dir={"vicinity_attn": "vicinity_attn", "vicinity_attn.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

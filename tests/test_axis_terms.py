@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vicinity_attn.axis_terms import axis_terms, group_by_axis, grouped_view
+from vicinity_attn.backends.axis_terms import axis_terms, group_by_axis, grouped_view
 from vicinity_attn.positions import position_features
 
 

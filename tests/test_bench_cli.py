@@ -22,7 +22,7 @@ from bench.cli import main  # noqa: E402
 from bench.flops import mode_flops, softmax_forward_flops, vicinity_forward_flops  # noqa: E402
 from bench.memory import saved_tensor_bytes  # noqa: E402
 from bench.report import fit_exponent  # noqa: E402
-from vicinity_attn.reference import reference_vicinity_attention  # noqa: E402
+from vicinity_attn.backends.reference import reference_vicinity_attention  # noqa: E402
 from vicinity_attn.spec import VicinitySpec  # noqa: E402
 
 

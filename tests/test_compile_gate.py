@@ -1,8 +1,8 @@
-"""The AOT compile gate (vicinity_attn.compile_gate) on its covering subset: no GPU needed.
+"""The AOT compile gate (vicinity_attn.tools.compile_gate) on its covering subset: no GPU needed.
 
 The gate runs in a child process without TRITON_INTERPRET (this session's conftest sets it, and
 interpreted kernels cannot be compiled). The full matrix is the CLI default:
-``python -m vicinity_attn.compile_gate``.
+``python -m vicinity_attn.tools.compile_gate``.
 """
 import os
 import subprocess
@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 def test_compile_gate_quick_matrix_compiles_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated (silences a warning)
-    proc = subprocess.run([sys.executable, "-m", "vicinity_attn.compile_gate", "--quick"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "vicinity_attn.tools.compile_gate", "--quick"], env=env,
                           capture_output=True, text=True, timeout=900)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-6000:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vicinity_attn import position_features, vicinity_attention
-from vicinity_attn.reference import vicinity_weights
+from vicinity_attn.backends.reference import vicinity_weights
 from vicinity_attn.spec import VicinitySpec
 
 

@@ -7,7 +7,7 @@ import torch
 
 import vicinity_attn
 from helpers import check_against_reference, make_inputs, outputs_and_grads, token_counts
-from vicinity_attn import scratch as scratch_mod
+from vicinity_attn.backends import scratch as scratch_mod
 
 GRID, KV_GRID = (6, 5), (4, 3)
 

@@ -122,7 +122,7 @@ def _chunk_bytes_for(heads_per_chunk, Nq, Nk, D, Dv, dtype):
                                                  ("bnhd", 0, torch.bfloat16)])
 def test_chunked_over_heads_matches_reference(monkeypatch, B, H, per_chunk, layout, prefix, dtype):
     """Forward and backward split into (batch, head) chunks (CHUNK_BYTES made small) stay exact."""
-    from vicinity_attn import torch_backend
+    from vicinity_attn.backends import torch_backend
     grid, kv_grid = (6, 5), (3, 4)
     Nq, Nk = token_counts(grid, kv_grid, prefix)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -133,7 +133,7 @@ def test_chunked_over_heads_matches_reference(monkeypatch, B, H, per_chunk, layo
 
 
 def test_head_chunks_cover_every_slice_once():
-    from vicinity_attn.torch_backend import _head_chunks
+    from vicinity_attn.backends.torch_backend import _head_chunks
     for B, H, per_chunk in [(1, 1, 1), (2, 3, 1), (2, 3, 2), (3, 2, 4), (5, 4, 100), (4, 8, 3)]:
         seen = torch.zeros(B, H, dtype=torch.int64)
         for c in _head_chunks(B, H, per_chunk):
@@ -143,7 +143,7 @@ def test_head_chunks_cover_every_slice_once():
 
 
 def test_chunked_partial_requires_grad(monkeypatch):
-    from vicinity_attn import torch_backend
+    from vicinity_attn.backends import torch_backend
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 1)     # one (batch, head) slice per chunk
     q, k, v = make_inputs(2, 3, 12, 12, 4, 4)
     for frozen in (q, k, v):

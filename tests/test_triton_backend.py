@@ -19,8 +19,8 @@ if not INTERPRET and not torch.cuda.is_available():
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from vicinity_attn.kernels import configs  # noqa: E402
-from vicinity_attn.triton_backend import triton_vicinity_attention  # noqa: E402
+from vicinity_attn.kernels import runtime  # noqa: E402
+from vicinity_attn.backends import triton_backend  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -40,8 +40,8 @@ def run_case(grid, kv_grid=None, *, D=16, Dv=24, B=1, H=2, dtype=torch.float64, 
 def test_position_feature_helper_matches_position_features(grid, dtype):
     import triton
 
-    from vicinity_attn.kernels.launch import VARIANT_CODES, feature_count
-    from vicinity_attn.kernels.positions import _position_features_kernel
+    from vicinity_attn.kernels.vicinity.launch import VARIANT_CODES, feature_count
+    from vicinity_attn.kernels.vicinity.positions import _position_features_kernel
 
     tol = 1e-14 if dtype == torch.float64 else 1e-6
     for variant in ("none", "sum", "product"):
@@ -242,9 +242,9 @@ def test_head_dim_above_256_is_rejected(D, Dv, name):
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not configs.interpreting()
+    assert not runtime.interpreting()
     q, k, v = make_inputs(1, 1, 4, 4, 8, 8, device="cpu", requires_grad=False)
     from vicinity_attn.spec import VicinitySpec
     spec = VicinitySpec(grid=(2, 2), kv_grid=(2, 2))
     with pytest.raises(RuntimeError, match="CUDA tensors"):
-        triton_vicinity_attention(q, k, v, spec)
+        triton_backend.forward(q, k, v, spec)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_rule
-from vicinity_attn.vvt import VicinityVisionAttention, abs_clamp
+from vicinity_attn.layers.vvt import VicinityVisionAttention, abs_clamp
 
 
 def authors_param_shapes(C: int, sr_ratio: int, fr_ratio: int, se_reduction: int) -> dict[str, tuple[int, ...]]:

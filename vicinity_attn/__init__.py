@@ -2,7 +2,7 @@
 from .functional import resolve_backend, triton_available, vicinity_attention
 from .modules import VicinityAttention
 from .positions import feature_count, position_features
-from .scratch import clear_cpu_scratch, cpu_scratch_bytes, cpu_scratch_limit, set_cpu_scratch_limit
+from .backends.scratch import clear_cpu_scratch, cpu_scratch_bytes, cpu_scratch_limit, set_cpu_scratch_limit
 from .spec import VicinitySpec
 
 __version__ = "0.1.0"

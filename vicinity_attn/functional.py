@@ -1,21 +1,18 @@
 """The public functional API and backend dispatch."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .ops import autocast_disabled, autocast_inputs
+from .ops import autocast_disabled, autocast_inputs, custom_op_attention
 from .spec import VicinitySpec
 from .validation import validate_call
-
-BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec], torch.Tensor]
-
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (kernels present and triton importable)."""
     try:
-        from . import triton_backend  # noqa: F401
+        from .backends import triton_backend  # noqa: F401
     except ImportError:
         return False
     return True
@@ -30,20 +27,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def _backend_fn(name: str) -> BackendFn:
-    if name == "torch":
-        from .torch_backend import torch_vicinity_attention
-        return torch_vicinity_attention
+def _run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+    """o [B, H, Nq, Dv] from the backend ``name``: the reference directly (plain autograd), the linear
+    backends through their custom ops (:mod:`.ops`), which torch.compile traces without a graph break."""
     if name == "reference":
-        from .reference import reference_vicinity_attention
-        return reference_vicinity_attention
-    if name == "triton":
+        from .backends.reference import reference_vicinity_attention
+        return reference_vicinity_attention(q, k, v, spec)
+    if name == "triton" and not triton_available():
         try:
-            from .triton_backend import triton_vicinity_attention
+            from .backends import triton_backend  # noqa: F401
         except ImportError as exc:
             raise RuntimeError(f"backend='triton' is not available: {exc}") from exc
-        return triton_vicinity_attention
-    raise ValueError(f"unknown backend {name!r}")
+    if name not in ("torch", "triton"):
+        raise ValueError(f"unknown backend {name!r}")
+    return custom_op_attention(name, q, k, v, spec)
 
 
 def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -85,14 +82,12 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      eps=eps, layout=layout, backend=backend,
                                      num_prefix_tokens=num_prefix_tokens)
     name = resolve_backend(backend, q.device)
-    fn = _backend_fn(name)
     # Under torch.autocast the op runs in the autocast dtype (the backends still accumulate in fp32).
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     if q4.shape[0] == 0 or q4.shape[1] == 0:
         # Empty batch: nothing to compute, but keep the graph so autograd still works.
         out = q4.new_zeros(*q4.shape[:3], v4.shape[-1]) + 0 * (q4.sum() + k4.sum() + v4.sum())
     else:
-        # "torch" and "triton" are registered custom ops, which torch.compile traces without a graph break.
         with autocast_disabled(q4.device):
-            out = fn(q4, k4, v4, spec)
+            out = _run_backend(name, q4, k4, v4, spec)
     return out.transpose(1, 2) if layout == "bnhd" else out

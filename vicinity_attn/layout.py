@@ -1,7 +1,12 @@
-"""Output allocation that follows the caller's memory layout."""
+"""Output allocation that follows the caller's memory layout, and the backends' accumulation dtype."""
 from __future__ import annotations
 
 import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the backends: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def empty_output_like(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import torch_backend
-from .layout import empty_grads_like, empty_output_like
+from .backends import torch_backend
+from .layout import compute_dtype, empty_grads_like, empty_output_like
 from .positions import feature_count
 from .spec import VicinitySpec
 
@@ -66,7 +66,7 @@ def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple) -> tuple[Tens
     """Fake (o, den, S, z) of a forward op: o like the real output; den [*lead, Nq], S [*lead, *state, Dv]
     and z [*lead, *state] in the compute dtype."""
     Nq, Dv = q.shape[2], v.shape[-1]
-    dtype = torch_backend.compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     return (empty_output_like(q, Dv),
             q.new_empty((*lead, Nq), dtype=dtype),
             q.new_empty((*lead, *state, Dv), dtype=dtype),
@@ -85,7 +85,7 @@ def _backend_module(backend: str):
     may be absent)."""
     if backend == "torch":
         return torch_backend
-    from . import triton_backend
+    from .backends import triton_backend
     return triton_backend
 
 
@@ -159,7 +159,7 @@ def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: Vic
     """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
     if backend == "triton":
         # Device / head-dim errors must surface in eager and at trace time alike, before the op.
-        from .triton_backend import check_triton_inputs
+        from .backends.triton_backend import check_triton_inputs
         check_triton_inputs(q, k, v)
     return FORWARD_OPS[backend](q, k, v, *spec_args(spec))[0]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .configs import ChunkPlan, LaunchConfig, Precision, chunk_plan, pick_config, pick_precision, pow2_scale
+from ..runtime import Precision, pick_precision
+from .configs import ChunkPlan, LaunchConfig, chunk_plan, pick_config, pow2_scale
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel

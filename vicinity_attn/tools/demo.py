@@ -1,4 +1,4 @@
-"""A short end-to-end check: ``python -m vicinity_attn.demo``.
+"""A short end-to-end check: ``python -m vicinity_attn.tools.demo``.
 
 Runs ``VicinityAttention`` on the available device with the default backend, compares it with the
 quadratic float64 reference on the same weights, and prints the error and timings.
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import VicinityAttention, resolve_backend
+from .. import VicinityAttention, resolve_backend
 
 
 def main(argv: list[str] | None = None) -> int:

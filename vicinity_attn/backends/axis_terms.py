@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .positions import grid_angles, position_features
+from ..positions import grid_angles, position_features
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,12 @@ import math
 import torch
 from torch import nn
 
-from .feature_maps import apply_feature_map
-from .functional import vicinity_attention
-from .modules import spatial_reduction
-from .positions import expand_features, position_features
-from .torch_backend import compute_dtype
-from .validation import BACKENDS, check_layer_input, check_option, check_positive_int
+from ..feature_maps import apply_feature_map
+from ..functional import vicinity_attention
+from ..layout import compute_dtype
+from ..modules import spatial_reduction
+from ..positions import expand_features, position_features
+from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int
 
 CLAMP_MIN = 1e-4
 CLAMP_MAX = 1e4

@@ -12,7 +12,7 @@ and writes the states directly, and no reduction runs.
 import triton
 import triton.language as tl
 
-from .common import feature_map, mma
+from ..common import feature_map, mma
 from .positions import position_feature
 
 

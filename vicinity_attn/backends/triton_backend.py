@@ -1,5 +1,5 @@
 """The triton backend: the fused kernels in ``vicinity_attn.kernels``, differentiable through the
-custom op of :mod:`vicinity_attn.ops`.
+custom op of :mod:`vicinity_attn.ops` (this module never imports the op back).
 
 Forward saves q, k, v, o, den (one float per query token) and the reduced states S, z (F x D x Dv per
 head), the same order of memory as FlashAttention saves; nothing N x N and no F*D-wide expanded
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.backward import vicinity_backward
-from .kernels.configs import interpreting
-from .kernels.forward import vicinity_forward
-from .kernels.launch import Geometry
-from .layout import empty_grads_like, empty_output_like
-from .spec import VicinitySpec
+from ..kernels.runtime import interpreting
+from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
+from ..layout import empty_grads_like, empty_output_like
+from ..spec import VicinitySpec
 
 MAX_HEAD_DIM = 256
 
@@ -76,14 +74,3 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec))
     return dq, dk, dv
 
-
-def triton_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              spec: VicinitySpec) -> torch.Tensor:
-    """Vicinity attention through the fused Triton kernels.
-
-    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv]: any strides (e.g. transposed [B, N, H, D]
-    views; no copies are made), one float dtype (fp16 / bf16 / fp32; fp64 in the interpreter).
-    Returns o [B, H, Nq, Dv] in q's dtype, laid out in memory like q. Differentiable in q, k, v.
-    """
-    from .ops import custom_op_attention
-    return custom_op_attention("triton", q, k, v, spec)

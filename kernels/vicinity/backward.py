@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .configs import pick_config, pick_precision, pow2_scale
+from ..runtime import pick_precision
+from .configs import pick_config, pow2_scale
 from .contract import contract_dv_kernel, row_weights_kernel
 from .forward import compute_states, contract_d
 from .launch import Geometry

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .feature_maps import apply_feature_map
-from .positions import grid_angles
-from .spec import VicinitySpec
+from ..feature_maps import apply_feature_map
+from ..positions import grid_angles
+from ..spec import VicinitySpec
 
 
 def vicinity_weights(spec: VicinitySpec, *, dtype: torch.dtype = torch.float64,

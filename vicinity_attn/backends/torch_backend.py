@@ -2,7 +2,7 @@
 
 Per (batch, head) it keeps the feature states of DESIGN.md section 1, S_m = sum_j P_k(j)_m
 phi(k_j) v_j^T and z_m = sum_j P_k(j)_m phi(k_j) for the F position features, but computes them,
-the output and the gradients term by term over grid axes (:mod:`vicinity_attn.axis_terms`): tokens
+the output and the gradients term by term over grid axes (:mod:`vicinity_attn.backends.axis_terms`): tokens
 grouped by their coordinate on one axis share that axis's features, so each term costs one
 D x Dv product per token instead of one per feature. For the paper's 2-d "sum" variant that is
 half the FLOPs of the feature form (2 instead of 4 per token and pass), with no F*D-wide expanded
@@ -11,7 +11,7 @@ features at all; nothing Nq x Nk is ever formed.
 Heads are independent, so the work runs in chunks of whole (batch, head) slices of about
 CHUNK_BYTES per token-sized tensor: a chunk's temporaries stay in the CPU's caches (at 224x224 the
 per-token cost then matches 56x56), and they are O(chunk), taken from the CPU scratch cache of
-:mod:`vicinity_attn.scratch`, so repeated calls do not fault fresh pages in.
+:mod:`vicinity_attn.backends.scratch`, so repeated calls do not fault fresh pages in.
 
 Everything is computed in float32 (float64 for float64 inputs). :func:`forward` and
 :func:`backward` are the bodies of the custom ops of :mod:`vicinity_attn.ops`, which also carry
@@ -24,19 +24,14 @@ import math
 import torch
 
 from .axis_terms import AxisTerm, axis_terms, group_by_axis, grouped_view
-from .feature_maps import mul_feature_map_grad_
-from .layout import empty_grads_like, empty_output_like
-from .positions import position_features
+from ..feature_maps import mul_feature_map_grad_
+from ..layout import compute_dtype, empty_grads_like, empty_output_like
+from ..positions import position_features
+from ..spec import VicinitySpec
 from .scratch import scratch
-from .spec import VicinitySpec
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Large temporaries are few, named scratch buffers (vicinity_attn.scratch) and written in place on
+# Large temporaries are few, named scratch buffers (vicinity_attn.backends.scratch) and written in place on
 # purpose: on a CPU every fresh multi-MB buffer costs page faults comparable to a matmul over it, so
 # the passes below reuse buffers and write results with out= / in-place ops wherever possible.
 # Scratch names in use: "phi" (phi(k), then phi(q), or the reverse in backward), "values",
@@ -67,7 +62,7 @@ def _contiguous(x: torch.Tensor, dtype: torch.dtype, scratch_name: str) -> torch
 
 
 class _Workspace:
-    """The flat temporaries of one call, taken from :mod:`vicinity_attn.scratch` on first use:
+    """The flat temporaries of one call, taken from :mod:`vicinity_attn.backends.scratch` on first use:
     grouped (axis-permuted) copies of inputs go to "inputs" / "inputs2" and matmul results to
     "results" (token-sized), per-coordinate mixed states to "mixed" (B*H*max(s)*D*Dv)."""
 
@@ -367,14 +362,3 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if need_dv and dv_g.data_ptr() != dv[:, :, P:].data_ptr():
         dv[:, :, P:] = dv_g
 
-
-def torch_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             spec: VicinitySpec) -> torch.Tensor:
-    """Linear-time vicinity attention in pure PyTorch.
-
-    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv] (any strides, one floating dtype) ->
-    o [B, H, Nq, Dv] in q's dtype, in q's memory order. Differentiable in q, k, v through the
-    registered custom op (its autograd formula calls :func:`backward`).
-    """
-    from .ops import custom_op_attention
-    return custom_op_attention("torch", q, k, v, spec)

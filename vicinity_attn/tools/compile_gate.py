@@ -1,7 +1,7 @@
 """Ahead-of-time compile gate for the Triton kernels: no GPU needed.
 
-    python -m vicinity_attn.compile_gate            # full matrix (every config the launchers can pick)
-    python -m vicinity_attn.compile_gate --quick    # covering subset (used by tests/test_compile_gate.py)
+    python -m vicinity_attn.tools.compile_gate            # full matrix (every config the launchers can pick)
+    python -m vicinity_attn.tools.compile_gate --quick    # covering subset (used by tests/test_compile_gate.py)
 
 Compiles every kernel role (forward state pass, output pass; backward row weights, dq, state
 gradients, dv, dk; the chunk reduction) for sm_80 and sm_90a with the specialisation a real launch
@@ -90,7 +90,7 @@ def build_cases(quick: bool) -> list[Case]:
     base geometry, plus every geometry (variant x axes x prefix; elu1 with prefix, relu without) at
     the largest tile in bf16. Quick: the smallest and largest tile per dtype family and the geometry
     extremes (the largest F, the smallest, the 3-d sum)."""
-    from .kernels.configs import gpu_tiles
+    from ..kernels.vicinity.configs import gpu_tiles
 
     if quick:
         dtype_tiles = [("fp16", 16), ("fp16", 64), ("bf16", 64), ("fp32", 32)]
@@ -129,12 +129,13 @@ def _source(case: Case):
 
     from triton.compiler import ASTSource
 
-    from .kernels.configs import gpu_config, pick_precision
-    from .kernels.forward import REDUCE_BLOCK, REDUCE_WARPS
-    from .kernels.launch import Geometry
+    from ..kernels.runtime import pick_precision
+    from ..kernels.vicinity.configs import gpu_config
+    from ..kernels.vicinity.forward import REDUCE_BLOCK, REDUCE_WARPS
+    from ..kernels.vicinity.launch import Geometry
 
     role = ROLE_BY_NAME[case.role]
-    fn = _jit_function(getattr(importlib.import_module(f"vicinity_attn.kernels.{role.module}"), role.kernel))
+    fn = _jit_function(getattr(importlib.import_module(f"vicinity_attn.kernels.vicinity.{role.module}"), role.kernel))
     prec = pick_precision(_torch_dtype(case.dtype), interpret=False)
     variant, n_axes, has_prefix, fmap = case.geometry
     if role.name == "chunk_reduce":
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if _interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "vicinity_attn.compile_gate"] + (argv if argv is not None else sys.argv[1:])
+        cmd = [sys.executable, "-m", "vicinity_attn.tools.compile_gate"] + (argv if argv is not None else sys.argv[1:])
         return subprocess.run(cmd, env=env).returncode
     start = time.perf_counter()
     rows, ok = run_gate(args.quick, args.jobs)

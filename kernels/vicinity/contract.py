@@ -12,7 +12,7 @@ States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtyp
 import triton
 import triton.language as tl
 
-from .common import feature_map, feature_map_grad, mma
+from ..common import feature_map, feature_map_grad, mma
 from .positions import position_feature
 
 
