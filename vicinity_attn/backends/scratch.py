@@ -15,32 +15,71 @@ never share one. Buffers grow to the largest request seen and are held until
 ``VICINITY_ATTN_CPU_SCRATCH_MB``) gets a plain fresh tensor instead. The buffers held between calls
 add to the process's memory everywhere else too (other layers' peaks included), by at most the
 limit per thread that calls the backend.
+
+Re-entrancy: a call may start while another is in flight on the same thread (a signal handler, a
+hook, a ``__torch_function__`` override that runs the attention again). The backend wraps each
+forward and backward in :func:`scratch_session`; only the outermost session of a thread uses the
+cache, a nested one gets fresh tensors, so it can never overwrite the outer call's temporaries.
+
+A malformed ``VICINITY_ATTN_CPU_SCRATCH_MB`` (not a number, negative, nan or inf) does not make
+``import vicinity_attn`` fail: the variable only tunes memory reuse, never a result, so the import
+warns (``RuntimeWarning`` naming the variable and its value) and keeps the default limit.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import threading
+import warnings
+from typing import Iterator
 
 import torch
 
 _DEFAULT_LIMIT_BYTES = 256 * 2 ** 20
 
 
+ENV_VAR = "VICINITY_ATTN_CPU_SCRATCH_MB"
+
+
 def _limit_from_env() -> int:
-    raw = os.environ.get("VICINITY_ATTN_CPU_SCRATCH_MB")
+    """The limit in bytes from ``VICINITY_ATTN_CPU_SCRATCH_MB`` (a finite number of MiB >= 0), the
+    default when it is unset or blank; ValueError naming the variable otherwise."""
+    raw = os.environ.get(ENV_VAR)
     if raw is None or raw.strip() == "":
         return _DEFAULT_LIMIT_BYTES
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"VICINITY_ATTN_CPU_SCRATCH_MB must be a number of MiB, got {raw!r}") from None
-    if mb < 0:
-        raise ValueError(f"VICINITY_ATTN_CPU_SCRATCH_MB must be >= 0, got {raw!r}")
+        raise ValueError(f"{ENV_VAR} must be a number of MiB, got {raw!r}") from None
+    if not math.isfinite(mb) or mb < 0:
+        raise ValueError(f"{ENV_VAR} must be a finite number of MiB >= 0, got {raw!r}")
     return int(mb * 2 ** 20)
 
 
-_limit_bytes = _limit_from_env()
+def _initial_limit() -> int:
+    """The limit at import: a bad environment value warns and falls back (see the module docstring)."""
+    try:
+        return _limit_from_env()
+    except ValueError as exc:
+        warnings.warn(f"{exc}; ignoring it and keeping the default limit of "
+                      f"{_DEFAULT_LIMIT_BYTES // 2 ** 20} MiB", RuntimeWarning, stacklevel=2)
+        return _DEFAULT_LIMIT_BYTES
+
+
+_limit_bytes = _initial_limit()
 _local = threading.local()
+
+
+@contextlib.contextmanager
+def scratch_session() -> Iterator[None]:
+    """Marks one backend call on this thread; :func:`scratch` inside a nested session (a call started
+    while another is in flight on the same thread) returns fresh tensors instead of cached ones."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
 
 
 def _buffers() -> dict[tuple[str, torch.dtype], torch.Tensor]:
@@ -80,8 +119,9 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     """A flat tensor of ``numel`` elements with undefined contents, for temporaries only.
 
     Two live temporaries must use different names: a later request for ``name`` (same dtype, this
-    thread) returns the same memory. Never return the result or save it for backward."""
-    if device.type != "cpu":
+    thread) returns the same memory. Never return the result or save it for backward. Inside a
+    nested :func:`scratch_session` the result is always a fresh tensor."""
+    if device.type != "cpu" or getattr(_local, "depth", 0) > 1:
         return torch.empty(numel, dtype=dtype, device=device)
     buffers = _buffers()
     key = (name, dtype)

@@ -28,7 +28,7 @@ from ..feature_maps import mul_feature_map_grad_
 from ..layout import compute_dtype, empty_grads_like, empty_output_like
 from ..positions import position_features
 from ..spec import VicinitySpec
-from .scratch import scratch
+from .scratch import scratch, scratch_session
 
 
 # Large temporaries are few, named scratch buffers (vicinity_attn.backends.scratch) and written in place on
@@ -204,8 +204,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     den = torch.empty(B, H, pl.Nq, dtype=dtype, device=q.device)
     S = torch.zeros(B, H, pl.F, pl.D, pl.Dv, dtype=dtype, device=q.device)
     z = torch.empty(B, H, pl.F, pl.D, dtype=dtype, device=q.device)
-    for c in pl.chunks:
-        _forward_chunk(pl, q[c], k[c], v[c], o[c], den[c], S[c], z[c])
+    with scratch_session():
+        for c in pl.chunks:
+            _forward_chunk(pl, q[c], k[c], v[c], o[c], den[c], S[c], z[c])
     return o, den, S.view(B, H, pl.F * pl.D, pl.Dv), z.view(B, H, pl.F * pl.D)
 
 
@@ -269,9 +270,10 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     S = S.view(B, H, pl.F, pl.D, pl.Dv)
     z = z.view(B, H, pl.F, pl.D)
     dq, dk, dv = empty_grads_like((q, k, v), needs)
-    for c in pl.chunks:
-        _backward_chunk(pl, do[c], q[c], k[c], v[c], o[c], den[c], S[c], z[c],
-                        *(None if g is None else g[c] for g in (dq, dk, dv)))
+    with scratch_session():
+        for c in pl.chunks:
+            _backward_chunk(pl, do[c], q[c], k[c], v[c], o[c], den[c], S[c], z[c],
+                            *(None if g is None else g[c] for g in (dq, dk, dv)))
     return dq, dk, dv
 
 
