@@ -51,9 +51,15 @@ def _spec(grid: Sequence[int], kv_grid: Sequence[int], variant: str, feature_map
                         num_prefix_tokens=int(num_prefix_tokens))
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for device types autocast does not know
+    (e.g. "meta", where ``torch.is_autocast_enabled`` raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_disabled(device: torch.device):
     """Autocast off for the op bodies (see the module docstring); a no-op where autocast is not on."""
-    if torch.is_autocast_enabled(device.type):
+    if autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -168,7 +174,7 @@ def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     """Under ``torch.autocast`` for q's device type, q, k, v cast to the autocast dtype (the way autocast
     treats matmuls: float16 / bfloat16 / float32 inputs are cast, float64 is left alone); else unchanged."""
     device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t.to(dtype) if t.dtype != torch.float64 else t  # noqa: E731

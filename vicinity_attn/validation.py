@@ -44,9 +44,21 @@ def check_option(value: object, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """A plain strided tensor: sparse (COO, CSR, ...), mkldnn and nested tensors have no strides the
+    backends could index (they fail deep inside, or give wrong answers, without this check)."""
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    if t.layout != torch.strided:
+        kind = str(t.layout).replace("torch.", "").lstrip("_")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor (layout {t.layout}); "
+                        f"convert it with .to_dense() first")
+
+
 def check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(t, name)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
     if t.dim() != 4:
@@ -82,6 +94,7 @@ def check_layer_input(x: object, H: object, W: object, channels: int, channels_n
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_dense(x, "x")
     check_positive_int(H, "H")
     check_positive_int(W, "W")
     if x.shape[2] != channels:
