@@ -17,13 +17,13 @@ def feature_map(x, mask, FMAP: tl.constexpr):
 
 
 @triton.jit
-def feature_map_grad(x, FMAP: tl.constexpr):
-    """phi'(x); relu'(0) = 0, elu1'(x) = exp(x) below zero."""
+def mul_feature_map_grad(acc, x, FMAP: tl.constexpr):
+    """acc * phi'(x); relu'(0) = 0, elu1'(x) = exp(x) below zero. As autograd's relu: exactly 0 where
+    relu' = 0 even when acc is NaN / inf (a select, not a product with 0)."""
     if FMAP == 0:
-        g = tl.where(x > 0, 1.0, 0.0)
+        return tl.where(x <= 0, 0.0, acc)   # NaN x: acc passes, as in autograd
     else:
-        g = tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
-    return g.to(x.dtype)
+        return acc * tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0))).to(x.dtype)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtyp
 import triton
 import triton.language as tl
 
-from ..common import feature_map, feature_map_grad, mma
+from ..common import feature_map, mma, mul_feature_map_grad
 from .positions import position_feature
 
 
@@ -175,7 +175,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
     mask = mask_n[:, None] & mask_d[None, :]
     x = tl.load(x_ptr + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
                 mask=mask, other=0.0).to(ACC)
-    acc = acc * feature_map_grad(x, FMAP) * out_scale
+    acc = mul_feature_map_grad(acc, x, FMAP) * out_scale
     tl.store(out_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
