@@ -15,12 +15,21 @@ def apply_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
+def feature_map_grad_mul(grad: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """grad * phi'(x) as a new tensor, from phi = phi(x), with autograd's semantics for relu and elu:
+    where phi' = 0 (relu, x <= 0) the result is exactly 0 even if grad is NaN or inf, and where x is
+    NaN, grad passes through. No data-dependent branch (works under vmap)."""
+    if feature_map == "relu":
+        return grad.masked_fill(phi <= 0, 0.0)
+    if feature_map == "elu1":
+        return grad * _elu1_slope(phi)
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
 def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str,
                           temp: torch.Tensor | None = None) -> torch.Tensor:
-    """grad *= phi'(x), in place, from phi = phi(x) alone (x need not be kept), with autograd's
-    semantics for relu and elu: where phi' = 0 the result is 0 even if grad is NaN or inf (a NaN in
-    one feature of q_i makes all of dphi(q_i) NaN, but dq_i stays 0 where q_i <= 0, as the
-    reference's autograd gives), and where x is NaN, grad passes through.
+    """grad *= phi'(x), in place: :func:`feature_map_grad_mul`'s result (a NaN in one feature of q_i
+    makes all of dphi(q_i) NaN, but dq_i stays 0 where q_i <= 0, as the reference's autograd gives).
 
     relu' = [phi > 0] (so relu'(0) = 0); elu1' = 1 above zero (where phi > 1), phi = exp(x) below,
     i.e. min(phi, 1). phi' is one elementwise temporary, written into ``temp`` (phi's shape and dtype)
@@ -33,10 +42,14 @@ def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: st
             return grad.mul_(torch.sign(phi, out=temp))
         return grad.masked_fill_(phi <= 0, 0.0)
     if feature_map == "elu1":
-        # phi < 1 exactly where x < 0 (and phi = exp(x) there); NaN phi (NaN x) selects 1: grad passes.
-        factor = torch.where(phi < 1.0, phi, torch.ones((), dtype=phi.dtype, device=phi.device))
-        return grad.mul_(factor)
+        return grad.mul_(_elu1_slope(phi))
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def _elu1_slope(phi: torch.Tensor) -> torch.Tensor:
+    """elu1'(x) from phi = elu1(x): phi (= exp(x)) where phi < 1, i.e. x < 0; 1 elsewhere, NaN x included
+    (autograd's elu passes the gradient through a NaN input)."""
+    return torch.where(phi < 1.0, phi, torch.ones((), dtype=phi.dtype, device=phi.device))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

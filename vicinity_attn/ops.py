@@ -3,8 +3,8 @@
 ``torch.compile`` cannot look inside an ``autograd.Function`` that runs Python loops over chunks or
 launches Triton kernels without a graph break; a custom op is opaque to it instead: the compiler
 only needs the op's schema, a *fake* implementation (output shapes, dtypes and strides from input
-metadata) and an autograd formula. These ops are the only autograd path of the "torch" and
-"triton" backends; each gets two, over its ``forward()`` / ``backward()`` functions:
+metadata) and an autograd formula. The "torch" and "triton" backends run only through these ops;
+each gets two, over its ``forward()`` / ``backward()`` functions:
 
     vicinity_attn::torch_forward(q, k, v, <spec>)  -> (o, den, S, z)
     vicinity_attn::torch_backward(do, q, k, v, o, den, S, z, <spec>, need_dq, need_dk, need_dv) -> (dq, dk, dv)
@@ -17,7 +17,17 @@ specific shapes); only ``o`` is handed to users. A gradient not asked for comes 
 tensor (custom ops cannot return None) and is turned back into None here.
 
 The forward op's autograd formula calls the backward op, so the compiled backward graph holds one
-opaque call as well. The backward op itself is not differentiable (no double backward).
+opaque call as well. The backward op itself is not differentiable: differentiating it raises
+:data:`DOUBLE_BACKWARD_MESSAGE` (a user-facing error, not torch's "no autograd formula").
+
+Autograd modes: a custom op's registered autograd serves reverse mode (``.backward()``,
+``torch.autograd.grad``) and torch.compile, but torch.func transforms reject it and forward-mode AD
+silently gives it no tangent. While a torch.func transform or a forward-AD level is active, the same
+two ops therefore run inside :class:`_TransformableAttention`, an ``autograd.Function`` with
+``setup_context``, a generated vmap rule (over the ops' own vmap rules, which fold the vmapped
+dimension into the batch) and a ``jvp`` (:mod:`vicinity_attn.backends.tangent`). Supported: grad,
+vjp, jacrev, jvp, jacfwd, vmap and ``torch.autograd.forward_ad``; not supported: any derivative of
+a derivative (double backward, hessian, jvp of a grad), which raises the message above.
 
 Autocast: the ops run their bodies with autocast disabled, so that the backends' float32
 accumulations are not silently turned into bf16 / fp16 matmuls; casting the inputs to the
@@ -32,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .backends import torch_backend
+from .backends.tangent import vicinity_tangent
 from .layout import compute_dtype, empty_grads_like, empty_output_like
 from .positions import feature_count
 from .spec import VicinitySpec
@@ -126,7 +137,47 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
 
     backward_op.register_fake(_fake_backward)
     forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
+    backward_op.register_autograd(_no_double_backward(backend), setup_context=lambda ctx, inputs, output: None)
+
+    # vmap: the ops already take a batch of (batch, head) slices; a vmapped dimension is folded into B.
+    @forward_op.register_vmap
+    def _(info, in_dims, q, k, v, *spec):
+        n = info.batch_size
+        outs = forward_op(*(_fold(t, d, n) for t, d in zip((q, k, v), in_dims)), *spec)
+        return tuple(t.unflatten(0, (n, -1)) for t in outs), (0, 0, 0, 0)
+
+    @backward_op.register_vmap
+    def _(info, in_dims, *args):
+        n = info.batch_size
+        tensors = [_fold(t, d, n) for t, d in zip(args[:8], in_dims)]
+        grads = backward_op(*tensors, *args[8:])
+        # A gradient not asked for is an empty placeholder, not batched.
+        return (tuple(g.unflatten(0, (n, -1)) if g.numel() else g for g in grads),
+                tuple(0 if g.numel() else None for g in grads))
+
     return forward_op, backward_op
+
+
+def _fold(t: Tensor, dim: int | None, n: int) -> Tensor:
+    """A vmapped tensor [..n at dim..] (or an unbatched one, broadcast to n) as a contiguous [n * B, ...]
+    (the kernels take the saved states contiguous, and a broadcast would give them a zero stride)."""
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.flatten(0, 1).contiguous()
+
+
+def _no_double_backward(backend: str):
+    """The backward op's autograd formula: a clear error where a gradient of a gradient is asked for."""
+    def _backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend=backend))
+    return _backward
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "vicinity_attention(backend={backend!r}) does not support double backward (a gradient of a gradient: "
+    "backward through a graph built with create_graph=True, torch.func.hessian, nested torch.func.grad, "
+    "jacfwd/jvp over a gradient). Its backward is hand-written and not itself differentiable. "
+    "Use backend='reference' (plain PyTorch autograd, quadratic in the number of tokens) for higher-order "
+    "derivatives.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,6 +210,81 @@ torch_forward, torch_backward = _define_ops("torch", lambda B, H, F, D: ((B, H),
 triton_forward, triton_backward = _define_ops("triton", lambda B, H, F, D: ((B * H,), (F, D)))
 
 FORWARD_OPS = {"torch": torch_forward, "triton": triton_forward}
+BACKWARD_OPS = {"torch": torch_backward, "triton": triton_backward}
+
+
+# ----------------------------------------------------------------------------------------------------
+# functorch transforms and forward-mode AD
+# ----------------------------------------------------------------------------------------------------
+
+class _TransformableAttention(torch.autograd.Function):
+    """The same forward and backward ops as an ``autograd.Function`` with ``setup_context``, a ``jvp``
+    and a generated vmap rule: what torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) and
+    forward-mode AD (``torch.autograd.forward_ad``) need, and what a custom op's registered autograd
+    lacks (torch.func rejects it; forward AD silently gives no tangent). Used only while such a
+    transform or a forward-AD level is active (:func:`_transform_active`); torch.compile never sees
+    it (Dynamo does not trace an ``autograd.Function`` with a custom ``jvp``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, backend: str, spec: VicinitySpec):
+        return FORWARD_OPS[backend](q, k, v, *spec_args(spec))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, backend, spec = inputs
+        o, den, S, z = output
+        ctx.mark_non_differentiable(den, S, z)
+        ctx.save_for_backward(q, k, v, o, den, S, z)
+        ctx.save_for_forward(q, k, v)
+        ctx.backend, ctx.spec = backend, spec
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, do, _dden, _dS, _dz):
+        if do is None:
+            return (None,) * 5
+        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        grads = _TransformableBackward.apply(do, *ctx.saved_tensors, ctx.backend, ctx.spec, *needs)
+        return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _backend, _spec):
+        q, k, v = ctx.saved_tensors
+        return vicinity_tangent(q, k, v, tq, tk, tv, ctx.spec), None, None, None
+
+
+class _TransformableBackward(torch.autograd.Function):
+    """The backward op under torch.func transforms: differentiating it again (hessian, jacfwd over a
+    gradient, nested grad) raises :data:`DOUBLE_BACKWARD_MESSAGE` instead of torch's generic errors."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(do, q, k, v, o, den, S, z, backend: str, spec: VicinitySpec, need_dq: bool, need_dk: bool,
+                need_dv: bool):
+        return BACKWARD_OPS[backend](do, q, k, v, o, den, S, z, *spec_args(spec), need_dq, need_dk, need_dv)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.backend = inputs[8]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend=ctx.backend))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend=ctx.backend))
+
+
+def _transform_active() -> bool:
+    """A torch.func transform or a forward-AD dual level is active (and we are not being compiled)."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:
@@ -167,6 +293,8 @@ def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: Vic
         # Device / head-dim errors must surface in eager and at trace time alike, before the op.
         from .backends.triton_backend import check_triton_inputs
         check_triton_inputs(q, k, v)
+    if _transform_active():
+        return _TransformableAttention.apply(q, k, v, backend, spec)[0]
     return FORWARD_OPS[backend](q, k, v, *spec_args(spec))[0]
 
 

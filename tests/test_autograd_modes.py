@@ -1,0 +1,144 @@
+"""Autograd modes beyond ``.backward()``: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad),
+torch.func grad / jacrev / jacfwd / vmap, and a clear error for derivatives of derivatives.
+
+Every result is compared with the float64 reference, which is plain PyTorch autograd of the formula.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from helpers import assert_rule, make_inputs, rel_err, token_counts
+from vicinity_attn import vicinity_attention
+
+LINEAR = ["torch", "triton"]
+
+
+def _case(prefix=1, grid=(3, 4), kv_grid=(2, 3), B=2, H=2, D=4, Dv=5, dtype=torch.float64, layout="bhnd"):
+    Nq, Nk = token_counts(grid, kv_grid, prefix)
+    q, k, v = make_inputs(B, H, Nq, Nk, D, Dv, dtype=dtype, layout=layout, requires_grad=False)
+    return (q, k, v), dict(grid=grid, kv_grid=kv_grid, num_prefix_tokens=prefix, layout=layout)
+
+
+def _fn(backend, **kw):
+    return lambda q, k, v: vicinity_attention(q, k, v, backend=backend, **kw)
+
+
+def _close(got, ref, name):
+    """float64 against the float64 reference: relative error at the level of rounding."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, name
+    err = rel_err(got, ref)
+    assert err < 1e-10, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+@pytest.mark.parametrize("variant,feature_map,layout,prefix", [
+    ("sum", "relu", "bhnd", 1), ("product", "elu1", "bnhd", 0), ("none", "relu", "bnhd", 2)])
+def test_jvp_matches_reference(backend, variant, feature_map, layout, prefix):
+    inputs, kw = _case(prefix=prefix, layout=layout)
+    kw.update(variant=variant, feature_map=feature_map)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    ref_out, ref_t = torch.func.jvp(_fn("reference", **kw), inputs, tangents)
+    out, t = torch.func.jvp(_fn(backend, **kw), inputs, tangents)
+    assert t.abs().max() > 0
+    _close(out, ref_out, "primal")
+    _close(t, ref_t, "tangent")
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+@pytest.mark.parametrize("with_tangent", ["q", "k", "v"])
+def test_forward_ad_api_gives_the_tangent(backend, with_tangent):
+    """torch.autograd.forward_ad: one input dual, the others plain."""
+    (q, k, v), kw = _case()
+    t = torch.randn_like({"q": q, "k": k, "v": v}[with_tangent])
+    ref = torch.func.jvp(lambda x: _fn("reference", **kw)(**{"q": q, "k": k, "v": v, with_tangent: x}),
+                         ({"q": q, "k": k, "v": v}[with_tangent],), (t,))[1]
+    with fwAD.dual_level():
+        args = {"q": q, "k": k, "v": v}
+        args[with_tangent] = fwAD.make_dual(args[with_tangent], t)
+        tangent = fwAD.unpack_dual(_fn(backend, **kw)(**args)).tangent
+    assert tangent is not None
+    _close(tangent, ref, "tangent")
+
+
+def test_jvp_float32_by_tolerance_rule():
+    inputs, kw = _case(dtype=torch.float32)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    as64 = tuple(t.double() for t in inputs)
+    ref = torch.func.jvp(_fn("reference", **kw), as64, tuple(t.double() for t in tangents))[1]
+    plain = torch.func.jvp(_fn("reference", **kw), inputs, tangents)[1]
+    got = torch.func.jvp(_fn("torch", **kw), inputs, tangents)[1]
+    assert got.dtype == torch.float32
+    assert_rule("tangent", got, ref, plain, torch.float32)
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+def test_func_grad_and_vmap_of_grad(backend):
+    inputs, kw = _case(B=2, H=1, grid=(2, 3), kv_grid=(2, 2))
+    loss = lambda be: (lambda q, k, v: _fn(be, **kw)(q, k, v).square().sum())  # noqa: E731
+    ref = torch.func.grad(loss("reference"), argnums=(0, 1, 2))(*inputs)
+    got = torch.func.grad(loss(backend), argnums=(0, 1, 2))(*inputs)
+    for name, g, r in zip("qkv", got, ref):
+        _close(g, r, f"grad d{name}")
+    # per-example gradients: vmap over the batch of a grad over one example
+    per_example = lambda be: torch.func.vmap(torch.func.grad(loss(be), argnums=(0, 1, 2)))  # noqa: E731
+    batched = tuple(t.unsqueeze(1) for t in inputs)
+    for name, g, r in zip("qkv", per_example(backend)(*batched), per_example("reference")(*batched)):
+        _close(g, r, f"vmap(grad) d{name}")
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
+def test_jacobians(backend, transform):
+    inputs, kw = _case(B=1, H=1, prefix=0, grid=(2, 2), kv_grid=(2, 1), D=2, Dv=1)
+    jac = getattr(torch.func, transform)
+    ref = jac(_fn("reference", **kw), argnums=(0, 1, 2))(*inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = jac(_fn(backend, **kw), argnums=(0, 1, 2))(*inputs)
+    assert not [w for w in caught if "performance drop" in str(w.message)], "vmap fell back to a loop"
+    for name, g, r in zip("qkv", got, ref):
+        _close(g, r, f"{transform} d/d{name}")
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+def test_vmap_over_an_extra_dimension(backend):
+    (q, k, v), kw = _case(B=1, H=1)
+    qs = torch.randn(2, *q.shape, dtype=q.dtype)            # vmapped q, shared k and v
+    ref = torch.stack([_fn("reference", **kw)(x, k, v) for x in qs])
+    got = torch.func.vmap(_fn(backend, **kw), in_dims=(0, None, None))(qs, k, v)
+    _close(got, ref, "vmap")
+
+
+SECOND_ORDER = {
+    "create_graph": lambda f, q, k, v: torch.autograd.grad(
+        torch.autograd.grad(f(q, k, v).square().sum(), q, create_graph=True)[0].sum(), q),
+    "hessian": lambda f, q, k, v: torch.func.hessian(lambda x: f(x, k, v).sum())(q),
+    "grad_of_grad": lambda f, q, k, v: torch.func.grad(
+        lambda x: torch.func.grad(lambda y: f(y, k, v).square().sum())(x).sum())(q),
+    "jvp_of_grad": lambda f, q, k, v: torch.func.jvp(
+        torch.func.grad(lambda y: f(y, k, v).square().sum()), (q,), (torch.randn_like(q),)),
+}
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+@pytest.mark.parametrize("mode", list(SECOND_ORDER))
+def test_second_order_says_what_is_supported(backend, mode):
+    (q, k, v), kw = _case(B=1, H=1, prefix=0, kv_grid=(2, 2), D=2, Dv=2)
+    q = q.requires_grad_(mode == "create_graph")
+    with pytest.raises(RuntimeError, match=rf"backend='{backend}'\) does not support double backward.*"
+                                           r"backend='reference'"):
+        SECOND_ORDER[mode](_fn(backend, **kw), q, k, v)
+    SECOND_ORDER[mode](_fn("reference", **kw), q, k, v)     # the suggested way out works
+
+
+def test_plain_calls_keep_the_custom_op_autograd():
+    """Outside transforms the call is the custom op (what torch.compile traces); inside forward AD it is
+    the transformable Function."""
+    (q, k, v), kw = _case()
+    q.requires_grad_(True)
+    assert "vicinity_attn_torch_forward" in type(_fn("torch", **kw)(q, k, v).grad_fn).__name__
+    with fwAD.dual_level():
+        out = _fn("torch", **kw)(fwAD.make_dual(q, torch.randn_like(q)), k, v)
+    assert "TransformableAttention" in type(out.grad_fn).__name__
