@@ -83,3 +83,19 @@ def test_module_materialised_from_meta_is_correct():
     x = torch.randn(2, 16, 8, dtype=torch.float64)
     want = reference(x, 4, 4)
     assert_rule("module output", layer(x, 4, 4), want, want, torch.float64)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_vvt_layer_deferred_init(clip):
+    from vicinity_attn.layers.vvt import VicinityVisionAttention
+    with torch.device("meta"):
+        layer = VicinityVisionAttention(16, 2, sr_ratio=2, clip=clip, backend="torch")
+        y = layer(torch.randn(2, 16, 16), 4, 4)
+    assert y.device.type == "meta" and y.shape == (2, 16, 16)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(float("nan"))
+    layer.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert torch.isfinite(layer(torch.randn(2, 16, 16), 4, 4)).all()
