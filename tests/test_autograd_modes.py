@@ -142,3 +142,41 @@ def test_plain_calls_keep_the_custom_op_autograd():
     with fwAD.dual_level():
         out = _fn("torch", **kw)(fwAD.make_dual(q, torch.randn_like(q)), k, v)
     assert "TransformableAttention" in type(out.grad_fn).__name__
+
+
+def _spec_with(**extra):
+    """A VicinitySpec with fields this branch's spec may lack (L2ViT's den_floor, a clamp option)."""
+    import dataclasses
+
+    from vicinity_attn.spec import VicinitySpec
+    names = {f.name for f in dataclasses.fields(VicinitySpec)}
+    missing = [(name, object, None) for name in extra if name not in names]
+    cls = dataclasses.make_dataclass("SpecWithOptions", missing, bases=(VicinitySpec,), frozen=True) \
+        if missing else VicinitySpec
+    return cls(grid=(3, 4), kv_grid=(3, 4), **extra)
+
+
+def test_tangent_with_normaliser_floor_matches_autograd_of_the_formula():
+    from vicinity_attn.backends.reference import vicinity_weights
+    from vicinity_attn.backends.tangent import vicinity_tangent
+    spec = _spec_with(den_floor=3.0)
+    q, k, v = make_inputs(2, 2, 12, 12, 4, 3, requires_grad=False)
+    w = vicinity_weights(spec)
+
+    def formula(q, k, v):
+        a = (q.relu() @ k.relu().transpose(-1, -2)) * w
+        return (a @ v) / (a.sum(-1, keepdim=True).clamp_min(3.0) + spec.eps)
+
+    raw = ((q.relu() @ k.relu().transpose(-1, -2)) * w).sum(-1)
+    assert (raw < 3.0).any() and (raw > 3.0).any(), "the floor must be active on some rows only"
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    ref = torch.func.jvp(formula, (q, k, v), tangents)[1]
+    _close(vicinity_tangent(q, k, v, *tangents, spec), ref, "tangent with floor")
+
+
+def test_tangent_rejects_options_it_does_not_know():
+    from vicinity_attn.backends.tangent import vicinity_tangent
+    spec = _spec_with(clamp=(1e-4, 1e4))
+    q, k, v = make_inputs(1, 1, 12, 12, 2, 2, requires_grad=False)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* does not support clamp="):
+        vicinity_tangent(q, k, v, torch.randn_like(q), None, None, spec)
