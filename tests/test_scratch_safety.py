@@ -121,7 +121,14 @@ def test_bad_env_value_is_named(monkeypatch, raw):
         scratch_mod._limit_from_env()
 
 
-@pytest.mark.parametrize("raw", ["nan", "inf", "garbage"])
+@pytest.mark.parametrize("raw", ["nan", "inf", "garbage", "-1"])
+def test_bad_env_value_falls_back_with_a_warning(monkeypatch, raw):
+    monkeypatch.setenv(scratch_mod.ENV_VAR, raw)
+    with pytest.warns(RuntimeWarning, match=rf"VICINITY_ATTN_CPU_SCRATCH_MB .*{raw!r}.*default"):
+        assert scratch_mod._initial_limit() == 256 * 2 ** 20
+
+
+@pytest.mark.parametrize("raw", ["nan"])
 def test_bad_env_value_warns_at_import_and_keeps_default(raw):
     """A fresh interpreter: import succeeds with a RuntimeWarning naming the variable, default kept."""
     code = ("import warnings; warnings.simplefilter('error', RuntimeWarning)\n"
