@@ -36,6 +36,7 @@ autocast dtype is done by :func:`autocast_inputs`, called from ``vicinity_attent
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -155,6 +156,8 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
         return (tuple(g.unflatten(0, (n, -1)) if g.numel() else g for g in grads),
                 tuple(0 if g.numel() else None for g in grads))
 
+    for op in (forward_op, backward_op):
+        _defer_dynamo_import(op)
     return forward_op, backward_op
 
 
@@ -178,6 +181,32 @@ DOUBLE_BACKWARD_MESSAGE = (
     "jacfwd/jvp over a gradient). Its backward is hand-written and not itself differentiable. "
     "Use backend='reference' (plain PyTorch autograd, quadratic in the number of tokens) for higher-order "
     "derivatives.")
+
+
+def _defer_dynamo_import(op) -> None:
+    """Spare eager users the ~1 s import of ``torch._dynamo`` on the op's first call.
+
+    ``torch.library.custom_op`` wraps each implementation in ``torch._disable_dynamo``, which imports
+    ``torch._dynamo`` the first time it runs, to turn off frame evaluation inside the body. While
+    ``torch._dynamo`` has never been imported, no frame-evaluation hook can be installed, so there is
+    nothing to turn off: until then the body is called directly; after that, the real disable is built
+    once (as torch would) and used. Where torch's internals differ from what is expected here, nothing
+    is changed (the first call then just pays the import).
+    """
+    for wrapper in getattr(op, "_backend_fns", {}).values():
+        body = getattr(wrapper, "__wrapped__", None)
+        if body is None or hasattr(body, "__dynamo_disable"):
+            continue
+
+        def call(*args, _body=body, **kwargs):
+            if "torch._dynamo" not in sys.modules:
+                return _body(*args, **kwargs)
+            import torch._dynamo
+            disabled = torch._dynamo.disable(_body, recursive=True, wrapping=False)
+            _body.__dynamo_disable = disabled   # torch's own cache slot: later calls go straight there
+            return disabled(*args, **kwargs)
+
+        body.__dynamo_disable = call
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import math
 import torch
 
 from .axis_terms import AxisTerm, axis_terms, group_by_axis, grouped_view
+from .cpu_threads import with_call_threads
 from ..feature_maps import mul_feature_map_grad_
 from ..layout import compute_dtype, empty_grads_like, empty_output_like
 from ..positions import position_features
@@ -189,6 +190,7 @@ def _head_chunks(B: int, H: int, per_chunk: int) -> list[tuple[slice, slice]]:
     return [(slice(b, b + 1), slice(h, min(h + per_chunk, H))) for b in range(B) for h in range(0, H, per_chunk)]
 
 
+@with_call_threads   # threads per call from its size and the cores left idle (cpu_threads.py)
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass: (o, den, S, z).
@@ -256,6 +258,7 @@ def _forward_chunk(pl: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o[:, :, P:] = num
 
 
+@with_call_threads
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
              needs: tuple[bool, bool, bool] = (True, True, True),
