@@ -11,6 +11,7 @@ Run ``python -m bench --help`` from the repository root. Modules, one job each:
 - :mod:`bench.memory`    saved-for-backward bytes, peak GPU memory, memory estimates;
 - :mod:`bench.runner`    sweeps cases x providers x modes into rows, skipping with a reason;
 - :mod:`bench.report`    stdout table, JSON, log-log plot;
-- :mod:`bench.targets`   the issue-4 targets of the torch backend, measured in one run;
+- :mod:`bench.targets`   the torch backend's CPU performance targets, measured in one run;
+- :mod:`bench.model`     a whole VVT-tiny-shaped backbone: training-step time and peak memory against resolution;
 - :mod:`bench.cli`       the command line.
 """

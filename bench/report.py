@@ -8,6 +8,9 @@ from typing import Sequence
 
 from .flops import FLOP_FORMULA_TEXT
 
+# A row whose spread (interquartile range / median of its samples) is above this is flagged as noisy.
+NOISY_SPREAD = 0.25
+
 
 def _fmt_bytes(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
@@ -40,11 +43,12 @@ def format_table(rows: Sequence[dict], env: dict) -> str:
     skipped = []
     for r in rows:
         if r["skipped"]:
-            skipped.append(f"  {r['case']} {r['mode']} {r['provider']}: {r['skipped']}")
-            table.append((r["case"], r["mode"], r["provider"], str(r["n"]), "skipped", "-", "-", "-", "-", "-"))
+            skipped.append(f"  {r['case']} {r['mode']} {r['label']}: {r['skipped']}")
+            table.append((r["case"], r["mode"], r["label"], str(r["n"]), "skipped", "-", "-", "-", "-", "-"))
             continue
+        spread = f"{100 * r['rel_iqr']:.0f}%" + (" noisy" if r.get("noisy") else "")
         table.append((r["case"], r["mode"], r["label"], str(r["n"]), f"{r['median_ms']:.3f}",
-                      f"{100 * r['rel_iqr']:.0f}%", _fmt_rate(r["flops_per_s"]), _fmt_ratio(r["speedup_vs_flash"]),
+                      spread, _fmt_rate(r["flops_per_s"]), _fmt_ratio(r["speedup_vs_flash"]),
                       _fmt_bytes(r["saved_bytes"]), _fmt_bytes(r["peak_bytes"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     numeric = {3, 4, 5, 6, 7, 8, 9}
@@ -56,6 +60,10 @@ def format_table(rows: Sequence[dict], env: dict) -> str:
     if skipped:
         lines.append("Skipped:")
         lines.extend(skipped)
+    n_noisy = sum(bool(r.get("noisy")) for r in rows)
+    if n_noisy:
+        lines.append(f"{n_noisy} row(s) marked noisy: spread above {100 * NOISY_SPREAD:.0f}%; their medians are "
+                     "unreliable (other load, or too few samples): rerun, or raise --budget-seconds.")
     lines.append("spread = interquartile range / median of the timed samples. vs flash = time(flash) / "
                  "time(row), same case and mode. saved = bytes autograd keeps for backward (unique storages, "
                  "inputs included). peak = peak allocated memory beyond the inputs, GPU only.")
@@ -73,8 +81,10 @@ def write_json(path: str | Path, rows: Sequence[dict], env: dict, extra: dict | 
 
 
 def write_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
-    """Log-log time against N per provider, one panel per mode. Returns the path, or a reason string
-    when matplotlib is missing (it is an optional dependency: the ``bench`` extra)."""
+    """Log-log time against N per provider, one panel per mode, on one shared y scale; interquartile
+    ranges as error bars, skipped points as crosses on the top edge, x ticks labelled with the grids.
+    Returns the path, or a reason string when matplotlib is missing (it is an optional dependency:
+    the ``bench`` extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only; never needs a display
@@ -82,30 +92,59 @@ def write_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
     except ImportError:
         return "matplotlib is not installed (pip install 'vicinity_attn[bench]'): no plot written"
     measured = [r for r in rows if r["median_ms"] is not None]
-    modes = [m for m in ("fwd", "bwd", "fwdbwd") if any(r["mode"] == m for r in measured)]
-    if not modes:
+    modes = [m for m in ("fwd", "bwd", "fwdbwd") if any(r["mode"] == m for r in rows)]
+    if not measured:
         return "nothing was measured: no plot written"
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.6), squeeze=False, sharey=True)
+    ticks = {r["n"]: r["grid_text"] if "grid_text" in r else "x".join(str(g) for g in r["grid"]) for r in rows}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colors = {label: f"C{i}" for i, label in enumerate(labels)}
+    y_top = max(r["q3_ms"] or r["median_ms"] for r in measured) * 2
     for ax, mode in zip(axes[0], modes):
-        by_label: dict[str, list[tuple[int, float]]] = {}
-        for r in measured:
-            if r["mode"] == mode:
-                by_label.setdefault(r["label"], []).append((r["n"], r["median_ms"]))
-        for label, pts in by_label.items():
-            pts.sort()
-            ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for i, label in enumerate(labels):
+            pts = sorted((r["n"], r["median_ms"], r.get("q1_ms"), r.get("q3_ms"), bool(r.get("noisy")))
+                         for r in measured if r["mode"] == mode and r["label"] == label)
+            if pts:
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                lo = [max(0.0, y - (p[2] if p[2] is not None else y)) for y, p in zip(ys, pts)]
+                hi = [max(0.0, (p[3] if p[3] is not None else y) - y) for y, p in zip(ys, pts)]
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colors[label], label=label)
+                noisy = [(x, y) for x, y, p in zip(xs, ys, pts) if p[4]]
+                if noisy:
+                    ax.plot(*zip(*noisy), linestyle="none", marker="o", markersize=11, markerfacecolor="none",
+                            color=colors[label])
+            skipped = [r["n"] for r in rows if r["mode"] == mode and r["label"] == label and r["skipped"]]
+            if skipped:
+                ax.plot(skipped, [y_top / 1.25 ** i] * len(skipped), linestyle="none", marker="x", markersize=9,
+                        color=colors[label], label=f"{label}: skipped")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(ticks))
+        ax.set_xticklabels([ticks[n] for n in sorted(ticks)], rotation=30)
+        ax.minorticks_off()
         ax.set_title(mode)
-        ax.set_xlabel("tokens N")
-        ax.set_ylabel("median time [ms]")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_xlabel("grid (tokens N = rows x columns)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("median time [ms] (bars: interquartile range)")
     where = (env["device_name"] if env.get("gpu_measured")
              else f"CPU ({env['cpu_model']}, {env['torch_threads']} threads), no GPU measured")
     dtypes = sorted({r["dtype"] for r in measured})
     shapes = sorted({(r["batch"], r["heads"], r["dim"]) for r in measured})
     shape = f"B={shapes[0][0]} H={shapes[0][1]} D={shapes[0][2]}, " if len(shapes) == 1 else "VVT-stage shapes, "
-    fig.suptitle(f"vicinity attention vs softmax attention, {shape}{'/'.join(dtypes)}, {where}", fontsize=10)
-    fig.tight_layout()
+    title = f"vicinity attention vs softmax attention, {shape}{'/'.join(dtypes)}, {where}"
+    notes = []
+    if any(r.get("noisy") for r in measured):
+        notes.append(f"circled: noisy (spread > {100 * NOISY_SPREAD:.0f}%)")
+    if any(r["skipped"] for r in rows):
+        notes.append("x on the top edge: skipped (reason in the table / JSON)")
+    if not env.get("gpu_measured") and env.get("other_processes_cpu_warning"):
+        title += (f"\nWARNING: other processes kept {env['other_processes_cpu_cores']:.2f} CPU cores busy during "
+                  "this run: timings are disturbed")
+    fig.suptitle(title, fontsize=9, color="black")
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ from .cases import Case
 from .flops import MODES, mode_flops
 from .memory import memory_budget_bytes, peak_allocated_bytes, saved_tensor_bytes
 from .providers import Provider, make_inputs, make_provider
+from .report import NOISY_SPREAD
 from .timing import median_time
 
 
@@ -75,7 +76,7 @@ def _base_row(case: Case, name: str, mode: str, config: SweepConfig) -> dict:
             "dtype": str(config.dtype).replace("torch.", ""), "device": str(config.device),
             "median_ms": None, "min_ms": None, "flops": None, "flops_per_s": None, "speedup_vs_flash": None,
             "saved_bytes": None, "saved_tensors": None, "peak_bytes": None, "samples": None,
-            "rel_iqr": None, "skipped": None}
+            "rel_iqr": None, "q1_ms": None, "q3_ms": None, "noisy": None, "skipped": None}
 
 
 def _progress(config: SweepConfig, start: float, done: int, total: int, text: str) -> None:
@@ -104,8 +105,9 @@ def run_sweep(cases: Sequence[Case], config: SweepConfig) -> list[dict]:
                     reason = (f"needs ~{provider.memory_estimate / 2**30:.1f} GiB of working memory, "
                               f"over the budget of {budget / 2**30:.1f} GiB")
             if reason is not None:
+                label = name if isinstance(provider, str) else provider.label
                 for mode in config.modes:
-                    rows.append({**_base_row(case, name, mode, config), "skipped": reason})
+                    rows.append({**_base_row(case, name, mode, config), "label": label, "skipped": reason})
                     _progress(config, start, len(rows), total, f"{case.name} {name} {mode}: skipped: {reason}")
                 continue
             labels_here[name] = provider.label
@@ -137,7 +139,8 @@ def _run_provider(case: Case, provider: Provider, config: SweepConfig, history: 
                 fn = mode_callable(provider, mode, q, k, v)
                 timing = median_time(fn, config.device, budget_s=config.budget_s)
                 row.update(median_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3, flops_per_s=flops / timing.median_s,
-                           samples=timing.samples, rel_iqr=timing.rel_iqr,
+                           samples=timing.samples, rel_iqr=timing.rel_iqr, q1_ms=timing.q1_s * 1e3,
+                           q3_ms=timing.q3_s * 1e3, noisy=timing.rel_iqr > NOISY_SPREAD,
                            saved_bytes=saved[0], saved_tensors=saved[1],
                            peak_bytes=peak_allocated_bytes(fn, config.device))
                 history.record(case, provider.name, mode, flops, timing.median_s)

@@ -1,4 +1,4 @@
-"""The issue-4 targets of the torch backend, all measured in one run (``python -m bench --target-check``
+"""The CPU performance targets of the torch backend, all measured in one run (``python -m bench --target-check``
 or ``python -m bench.targets``).
 
 Shape: fp32, B=1, H=4, D=64, 112x112 grid, on this machine's CPU. Targets:

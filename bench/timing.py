@@ -24,13 +24,19 @@ class Timing:
     samples: int
     rel_iqr: float
     min_s: float = float("nan")
+    q1_s: float = float("nan")     # first and third quartiles of the samples (error bars of the plot)
+    q3_s: float = float("nan")
 
 
-def _quartile_spread(samples: list[float]) -> float:
-    if len(samples) < 4:
-        return (max(samples) - min(samples)) / statistics.median(samples)
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return (q3 - q1) / statistics.median(samples)
+def _timing(samples: list[float], count: int | None = None) -> Timing:
+    """A :class:`Timing` of per-call seconds ``samples`` (``count`` calls in all, default one per sample)."""
+    median = statistics.median(samples)
+    if len(samples) >= 4:
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+    else:
+        q1, q3 = min(samples), max(samples)
+    return Timing(median, len(samples) if count is None else count, (q3 - q1) / median if median else 0.0,
+                  min(samples), q1, q3)
 
 
 @contextlib.contextmanager
@@ -72,7 +78,7 @@ def cpu_median(fn: Callable[[], object], *, budget_s: float = 1.0, min_samples: 
             for _ in range(inner):
                 fn()
             samples.append((time.perf_counter() - t0) / inner)
-    return Timing(statistics.median(samples), len(samples) * inner, _quartile_spread(samples), min(samples))
+    return _timing(samples, len(samples) * inner)
 
 
 def gpu_median(fn: Callable[[], object]) -> Timing:
@@ -86,10 +92,8 @@ def gpu_median(fn: Callable[[], object]) -> Timing:
     except (AssertionError, TypeError, ValueError):
         # Older triton: ask for the quartiles instead.
         q1, median_ms, q3 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
-        return Timing(median_ms / 1e3, 0, (q3 - q1) / median_ms if median_ms else 0.0, q1 / 1e3)
-    median_ms = statistics.median(times_ms)
-    return Timing(median_ms / 1e3, len(times_ms), _quartile_spread(times_ms) if median_ms else 0.0,
-                  min(times_ms) / 1e3)
+        return Timing(median_ms / 1e3, 0, (q3 - q1) / median_ms if median_ms else 0.0, q1 / 1e3, q1 / 1e3, q3 / 1e3)
+    return _timing([t / 1e3 for t in times_ms])
 
 
 def median_time(fn: Callable[[], object], device: torch.device, *, budget_s: float = 1.0) -> Timing:
@@ -130,4 +134,4 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t0)
-    return {name: Timing(statistics.median(s), len(s), _quartile_spread(s), min(s)) for name, s in samples.items()}
+    return {name: _timing(s) for name, s in samples.items()}
