@@ -30,7 +30,10 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
         "$VPY" -m pip install -q torch
     else
         echo "setup: no GPU: installing the CPU build torch==2.13.0" >&2
-        "$VPY" -m pip install -q --no-index "torch==2.13.0" 2>/dev/null \
+        # The wheel on disk first (no index: PyPI's Linux wheel of the same version is a CUDA build),
+        # then its dependencies; where no such wheel lies, PyTorch's CPU index.
+        { "$VPY" -m pip install -q --no-index --no-deps "torch==2.13.0" >/dev/null 2>&1 \
+            && "$VPY" -m pip install -q "torch==2.13.0"; } \
             || "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
