@@ -162,8 +162,8 @@ def _run_model(parser: argparse.ArgumentParser, args, device: torch.device) -> i
     out = args.out if args.out is not None else f"bench_results/model-{device.type}.json"
     extra = {"what": "training step of a VVT-tiny-shaped backbone", "embed_dims": EMBED_DIMS,
              "num_heads": NUM_HEADS, "depths": DEPTHS, "mlp_ratios": MLP_RATIOS, "sr_ratio": SR_RATIO,
-             "growth_exponents_in_pixels": {a: {"step_s": growth_exponent(rows, a, "step_s"),
-                                                "peak_bytes": growth_exponent(rows, a, "peak_bytes")}
+             "growth_exponents_in_pixels": {a: {k: growth_exponent(rows, a, k)
+                                                for k in ("step_s", "cpu_step_s", "peak_bytes")}
                                             for a in attentions},
              "argv": list(sys.argv[1:])}
     if out:

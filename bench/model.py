@@ -194,16 +194,18 @@ def measure_point(attention: str, resolution: int, device: torch.device, *, batc
     loss = step()
     first = time.perf_counter() - t0
     n_steps = int(min(max_steps, max(2, budget_s // max(first, 1e-9))))
-    times = []
+    times, cpu_times = [], []
     for _ in range(n_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()) - base
     if not math.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss}")
     return {"attention": attention, "resolution": resolution, "batch": batch, "device": str(device),
             "step_s": statistics.median(times), "min_step_s": min(times), "first_step_s": first,
+            "cpu_step_s": statistics.median(cpu_times),
             "steps": len(times), "peak_bytes": peak, "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": "bf16 autocast" if device.type == "cuda" else "fp32"}
@@ -261,35 +263,38 @@ def run_model_sweep(attentions: Sequence[str], resolutions: Sequence[int], devic
     rows = []
     start = time.perf_counter()
     memory_limit = 0.8 * _available_bytes(device)
-    for attention in attentions:
-        times: list[tuple[int, float]] = []
-        peaks: list[tuple[int, float]] = []
-        stop_reason = None
-        for res in resolutions:
+    times: dict[str, list[tuple[int, float]]] = {a: [] for a in attentions}
+    peaks: dict[str, list[tuple[int, float]]] = {a: [] for a in attentions}
+    stop_reason: dict[str, str | None] = {a: None for a in attentions}
+    # Resolution by resolution, the attentions one after the other: on a shared machine the load
+    # drifts over minutes, and neighbours in time see similar load, so ratios at one resolution hold up.
+    for res in resolutions:
+        for attention in attentions:
             row = {"attention": attention, "resolution": res, "batch": batch, "device": device, "skipped": None}
-            if stop_reason is None:
-                t_est, m_est = _extrapolate(times, res), _extrapolate(peaks, res)
+            if stop_reason[attention] is None:
+                t_est, m_est = _extrapolate(times[attention], res), _extrapolate(peaks[attention], res)
                 if t_est is not None and t_est > max_step_s:
-                    stop_reason = f"estimated {t_est:.0f} s per step > --max-step-seconds {max_step_s:g}"
+                    stop_reason[attention] = f"estimated {t_est:.0f} s per step > --max-step-seconds {max_step_s:g}"
                 elif m_est is not None and m_est > memory_limit:
-                    stop_reason = (f"estimated {m_est / 2**30:.1f} GiB peak > 80% of the "
-                                   f"{memory_limit / 0.8 / 2**30:.1f} GiB available")
-            if stop_reason is not None:
-                row["skipped"] = stop_reason
+                    stop_reason[attention] = (f"estimated {m_est / 2**30:.1f} GiB peak > 80% of the "
+                                              f"{memory_limit / 0.8 / 2**30:.1f} GiB available")
+            if stop_reason[attention] is not None:
+                row["skipped"] = stop_reason[attention]
             else:
                 # A step that takes 3x its allowance (plus start-up) is given up on.
                 result = _run_worker(attention, res, device, batch, budget_s, threads,
                                      timeout_s=120 + 3 * max_step_s * 6)
                 row.update(result)
                 if row.get("skipped"):
-                    stop_reason = "a smaller resolution failed"
+                    stop_reason[attention] = "a smaller resolution failed"
                 else:
-                    times.append((res, row["step_s"]))
-                    peaks.append((res, row["peak_bytes"]))
+                    times[attention].append((res, row["step_s"]))
+                    peaks[attention].append((res, row["peak_bytes"]))
             rows.append(row)
             if progress:
                 what = (f"skipped: {row['skipped']}" if row["skipped"] else
-                        f"{row['step_s'] * 1e3:.0f} ms/step, peak {row['peak_bytes'] / 2**20:.0f} MiB")
+                        f"{row['step_s'] * 1e3:.0f} ms/step (CPU time {row['cpu_step_s'] * 1e3:.0f} ms), "
+                        f"peak {row['peak_bytes'] / 2**20:.0f} MiB")
                 print(f"[{time.perf_counter() - start:7.1f}s] {attention} {res}x{res}: {what}",
                       file=sys.stderr, flush=True)
     return rows
@@ -304,35 +309,34 @@ def growth_exponent(rows: Sequence[dict], attention: str, key: str) -> float | N
 
 
 def format_model_table(rows: Sequence[dict], env: dict) -> str:
-    """Resolution rows, one time and one memory column per attention; skipped points say why below."""
+    """One line per resolution: wall and CPU seconds per step and peak MiB per attention, and the other
+    attentions' times over vicinity's; skipped points say why below."""
     attentions = list(dict.fromkeys(r["attention"] for r in rows))
     resolutions = sorted({r["resolution"] for r in rows})
     by = {(r["attention"], r["resolution"]): r for r in rows}
+    ok = lambda r: bool(r) and not r.get("skipped")  # noqa: E731
     lines = [f"Training step of a VVT-tiny-shaped backbone (batch {rows[0]['batch'] if rows else '?'}), "
              f"{env.get('device_name', env.get('device'))}, {env.get('torch_threads')} threads"
              + ("" if env.get("gpu_measured") else "; no GPU measured")]
     if env.get("other_processes_cpu_warning"):
         lines.append(env["other_processes_cpu_warning"])
-    head = ["resolution"] + [f"{a} s/step" for a in attentions] + [f"{a} peak MiB" for a in attentions]
-    if "vicinity" in attentions:
-        head += [f"{a} / vicinity time" for a in attentions if a != "vicinity"]
+    head = ["resolution"]
+    for a in attentions:
+        head += [f"{a} s/step", f"{a} CPU s", f"{a} MiB"]
+    others = [a for a in attentions if a != "vicinity"] if "vicinity" in attentions else []
+    head += [f"{a} / vicinity (wall, CPU)" for a in others]
     table = [head]
     for res in resolutions:
         cells = [f"{res}x{res}"]
         for a in attentions:
             r = by.get((a, res))
-            cells.append("skipped" if not r or r.get("skipped") else f"{r['step_s']:.3f}")
-        for a in attentions:
+            cells += ([f"{r['step_s']:.2f}", f"{r['cpu_step_s']:.2f}", f"{r['peak_bytes'] / 2**20:.0f}"] if ok(r)
+                      else ["skipped", "-", "-"])
+        base = by.get(("vicinity", res))
+        for a in others:
             r = by.get((a, res))
-            cells.append("-" if not r or r.get("skipped") else f"{r['peak_bytes'] / 2**20:.0f}")
-        if "vicinity" in attentions:
-            base = by.get(("vicinity", res))
-            for a in attentions:
-                if a == "vicinity":
-                    continue
-                r = by.get((a, res))
-                ok = base and r and not base.get("skipped") and not r.get("skipped")
-                cells.append(f"{r['step_s'] / base['step_s']:.2f}x" if ok else "-")
+            cells.append(f"{r['step_s'] / base['step_s']:.2f}x, {r['cpu_step_s'] / base['cpu_step_s']:.2f}x"
+                         if ok(r) and ok(base) else "-")
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for i, row in enumerate(table):
@@ -340,20 +344,23 @@ def format_model_table(rows: Sequence[dict], env: dict) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     for a in attentions:
-        te, me = growth_exponent(rows, a, "step_s"), growth_exponent(rows, a, "peak_bytes")
+        te, ce, me = (growth_exponent(rows, a, k) for k in ("step_s", "cpu_step_s", "peak_bytes"))
         if te is not None:
-            lines.append(f"{a}: step time ~ pixels^{te:.2f}, peak memory ~ pixels^{me:.2f} (least squares "
-                         "over the measured resolutions)")
+            lines.append(f"{a}: step time ~ pixels^{te:.2f} (CPU time ^{ce:.2f}), peak memory ~ pixels^{me:.2f} "
+                         "(least squares over the measured resolutions)")
     skipped = [r for r in rows if r.get("skipped")]
     if skipped:
         lines.append("Skipped:")
         lines.extend(f"  {r['attention']} {r['resolution']}x{r['resolution']}: {r['skipped']}" for r in skipped)
+    lines.append("s/step: median wall time of a training step (forward, cross-entropy, backward, AdamW); CPU s: "
+                 "the process's CPU time in that step (with one thread, a measure of the work that other "
+                 "processes' load barely disturbs); MiB: peak memory a step adds to the model and input.")
     return "\n".join(lines)
 
 
 def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
-    """Step time and peak memory against resolution (log-log), skipped points marked. Returns the
-    path, or a reason string when matplotlib is missing."""
+    """Step time (wall and CPU) and peak memory against resolution (log-log), skipped points marked.
+    Returns the path, or a reason string when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -361,37 +368,44 @@ def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path 
     except ImportError:
         return "matplotlib is not installed (pip install 'vicinity_attn[bench]'): no plot written"
     resolutions = sorted({r["resolution"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for ax, key, scale, ylabel in ((axes[0], "step_s", 1.0, "training step [s] (median)"),
-                                   (axes[1], "peak_bytes", 2.0 ** -20, "peak memory of a step [MiB]")):
-        for attention in dict.fromkeys(r["attention"] for r in rows):
+    attentions = list(dict.fromkeys(r["attention"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    panels = ((axes[0], "step_s", 1.0, "training step, wall time [s] (median)"),
+              (axes[1], "cpu_step_s", 1.0, "training step, CPU time [s] (median)"),
+              (axes[2], "peak_bytes", 2.0 ** -20, "peak memory of a step [MiB]"))
+    for ax, key, scale, ylabel in panels:
+        measured = [r[key] * scale for r in rows if not r.get("skipped") and r.get(key)]
+        for i, attention in enumerate(attentions):
             pts = sorted((r["resolution"], r[key] * scale) for r in rows
-                         if r["attention"] == attention and not r.get("skipped"))
-            if not pts:
-                continue
-            exp = growth_exponent(rows, attention, key)
-            label = attention + (f" (~pixels^{exp:.2f})" if exp is not None else "")
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                         if r["attention"] == attention and not r.get("skipped") and r.get(key))
+            color = f"C{i}"
+            if pts:
+                exp = growth_exponent(rows, attention, key)
+                label = attention + (f" (~pixels^{exp:.2f})" if exp is not None else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
             skipped = [r["resolution"] for r in rows if r["attention"] == attention and r.get("skipped")]
-            if skipped:
-                ax.plot(skipped, [pts[-1][1]] * len(skipped), linestyle="none", marker="x", color=line.get_color(),
-                        label=f"{attention}: skipped (too slow / no memory)")
+            if skipped and measured:
+                ax.plot(skipped, [max(measured) * 1.5 / 1.2 ** i] * len(skipped), linestyle="none", marker="x",
+                        markersize=9, color=color, label=f"{attention}: skipped")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(resolutions)
-        ax.set_xticklabels([f"{r}²" for r in resolutions], rotation=45)
+        ax.set_xticklabels([f"{r}x{r}" for r in resolutions], rotation=30)
         ax.minorticks_off()
-        ax.set_xlabel("input resolution (pixels)")
+        ax.set_xlabel("input resolution")
         ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
     where = (env.get("device_name") if env.get("gpu_measured")
              else f"CPU ({env.get('cpu_model')}, {env.get('torch_threads')} threads), no GPU measured")
     title = f"VVT-tiny-shaped backbone, one training step (batch {rows[0]['batch']}), {where}"
     if env.get("other_processes_cpu_warning"):
-        title += f"\nother processes kept {env['other_processes_cpu_cores']:.2f} CPU cores busy during the run"
+        title += (f"\nWARNING: other processes kept {env['other_processes_cpu_cores']:.2f} CPU cores busy during "
+                  "the run: wall times are disturbed")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, "x on the top edge: skipped (estimated over the step-time limit, or failed; reasons "
+             "in the table / JSON)", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

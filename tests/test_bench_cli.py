@@ -155,3 +155,127 @@ def test_busy_cpu_seconds_reads_proc_stat():
         pytest.skip("no /proc/stat on this system")
     sum(i * i for i in range(200_000))
     assert env_mod._busy_cpu_seconds() >= first > 0
+
+
+@pytest.mark.parametrize("argv,what", [
+    (["--grids", "28x"], "--grids"),
+    (["--grids", "0"], "--grids"),
+    (["--modes", "fwd,nope"], "--modes"),
+    (["--heads", "-2"], "--heads"),
+    (["--model", "--resolutions", "100"], "--resolutions"),
+    (["--model", "--attentions", "nope"], "--attentions"),
+])
+def test_cli_bad_option_is_one_line_error(argv, what, capsys):
+    """A bad option ends with exit status 2 and one line on stderr naming the option (no traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", "", "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and what in err and "Traceback" not in err, err
+
+
+def test_help_has_no_internal_jargon_and_states_quick_run_time(capsys):
+    from bench.cli import QUICK_RUN_TIME, build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "issue" not in text.lower()
+    assert QUICK_RUN_TIME in text
+    readme = " ".join((Path(_REPO) / "README.md").read_text(encoding="utf-8").split())
+    assert QUICK_RUN_TIME in readme, "README and --help disagree on the quick run time"
+
+
+def test_table_labels_skipped_rows_like_measured_ones_and_flags_noise(tmp_path, capsys):
+    """Skipped rows carry the provider's label (not its command-line name); a noisy row is marked."""
+    from bench.report import format_table
+    base = {"case": "8x8 B1 H1 D8", "n": 64, "flops_per_s": 1e9, "speedup_vs_flash": None, "saved_bytes": 0,
+            "peak_bytes": None}
+    rows = [dict(base, mode="fwd", provider="flash", label="sdpa-cpu (flash-style)", skipped=None,
+                 median_ms=1.0, rel_iqr=0.6, noisy=True),
+            dict(base, mode="bwd", provider="flash", label="sdpa-cpu (flash-style)", skipped="too slow",
+                 median_ms=None, rel_iqr=None, noisy=None)]
+    env = {"gpu_measured": False, "cpu_model": "x", "torch_threads": 1, "torch": "t", "triton": "t",
+           "flash_attn": None}
+    text = format_table(rows, env)
+    assert "60% noisy" in text and "1 row(s) marked noisy" in text
+    assert "bwd     sdpa-cpu (flash-style)" in text and "bwd flash" not in text
+    assert "8x8 B1 H1 D8 bwd sdpa-cpu (flash-style): too slow" in text
+
+
+@pytest.mark.parametrize("attention", ["vicinity", "softmax", "authors"])
+def test_model_backbone_training_step(attention):
+    """The VVT-tiny-shaped backbone runs a training step at a small resolution with every attention;
+    the three differ in the attention core only (same parameters)."""
+    from bench.model import build_backbone
+    torch.manual_seed(0)
+    model = build_backbone(attention)
+    reference_keys = set(build_backbone("vicinity").state_dict())
+    assert set(model.state_dict()) == reference_keys
+    images = torch.randn(2, 3, 64, 64)
+    logits = model(images)
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() > 0 for g in grads) > 0.9 * len(grads)
+
+
+def test_model_sweep_skips_beyond_the_step_limit(monkeypatch):
+    """Once a resolution is estimated over the step limit, that attention's larger ones are skipped with
+    the reason; a failed point stops its attention too."""
+    import bench.model as model_mod
+    calls = []
+
+    def fake_worker(attention, res, device, batch, budget_s, threads, timeout_s):
+        calls.append((attention, res))
+        if attention == "authors" and res == 320:
+            return {"skipped": "failed: boom"}
+        scale = (res / 224) ** (4 if attention == "softmax" else 2)
+        return {"step_s": 1.0 * scale, "cpu_step_s": 0.9 * scale, "peak_bytes": 1e8 * (res / 224) ** 2}
+
+    monkeypatch.setattr(model_mod, "_run_worker", fake_worker)
+    monkeypatch.setattr(model_mod, "_available_bytes", lambda device: 1e12)
+    rows = model_mod.run_model_sweep(["vicinity", "softmax", "authors"], [224, 320, 448, 640], "cpu",
+                                     max_step_s=10.0, progress=False)
+    by = {(r["attention"], r["resolution"]): r for r in rows}
+    assert all(not by[("vicinity", r)]["skipped"] for r in (224, 320, 448, 640))
+    # softmax: 1, 4.2, 16 s ...: 448 is estimated over 10 s from 224 and 320 and skipped, as is 640.
+    assert by[("softmax", 448)]["skipped"].startswith("estimated") and by[("softmax", 640)]["skipped"]
+    assert ("softmax", 448) not in calls
+    assert by[("authors", 320)]["skipped"] == "failed: boom"
+    assert by[("authors", 448)]["skipped"] == "a smaller resolution failed" and ("authors", 448) not in calls
+    assert model_mod.growth_exponent(rows, "vicinity", "step_s") == pytest.approx(1.0)
+    text = model_mod.format_model_table(rows, {"device": "cpu", "torch_threads": 1})
+    assert "vicinity: step time ~ pixels^1.00" in text and "softmax 448x448: estimated" in text
+    assert "2.04x, 2.04x" in text   # softmax / vicinity at 320x320: (320/224)^4 / (320/224)^2
+
+
+def test_cpu_thread_policy(monkeypatch):
+    """Small calls run on one thread; larger ones on the cores other processes left idle (never more than
+    torch's setting); VICINITY_ATTN_CPU_THREADS=torch turns it off; the thread count is restored."""
+    from vicinity_attn.backends import cpu_threads
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("VICINITY_ATTN_CPU_THREADS", raising=False)
+        assert cpu_threads.call_threads(10) == 1
+        big = cpu_threads.SMALL_CALL_WORK * 10
+        monkeypatch.setattr(cpu_threads._IDLE, "idle", lambda: 0.3)
+        assert cpu_threads.call_threads(big) == 1
+        monkeypatch.setattr(cpu_threads._IDLE, "idle", lambda: 1.8)
+        assert cpu_threads.call_threads(big) == 2
+        monkeypatch.setattr(cpu_threads._IDLE, "idle", lambda: 7.0)
+        assert cpu_threads.call_threads(big) == 2
+        monkeypatch.setattr(cpu_threads._IDLE, "idle", lambda: None)
+        assert cpu_threads.call_threads(big) == 2
+        monkeypatch.setenv("VICINITY_ATTN_CPU_THREADS", "torch")
+        assert cpu_threads.call_threads(10) == 2
+        monkeypatch.delenv("VICINITY_ATTN_CPU_THREADS")
+        seen = []
+        wrapped = cpu_threads.with_call_threads(lambda q, k, v: seen.append(torch.get_num_threads()))
+        x = torch.zeros(1, 1, 4, 4)
+        wrapped(x, x, x)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    start = (0.0, 100.0, 10.0)
+    assert cpu_threads.other_processes_cores(start, (2.0, 104.0, 13.0)) == pytest.approx(0.5)
+    assert cpu_threads.other_processes_cores(start, (2.0, None, 13.0)) is None
