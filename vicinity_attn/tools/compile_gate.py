@@ -271,7 +271,17 @@ def _interpreting() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vicinity_attn.tools.compile_gate",
+        description="Compile every Triton kernel of this package ahead of time for NVIDIA sm_80 (A100) and "
+        "sm_90a (H100/H200), with no GPU, and check the machine code: no compile errors, zero register "
+        "spills, tensor-core instructions in every kernel that multiplies matrices.",
+        epilog="It prints one row per compiled kernel (registers, shared memory, spill bytes, tensor-core "
+        "instructions found in the SASS, seconds) and a summary line, and exits 0 when every kernel passes, "
+        "1 otherwise. The full matrix (270 kernels: every kernel role x head tile x dtype x variant and axes x "
+        "prefix tokens, for both GPUs) took about 2 minutes with 2 compile processes on an idle 2-core CPU; "
+        "--quick compiles a covering subset in a fraction of that. Needs only triton (its bundled ptxas, "
+        "cuobjdump); under TRITON_INTERPRET=1 it re-runs itself with the interpreter off.")
     parser.add_argument("--quick", action="store_true", help="covering subset instead of the full matrix")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: all cores)")
     args = parser.parse_args(argv)
