@@ -20,7 +20,7 @@ from .runner import SweepConfig, run_sweep
 from .timing import timing_method
 
 # How long `--quick` takes; the README says the same.
-QUICK_RUN_TIME = "about 2 minutes on an idle 2-core CPU, up to 5 when other processes load it"
+QUICK_RUN_TIME = "1-2 minutes on an idle 2-core CPU, about 6 while other processes keep 1.8 of its 2 cores busy"
 
 EPILOG = f"""
 providers: vicinity (the best backend for the device: the Triton kernels on a GPU, the pure-PyTorch
