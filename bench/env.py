@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from vicinity_attn.backends.cpu_threads import machine_busy_seconds as _busy_cpu_seconds
+from vicinity_attn.backends.cpu_threads import own_cpu_seconds as _own_cpu_seconds
+
 from .timing import Timing, median_time
 
 
@@ -69,25 +72,6 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
     return env
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux /proc/stat; None elsewhere)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = fh.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds this process (all its threads) has used."""
-    t = os.times()
-    return t.user + t.system
 
 
 class OtherCpuUse:

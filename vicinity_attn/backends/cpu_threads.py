@@ -39,7 +39,7 @@ WINDOW_S = 0.25
 _T = TypeVar("_T")
 
 
-def _machine_busy_seconds() -> float | None:
+def machine_busy_seconds() -> float | None:
     """CPU seconds all processes spent busy since boot (Linux /proc/stat; None elsewhere)."""
     try:
         with open("/proc/stat") as fh:
@@ -52,7 +52,8 @@ def _machine_busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_seconds() -> float:
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
     t = os.times()
     return t.user + t.system
 
@@ -68,7 +69,7 @@ def other_processes_cores(start: tuple[float, float | None, float], end: tuple[f
 
 def cpu_sample() -> tuple[float, float | None, float]:
     """(wall clock, machine busy CPU seconds, this process's CPU seconds), for :func:`other_processes_cores`."""
-    return time.perf_counter(), _machine_busy_seconds(), _own_cpu_seconds()
+    return time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
 
 
 class _IdleCores:
