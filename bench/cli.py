@@ -31,7 +31,8 @@ providers: vicinity (the best backend for the device: the Triton kernels on a GP
 modes: fwd (training forward: inputs require grad), bwd (backward only, through a retained graph),
   fwdbwd (both).
 presets: square (grids 14x14 ... 224x224, B=1 H=4 D=64), vvt (the four VVT stage shapes),
-  quick (28x28, 56x56, 112x112, B=1 H=4 D=64: {QUICK_RUN_TIME}; every cell is measured).
+  quick (28x28, 56x56, 112x112, B=1 H=4 D=64; every cell is measured):
+  {QUICK_RUN_TIME}.
 dtype: fp32 on a CPU, bf16 on a GPU by default (FlashAttention needs fp16/bf16 on a GPU).
 {FLOP_FORMULA_TEXT}
 Timing: {timing_method(torch.device('cuda'))}; {timing_method(torch.device('cpu'))}.
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-call-seconds", type=_positive(float),
                    help="skip calls estimated longer (default 10; quick: 120, so that all its cells are measured)")
     p.add_argument("--budget-seconds", type=_positive(float), help="CPU timing budget per row (default 1; quick 0.3)")
-    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads, also in --model's workers (default: torch's choice; the "
+                   "torch backend uses fewer threads for small calls and when other processes hold cores)")
     p.add_argument("--resolutions", type=_resolutions_arg,
                    help=f"--model: input resolutions, multiples of 32 (default {','.join(map(str, MODEL_RESOLUTIONS))})")
     p.add_argument("--attentions", help=f"--model: comma-separated, from {','.join(ATTENTIONS)} (default all)")
