@@ -365,6 +365,7 @@ def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path 
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator
     except ImportError:
         return "matplotlib is not installed (pip install 'vicinity_attn[bench]'): no plot written"
     resolutions = sorted({r["resolution"] for r in rows})
@@ -392,6 +393,8 @@ def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path 
         ax.set_xticks(resolutions)
         ax.set_xticklabels([f"{r}x{r}" for r in resolutions], rotation=30)
         ax.minorticks_off()
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.set_xlabel("input resolution")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
