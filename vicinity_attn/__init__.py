@@ -20,3 +20,7 @@ __all__ = [
     "cpu_scratch_bytes",
     "clear_cpu_scratch",
 ]
+
+from .functional import knn_attention  # noqa: E402
+
+__all__ += ["knn_attention"]

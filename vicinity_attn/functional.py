@@ -8,6 +8,9 @@ import torch
 from .ops import autocast_disabled, autocast_inputs, custom_op_attention
 from .spec import VicinitySpec
 from .validation import validate_call
+from .backends.knn_reference import reference_knn_attention
+from .knn_ops import custom_op_knn_attention
+from .validation import validate_knn_call
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (kernels present and triton importable)."""
@@ -91,3 +94,57 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         with autocast_disabled(q4.device):
             out = _run_backend(name, q4, k4, v4, spec)
     return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, *, scale: float | None = None,
+                  layout: str = "bhnd", backend: str = "auto") -> torch.Tensor:
+    """k-NN attention (Wang et al., KVT): softmax attention where each query keeps its topk largest scores.
+
+    s_ij = scale * q_i . k_j; row i keeps the s_ij >= tau_i, tau_i the topk-th largest score of the
+    row, and o_i = sum_j softmax_j(s_ij | kept) v_j. Ties: the authors' code (``torch.topk`` + a
+    scattered mask, the "reference" backend) keeps exactly topk entries, choosing arbitrarily among
+    scores tied with tau_i; "torch" and "triton" keep every tied entry. With continuous inputs ties
+    have probability 0 and all backends agree.
+
+    Args:
+        q: [B, H, Nq, D] (layout "bhnd") or [B, Nq, H, D] ("bnhd"); float16/bfloat16/float32/float64.
+        k: [B, H, Nk, D] or [B, Nk, H, D], same dtype and device as q (Nk may differ from Nq).
+        v: [B, H, Nk, Dv] or [B, Nk, H, Dv]; Dv may differ from D.
+        topk: keys kept per query, 1 <= topk <= Nk (topk = Nk is plain softmax attention).
+        scale: score scale; None means D ** -0.5.
+        layout: "bhnd" or "bnhd", for inputs and output alike.
+        backend: "auto" (triton on CUDA when available, else torch), "triton" (fused kernels: CUDA,
+            or CPU under TRITON_INTERPRET=1), "torch" (blocks of query rows, any device) or
+            "reference" (dense, the authors' formulation; small N only). "torch" and "triton" hold
+            at most a block of rows of scores and save only q, k, v, o and two floats per query row.
+
+    Returns:
+        o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device (under
+        ``torch.autocast``: the autocast dtype, unless q is float64); differentiable in q, k, v.
+    """
+    q4, k4, v4, topk, scale = validate_knn_call(q, k, v, topk, scale=scale, layout=layout, backend=backend)
+    name = backend
+    if backend == "auto":
+        name = "triton" if q.device.type == "cuda" and knn_triton_available() else "torch"
+    q4, k4, v4 = autocast_inputs(q4, k4, v4)
+    if q4.numel() == 0 or v4.shape[-1] == 0:
+        # Nothing to compute (empty batch, heads or queries), but keep the graph for autograd.
+        out = q4.new_zeros(*q4.shape[:3], v4.shape[-1]) + 0 * (q4.sum() + k4.sum() + v4.sum())
+    else:
+        with autocast_disabled(q4.device):
+            if name == "reference":
+                out = reference_knn_attention(q4, k4, v4, topk, scale)
+            else:
+                if name == "triton" and not knn_triton_available():
+                    from .backends import knn_triton  # noqa: F401  (raises the ImportError's reason)
+                out = custom_op_knn_attention(name, q4, k4, v4, topk, scale)
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def knn_triton_available() -> bool:
+    """True when the k-NN triton backend can be imported."""
+    try:
+        from .backends import knn_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

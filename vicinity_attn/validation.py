@@ -149,3 +149,49 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=feature_map, eps=eps,
                         num_prefix_tokens=n_prefix)
     return q, k, v, spec
+
+
+def check_topk(topk: object, nk: int) -> int:
+    """``topk`` of ``knn_attention``: an int with 1 <= topk <= Nk (a SymInt is accepted as it is)."""
+    if isinstance(topk, bool) or not isinstance(topk, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if not 1 <= topk <= nk:
+        raise ValueError(f"topk must satisfy 1 <= topk <= Nk = {nk} (the number of keys), got {topk}")
+    return topk if isinstance(topk, torch.SymInt) else int(topk)
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """``scale`` of ``knn_attention``: a finite real number; None means head_dim ** -0.5."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def validate_knn_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, *, scale: float | None,
+                      layout: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+    """Check a ``knn_attention`` call; returns q, k, v as [B, H, N, D] views, topk and the resolved scale."""
+    layout = check_option(layout, "layout", LAYOUTS)
+    check_option(backend, "backend", BACKENDS)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if layout == "bnhd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dims = "[B, H, N, D]" if layout == "bhnd" else "[B, N, H, D]"
+    (B, H, _, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
+    if (Bk, Hk) != (B, H) or (Bv, Hv) != (B, H):
+        raise ValueError(f"q, k and v must share batch and head sizes (layout {layout!r}: {dims}); got "
+                         f"(B, H) = {(B, H)} for q, {(Bk, Hk)} for k, {(Bv, Hv)} for v")
+    if Nv != Nk:
+        raise ValueError(f"k and v must have the same number of tokens, got {Nk} and {Nv}")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    topk = check_topk(topk, Nk)
+    return q, k, v, topk, check_scale(scale, D)

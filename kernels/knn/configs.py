@@ -1,0 +1,76 @@
+"""Launch configurations of the k-NN kernels: a small fixed table for GPUs, one rule under the interpreter.
+
+Every pass of one call uses the same (BLOCK_M, BLOCK_N, warps): the mask s >= tau is only exact if
+every pass computes each score with the same dot on the same tile shape as the selection pass did.
+The whole head dim is one tile (D, Dv <= 256); the query / key tiles shrink as the head tile grows
+(the backward's dk / dv accumulators and fp32's tf32x3 dots, three products per dot, set the limit;
+the compile gate checks zero spills on sm_80 and sm_90a).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..runtime import interpreting
+
+MIN_TILE = 16            # the smallest tl.dot operand size
+INTERPRET_BLOCK_M = 16
+INTERPRET_MAX_BLOCK_N = 64
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    block_m: int       # query rows per tile
+    block_n: int       # key rows per tile
+    block_d: int       # q / k head dim, padded to a power of two
+    block_dv: int      # v head dim, padded
+    num_warps: int
+    num_stages: int
+
+    def row_on_chip(self, n_keys: int) -> bool:
+        """True when a whole row of scores is one key tile (the selection pass then computes it once)."""
+        return n_keys <= self.block_n
+
+
+def head_tile(dim: int) -> int:
+    return max(MIN_TILE, triton.next_power_of_2(dim))
+
+
+def gpu_blocks(tile: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) on a GPU for the larger head tile and the input dtype."""
+    if dtype in (torch.float16, torch.bfloat16):
+        if tile <= 64:
+            return 64, 64, 4, 2
+        if tile <= 128:
+            return 32, 32, 4, 2
+        return 16, 16, 4, 1
+    # fp32 (tf32x3 dots)
+    if tile <= 64:
+        return 32, 32, 4, 2
+    if tile <= 128:
+        return 16, 16, 4, 2
+    return 16, 16, 4, 1
+
+
+def gpu_config(d: int, dv: int, dtype: torch.dtype) -> KnnConfig:
+    bd, bdv = head_tile(d), head_tile(dv)
+    bm, bn, warps, stages = gpu_blocks(max(bd, bdv), dtype)
+    return KnnConfig(bm, bn, bd, bdv, warps, stages)
+
+
+def pick_config(d: int, dv: int, n_keys: int, dtype: torch.dtype) -> KnnConfig:
+    """The config of one call (GPU table, or the interpreter's: few, large programs, the whole key row
+    in one tile when it fits 64 keys)."""
+    if interpreting():
+        bn = min(INTERPRET_MAX_BLOCK_N, max(MIN_TILE, triton.next_power_of_2(n_keys)))
+        return KnnConfig(INTERPRET_BLOCK_M, bn, head_tile(d), head_tile(dv), num_warps=1, num_stages=1)
+    return gpu_config(d, dv, dtype)
+
+
+def gpu_configs() -> list[tuple[torch.dtype, KnnConfig]]:
+    """Every (dtype, config) a GPU launch can pick, aligned and unaligned head dims alike (what the compile
+    gate builds): one per dtype and head tile, D == Dv."""
+    return [(dt, gpu_config(t, t, dt)) for dt in (torch.float16, torch.bfloat16, torch.float32)
+            for t in (16, 32, 64, 128, 256)]

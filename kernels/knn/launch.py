@@ -1,0 +1,65 @@
+"""Thin launchers of the k-NN kernels: allocate the per-row state, pick the config, launch."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..runtime import pick_precision
+from .backward import knn_dkdv_kernel, knn_dq_kernel, row_delta_kernel
+from .configs import pick_config
+from .forward import knn_forward_kernel
+from .select import knn_threshold_kernel
+
+
+def selection_constexprs(acc: tl.dtype) -> dict:
+    """The key dtype and bit count of the selection pass for scores in ``acc``."""
+    return dict(KEY=tl.uint64, NBITS=64) if acc == tl.float64 else dict(KEY=tl.uint32, NBITS=32)
+
+
+def knn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, topk: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes o [B, H, Nq, Dv]; returns tau and lse, [B*H, Nq] in the accumulation dtype."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    prec = pick_precision(q.dtype)
+    cfg = pick_config(D, Dv, Nk, q.dtype)
+    acc_dtype = torch.float64 if prec.acc == tl.float64 else torch.float32
+    tau = torch.empty((B * H, Nq), dtype=acc_dtype, device=q.device)
+    lse = torch.empty_like(tau)
+    grid = (triton.cdiv(Nq, cfg.block_m), B * H)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, ACC=prec.acc, DOT=prec.dot,
+                  PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    knn_threshold_kernel[grid](q, k, tau, *q.stride(), *k.stride(), H, Nq, Nk, D, topk, scale,
+                               ROW_ON_CHIP=cfg.row_on_chip(Nk), **selection_constexprs(prec.acc), **common)
+    knn_forward_kernel[grid](q, k, v, o, tau, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                             H, Nq, Nk, D, Dv, scale, BLOCK_DV=cfg.block_dv, **common)
+    return tau, lse
+
+
+def knn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 tau: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor | None, dk: torch.Tensor | None,
+                 dv: torch.Tensor | None, scale: float) -> None:
+    """Writes whichever of dq, dk, dv is given (each [B, H, N, E], any strides)."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    prec = pick_precision(q.dtype)
+    cfg = pick_config(D, Dv, Nk, q.dtype)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+                  ACC=prec.acc, DOT=prec.dot, PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    q_grid = (triton.cdiv(Nq, cfg.block_m), B * H)
+    delta = torch.empty_like(lse)
+    if dq is not None or dk is not None:
+        row_delta_kernel[q_grid](do, o, delta, *do.stride(), *o.stride(), H, Nq, Dv, BLOCK_M=cfg.block_m,
+                                 BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps)
+    if dq is not None:
+        knn_dq_kernel[q_grid](q, k, v, do, dq, tau, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+                              *do.stride(), *dq.stride(), H, Nq, Nk, D, Dv, scale, **common)
+    if dk is not None or dv is not None:
+        # A gradient not wanted gets a dummy pointer and stride set; its constexpr flag skips its work.
+        dk_t = dk if dk is not None else k
+        dv_t = dv if dv is not None else v
+        knn_dkdv_kernel[(triton.cdiv(Nk, cfg.block_n), B * H)](
+            q, k, v, do, dk_t, dv_t, tau, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dk_t.stride(), *dv_t.stride(), H, Nq, Nk, D, Dv, scale,
+            NEED_DK=dk is not None, NEED_DV=dv is not None, **common)

@@ -1,0 +1,65 @@
+"""Selection pass: tau_i, the topk-th largest score of each query row, without storing the row.
+
+Bisection over the bits of the scores' order-preserving keys (``tiles.order_key``), most significant
+first: the answer is built bit by bit as the largest key t with #{j: key_ij >= t} >= topk, which is
+exactly the topk-th largest key of the row. Each of the NBITS steps (32 for fp32 scores, 64 for
+fp64) counts over the row; the scores are recomputed from q and k per step (a dot per key tile)
+unless the whole row fits one key tile (ROW_ON_CHIP), in which case the keys are computed once and
+the bisection runs on the tile in registers.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import key_to_score, load_rows, order_key, score_tile
+
+
+@triton.jit
+def _count_at_least(q, k_base, stride_kn, stride_kd, n_keys, head_dim, scale, cand, top_bit,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                    PREC: tl.constexpr):
+    """#{j: key(s_ij) >= cand_i} per query row i, one dot per key tile."""
+    count = tl.zeros((q.shape[0],), dtype=tl.int32)
+    for n0 in range(0, n_keys, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, cols, n_keys, stride_kn, stride_kd, head_dim, BLOCK_D)
+        key = order_key(score_tile(q, k, scale, ACC, DOT, PREC), top_bit)
+        hit = (key >= cand[:, None]) & (cols[None, :] < n_keys)
+        count += tl.sum(hit.to(tl.int32), axis=1)
+    return count
+
+
+@triton.jit
+def knn_threshold_kernel(
+    q_ptr, k_ptr, tau_ptr,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    n_heads, n_queries, n_keys, head_dim, topk, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    KEY: tl.constexpr, NBITS: tl.constexpr, ROW_ON_CHIP: tl.constexpr,
+):
+    """grid (cdiv(Nq, BLOCK_M), B * H): tau [B*H, Nq] (ACC) for one block of query rows."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = load_rows(q_ptr + b * sqb + h * sqh, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
+    k_base = k_ptr + b * skb + h * skh
+    # 1 << (NBITS - 1) built by a shift in KEY: a literal 2**63 would not fit a signed constant.
+    top_bit = tl.full((BLOCK_M,), 1, dtype=KEY) << (NBITS - 1)
+    answer = tl.zeros((BLOCK_M,), dtype=KEY)
+    if ROW_ON_CHIP:
+        cols = tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, cols, n_keys, skn, skd, head_dim, BLOCK_D)
+        key = order_key(score_tile(q, k, scale, ACC, DOT, PREC), top_bit[:, None])
+        valid = cols[None, :] < n_keys
+        for i in range(NBITS):
+            cand = answer | (top_bit >> i)
+            count = tl.sum(((key >= cand[:, None]) & valid).to(tl.int32), axis=1)
+            answer = tl.where(count >= topk, cand, answer)
+    else:
+        for i in range(NBITS):
+            cand = answer | (top_bit >> i)
+            count = _count_at_least(q, k_base, skn, skd, n_keys, head_dim, scale, cand, top_bit[:, None],
+                                    BLOCK_N, BLOCK_D, ACC, DOT, PREC)
+            answer = tl.where(count >= topk, cand, answer)
+    tau = key_to_score(answer, top_bit, ACC)
+    tl.store(tau_ptr + bh.to(tl.int64) * n_queries + rows, tau, mask=rows < n_queries)

@@ -1,0 +1,98 @@
+"""k-NN attention as ``torch.library`` custom ops (the pattern of :mod:`vicinity_attn.ops`).
+
+Each memory-bounded backend ("torch", "triton") gets a forward and a backward op over its
+``forward()`` / ``backward()``:
+
+    vicinity_attn::knn_<backend>_forward(q, k, v, topk, scale) -> (o, tau, lse)
+    vicinity_attn::knn_<backend>_backward(do, q, k, v, o, tau, lse, topk, scale, need_dq, need_dk, need_dv)
+        -> (dq, dk, dv)
+
+tau (each row's topk-th largest score) and lse (the logsumexp of the kept scores) are [B, H, Nq] in
+the compute dtype: the only per-row state saved besides q, k, v and o. A gradient not asked for
+comes back empty (custom ops cannot return None) and is turned back into None here. The forward
+op's autograd formula calls the backward op; the backward op is not differentiable. Op bodies run
+with autocast off (inputs are cast by :func:`vicinity_attn.ops.autocast_inputs` beforehand).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import knn_torch
+from .layout import compute_dtype, empty_grads_like, empty_output_like
+from .ops import NAMESPACE, autocast_disabled
+
+
+def _backend_module(backend: str):
+    """The module with the backend's ``forward()`` / ``backward()`` (triton imported on first use)."""
+    if backend == "torch":
+        return knn_torch
+    from .backends import knn_triton
+    return knn_triton
+
+
+def _empty_if_none(g: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if g is None else g
+
+
+def _define_ops(backend: str):
+    """Registers ``knn_<backend>_forward`` / ``knn_<backend>_backward`` with fakes and autograd."""
+
+    @torch.library.custom_op(f"{NAMESPACE}::knn_{backend}_forward", mutates_args=(), device_types=None)
+    def forward_op(q: Tensor, k: Tensor, v: Tensor, topk: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        with autocast_disabled(q.device):
+            return _backend_module(backend).forward(q, k, v, topk, scale)
+
+    @forward_op.register_fake
+    def _(q, k, v, topk, scale):
+        B, H, Nq, _ = q.shape
+        dtype = compute_dtype(q.dtype)
+        return (empty_output_like(q, v.shape[-1]), q.new_empty((B, H, Nq), dtype=dtype),
+                q.new_empty((B, H, Nq), dtype=dtype))
+
+    @torch.library.custom_op(f"{NAMESPACE}::knn_{backend}_backward", mutates_args=(), device_types=None)
+    def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, tau: Tensor, lse: Tensor,
+                    topk: int, scale: float, need_dq: bool, need_dk: bool, need_dv: bool
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        with autocast_disabled(q.device):
+            grads = _backend_module(backend).backward(do, q, k, v, o, tau, lse, topk, scale,
+                                                      (need_dq, need_dk, need_dv))
+        return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
+
+    @backward_op.register_fake
+    def _(do, q, k, v, o, tau, lse, topk, scale, need_dq, need_dk, need_dv):
+        grads = empty_grads_like((q, k, v), (need_dq, need_dk, need_dv))
+        return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, topk, scale = inputs
+        o, tau, lse = output
+        ctx.save_for_backward(q, k, v, o, tau, lse)
+        ctx.topk, ctx.scale = topk, scale
+        ctx.set_materialize_grads(False)   # tau and lse are never differentiated
+
+    def backward(ctx, do, _dtau, _dlse):
+        if do is None:
+            return None, None, None, None, None
+        q, k, v, o, tau, lse = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+        grads = backward_op(do, q, k, v, o, tau, lse, ctx.topk, ctx.scale, *needs)
+        return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op, backward_op
+
+
+knn_torch_forward, knn_torch_backward = _define_ops("torch")
+knn_triton_forward, knn_triton_backward = _define_ops("triton")
+
+FORWARD_OPS = {"torch": knn_torch_forward, "triton": knn_triton_forward}
+BACKWARD_OPS = {"torch": knn_torch_backward, "triton": knn_triton_backward}
+
+
+def custom_op_knn_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, topk: int, scale: float) -> Tensor:
+    """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
+    if backend == "triton":
+        from .backends.knn_triton import check_knn_triton_inputs
+        check_knn_triton_inputs(q, k, v)
+    return FORWARD_OPS[backend](q, k, v, topk, scale)[0]
