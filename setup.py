@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.9",
     # kernels/ ships inside the package: a top-level "kernels" would clash with other projects.
     packages=["vicinity_attn", "vicinity_attn.backends", "vicinity_attn.layers", "vicinity_attn.tools",
-              "vicinity_attn.kernels", "vicinity_attn.kernels.vicinity"],
+              "vicinity_attn.kernels", "vicinity_attn.kernels.vicinity", "vicinity_attn.kernels.knn"],
     package_dir={"vicinity_attn": "vicinity_attn", "vicinity_attn.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -1,6 +1,7 @@
 """Layers that reproduce a paper's released code under the authors' parameter names, so that their
-checkpoints load with ``strict=True``: ``vvt`` (Vicinity Vision Transformer). The generic drop-in
+checkpoints load with ``strict=True``: ``vvt`` (Vicinity Vision Transformer), ``kvt`` (k-NN attention). The generic drop-in
 module, :class:`vicinity_attn.VicinityAttention`, lives in :mod:`vicinity_attn.modules`."""
+from .kvt import KNNAttention
 from .vvt import VicinityVisionAttention
 
-__all__ = ["VicinityVisionAttention"]
+__all__ = ["VicinityVisionAttention", "KNNAttention"]
