@@ -28,6 +28,8 @@ class KnnConfig:
     block_dv: int      # v head dim, padded
     num_warps: int
     num_stages: int
+    dkdv_num_stages: int = 1   # the dk/dv pass holds four [BLOCK_N, head] tiles: no room for prefetch
+
 
     def row_on_chip(self, n_keys: int) -> bool:
         """True when a whole row of scores is one key tile (the selection pass then computes it once)."""
