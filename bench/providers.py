@@ -142,3 +142,40 @@ def make_inputs(provider: Provider, case: Case, device: torch.device, dtype: tor
             t = t.transpose(1, 2)
         out.append(t.to(device=device, dtype=dtype).contiguous().requires_grad_(requires_grad))
     return out[0], out[1], out[2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN attention (KVT): ``knn`` = vicinity_attn.knn_attention (backend "auto": triton on a GPU, the
+# row-block torch backend elsewhere); ``knn-authors`` = the authors' dense formulation (scores, a
+# dense float mask from torch.topk, -inf fill, softmax), i.e. the "reference" backend. The CLI is
+# ``python -m bench.knn``.
+# ----------------------------------------------------------------------------------------------------
+
+KNN_PROVIDERS = ("knn", "knn-authors")
+
+
+def knn_topk(case: Case, topk: int | None) -> int:
+    """The topk of a k-NN case: as given, else N / 2 (the issue's target setting)."""
+    return topk if topk is not None else max(1, case.n // 2)
+
+
+def make_knn_provider(name: str, case: Case, device: torch.device, dtype: torch.dtype,
+                      topk: int | None = None) -> Provider | str:
+    """The k-NN provider ``name`` at ``case`` (N = prod(case.grid) tokens), or why it cannot run."""
+    b, h, n, d, dv = case.batch, case.heads, case.n, case.dim, case.dim_v
+    size = torch.empty((), dtype=dtype).element_size()
+    k = knn_topk(case, topk)
+    flops = softmax_forward_flops(b, h, n, n, d, dv)
+    io_bytes = b * h * n * (2 * d + 2 * dv) * size
+    if name == "knn":
+        backend = "triton" if device.type == "cuda" and vicinity_attn.functional.knn_triton_available() else "torch"
+        if backend == "triton" and dtype == torch.float64:
+            return "the triton backend runs fp64 only under the interpreter"
+        fn = lambda q, kk, v: vicinity_attn.knn_attention(q, kk, v, k, backend=backend)  # noqa: E731
+        return Provider(name, f"knn[{backend}]", "softmax", "bhnd", fn, flops, memory_estimate=3 * io_bytes)
+    if name == "knn-authors":
+        fn = lambda q, kk, v: vicinity_attn.knn_attention(q, kk, v, k, backend="reference")  # noqa: E731
+        # Scores, mask, where-output, probabilities, their gradients (N x N each) and the int64 indices.
+        return Provider(name, "knn-authors (dense topk mask)", "softmax", "bhnd", fn, flops,
+                        memory_estimate=2 * io_bytes + 7 * b * h * n * n * max(size, 4) + b * h * n * k * 8)
+    return f"unknown k-NN provider {name!r} (choose from {', '.join(KNN_PROVIDERS)})"

@@ -19,8 +19,9 @@ import torch
 
 from ..layout import compute_dtype, empty_grads_like, empty_output_like
 
-# Scores per block of query rows (over all batch x head slices): 4 MiB of float32.
-BLOCK_ELEMENTS = 1 << 20
+# Scores per block of query rows (over all batch x head slices): 32 MiB of float32. Few, large blocks:
+# on a CPU every op is a parallel region, and on a loaded machine each costs a scheduling round.
+BLOCK_ELEMENTS = 1 << 23
 
 
 def row_blocks(batch_heads: int, nq: int, nk: int) -> list[tuple[int, int]]:
@@ -29,15 +30,16 @@ def row_blocks(batch_heads: int, nq: int, nk: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows, nq)) for r in range(0, nq, rows)]
 
 
-def block_scores(q_blk: torch.Tensor, k_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * q_blk @ k^T for one block of rows: [B, H, R, Nk]. The one place scores are computed."""
-    return torch.matmul(q_blk, k_t).mul_(scale)
+def _flat(x: torch.Tensor, dtype: torch.dtype, factor: float | None = None) -> torch.Tensor:
+    """x [B, H, N, E] as a [B*H, N, E] tensor of ``dtype`` (a copy only where needed), times ``factor``."""
+    x = x.to(dtype).reshape(-1, x.shape[-2], x.shape[-1])
+    return x * factor if factor is not None else x
 
 
-def row_thresholds(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """tau: the topk-th largest score of each row, [B, H, R]. (An unsorted top-k and its minimum: on a
-    CPU faster than a sorted top-k or kthvalue.)"""
-    return torch.topk(scores, topk, dim=-1, sorted=False).values.amin(dim=-1)
+def block_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """(scale q) @ k^T for query rows r0:r1: [B*H, R, Nk]. The one place scores are computed, so that
+    backward recomputes them bitwise as forward did (same blocks, same operands)."""
+    return torch.bmm(q_scaled[:, r0:r1], k_t)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
@@ -45,23 +47,26 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
     """(o, tau, lse): o [B, H, Nq, Dv] in q's dtype and memory order; tau and lse [B, H, Nq] in the
     compute dtype (float32, float64 for float64 inputs)."""
     B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
+    Nk, Dv = k.shape[2], v.shape[-1]
     dtype = compute_dtype(q.dtype)
-    k_t, v_c = k.to(dtype).transpose(-2, -1), v.to(dtype)
-    o = empty_output_like(q, v.shape[-1])
-    tau = q.new_empty((B, H, Nq), dtype=dtype)
-    lse = q.new_empty((B, H, Nq), dtype=dtype)
+    q_s, k_t, v_c = _flat(q, dtype, scale), _flat(k, dtype).transpose(1, 2), _flat(v, dtype)
+    o = empty_output_like(q, Dv)
+    o_acc = torch.empty((B * H, Nq, Dv), dtype=dtype, device=q.device)
+    tau = q.new_empty((B * H, Nq), dtype=dtype)
+    lse = q.new_empty((B * H, Nq), dtype=dtype)
     for r0, r1 in row_blocks(B * H, Nq, Nk):
-        s = block_scores(q[:, :, r0:r1].to(dtype), k_t, scale)
-        t = row_thresholds(s, topk)
-        m = s.amax(dim=-1, keepdim=True)
+        s = block_scores(q_s, k_t, r0, r1)
+        # The kept scores are the row's top-k values: their min is tau, their max the softmax shift.
+        t, m = torch.aminmax(torch.topk(s, topk, dim=-1, sorted=False).values, dim=-1)
         keep = s >= t.unsqueeze(-1)
-        p = s.sub_(m).exp_().mul_(keep)        # s is dead from here: its buffer holds p
-        l = p.sum(dim=-1, keepdim=True)
-        o[:, :, r0:r1] = torch.matmul(p, v_c).div_(l)
-        tau[:, :, r0:r1] = t
-        lse[:, :, r0:r1] = (m + l.log()).squeeze(-1)
-    return o, tau, lse
+        p = s.sub_(m.unsqueeze(-1)).exp_().mul_(keep)        # s is dead from here: its buffer holds p
+        l = p.sum(dim=-1)
+        torch.bmm(p, v_c, out=o_acc[:, r0:r1])
+        o_acc[:, r0:r1].div_(l.unsqueeze(-1))
+        tau[:, r0:r1] = t
+        torch.add(m, l.log_(), out=lse[:, r0:r1])
+    o.copy_(o_acc.view(B, H, Nq, Dv))
+    return o, tau.view(B, H, Nq), lse.view(B, H, Nq)
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -71,33 +76,36 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) laid out like q, k, v (None where ``needs`` says not wanted), FlashAttention's
     backward over the same row blocks as :func:`forward`:
     p = [s >= tau] exp(s - lse), dv = p^T dO, ds = p * (dO v^T - rowsum(dO * o)), dq = scale ds k,
-    dk = scale ds^T q."""
-    B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
+    dk = ds^T (scale q)."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
     dtype = compute_dtype(q.dtype)
-    k_c, v_c = k.to(dtype), v.to(dtype)
-    k_t = k_c.transpose(-2, -1)
+    q_s, k_c, do_c = _flat(q, dtype, scale), _flat(k, dtype), _flat(do, dtype)
+    k_t = k_c.transpose(1, 2)
+    tau, lse = tau.reshape(B * H, Nq), lse.reshape(B * H, Nq)
     dq, dk, dv = empty_grads_like((q, k, v), needs)
-    dk_acc = torch.zeros(k.shape, dtype=dtype, device=q.device) if needs[1] else None
-    dv_acc = torch.zeros(v.shape, dtype=dtype, device=q.device) if needs[2] else None
-    delta = (do.to(dtype) * o.to(dtype)).sum(dim=-1)       # rowsum(dO * o): [B, H, Nq]
+    need_ds = needs[0] or needs[1]
+    if need_ds:
+        v_t = _flat(v, dtype).transpose(1, 2)
+        delta = (do_c * _flat(o, dtype)).sum(dim=-1)          # rowsum(dO * o): [B*H, Nq]
+        k_scaled = k_c * scale if needs[0] else None
+    dq_acc = torch.empty((B * H, Nq, D), dtype=dtype, device=q.device) if needs[0] else None
+    dk_acc = torch.zeros((B * H, Nk, D), dtype=dtype, device=q.device) if needs[1] else None
+    dv_acc = torch.zeros((B * H, Nk, Dv), dtype=dtype, device=q.device) if needs[2] else None
     for r0, r1 in row_blocks(B * H, Nq, Nk):
-        q_blk = q[:, :, r0:r1].to(dtype)
-        do_blk = do[:, :, r0:r1].to(dtype)
-        s = block_scores(q_blk, k_t, scale)
-        keep = s >= tau[:, :, r0:r1].unsqueeze(-1)
-        p = s.sub_(lse[:, :, r0:r1].unsqueeze(-1)).exp_().mul_(keep)
+        s = block_scores(q_s, k_t, r0, r1)
+        keep = s >= tau[:, r0:r1].unsqueeze(-1)
+        p = s.sub_(lse[:, r0:r1].unsqueeze(-1)).exp_().mul_(keep)
         if dv_acc is not None:
-            dv_acc += torch.matmul(p.transpose(-2, -1), do_blk)
-        if not (needs[0] or needs[1]):
+            dv_acc.baddbmm_(p.transpose(1, 2), do_c[:, r0:r1])
+        if not need_ds:
             continue
-        ds = torch.matmul(do_blk, v_c.transpose(-2, -1)).sub_(delta[:, :, r0:r1].unsqueeze(-1)).mul_(p)
-        if needs[0]:
-            dq[:, :, r0:r1] = torch.matmul(ds, k_c).mul_(scale)
+        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p)
+        if dq_acc is not None:
+            torch.bmm(ds, k_scaled, out=dq_acc[:, r0:r1])
         if dk_acc is not None:
-            dk_acc += torch.matmul(ds.transpose(-2, -1), q_blk).mul_(scale)
-    if dk is not None:
-        dk.copy_(dk_acc)
-    if dv is not None:
-        dv.copy_(dv_acc)
+            dk_acc.baddbmm_(ds.transpose(1, 2), q_s[:, r0:r1])
+    for grad, acc in ((dq, dq_acc), (dk, dk_acc), (dv, dv_acc)):
+        if grad is not None:
+            grad.copy_(acc.view(grad.shape))
     return dq, dk, dv
