@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..common import mma
-from .tiles import load_rows, score_tile, store_rows
+from .tiles import load_rows, row_dots, score_tile, store_rows
 
 
 @triton.jit
@@ -29,12 +29,22 @@ def row_delta_kernel(do_ptr, o_ptr, delta_ptr, sdb, sdh, sdn, sdd, sob, soh, son
 
 
 @triton.jit
-def _probabilities(q, k, tau, lse, row_ok, cols, n_keys, scale,
-                   ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """p [BLOCK_M, BLOCK_N]: the forward's softmax probabilities, 0 off the mask and on padding."""
-    s = score_tile(q, k, scale, ACC, DOT, PREC)
-    keep = (s >= tau[:, None]) & row_ok[:, None] & (cols[None, :] < n_keys)
-    return tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+def _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
+              n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
+              BLOCK_KV: tl.constexpr, N_KV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+              PREC: tl.constexpr, NEED_DS: tl.constexpr):
+    """p and ds for one [BLOCK_M, BLOCK_N] tile: the forward's probabilities (0 off the mask and on
+    padding) and p * (dO v^T - delta) (only when NEED_DS; else p is returned twice)."""
+    s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
+                   BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
+    keep = (s >= tau[:, None]) & (rows[:, None] < n_queries) & (cols[None, :] < n_keys)
+    p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+    if NEED_DS:
+        dp = row_dots(do_base, rows, n_queries, sdn, sdd, v_base, cols, n_keys, svn, svd, head_dim_v,
+                      tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), BLOCK_KV, N_KV, DOT, PREC)
+        return p, p * (dp - delta[:, None])
+    return p, p
 
 
 @triton.jit
@@ -42,7 +52,8 @@ def knn_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, tau_ptr, lse_ptr, delta_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
     n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_K: tl.constexpr, BLOCK_KV: tl.constexpr, N_KV: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """grid (cdiv(Nq, BLOCK_M), B * H): dq for one block of query rows."""
@@ -50,21 +61,19 @@ def knn_dq_kernel(
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_queries
-    q = load_rows(q_ptr + b * sqb + h * sqh, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
-    do = load_rows(do_ptr + b * sdb + h * sdh, rows, n_queries, sdn, sdd, head_dim_v, BLOCK_DV)
     stat_off = bh.to(tl.int64) * n_queries + rows
     tau = tl.load(tau_ptr + stat_off, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
-    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    do_base = do_ptr + b * sdb + h * sdh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for n0 in range(0, n_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
+        p, ds = _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
+                          n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
+                          BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, True)
         k = load_rows(k_base, cols, n_keys, skn, skd, head_dim, BLOCK_D)
-        v = load_rows(v_base, cols, n_keys, svn, svd, head_dim_v, BLOCK_DV)
-        p = _probabilities(q, k, tau, lse, row_ok, cols, n_keys, scale, ACC, DOT, PREC)
-        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), DOT, PREC)
-        ds = p * (dp - delta[:, None])
         dq = mma(ds, k, dq, DOT, PREC)
     store_rows(dq_ptr + b * sgb + h * sgh, dq * scale, rows, n_queries, sgn, sgd, head_dim, BLOCK_D)
 
@@ -76,32 +85,34 @@ def knn_dkdv_kernel(
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
     n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_K: tl.constexpr, BLOCK_KV: tl.constexpr, N_KV: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
 ):
     """grid (cdiv(Nk, BLOCK_N), B * H): dk and / or dv for one block of key rows."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = load_rows(k_ptr + b * skb + h * skh, cols, n_keys, skn, skd, head_dim, BLOCK_D)
-    v = load_rows(v_ptr + b * svb + h * svh, cols, n_keys, svn, svd, head_dim_v, BLOCK_DV)
-    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sdb + h * sdh
+    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    do_base = do_ptr + b * sdb + h * sdh
     stat_base = bh.to(tl.int64) * n_queries
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=ACC)
     for m0 in range(0, n_queries, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_queries
-        q = load_rows(q_base, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
-        do = load_rows(do_base, rows, n_queries, sdn, sdd, head_dim_v, BLOCK_DV)
         tau = tl.load(tau_ptr + stat_base + rows, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0)
-        p = _probabilities(q, k, tau, lse, row_ok, cols, n_keys, scale, ACC, DOT, PREC)
-        if NEED_DV:
-            dv = mma(tl.trans(p), do, dv, DOT, PREC)
+        delta = lse    # a placeholder: without dk, ds is not formed
         if NEED_DK:
             delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
-            dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), DOT, PREC)
-            ds = p * (dp - delta[:, None])
+        p, ds = _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
+                          n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
+                          BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, NEED_DK)
+        if NEED_DV:
+            do = load_rows(do_base, rows, n_queries, sdn, sdd, head_dim_v, BLOCK_DV)
+            dv = mma(tl.trans(p), do, dv, DOT, PREC)
+        if NEED_DK:
+            q = load_rows(q_base, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
             dk = mma(tl.trans(ds), q, dk, DOT, PREC)
     if NEED_DK:
         store_rows(dk_ptr + b * skgb + h * skgh, dk * scale, cols, n_keys, skgn, skgd, head_dim, BLOCK_D)

@@ -26,10 +26,19 @@ class KnnConfig:
     block_n: int       # key rows per tile
     block_d: int       # q / k head dim, padded to a power of two
     block_dv: int      # v head dim, padded
+    chunk: int         # head-dim chunk of the row dots (q.k, dO.v): the K of those tl.dots
     num_warps: int
     num_stages: int
     dkdv_num_stages: int = 1   # the dk/dv pass holds four [BLOCK_N, head] tiles: no room for prefetch
+    # The register cap, stated: left to itself ptxas caps some of these kernels far below 255 (at 32
+    # to 80 registers) and spills a few bytes there; the compile gate checks zero spills with it.
+    maxnreg: int = 255
 
+
+    def chunks(self) -> dict:
+        """The row-dot chunking constexprs: BLOCK_K x N_K covers BLOCK_D, BLOCK_KV x N_KV covers BLOCK_DV."""
+        k, kv = min(self.chunk, self.block_d), min(self.chunk, self.block_dv)
+        return dict(BLOCK_K=k, N_K=self.block_d // k, BLOCK_KV=kv, N_KV=self.block_dv // kv)
 
     def row_on_chip(self, n_keys: int) -> bool:
         """True when a whole row of scores is one key tile (the selection pass then computes it once)."""
@@ -48,18 +57,17 @@ def gpu_blocks(tile: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
         if tile <= 128:
             return 32, 32, 4, 2
         return 16, 16, 4, 1
-    # fp32 (tf32x3 dots)
-    if tile <= 64:
-        return 32, 32, 4, 2
-    if tile <= 128:
-        return 16, 16, 4, 2
-    return 16, 16, 4, 1
+    # fp32: tf32x3 dots split every operand in two (hi / lo) and issue three products; 16 x 16 tiles
+    # without prefetch (and 8 warps at 128-wide heads, where ptxas spills with 4) fit every pass in
+    # 255 registers without spills.
+    return 16, 16, (8 if tile == 128 else 4), 1
 
 
 def gpu_config(d: int, dv: int, dtype: torch.dtype) -> KnnConfig:
     bd, bdv = head_tile(d), head_tile(dv)
     bm, bn, warps, stages = gpu_blocks(max(bd, bdv), dtype)
-    return KnnConfig(bm, bn, bd, bdv, warps, stages)
+    chunk = 64 if dtype in (torch.float16, torch.bfloat16) else 32     # fp32: tf32x3 splits each operand
+    return KnnConfig(bm, bn, bd, bdv, chunk, warps, stages)
 
 
 def pick_config(d: int, dv: int, n_keys: int, dtype: torch.dtype) -> KnnConfig:
@@ -67,7 +75,8 @@ def pick_config(d: int, dv: int, n_keys: int, dtype: torch.dtype) -> KnnConfig:
     in one tile when it fits 64 keys)."""
     if interpreting():
         bn = min(INTERPRET_MAX_BLOCK_N, max(MIN_TILE, triton.next_power_of_2(n_keys)))
-        return KnnConfig(INTERPRET_BLOCK_M, bn, head_tile(d), head_tile(dv), num_warps=1, num_stages=1)
+        bd, bdv = head_tile(d), head_tile(dv)
+        return KnnConfig(INTERPRET_BLOCK_M, bn, bd, bdv, max(bd, bdv), num_warps=1, num_stages=1)
     return gpu_config(d, dv, dtype)
 
 

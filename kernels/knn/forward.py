@@ -16,25 +16,24 @@ def knn_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, tau_ptr, lse_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """grid (cdiv(Nq, BLOCK_M), B * H): o rows [BLOCK_M, Dv] and lse [B*H, Nq] (ACC)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_queries
-    q = load_rows(q_ptr + b * sqb + h * sqh, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
     stat_off = bh.to(tl.int64) * n_queries + rows
     tau = tl.load(tau_ptr + stat_off, mask=row_ok, other=0.0)
-    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
     m = tau
     l = tl.zeros((BLOCK_M,), dtype=ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=ACC)
     for n0 in range(0, n_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, cols, n_keys, skn, skd, head_dim, BLOCK_D)
-        s = score_tile(q, k, scale, ACC, DOT, PREC)
+        s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
+                       BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
         keep = (s >= tau[:, None]) & (cols[None, :] < n_keys)
         m_new = tl.maximum(m, tl.max(tl.where(keep, s, -float("inf")), axis=1))
         alpha = tl.exp(m - m_new)

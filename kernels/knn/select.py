@@ -10,22 +10,7 @@ the bisection runs on the tile in registers.
 import triton
 import triton.language as tl
 
-from .tiles import key_to_score, load_rows, order_key, score_tile
-
-
-@triton.jit
-def _count_at_least(q, k_base, stride_kn, stride_kd, n_keys, head_dim, scale, cand, top_bit,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                    PREC: tl.constexpr):
-    """#{j: key(s_ij) >= cand_i} per query row i, one dot per key tile."""
-    count = tl.zeros((q.shape[0],), dtype=tl.int32)
-    for n0 in range(0, n_keys, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, cols, n_keys, stride_kn, stride_kd, head_dim, BLOCK_D)
-        key = order_key(score_tile(q, k, scale, ACC, DOT, PREC), top_bit)
-        hit = (key >= cand[:, None]) & (cols[None, :] < n_keys)
-        count += tl.sum(hit.to(tl.int32), axis=1)
-    return count
+from .tiles import key_to_score, order_key, score_tile
 
 
 @triton.jit
@@ -33,7 +18,7 @@ def knn_threshold_kernel(
     q_ptr, k_ptr, tau_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
     n_heads, n_queries, n_keys, head_dim, topk, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     KEY: tl.constexpr, NBITS: tl.constexpr, ROW_ON_CHIP: tl.constexpr,
 ):
@@ -41,15 +26,15 @@ def knn_threshold_kernel(
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_rows(q_ptr + b * sqb + h * sqh, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
-    k_base = k_ptr + b * skb + h * skh
+    q_base, k_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh
     # 1 << (NBITS - 1) built by a shift in KEY: a literal 2**63 would not fit a signed constant.
     top_bit = tl.full((BLOCK_M,), 1, dtype=KEY) << (NBITS - 1)
     answer = tl.zeros((BLOCK_M,), dtype=KEY)
     if ROW_ON_CHIP:
         cols = tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, cols, n_keys, skn, skd, head_dim, BLOCK_D)
-        key = order_key(score_tile(q, k, scale, ACC, DOT, PREC), top_bit[:, None])
+        s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
+                       BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
+        key = order_key(s, top_bit[:, None])
         valid = cols[None, :] < n_keys
         for i in range(NBITS):
             cand = answer | (top_bit >> i)
@@ -58,8 +43,13 @@ def knn_threshold_kernel(
     else:
         for i in range(NBITS):
             cand = answer | (top_bit >> i)
-            count = _count_at_least(q, k_base, skn, skd, n_keys, head_dim, scale, cand, top_bit[:, None],
-                                    BLOCK_N, BLOCK_D, ACC, DOT, PREC)
+            count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for n0 in range(0, n_keys, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim,
+                               scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
+                hit = (order_key(s, top_bit[:, None]) >= cand[:, None]) & (cols[None, :] < n_keys)
+                count += tl.sum(hit.to(tl.int32), axis=1)
             answer = tl.where(count >= topk, cand, answer)
     tau = key_to_score(answer, top_bit, ACC)
     tl.store(tau_ptr + bh.to(tl.int64) * n_queries + rows, tau, mask=rows < n_queries)

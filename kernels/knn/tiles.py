@@ -2,8 +2,8 @@
 
 The mask of every pass is ``s >= tau`` with tau found by the selection pass, so every pass must
 compute a score bitwise as the selection pass did: :func:`score_tile` is the one place scores are
-computed, always on a [BLOCK_M, BLOCK_N] tile of (query rows, key rows) with the same launch
-config (see ``configs.py``), whatever the pass loops over.
+computed, always on a [BLOCK_M, BLOCK_N] tile of (query rows, key rows), over the head dim in the
+same chunks, with the same launch config (see ``configs.py``), whatever the pass loops over.
 """
 import triton
 import triton.language as tl
@@ -27,10 +27,27 @@ def store_rows(base_ptr, x, rows, n_rows, stride_n, stride_d, n_cols, BLOCK_COLS
 
 
 @triton.jit
-def score_tile(q, k, scale, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """scale * q @ k^T: [BLOCK_M, BLOCK_N] in ACC from q [BLOCK_M, BLOCK_D] and k [BLOCK_N, BLOCK_D]."""
-    acc = tl.zeros((q.shape[0], k.shape[0]), dtype=ACC)
-    return mma(q, tl.trans(k), acc, DOT, PREC) * scale
+def row_dots(a_base, a_rows, n_a, s_an, s_ad, b_base, b_rows, n_b, s_bn, s_bd, dim, acc,
+             BLOCK_K: tl.constexpr, N_K: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a[a_rows, :dim] @ b[b_rows, :dim]^T, over the head dim in N_K chunks of BLOCK_K loaded
+    here: a full-width operand tile would sit whole in every warp's registers (the head dim is the
+    dots' K), which for head dims up to 256 (and fp32's tf32x3 operand splits) does not fit."""
+    for c in range(N_K):
+        a = load_rows(a_base + c * BLOCK_K * s_ad, a_rows, n_a, s_an, s_ad, dim - c * BLOCK_K, BLOCK_K)
+        b = load_rows(b_base + c * BLOCK_K * s_bd, b_rows, n_b, s_bn, s_bd, dim - c * BLOCK_K, BLOCK_K)
+        acc = mma(a, tl.trans(b), acc, DOT, PREC)
+    return acc
+
+
+@triton.jit
+def score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
+               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """scale * q[rows] @ k[cols]^T: a [BLOCK_M, BLOCK_N] tile in ACC (0 where padded)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc = row_dots(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, acc,
+                   BLOCK_K, N_K, DOT, PREC)
+    return acc * scale
 
 
 @triton.jit

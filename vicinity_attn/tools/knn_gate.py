@@ -99,7 +99,7 @@ def _source(case: KnnCase):
     dtype = _torch_dtype(case.dtype)
     prec = pick_precision(dtype, interpret=False)
     cfg = gpu_config(case.tile, case.tile, dtype)
-    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **cfg.chunks(),
                       ACC=prec.acc, DOT=prec.dot, PREC=prec.prec, **selection_constexprs(prec.acc), **dict(role.fixed))
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -119,7 +119,8 @@ def _source(case: KnnCase):
     missing = [n for n in fn.arg_names if n not in signature]
     assert not missing, missing
     stages = cfg.dkdv_num_stages if role.kernel == "knn_dkdv_kernel" else cfg.num_stages
-    return ASTSource(fn, signature, consts, attrs), dict(num_warps=cfg.num_warps, num_stages=stages)
+    return ASTSource(fn, signature, consts, attrs), dict(num_warps=cfg.num_warps, num_stages=stages,
+                                                         maxnreg=cfg.maxnreg)
 
 
 def _nvidia_bin(tool: str) -> str:
