@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                    threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=str(device),
-                   timing=timing_method(device), command="python -m bench.knn " + " ".join(sys.argv[1:]
+                   timing=timing_method(device) if device.type == "cuda" else
+                   "CPU: the providers' steps timed in alternation (bench.timing.interleaved_medians), one "
+                   "untimed warm-up each, median per provider; garbage collector paused", command="python -m bench.knn " + " ".join(sys.argv[1:]
                                                                                        if argv is None else argv))
         with open(args.json, "w") as fh:
             json.dump(dict(env=env, dtype=args.dtype, results=results, targets=targets), fh, indent=1)
