@@ -156,3 +156,19 @@ def test_triton_head_dim_limit():
     q, k, v = make_inputs(1, 1, 4, 4, 257, 4, dtype=torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match="head dims up to 256"):
         knn_attention(q, k, v, 2, backend="triton")
+
+
+def test_triton_head_dim_chunks(monkeypatch):
+    """The GPU configs split the row dots (q.k, dO.v) into head-dim chunks; the interpreter's config
+    does not. Force 16-wide chunks: D = 40 is three chunks (the last one partly padding), Dv = 20 two."""
+    import dataclasses
+
+    from vicinity_attn.kernels.knn import configs, launch
+
+    def chunked(d, dv, n_keys, dtype):
+        return dataclasses.replace(configs.pick_config(d, dv, n_keys, dtype), chunk=16)
+
+    monkeypatch.setattr(launch, "pick_config", chunked)
+    assert chunked(40, 20, 30, torch.float32).chunks() == dict(BLOCK_K=16, N_K=4, BLOCK_KV=16, N_KV=2)
+    q, k, v = make_inputs(1, 2, 20, 30, 40, 20, dtype=torch.float32)
+    check_knn_against_reference(q, k, v, 9, "triton")
