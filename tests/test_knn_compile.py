@@ -62,3 +62,11 @@ def test_autocast_bf16(backend):
     ref = knn_attention(*(t.double() for t in low), 5, backend="reference")
     plain = knn_attention(*low, 5, backend="reference")
     assert_rule("out", out, ref, plain, torch.bfloat16)
+
+
+def test_double_backward_is_a_clear_error():
+    q, k, v = make_inputs(1, 1, 5, 6, 4, 4, dtype=torch.float64)
+    out = knn_attention(q, k, v, 3, backend="torch")
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dq.sum().backward()

@@ -10,7 +10,7 @@ Each memory-bounded backend ("torch", "triton") gets a forward and a backward op
 tau (each row's topk-th largest score) and lse (the logsumexp of the kept scores) are [B, H, Nq] in
 the compute dtype: the only per-row state saved besides q, k, v and o. A gradient not asked for
 comes back empty (custom ops cannot return None) and is turned back into None here. The forward
-op's autograd formula calls the backward op; the backward op is not differentiable. Op bodies run
+op's autograd formula calls the backward op; differentiating the backward op raises a clear error. Op bodies run
 with autocast off (inputs are cast by :func:`vicinity_attn.ops.autocast_inputs` beforehand).
 """
 from __future__ import annotations
@@ -79,7 +79,12 @@ def _define_ops(backend: str):
         grads = backward_op(do, q, k, v, o, tau, lse, ctx.topk, ctx.scale, *needs)
         return (*(g if n else None for g, n in zip(grads, needs)), None, None)
 
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"knn_attention(backend={backend!r}) does not support double backward (a gradient of "
+                           "a gradient); use backend='reference' (plain autograd, dense) for higher derivatives")
+
     forward_op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
     return forward_op, backward_op
 
 
