@@ -52,10 +52,14 @@ def head_tile(dim: int) -> int:
 def gpu_blocks(tile: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) on a GPU for the larger head tile and the input dtype."""
     if dtype in (torch.float16, torch.bfloat16):
-        if tile <= 64:
+        # 8 warps at 64- and 128-wide heads: with 4, ptxas spills a few bytes in the dk / dv pass for
+        # unaligned head dims (scalar loads with per-element addresses).
+        if tile <= 32:
             return 64, 64, 4, 2
+        if tile <= 64:
+            return 64, 64, 8, 2
         if tile <= 128:
-            return 32, 32, 4, 2
+            return 32, 32, 8, 2
         return 16, 16, 4, 1
     # fp32: tf32x3 dots split every operand in two (hi / lo) and issue three products; 16 x 16 tiles
     # without prefetch (and 8 warps at 128-wide heads, where ptxas spills with 4) fit every pass in
