@@ -52,7 +52,7 @@ class Role:
 ROLES = (
     Role("fwd_state", "state", "state_partial_kernel", (("IS_QUERY", False), ("ROW_WEIGHTS", False)),
          ("x_ptr", "y_ptr")),
-    Role("fwd_output", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True)),
+    Role("fwd_output", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True), ("CLAMP", False)),
          ("x_ptr", "out_ptr")),
     Role("bwd_row_weights", "contract", "row_weights_kernel", (), ("do_ptr", "o_ptr"), has_dot=False,
          uses_geometry=False),
@@ -60,7 +60,7 @@ ROLES = (
          ("x_ptr", "y_ptr", "out_ptr")),
     Role("bwd_state", "state", "state_partial_kernel", (("IS_QUERY", True), ("ROW_WEIGHTS", True)),
          ("x_ptr", "y_ptr")),
-    Role("bwd_dv", "contract", "contract_d_kernel", (("IS_QUERY", False), ("WITH_DEN", False)),
+    Role("bwd_dv", "contract", "contract_d_kernel", (("IS_QUERY", False), ("WITH_DEN", False), ("CLAMP", False)),
          ("x_ptr", "out_ptr")),
     Role("bwd_dk", "contract", "contract_dv_kernel", (("IS_QUERY", False), ("ROW_WEIGHTS", False)),
          ("x_ptr", "y_ptr", "out_ptr")),
@@ -161,7 +161,7 @@ def _source(case: Case):
         elif name.endswith("_ptr"):
             signature[name] = io_type if name in role.io_ptrs else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("eps", "out_scale", "scale"):
+        elif name in ("eps", "out_scale", "scale", "den_floor", "clamp_lo", "clamp_hi", "state_scale"):
             signature[name] = "fp32"
         elif name in INNER_STRIDES:
             signature[name], consts[(i,)] = "constexpr", 1
