@@ -1,6 +1,8 @@
 """Layers that reproduce a paper's released code under the authors' parameter names, so that their
-checkpoints load with ``strict=True``: ``vvt`` (Vicinity Vision Transformer). The generic drop-in
-module, :class:`vicinity_attn.VicinityAttention`, lives in :mod:`vicinity_attn.modules`."""
+checkpoints load with ``strict=True``: ``vvt`` (Vicinity Vision Transformer) and ``l2vit`` (L2ViT's
+enhanced linear attention, LCM and block). The generic drop-in module,
+:class:`vicinity_attn.VicinityAttention`, lives in :mod:`vicinity_attn.modules`."""
+from .l2vit import LCM, LGABlock, LinearAttention
 from .vvt import VicinityVisionAttention
 
-__all__ = ["VicinityVisionAttention"]
+__all__ = ["VicinityVisionAttention", "LinearAttention", "LCM", "LGABlock"]
