@@ -238,3 +238,38 @@ def test_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, H, W), block(x, H, W), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vicinity_attention_module_with_floor_and_temperature(backend):
+    """The generic module with L2ViT's normaliser: variant "none" + den_floor=100, eps=0, temperature
+    is their LinearAttention (weights mapped over); variant "sum" adds VVT's locality and matches the
+    reference backend, with gradients reaching the temperature."""
+    from vicinity_attn import VicinityAttention
+    dim, heads, H, W = 32, 4, 4, 5
+    gen = torch.Generator().manual_seed(6)
+    keys = {k[5:]: s for k, s in their_keys(dim, heads, qkv_bias=False, ffn=False, enhanced=False).items()
+            if k.startswith("attn.")}
+    sd = random_state_dict(keys, gen)
+    x = torch.randn(2, H * W, dim, generator=gen, dtype=torch.float64) * 3.0
+    assert 0.1 < floor_fraction(sd, x, heads) < 0.9
+    mod = VicinityAttention(dim, heads, qkv_bias=False, variant="none", eps=0.0, den_floor=100.0,
+                            temperature=True, backend=backend).double()
+    wq, wk, wv = sd["qkv.weight"].chunk(3)
+    mod.load_state_dict({"q.weight": wq, "k.weight": wk, "v.weight": wv, "proj.weight": sd["proj.weight"],
+                         "proj.bias": sd["proj.bias"], "temperature": sd["temperature"]}, strict=True)
+    torch.testing.assert_close(mod(x, H, W), their_linear_attention(sd, x, heads), rtol=1e-12, atol=1e-12)
+
+    mod.variant = "sum"
+    out = mod(x, H, W)
+    mod.backend = "reference"
+    want = mod(x, H, W)
+    assert not torch.allclose(out, their_linear_attention(sd, x, heads))   # the locality matters
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(out.square().sum(), mod.temperature)
+    assert torch.isfinite(g).all() and (g != 0).all()
+    assert "den_floor=100.0" in repr(mod) and "temperature=True" in repr(mod)
+    with pytest.raises(ValueError, match="den_floor"):
+        VicinityAttention(dim, heads, den_floor=-1.0)
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        VicinityAttention(dim, heads, eps=0.0)
