@@ -273,3 +273,26 @@ def test_vicinity_attention_module_with_floor_and_temperature(backend):
         VicinityAttention(dim, heads, den_floor=-1.0)
     with pytest.raises(ValueError, match="eps must be a positive"):
         VicinityAttention(dim, heads, eps=0.0)
+
+
+def test_bench_l2vit_provider_is_the_floored_op():
+    """The benchmark's ``l2vit`` provider (their formulation) and ``vicinity-floor`` (the op) agree in
+    float64, with the floor active on some rows, forward and backward."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.cases import Case
+    from bench.providers import make_provider
+
+    case = Case(grid=(4, 5), batch=2, heads=2, dim=8, dim_v=6)
+    ours = make_provider("vicinity-floor", case, torch.device("cpu"), torch.float64)
+    theirs = make_provider("l2vit", case, torch.device("cpu"), torch.float64)
+    q, k, v = (torch.randn(2, 2, 20, d, dtype=torch.float64) * 2.2 for d in (8, 8, 6))
+    sums = (torch.relu(q) * torch.relu(k).sum(2, keepdim=True)).sum(-1)
+    assert 0.1 < (sums < 100).double().mean() < 0.9
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    a, b = ours.fn(*leaves[0]), theirs.fn(*leaves[1])
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    do = torch.randn_like(a)
+    for g, w in zip(torch.autograd.grad(a, leaves[0], do), torch.autograd.grad(b, leaves[1], do)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

@@ -167,7 +167,13 @@ class _Plan:
         self.P, self.F = spec.num_prefix_tokens, spec.n_features
         B, H, self.Nq, self.D = q.shape
         self.Nk, self.Dv = k.shape[2], v.shape[-1]
-        self.terms: list[AxisTerm] = axis_terms(spec.grid, spec.kv_grid, spec.variant, dtype=dtype, device=q.device)
+        # The grids the terms group tokens by. Variant "none" has no position dependence: one group of
+        # all tokens, not grid[0] groups with a copy of the state each (1000x slower on a 1-d grid).
+        if spec.variant == "none":
+            self.grid_q, self.grid_k = (1, self.Nq - self.P), (1, self.Nk - self.P)
+        else:
+            self.grid_q, self.grid_k = spec.grid, spec.kv_grid
+        self.terms: list[AxisTerm] = axis_terms(self.grid_q, self.grid_k, spec.variant, dtype=dtype, device=q.device)
         kw = dict(num_prefix_tokens=self.P, dtype=dtype, device=q.device)
         self.pos_q = position_features(spec.grid, spec.variant, side="query", **kw)   # [Nq, F]
         self.pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)  # [Nk, F]
@@ -224,8 +230,8 @@ def _forward_chunk(pl: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")                # [B, H, Nk_grid, D]
     vk = _contiguous(v[:, :, P:], dtype, "values")
     for t in pl.terms:
-        xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-        vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.results)
+        xg = group_by_axis(_scaled(pk, t.scale_k), pl.grid_k, t.axis, ws.inputs)
+        vg = group_by_axis(vk, pl.grid_k, t.axis, ws.results)
         S[:, :, list(t.features)] = _unmix(t.coord_k, _per_coord(xg, vg, ws.mixed), B, H)
     z.copy_(pl.pos_k[P:].T @ pk)                                                # [B, H, F, D]
     if P:
@@ -259,8 +265,8 @@ def _numerators(pl: _Plan, q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o:
     pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     acc = _Accumulator(o[:, :, P:], dtype, "acc_o")
     for t in pl.terms:
-        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), spec.grid, t.axis, None, ws.results)
+        xg = group_by_axis(_scaled(pq, t.scale_q), pl.grid_q, t.axis, ws.inputs)
+        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), pl.grid_q, t.axis, None, ws.results)
     num = acc.result()
     # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
     den[:, :, P:] = ((pq @ z.transpose(-1, -2)) * pl.pos_q[P:]).sum(-1)
@@ -387,11 +393,11 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     acc_q = _Accumulator(dq[:, :, P:], dtype, "acc_q") if need_dq else None
     for t in pl.terms:
         feats = list(t.features)
-        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        gg = group_by_axis(gq, spec.grid, t.axis, ws.inputs2)
+        xg = group_by_axis(_scaled(pq, t.scale_q), pl.grid_q, t.axis, ws.inputs)
+        gg = group_by_axis(gq, pl.grid_q, t.axis, ws.inputs2)
         dS[:, :, feats] = _unmix(t.coord_q, _per_coord(xg, gg, ws.mixed), B, H)
         if need_dq:
-            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), spec.grid, t.axis, t.scale_q,
+            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), pl.grid_q, t.axis, t.scale_q,
                           ws.results)
     cp_q = c[:, :, P:] * pl.pos_q[P:]                                          # [B, H, Nq_grid, F]
     dz = cp_q.transpose(-1, -2) @ pq                                             # [B, H, F, D]
@@ -426,11 +432,11 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     for t in pl.terms:
         dM = _mix(t.coord_k, dS[:, :, list(t.features)], ws.mixed)                        # [B*H*s, D, Dv]
         if need_dv:
-            xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-            acc_v.add_bmm(xg, dM, spec.kv_grid, t.axis, None, ws.results)
+            xg = group_by_axis(_scaled(pk, t.scale_k), pl.grid_k, t.axis, ws.inputs)
+            acc_v.add_bmm(xg, dM, pl.grid_k, t.axis, None, ws.results)
         if need_dk:
-            vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.inputs)
-            acc_k.add_bmm(vg, dM.transpose(1, 2), spec.kv_grid, t.axis, t.scale_k, ws.results)
+            vg = group_by_axis(vk, pl.grid_k, t.axis, ws.inputs)
+            acc_k.add_bmm(vg, dM.transpose(1, 2), pl.grid_k, t.axis, t.scale_k, ws.results)
     dphi_k = acc_k.result() if need_dk else None
     dv_g = acc_v.result() if need_dv else None
     if need_dk:
