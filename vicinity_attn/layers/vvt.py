@@ -51,6 +51,7 @@ import math
 import torch
 from torch import nn
 
+from ..backends.reference import abs_clamp as reference_abs_clamp
 from ..functional import vicinity_attention
 from ..modules import spatial_reduction
 from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int
@@ -65,7 +66,7 @@ def abs_clamp(t: torch.Tensor, min_mag: float = CLAMP_MIN, max_mag: float = CLAM
 
     Same values and gradients as the authors' ``abs_clamp`` (which works in place), out of place.
     """
-    return t.abs().clamp(min_mag, max_mag) * t.sign()
+    return reference_abs_clamp(t, (min_mag, max_mag))
 
 
 class VicinityVisionAttention(nn.Module):
