@@ -114,10 +114,11 @@ def test_vvt_layer_clip_on_every_backend(cfg, backend):
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-11)
 
 
-def test_compile_fullgraph_with_clamp():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_with_clamp(backend):
     torch._dynamo.reset()
     q, k, v = make_inputs(1, 2, 12, 12, 8, 4)
-    fn = lambda a, b, c: vicinity_attention(a, b, c, (3, 4), clamp=CLAMP, backend="torch")  # noqa: E731
+    fn = lambda a, b, c: vicinity_attention(a, b, c, (3, 4), clamp=CLAMP, backend=backend)  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out, want = compiled(q, k, v), fn(q, k, v)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
@@ -141,3 +142,19 @@ def test_bad_clamp_names_the_argument(clamp, match):
     q, k, v = make_inputs(1, 1, 12, 12, 4, 4, dtype=torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match=match):
         vicinity_attention(q, k, v, (3, 4), clamp=clamp, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_with_floor_and_clamp(backend):
+    """The custom ops' schema, fakes and autograd registration with the new spec values
+    (den_floor: float, clamp: float[])."""
+    from vicinity_attn import ops
+    q, k, v = make_inputs(1, 2, 6, 6, 4, 3)
+    args = [[2, 3], [2, 3], "sum", "relu", 0.0, 0, 2.5, [0.05, 3.0]]
+    fwd = ops.FORWARD_OPS[backend]
+    bwd = {"torch": ops.torch_backward, "triton": ops.triton_backward}[backend]
+    torch.library.opcheck(fwd, (q, k, v, *args))
+    with torch.no_grad():
+        o, den, S, z = fwd(q, k, v, *args)
+    torch.library.opcheck(bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, den, S, z, *args,
+                                True, True, True))
