@@ -49,9 +49,13 @@ CASES = [  # (grid, kv_grid, variant, feature_map, prefix, eps, den_floor, stage
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", CASES)
+# Every case on both backends in float64 and float32, except the slowest (interpreted) triton
+# float32 runs of the larger-F cases, which add nothing the float64 ones and the first two do not test.
+PARAMS = [(case, dtype, backend) for i, case in enumerate(CASES) for dtype in (torch.float64, torch.float32)
+          for backend in ("torch", "triton") if not (backend == "triton" and dtype == torch.float32 and i >= 2)]
+
+
+@pytest.mark.parametrize("case, dtype, backend", PARAMS)
 def test_clamp_against_reference(backend, dtype, case):
     grid, kv_grid, variant, fmap, prefix, eps, floor, bites = case
     nq, nk = token_counts(grid, kv_grid, prefix)
@@ -92,8 +96,7 @@ def test_wide_clamp_changes_nothing(backend):
     torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3]])
+@pytest.mark.parametrize("cfg, backend", [(CONFIGS[0], "triton"), (CONFIGS[3], "reference")])
 def test_vvt_layer_clip_on_every_backend(cfg, backend):
     """Their layer with clip=True (the setting their checkpoints were trained with) through the op's
     clamp (the torch backend is covered in test_vvt.py), on activations large enough that the clamps

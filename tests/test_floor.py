@@ -43,9 +43,13 @@ CASES = [  # (grid, kv_grid, variant, feature_map, prefix, eps)
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", CASES)
+# Every case on both backends in float64 and float32, except the slowest (interpreted) triton
+# float32 runs of the larger-F cases, which add nothing the float64 ones and the first two do not test.
+PARAMS = [(case, dtype, backend) for i, case in enumerate(CASES) for dtype in (torch.float64, torch.float32)
+          for backend in ("torch", "triton") if not (backend == "triton" and dtype == torch.float32 and i >= 2)]
+
+
+@pytest.mark.parametrize("case, dtype, backend", PARAMS)
 def test_floor_against_reference(backend, dtype, case):
     grid, kv_grid, variant, fmap, prefix, eps = case
     nq, nk = token_counts(grid, kv_grid, prefix)
@@ -150,12 +154,13 @@ def test_float64_range_and_the_state_scale():
     assert all(state_scale(n) == pow2_scale(n) for n in (1, 2, 3, 12, 1024, 1025, 2 ** 20 + 1))
 
 
-def test_compile_fullgraph_with_floor():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_with_floor(backend):
     torch._dynamo.reset()
     q, k, v = make_inputs(1, 2, 12, 12, 8, 4)
     floor = median_floor(row_sums(q, k, (3, 4), (3, 4), "none"))
     fn = lambda a, b, c: vicinity_attention(a, b, c, (3, 4), variant="none", eps=0.0,  # noqa: E731
-                                            den_floor=floor, backend="torch")
+                                            den_floor=floor, backend=backend)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out, want = compiled(q, k, v), fn(q, k, v)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
