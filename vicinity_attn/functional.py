@@ -70,8 +70,8 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         eps: constant added to the normaliser; >= 0, and > 0 when ``den_floor`` is 0.
         den_floor: lower bound of the normaliser before eps is added (>= 0; 0 = no floor). Where
             the floor is active the normaliser is a constant and carries no gradient.
-            Nonzero eps and den_floor must be normal numbers of the compute dtype (float32, float64
-            for float64 inputs) after the triton kernels' state scaling by 2^-ceil(log2 Nk).
+            Nonzero eps, den_floor and clamp bounds must lie in [2.5e-29, 3.4e38]: normal float32
+            numbers even after the triton kernels' state scaling (down to 2^-31), for every dtype.
         clamp: None, or (min_mag, max_mag): the VVT authors' magnitude clamp (``abs_clamp``: |x|
             into [min_mag, max_mag], sign kept, zeros stay 0), applied elementwise to the states
             S_m = sum_j P_m(j) phi(k_j) v_j^T, to 1/den_i, to the numerator sum_m P_m(i) phi(q_i)^T S_m

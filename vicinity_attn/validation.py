@@ -79,7 +79,7 @@ def check_normaliser(eps: object, den_floor: object = 0.0) -> tuple[float, float
     if not _is_real(eps) or not 0 <= eps < math.inf or (eps == 0 and den_floor == 0):
         raise ValueError(f"eps must be a positive finite number, or 0 when den_floor > 0; got eps = {eps!r} "
                          f"with den_floor = {den_floor!r}")
-    return float(eps), float(den_floor)
+    return check_representable(float(eps), "eps"), check_representable(float(den_floor), "den_floor")
 
 
 def check_eps(eps: object) -> float:
@@ -96,38 +96,34 @@ def check_clamp(clamp: object) -> tuple[float, float] | None:
     lo, hi = clamp
     if not (0 <= lo < math.inf and lo <= hi):
         raise ValueError(f"clamp must satisfy 0 <= min_mag <= max_mag with min_mag finite, got {tuple(clamp)!r}")
-    return float(lo), float(hi)
+    lo, hi = check_representable(float(lo), "clamp min_mag"), float(hi)
+    return lo, hi if hi == math.inf else check_representable(hi, "clamp max_mag")
 
 
-def state_scale(n_keys: int) -> float:
-    """2^-ceil(log2 n_keys): the power of two by which the triton kernels scale their states, den and
-    eps (kernels/vicinity/configs.pow2_scale; restated here, the library does not import the kernels)."""
-    return math.ldexp(1.0, -max(0, (max(1, n_keys) - 1).bit_length()))
+# The smallest power-of-two state scale of the triton kernels (2^-ceil(log2 Nk), Nk < 2^31; see
+# kernels/vicinity/configs.pow2_scale): the constants that scale with the states must stay normal there.
+MIN_STATE_SCALE = 2.0 ** -31
 
 
-def check_representable(eps: float, den_floor: float, clamp: tuple[float, float] | None, dtype: torch.dtype,
-                        n_keys: int) -> None:
-    """Reject constants the backends' arithmetic cannot hold: every nonzero eps, den_floor and clamp bound,
-    times the kernels' state scale for ``n_keys`` keys, must be a normal number of the compute dtype
-    (float32; float64 for float64 inputs). A subnormal or zero eps would make rows whose features are all
-    0 come out 0 / 0 = NaN (the answer is 0); a GPU flushes subnormals to zero."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    info = torch.finfo(compute)
-    # A dynamic (symbolic) key count under torch.compile: the smallest scale the kernels allow (Nk < 2^31).
-    scale = state_scale(n_keys) if isinstance(n_keys, int) else 2.0 ** -31
-    lo_limit = info.tiny / scale
-    values = [("eps", eps), ("den_floor", den_floor)]
-    if clamp is not None:
-        values += [("clamp min_mag", clamp[0]), ("clamp max_mag", clamp[1])]
-    for name, value in values:
-        if value == 0 or value == math.inf and name == "clamp max_mag":
-            continue
-        if value < lo_limit:
-            raise ValueError(f"{name} = {value!r} is too small for {compute} arithmetic with {n_keys} keys: "
-                             f"it must be 0 or at least {lo_limit:.3g} (the smallest normal {compute} "
-                             f"{info.tiny:.3g}, divided by the kernels' state scale {scale:.3g})")
-        if value > info.max:
-            raise ValueError(f"{name} = {value!r} overflows {compute} (largest finite {info.max:.3g})")
+def check_representable(value: float, name: str) -> float:
+    """Reject a constant the backends' arithmetic cannot hold (eps, den_floor, a clamp bound): nonzero, it
+    must be a normal float32 number even after the kernels' state scaling (by as little as 2^-31), and
+    finite in float32. float32 for every input dtype: the backends compute in float32 for half and single
+    inputs, and the triton kernels take these constants as float32 scalars whatever the inputs. A
+    subnormal or zero eps would make rows whose features are all 0 come out 0 / 0 = NaN (the answer is 0);
+    a GPU flushes subnormals to zero. (One bound for every sequence length, so that torch.compile need
+    not specialise on it.)"""
+    info = torch.finfo(torch.float32)
+    lo_limit = info.tiny / MIN_STATE_SCALE
+    if value == 0:
+        return value
+    if value < lo_limit:
+        raise ValueError(f"{name} = {value!r} is too small for torch.float32 arithmetic: it must be 0 or at least "
+                         f"{lo_limit:.3g} (the smallest normal float32, {info.tiny:.3g}, over the kernels' "
+                         f"smallest state scale 2^-31)")
+    if value > info.max:
+        raise ValueError(f"{name} = {value!r} overflows torch.float32 (largest finite {info.max:.3g})")
+    return value
 
 
 def check_prefix(num_prefix_tokens: object) -> int:
@@ -205,7 +201,6 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
         name = "kv_grid" if kv_grid is not grid else "grid (used as kv_grid)"
         raise ValueError(f"{name} {kv_grid} has {math.prod(kv_grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but k has {Nk} tokens")
-    check_representable(eps, den_floor, clamp, q.dtype, Nk)
     spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=feature_map, eps=eps,
                         num_prefix_tokens=n_prefix, den_floor=den_floor, clamp=clamp)
     return q, k, v, spec
