@@ -92,7 +92,7 @@ def test_wide_clamp_changes_nothing(backend):
     multiplies by 1/den instead of dividing)."""
     q, k, v = make_inputs(1, 2, 12, 12, 8, 4)
     a = vicinity_attention(q, k, v, (3, 4), backend=backend)
-    b = vicinity_attention(q, k, v, (3, 4), clamp=(1e-30, 1e30), backend=backend)
+    b = vicinity_attention(q, k, v, (3, 4), clamp=(1e-20, 1e20), backend=backend)
     torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
