@@ -7,6 +7,10 @@ flash_attn convention), so that no transpose is ever timed.
 - ``vicinity``: ``vicinity_attention(backend="auto")``: triton on a GPU, torch elsewhere.
 - ``vicinity-torch``: the linear pure-PyTorch backend, on any device.
 - ``authors``: :mod:`bench.authors`, the released code's 4x-expanded formulation.
+- ``vicinity-floor``: the op with L2ViT's normaliser (``variant="none"``, ``den_floor=100``, ``eps=0``),
+  ``backend="auto"``.
+- ``l2vit``: L2ViT's released formulation of the same (``LinearAttention.forward``): relu, the dense
+  per-head ``k^T v``, ``q (k^T v)`` and ``clamp(q . sum_j k_j, 100)`` in plain PyTorch.
 - ``flash``: ``flash_attn.flash_attn_func`` when it imports; else SDPA restricted to the
   FLASH_ATTENTION backend, which on CUDA is FlashAttention-2 and on a CPU is PyTorch's
   FlashAttention-style blocked CPU kernel (labelled ``sdpa-cpu (flash-style)``).
@@ -28,8 +32,9 @@ from .cases import Case
 from .flops import softmax_forward_flops, vicinity_forward_flops
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-PROVIDERS = ("vicinity", "vicinity-torch", "authors", "flash", "sdpa-math")
-DEFAULT_PROVIDERS = ("vicinity", "vicinity-torch", "authors", "flash")
+PROVIDERS = ("vicinity", "vicinity-torch", "authors", "vicinity-floor", "l2vit", "flash", "sdpa-math")
+DEFAULT_PROVIDERS = ("vicinity", "vicinity-torch", "authors", "vicinity-floor", "l2vit", "flash")
+L2VIT_FLOOR = 100.0   # their torch.clamp(q @ k_sum, 1e2)
 
 
 def default_providers(device: torch.device) -> tuple[str, ...]:
@@ -86,6 +91,21 @@ def _authors_fn(case: Case, variant: str) -> AttnFn:
     return fn
 
 
+def l2vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """L2ViT's attention core as their code computes it (temperature aside): q, k [B, H, N, D],
+    v [B, H, N, Dv] -> [B, H, N, Dv] in the inputs' dtype, plain autograd."""
+    q, k = torch.relu(q), torch.relu(k)
+    denom = torch.clamp(q @ k.transpose(-2, -1).sum(dim=-1, keepdim=True), L2VIT_FLOOR)
+    return (q @ (k.transpose(-2, -1) @ v)) / denom
+
+
+def _floor_fn(backend: str) -> AttnFn:
+    def fn(q, k, v):
+        return vicinity_attn.vicinity_attention(q, k, v, q.shape[2], variant="none", eps=0.0,
+                                                den_floor=L2VIT_FLOOR, backend=backend)
+    return fn
+
+
 def make_provider(name: str, case: Case, device: torch.device, dtype: torch.dtype,
                   variant: str = "sum") -> Provider | str:
     """The provider ``name`` at ``case`` on ``device``/``dtype``, or a string saying why it cannot run."""
@@ -102,6 +122,16 @@ def make_provider(name: str, case: Case, device: torch.device, dtype: torch.dtyp
             return "the triton backend runs fp64 only under the interpreter"
         return Provider(name, f"vicinity[{backend}]", "linear", "bhnd", _vicinity_fn(case, backend, variant),
                         lin_flops, memory_estimate=2 * io_bytes)
+    if name == "vicinity-floor":
+        backend = vicinity_attn.resolve_backend("auto", device)
+        if backend == "triton" and dtype == torch.float64:
+            return "the triton backend runs fp64 only under the interpreter"
+        return Provider(name, f"vicinity-floor[{backend}]", "linear", "bhnd", _floor_fn(backend),
+                        vicinity_forward_flops(b, h, n, n, d, dv, 1), memory_estimate=2 * io_bytes)
+    if name == "l2vit":
+        # relu(q), relu(k) and the [N, Dv] products kept for autograd, and their gradients.
+        return Provider(name, "l2vit (their code)", "linear", "bhnd", l2vit_attention,
+                        vicinity_forward_flops(b, h, n, n, d, dv, 1), memory_estimate=6 * io_bytes)
     if name == "authors":
         # Expanded q and k (F*D wide), their feature-mapped inputs, and the same again as gradients.
         expanded = b * h * n * n_feat * d * size

@@ -25,7 +25,7 @@ def _op_inputs(spec, dtype, layout="bhnd", B=2, H=2, D=8, Dv=5):
     tensors = make_inputs(B, H, nq, nk, D, Dv, dtype=dtype, layout=layout, requires_grad=False)
     q, k, v = (t.transpose(1, 2) if layout == "bnhd" else t for t in tensors)
     return (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True),
-            [grid, kv_grid, variant, feature_map, 1e-4, prefix])
+            [grid, kv_grid, variant, feature_map, 1e-4, prefix, 0.0, []])
 
 
 def _opcheck(backend, q, k, v, args, needs_list):
@@ -56,7 +56,7 @@ def test_opcheck_triton(dtype, spec_i, layout):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_custom_op_path_matches_reference(backend):
     """The functional API's custom-op path gives the reference's outputs and gradients (fp64)."""
-    q, k, v, (grid, kv_grid, variant, fmap, eps, prefix) = _op_inputs(SPECS[1], torch.float64, "bnhd")
+    q, k, v, (grid, kv_grid, variant, fmap, eps, prefix, *_) = _op_inputs(SPECS[1], torch.float64, "bnhd")
     kw = dict(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=fmap, num_prefix_tokens=prefix)
     out = vicinity_attention(q, k, v, backend=backend, **kw)
     ref = vicinity_attention(q, k, v, backend="reference", **kw)

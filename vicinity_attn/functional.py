@@ -50,12 +50,15 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        grid: int | Sequence[int], kv_grid: int | Sequence[int] | None = None, *,
                        variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                        layout: str = "bhnd", backend: str = "auto",
-                       num_prefix_tokens: int = 0) -> torch.Tensor:
+                       num_prefix_tokens: int = 0, den_floor: float = 0.0,
+                       clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """Vicinity attention (Sun et al., arXiv 2206.10552), linear in the number of tokens.
 
-    o_i = sum_j phi(q_i).phi(k_j) w(i,j) v_j / (sum_j phi(q_i).phi(k_j) w(i,j) + eps), where
-    w(i, j) = sum over grid axes a of cos(theta_a(i) - theta_a(j)) ("sum"), the product over axes
-    ("product") or 1 ("none"), theta_a = (pi/2) * coord_a / size_a.
+    o_i = sum_j phi(q_i).phi(k_j) w(i,j) v_j / den_i,
+    den_i = max(sum_j phi(q_i).phi(k_j) w(i,j), den_floor) + eps,
+    where w(i, j) = sum over grid axes a of cos(theta_a(i) - theta_a(j)) ("sum"), the product over
+    axes ("product") or 1 ("none"), theta_a = (pi/2) * coord_a / size_a. ``den_floor = 0`` is VVT's
+    normaliser; L2ViT (arXiv 2501.16182) uses variant "none", den_floor = 100, eps = 0.
 
     Args:
         q: [B, H, Nq, D] (layout "bhnd") or [B, Nq, H, D] ("bnhd"); float16/bfloat16/float32/float64.
@@ -67,7 +70,16 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ``num_prefix_tokens + prod(kv_grid) == Nk``.
         variant: "sum" (paper default), "product" or "none" (plain linear attention).
         feature_map: "relu" (paper) or "elu1" (elu(x) + 1).
-        eps: positive constant added to the normaliser.
+        eps: constant added to the normaliser; >= 0, and > 0 when ``den_floor`` is 0.
+        den_floor: lower bound of the normaliser before eps is added (>= 0; 0 = no floor). Where
+            the floor is active the normaliser is a constant and carries no gradient.
+            Nonzero eps, den_floor and clamp bounds must lie in [2.5e-29, 3.4e38]: normal float32
+            numbers even after the triton kernels' state scaling (down to 2^-31), for every dtype.
+        clamp: None, or (min_mag, max_mag): the VVT authors' magnitude clamp (``abs_clamp``: |x|
+            into [min_mag, max_mag], sign kept, zeros stay 0), applied elementwise to the states
+            S_m = sum_j P_m(j) phi(k_j) v_j^T, to 1/den_i, to the numerator sum_m P_m(i) phi(q_i)^T S_m
+            and to the output; gradients are 0 where a value was clamped. Their setting is
+            (1e-4, 1e4). Backends "torch", "triton" and "reference" (feature form, O(N F D)).
         layout: "bhnd" or "bnhd", for inputs and output alike.
         backend: "auto" (triton on CUDA when available, else torch), "triton", "torch" (linear,
             pure PyTorch, any device) or "reference" (quadratic; small N only).
@@ -83,7 +95,7 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     q4, k4, v4, spec = validate_call(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,
                                      eps=eps, layout=layout, backend=backend,
-                                     num_prefix_tokens=num_prefix_tokens)
+                                     num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp)
     name = resolve_backend(backend, q.device)
     # Under torch.autocast the op runs in the autocast dtype (the backends still accumulate in fp32).
     q4, k4, v4 = autocast_inputs(q4, k4, v4)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .functional import vicinity_attention
-from .validation import BACKENDS, check_eps, check_layer_input, check_option, check_positive_int, check_prefix
+from .validation import BACKENDS, check_layer_input, check_normaliser, check_option, check_positive_int, check_prefix
 from .feature_maps import FEATURE_MAPS
 from .positions import VARIANTS
 
@@ -32,19 +32,26 @@ class VicinityAttention(nn.Module):
     PVT / VVT), giving a (H // sr_ratio, W // sr_ratio) key grid; prefix tokens bypass the
     reduction. The output goes through a linear projection and dropout.
 
+    L2ViT's normaliser and VVT's locality in one layer: ``den_floor`` clamps the normaliser from
+    below (L2ViT: 100, with eps = 0) and ``temperature=True`` adds a learnable per-head output scale
+    ``temperature`` [num_heads, 1, 1] initialised to head_dim^-0.5 (L2ViT's), whatever the variant;
+    e.g. ``VicinityAttention(dim, heads, variant="sum", den_floor=100.0, eps=0.0, temperature=True)``.
+
     Args:
         dim: channels C; must be divisible by ``num_heads``.
         num_heads: attention heads; head dim = dim // num_heads.
         qkv_bias: bias in the q, k, v projections.
         sr_ratio: spatial-reduction factor for keys and values (1 = none).
-        variant, feature_map, eps, backend: as in :func:`vicinity_attn.vicinity_attention`.
+        variant, feature_map, eps, den_floor, backend: as in :func:`vicinity_attn.vicinity_attention`.
+        temperature: learn a per-head scale of the attention output (L2ViT's ``temperature``).
         proj_drop: dropout probability after the output projection.
         num_prefix_tokens: class/register tokens in front of the grid tokens.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
                  variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
-                 proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0) -> None:
+                 proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0,
+                 den_floor: float = 0.0, temperature: bool = False) -> None:
         super().__init__()
         for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
             check_positive_int(value, name)
@@ -58,7 +65,7 @@ class VicinityAttention(nn.Module):
         self.sr_ratio = sr_ratio
         self.variant = check_option(variant, "variant", VARIANTS)
         self.feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
-        self.eps = check_eps(eps)
+        self.eps, self.den_floor = check_normaliser(eps, den_floor)
         self.backend = check_option(backend, "backend", BACKENDS)
         self.num_prefix_tokens = check_prefix(num_prefix_tokens)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -69,6 +76,7 @@ class VicinityAttention(nn.Module):
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
+        self.temperature = nn.Parameter(torch.empty(num_heads, 1, 1)) if temperature else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -80,6 +88,8 @@ class VicinityAttention(nn.Module):
         if self.sr_ratio > 1:
             self.sr.reset_parameters()
             self.norm.reset_parameters()
+        if self.temperature is not None:
+            nn.init.constant_(self.temperature, self.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x [B, num_prefix_tokens + H*W, dim] -> [B, num_prefix_tokens + H*W, dim]."""
@@ -96,13 +106,20 @@ class VicinityAttention(nn.Module):
         k = self.k(kv_input).view(B, Nk, heads, hd)
         v = self.v(kv_input).view(B, Nk, heads, hd)
         out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map=self.feature_map,
-                                 eps=self.eps, layout="bnhd", backend=self.backend, num_prefix_tokens=P)
+                                 eps=self.eps, layout="bnhd", backend=self.backend, num_prefix_tokens=P,
+                                 den_floor=self.den_floor)
+        if self.temperature is not None:
+            out = out * self.temperature.view(heads, 1).to(out.dtype)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"sr_ratio={self.sr_ratio}",
                  f"variant={self.variant!r}", f"feature_map={self.feature_map!r}", f"eps={self.eps}",
                  f"backend={self.backend!r}"]
+        if self.den_floor:
+            parts.append(f"den_floor={self.den_floor}")
+        if self.temperature is not None:
+            parts.append("temperature=True")
         if self.num_prefix_tokens:
             parts.append(f"num_prefix_tokens={self.num_prefix_tokens}")
         return ", ".join(parts)

@@ -12,7 +12,7 @@ each gets two, over its ``forward()`` / ``backward()`` functions:
 
 ``<spec>`` is the :class:`~vicinity_attn.spec.VicinitySpec` flattened into schema-friendly values:
 ``grid: int[]``, ``kv_grid: int[]``, ``variant: str``, ``feature_map: str``, ``eps: float``,
-``num_prefix_tokens: int``. den, S and z are the backend's saved state (compute dtype, backend-
+``num_prefix_tokens: int``, ``den_floor: float``, ``clamp: float[]`` (empty: no clamp). den, S and z are the backend's saved state (compute dtype, backend-
 specific shapes); only ``o`` is handed to users. A gradient not asked for comes back as an empty
 tensor (custom ops cannot return None) and is turned back into None here.
 
@@ -51,16 +51,18 @@ from .spec import VicinitySpec
 NAMESPACE = "vicinity_attn"
 
 
-def spec_args(spec: VicinitySpec) -> tuple[list[int], list[int], str, str, float, int]:
+def spec_args(spec: VicinitySpec) -> tuple[list[int], list[int], str, str, float, int, float, list[float]]:
     """A spec as the plain values the ops' schemas take."""
-    return list(spec.grid), list(spec.kv_grid), spec.variant, spec.feature_map, spec.eps, spec.num_prefix_tokens
+    return (list(spec.grid), list(spec.kv_grid), spec.variant, spec.feature_map, spec.eps, spec.num_prefix_tokens,
+            spec.den_floor, list(spec.clamp or ()))
 
 
 def _spec(grid: Sequence[int], kv_grid: Sequence[int], variant: str, feature_map: str, eps: float,
-          num_prefix_tokens: int) -> VicinitySpec:
+          num_prefix_tokens: int, den_floor: float, clamp: Sequence[float]) -> VicinitySpec:
     return VicinitySpec(grid=tuple(int(g) for g in grid), kv_grid=tuple(int(g) for g in kv_grid),
                         variant=variant, feature_map=feature_map, eps=float(eps),
-                        num_prefix_tokens=int(num_prefix_tokens))
+                        num_prefix_tokens=int(num_prefix_tokens), den_floor=float(den_floor),
+                        clamp=tuple(float(c) for c in clamp) if clamp else None)
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -92,7 +94,7 @@ def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple) -> tuple[Tens
 
 
 def _fake_backward(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
-                   need_dq, need_dk, need_dv):
+                   den_floor, clamp, need_dq, need_dk, need_dv):
     """Fake (dq, dk, dv) of a backward op: laid out like the real ones (empty where not needed)."""
     grads = empty_grads_like((q, k, v), (need_dq, need_dk, need_dv))
     return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
@@ -115,13 +117,14 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
 
     @torch.library.custom_op(f"{NAMESPACE}::{backend}_forward", mutates_args=(), device_types=None)
     def forward_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
-                   feature_map: str, eps: float, num_prefix_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+                   feature_map: str, eps: float, num_prefix_tokens: int, den_floor: float,
+                   clamp: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp)
         with autocast_disabled(q.device):
             return _backend_module(backend).forward(q, k, v, spec)
 
     @forward_op.register_fake
-    def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens):
+    def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp):
         B, H, _, D = q.shape
         F = feature_count(len(grid), variant, num_prefix_tokens > 0)
         return _fake_forward(q, v, *state_layout(B, H, F, D))
@@ -129,9 +132,9 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
     @torch.library.custom_op(f"{NAMESPACE}::{backend}_backward", mutates_args=(), device_types=None)
     def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
                     grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
-                    num_prefix_tokens: int, need_dq: bool, need_dk: bool, need_dv: bool
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens)
+                    num_prefix_tokens: int, den_floor: float, clamp: list[float], need_dq: bool, need_dk: bool,
+                    need_dv: bool) -> tuple[Tensor, Tensor, Tensor]:
+        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp)
         with autocast_disabled(q.device):
             grads = _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
         return tuple(_empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))

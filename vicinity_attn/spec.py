@@ -12,6 +12,9 @@ class VicinitySpec:
 
     ``grid`` / ``kv_grid``: 1 to 3 positive ints; the query / key sequence is
     ``num_prefix_tokens`` prefix tokens followed by ``prod(grid)`` / ``prod(kv_grid)`` grid tokens.
+    ``den_floor``: the normaliser is max(sum_j phi(q_i).phi(k_j) w(i,j), den_floor) + eps (L2ViT's
+    floor; 0 = none). ``clamp``: None, or (min_mag, max_mag) for the authors' VVT magnitude clamp on
+    the states, the inverse normaliser, the numerator and the output.
     """
 
     grid: tuple[int, ...]
@@ -20,6 +23,8 @@ class VicinitySpec:
     feature_map: str = "relu"
     eps: float = 1e-4
     num_prefix_tokens: int = 0
+    den_floor: float = 0.0
+    clamp: tuple[float, float] | None = None
 
     @property
     def n_axes(self) -> int:

@@ -66,11 +66,64 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     return t
 
 
-def check_eps(eps: object) -> float:
+def _is_real(x: object) -> bool:
+    return not isinstance(x, bool) and isinstance(x, numbers.Real)
+
+
+def check_normaliser(eps: object, den_floor: object = 0.0) -> tuple[float, float]:
+    """(eps, den_floor) of den_i = max(sum_j phi(q_i).phi(k_j) w(i,j), den_floor) + eps: both finite
+    and >= 0, and not both 0 (den would be 0 on rows whose features are all 0)."""
     # Comparisons rather than math.isfinite: they also trace when torch.compile makes eps symbolic.
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    return float(eps)
+    if not _is_real(den_floor) or not 0 <= den_floor < math.inf:
+        raise ValueError(f"den_floor must be a finite number >= 0, got {den_floor!r}")
+    if not _is_real(eps) or not 0 <= eps < math.inf or (eps == 0 and den_floor == 0):
+        raise ValueError(f"eps must be a positive finite number, or 0 when den_floor > 0; got eps = {eps!r} "
+                         f"with den_floor = {den_floor!r}")
+    return check_representable(float(eps), "eps"), check_representable(float(den_floor), "den_floor")
+
+
+def check_eps(eps: object) -> float:
+    """A positive finite eps (the normaliser without a floor)."""
+    return check_normaliser(eps, 0.0)[0]
+
+
+def check_clamp(clamp: object) -> tuple[float, float] | None:
+    """None, or (min_mag, max_mag) with 0 <= min_mag <= max_mag, min_mag finite (max_mag may be inf)."""
+    if clamp is None:
+        return None
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(_is_real(c) for c in clamp):
+        raise ValueError(f"clamp must be None or a pair (min_mag, max_mag) of numbers, got {clamp!r}")
+    lo, hi = clamp
+    if not (0 <= lo < math.inf and lo <= hi):
+        raise ValueError(f"clamp must satisfy 0 <= min_mag <= max_mag with min_mag finite, got {tuple(clamp)!r}")
+    lo, hi = check_representable(float(lo), "clamp min_mag"), float(hi)
+    return lo, hi if hi == math.inf else check_representable(hi, "clamp max_mag")
+
+
+# The smallest power-of-two state scale of the triton kernels (2^-ceil(log2 Nk), Nk < 2^31; see
+# kernels/vicinity/configs.pow2_scale): the constants that scale with the states must stay normal there.
+MIN_STATE_SCALE = 2.0 ** -31
+
+
+def check_representable(value: float, name: str) -> float:
+    """Reject a constant the backends' arithmetic cannot hold (eps, den_floor, a clamp bound): nonzero, it
+    must be a normal float32 number even after the kernels' state scaling (by as little as 2^-31), and
+    finite in float32. float32 for every input dtype: the backends compute in float32 for half and single
+    inputs, and the triton kernels take these constants as float32 scalars whatever the inputs. A
+    subnormal or zero eps would make rows whose features are all 0 come out 0 / 0 = NaN (the answer is 0);
+    a GPU flushes subnormals to zero. (One bound for every sequence length, so that torch.compile need
+    not specialise on it.)"""
+    info = torch.finfo(torch.float32)
+    lo_limit = info.tiny / MIN_STATE_SCALE
+    if value == 0:
+        return value
+    if value < lo_limit:
+        raise ValueError(f"{name} = {value!r} is too small for torch.float32 arithmetic: it must be 0 or at least "
+                         f"{lo_limit:.3g} (the smallest normal float32, {info.tiny:.3g}, over the kernels' "
+                         f"smallest state scale 2^-31)")
+    if value > info.max:
+        raise ValueError(f"{name} = {value!r} overflows torch.float32 (largest finite {info.max:.3g})")
+    return value
 
 
 def check_prefix(num_prefix_tokens: object) -> int:
@@ -108,13 +161,15 @@ def check_layer_input(x: object, H: object, W: object, channels: int, channels_n
 
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
-                  num_prefix_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:
+                  num_prefix_tokens: int = 0, den_floor: float = 0.0,
+                  clamp: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:
     """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec."""
     layout = check_option(layout, "layout", LAYOUTS)
     check_option(backend, "backend", BACKENDS)
     variant = check_option(variant, "variant", VARIANTS)
     feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
-    eps = check_eps(eps)
+    eps, den_floor = check_normaliser(eps, den_floor)
+    clamp = check_clamp(clamp)
     n_prefix = check_prefix(num_prefix_tokens)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_tensor(t, name)
@@ -147,7 +202,7 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
         raise ValueError(f"{name} {kv_grid} has {math.prod(kv_grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but k has {Nk} tokens")
     spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=feature_map, eps=eps,
-                        num_prefix_tokens=n_prefix)
+                        num_prefix_tokens=n_prefix, den_floor=den_floor, clamp=clamp)
     return q, k, v, spec
 
 

@@ -12,14 +12,16 @@ import triton
 
 from ..runtime import pick_precision
 from .configs import pick_config, pow2_scale
+from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .contract import contract_dv_kernel, row_weights_kernel
-from .forward import compute_states, contract_d
+from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d
 from .launch import Geometry
 
 
 def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, dq: torch.Tensor | None,
-                      dk: torch.Tensor | None, dv: torch.Tensor | None, geom: Geometry) -> None:
+                      dk: torch.Tensor | None, dv: torch.Tensor | None, geom: Geometry, eps: float = 1e-4,
+                      den_floor: float = 0.0, clamp: tuple[float, float] | None = None) -> None:
     """Fills dq, dk, dv (strided, shaped like q, k, v) from dO [B, H, Nq, Dv] and the forward's saved
     den, S, z (all scaled by s_k = 2^-ceil(log2 Nk), see ``vicinity_forward``). A gradient passed as
     None is not computed, and the passes only it needs are skipped.
@@ -28,6 +30,10 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     so S' rs = S g and z' rz = z c (dq exact). The state gradients come out 1/s_k too large; the
     reduction multiplies by s_q = 2^-ceil(log2 Nq) to keep them O(1), and the key pass multiplies its
     result by s_k / s_q (an exact power of two).
+
+    ``eps`` and ``den_floor`` (unscaled, as given to ``vicinity_forward``) locate the rows where the
+    floor was active (there c = 0). With ``clamp``, the row weights come from clamp.py instead (dO is
+    replaced by the masked g / s_k and rs = 1), and dS is masked where S was clamped.
     """
     B, H, Nq, D = q.shape
     Nk, Dv = v.shape[2], v.shape[3]
@@ -37,15 +43,23 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
     rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
-    row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
-        do, o, den, rs, rz, H, Nq, Dv, *do.stride(), *o.stride(), BLOCK_N=cfg.block_n,
-        BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if clamp is None:
+        row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
+            do, o, den, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, *do.stride(), *o.stride(),
+            BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    else:
+        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, prec, eps, den_floor, clamp, s_k)
 
     if dq is not None:
         _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
     if dk is None and dv is None:
         return
     dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)
+    if clamp is not None:
+        n = dS.numel()
+        state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0] * s_k, clamp[1] * s_k,
+                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
     key_scale = s_k / s_q
     if dv is not None:
         contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale, num_warps=cfg.dv_num_warps)
@@ -67,3 +81,20 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
         PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg, prec, eps: float, den_floor: float,
+                         clamp: tuple[float, float], s_k: float) -> torch.Tensor:
+    """The clamped backward's row weights (clamp.py): recomputes the unclamped numerator from the
+    clamped states (one output pass), fills rs = 1 and rz = c / s_k, and returns g / s_k [B, H, Nq, Dv]
+    in dO's dtype, to be used in place of dO."""
+    B, H, Nq, _ = q.shape
+    Dv = do.shape[-1]
+    num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
+    contract_d(q, S, z, num, geom, True, cfg, prec, None)
+    g = torch.empty(B, H, Nq, Dv, dtype=do.dtype, device=q.device)
+    clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
+        do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,
+        *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=prec.acc,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return g

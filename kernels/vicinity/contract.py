@@ -2,17 +2,19 @@
 
 ``contract_d_kernel``  (forward output pass, backward dv):
     out_i = out_scale * sum_m P_m(i) phi(x_i)^T M_m            [Dv]  (contract over D)
-    optionally divided by den_i = sum_m P_m(i) phi(x_i).z_m + eps, den written out.
+    optionally divided by den_i = max(sum_m P_m(i) phi(x_i).z_m, den_floor) + eps, den written out;
+    with CLAMP, the VVT clamps instead: out_i = C(C(num_i) * C(1 / den_i)) (see clamp.py).
 ``contract_dv_kernel`` (backward dq and dk):
     out_i = out_scale * phi'(x_i) * (rs_i sum_m P_m(i) M_m y_i + rz_i sum_m P_m(i) z_m)   [D]
     (contract over Dv); dq: x = q, y = dO, rs = 1/den, rz = -(dO.o)/den;  dk: x = k, y = v, rs = rz = 1.
-``row_weights_kernel`` (backward preprocessing): rs = 1/den, rz = -(dO.o)/den.
+``row_weights_kernel`` (backward preprocessing): rs = 1/den, rz = -(dO.o)/den (0 where the floor is active).
 States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtype ACC.
 """
 import triton
 import triton.language as tl
 
 from ..common import feature_map, mma, mul_feature_map_grad
+from .clamp import abs_clamp
 from .positions import position_feature
 
 
@@ -64,10 +66,11 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
 
 @triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2"])
 def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_prefix, s0, s1, s2, eps, out_scale,
+                      den_floor, clamp_lo, clamp_hi, state_scale,
                       sxb, sxh, sxn, sxd, sob, soh, son, sod,
                       N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                       HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
-                      WITH_DEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      WITH_DEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N), BH, n_dv_tiles). x [B, H, N, D] strided; out [B, H, N, DV] strided
     (written in out's dtype); den [BH, N] ACC (written when WITH_DEN, by the first Dv tile)."""
@@ -90,8 +93,15 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
                                     s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                     FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
     if WITH_DEN:
-        den += eps
-        acc = acc / den[:, None]
+        # den_floor and eps arrive scaled like den; where(), not maximum(): a NaN den stays NaN.
+        den = tl.where(den < den_floor, den_floor, den) + eps
+        if CLAMP:
+            # The clamps act on the unscaled values: num = acc / s and 1 / den_true = s / den.
+            num = abs_clamp(acc * (1.0 / state_scale), clamp_lo, clamp_hi)
+            inv_den = abs_clamp(state_scale / den, clamp_lo, clamp_hi)
+            acc = abs_clamp(num * inv_den[:, None], clamp_lo, clamp_hi)
+        else:
+            acc = acc / den[:, None]
         tl.store(den_ptr + bh * N + offs_n, den, mask=mask_n & ((offs_n * 0 + tl.program_id(2)) == 0))
     acc = acc * out_scale
     offs_e = e0 + tl.arange(0, BLOCK_DV)
@@ -181,10 +191,11 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
 
 
 @triton.jit(do_not_specialize=["H", "N", "DV"])
-def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV,
+def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps,
                        sgb, sgh, sgn, sgd, sob, soh, son, sod,
                        BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
-    """rs_i = 1 / den_i, rz_i = -(dO_i . o_i) / den_i. Grid (cdiv(N, BLOCK_N), BH). dO, o [B, H, N, DV]
+    """rs_i = 1 / den_i, rz_i = -(dO_i . o_i) / den_i (0 where den_i = den_floor + eps: the floor is active
+    and den carries no gradient; den_floor, eps scaled like den). Grid (cdiv(N, BLOCK_N), BH). dO, o [B, H, N, DV]
     strided; den, rs, rz [BH, N] ACC."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -204,4 +215,6 @@ def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV,
     den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
     rs = 1.0 / den
     tl.store(rs_ptr + bh * N + offs_n, rs, mask=mask_n)
-    tl.store(rz_ptr + bh * N + offs_n, -delta * rs, mask=mask_n)
+    # The threshold is computed the way the forward computed a floored den (in ACC).
+    rz = tl.where((den_floor > 0) & (den <= (tl.zeros_like(den) + den_floor) + eps), 0.0, -delta * rs)
+    tl.store(rz_ptr + bh * N + offs_n, rz, mask=mask_n)

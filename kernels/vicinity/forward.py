@@ -5,6 +5,7 @@ import torch
 import triton
 
 from ..runtime import Precision, pick_precision
+from .clamp import state_clamp_kernel
 from .configs import ChunkPlan, LaunchConfig, chunk_plan, pick_config, pow2_scale
 from .contract import contract_d_kernel
 from .launch import Geometry
@@ -58,9 +59,12 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
 
 def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
                is_query: bool, cfg: LaunchConfig, prec: Precision, eps: float | None,
-               out_scale: float = 1.0, num_warps: int | None = None) -> torch.Tensor | None:
-    """out = out_scale * sum_m P_m phi(x) M_m, divided by den = sum_m P_m phi(x).z_m + eps when eps is
-    given (then den [BH, N] is returned). x [B, H, N, D], out [B, H, N, Dv] strided."""
+               out_scale: float = 1.0, num_warps: int | None = None, den_floor: float = 0.0,
+               clamp: tuple[float, float] | None = None, state_scale: float = 1.0) -> torch.Tensor | None:
+    """out = out_scale * sum_m P_m phi(x) M_m, divided by den = max(sum_m P_m phi(x).z_m, den_floor) + eps
+    when eps is given (then den [BH, N] is returned; eps, den_floor scaled like the states). With
+    ``clamp`` (and eps), out = C(C(num) C(1/den)) on the values unscaled by ``state_scale`` (clamp.py).
+    x [B, H, N, D], out [B, H, N, Dv] strided."""
     B, H, N, D = x.shape
     Dv = out.shape[-1]
     with_den = eps is not None
@@ -69,19 +73,23 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     grid = (triton.cdiv(N, cfg.block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
     contract_d_kernel[grid](
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix, *sizes, eps if with_den else 0.0, out_scale,
+        den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
+        CLAMP=with_den and clamp is not None,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
         PREC=prec.prec, num_warps=num_warps or cfg.num_warps, num_stages=cfg.num_stages)
     return den if with_den else None
 
 
 def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, geom: Geometry,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     eps: float, den_floor: float = 0.0, clamp: tuple[float, float] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fills o [B, H, Nq, Dv] (strided, q's dtype) and returns (den [BH, Nq], S [BH, F, D, Dv], z [BH, F, D]).
 
     S, z and den are stored scaled by s = 2^-ceil(log2 Nk) (eps too), which leaves o unchanged and
     keeps them O(1): fp16 tensor-core operands built from them cannot overflow however long the
-    sequence. They are in fp32 (fp64 for fp64 inputs).
+    sequence. They are in fp32 (fp64 for fp64 inputs). den = max(sum, den_floor) + eps (den_floor scaled
+    too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
     """
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
@@ -89,5 +97,15 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     prec = pick_precision(q.dtype)
     scale = pow2_scale(k.shape[2])
     S, z = compute_states(k, v, geom, False, scale, cfg, prec)
-    den = contract_d(q, S, z, o, geom, True, cfg, prec, eps * scale)
+    if clamp is not None:
+        clamp_states(S, clamp, scale)
+    den = contract_d(q, S, z, o, geom, True, cfg, prec, eps * scale, den_floor=den_floor * scale, clamp=clamp,
+                     state_scale=scale)
     return den, S, z
+
+
+def clamp_states(S: torch.Tensor, clamp: tuple[float, float], scale: float) -> None:
+    """S = C(S) in place, S [BH, F, D, Dv] contiguous stored scaled by ``scale`` (bounds scaled alike)."""
+    n = S.numel()
+    state_clamp_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](S, n, clamp[0] * scale, clamp[1] * scale,
+                                                        BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)

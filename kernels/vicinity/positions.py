@@ -69,8 +69,10 @@ def cos_sin_quarter(theta):
     c = 1.0 - x2 * (1.0 / 30.0) * c
     c = 1.0 - x2 * (1.0 / 12.0) * c
     c = 1.0 - x2 * 0.5 * c
-    # cos(pi/4 + x) = (cos x - sin x) / sqrt 2,  sin(pi/4 + x) = (cos x + sin x) / sqrt 2
-    return (c - s) * 0.7071067811865476, (c + s) * 0.7071067811865476
+    # cos(pi/4 + x) = (cos x - sin x) / sqrt 2,  sin(pi/4 + x) = (cos x + sin x) / sqrt 2.
+    # sin 0 exactly 0 (c + s leaves rounding noise there): the states of coordinate-0 tokens are then
+    # exact zeros, as in the authors' code, which the VVT clamp would otherwise blow up to +-min_mag.
+    return (c - s) * 0.7071067811865476, tl.where(theta == 0, 0.0, (c + s) * 0.7071067811865476)
 
 
 @triton.jit

@@ -167,7 +167,13 @@ class _Plan:
         self.P, self.F = spec.num_prefix_tokens, spec.n_features
         B, H, self.Nq, self.D = q.shape
         self.Nk, self.Dv = k.shape[2], v.shape[-1]
-        self.terms: list[AxisTerm] = axis_terms(spec.grid, spec.kv_grid, spec.variant, dtype=dtype, device=q.device)
+        # The grids the terms group tokens by. Variant "none" has no position dependence: one group of
+        # all tokens, not grid[0] groups with a copy of the state each (1000x slower on a 1-d grid).
+        if spec.variant == "none":
+            self.grid_q, self.grid_k = (1, self.Nq - self.P), (1, self.Nk - self.P)
+        else:
+            self.grid_q, self.grid_k = spec.grid, spec.kv_grid
+        self.terms: list[AxisTerm] = axis_terms(self.grid_q, self.grid_k, spec.variant, dtype=dtype, device=q.device)
         kw = dict(num_prefix_tokens=self.P, dtype=dtype, device=q.device)
         self.pos_q = position_features(spec.grid, spec.variant, side="query", **kw)   # [Nq, F]
         self.pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)  # [Nk, F]
@@ -224,8 +230,8 @@ def _forward_chunk(pl: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")                # [B, H, Nk_grid, D]
     vk = _contiguous(v[:, :, P:], dtype, "values")
     for t in pl.terms:
-        xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-        vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.results)
+        xg = group_by_axis(_scaled(pk, t.scale_k), pl.grid_k, t.axis, ws.inputs)
+        vg = group_by_axis(vk, pl.grid_k, t.axis, ws.results)
         S[:, :, list(t.features)] = _unmix(t.coord_k, _per_coord(xg, vg, ws.mixed), B, H)
     z.copy_(pl.pos_k[P:].T @ pk)                                                # [B, H, F, D]
     if P:
@@ -236,26 +242,104 @@ def _forward_chunk(pl: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         z += pl.pos_k[:P].T @ phi_kp
     del vk
 
-    # Output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
+    if spec.clamp is not None:
+        abs_clamp_(S, spec.clamp)
     del pk   # dead: its scratch buffer now holds phi(q)
+    num, num_prefix = _numerators(pl, q, S, z, o, den, ws)
+    normalise_(den, spec)
+    if P:
+        o[:, :, :P] = _divide_(num_prefix, den[:, :, :P], spec)
+    _divide_(num, den[:, :, P:], spec)
+    if num.data_ptr() != o[:, :, P:].data_ptr():
+        o[:, :, P:] = num
+
+
+def _numerators(pl: _Plan, q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
+                ws: _Workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output pass over queries: per term, num_i += phi(q_i)^T M[c(i)], M[c] = sum_g coord[c, g] S_g.
+
+    Returns the grid rows' numerators [B, H, Nq_grid, Dv] (in o's memory when o is contiguous in the
+    compute dtype, else in scratch) and the prefix rows' (a new tensor; None without prefix), and
+    writes the row sums sum_m P_m(i) phi(q_i) . z_m (den before floor and eps) into ``den``."""
+    spec, dtype, P, F = pl.spec, pl.dtype, pl.P, pl.F
     pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     acc = _Accumulator(o[:, :, P:], dtype, "acc_o")
     for t in pl.terms:
-        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), spec.grid, t.axis, None, ws.results)
+        xg = group_by_axis(_scaled(pq, t.scale_q), pl.grid_q, t.axis, ws.inputs)
+        acc.add_bmm(xg, _mix(t.coord_q, S[:, :, list(t.features)], ws.mixed), pl.grid_q, t.axis, None, ws.results)
     num = acc.result()
     # den_i = sum_m P_m(i) phi(q_i) . z_m: a thin [N, D] x [D, F] product.
     den[:, :, P:] = ((pq @ z.transpose(-1, -2)) * pl.pos_q[P:]).sum(-1)
-    if P:
-        num += pq @ S[:, :, F - 2]
-        phi_qp = _features(q[:, :, :P], spec.feature_map, dtype)
-        den[:, :, :P] = ((phi_qp @ z.transpose(-1, -2)) * pl.pos_q[:P]).sum(-1)
-        den[:, :, :P] += spec.eps
-        o[:, :, :P] = (phi_qp @ (S[:, :, F - 2] + S[:, :, F - 1])) / den[:, :, :P, None]
-    den[:, :, P:] += spec.eps
-    torch.div(num, den[:, :, P:, None], out=num)
-    if num.data_ptr() != o[:, :, P:].data_ptr():
-        o[:, :, P:] = num
+    if not P:
+        return num, None
+    num += pq @ S[:, :, F - 2]
+    phi_qp = _features(q[:, :, :P], spec.feature_map, dtype)
+    den[:, :, :P] = ((phi_qp @ z.transpose(-1, -2)) * pl.pos_q[:P]).sum(-1)
+    return num, phi_qp @ (S[:, :, F - 2] + S[:, :, F - 1])
+
+
+def normalise_(row_sums: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+    """den = max(row_sums, den_floor) + eps, in place (NaN stays NaN)."""
+    if spec.den_floor > 0:
+        row_sums.clamp_min_(spec.den_floor)
+    return row_sums.add_(spec.eps)
+
+
+def floor_active(den: torch.Tensor, spec: VicinitySpec) -> torch.Tensor | None:
+    """Where the floor is active, from den alone: den == den_floor + eps as :func:`normalise_` computes
+    it (den above it whenever the row sum exceeds the floor by more than rounding); None without a floor."""
+    if spec.den_floor <= 0:
+        return None
+    floored = torch.full((), spec.den_floor, dtype=den.dtype, device=den.device).add_(spec.eps)
+    return den <= floored
+
+
+def abs_clamp_(t: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
+    """The VVT authors' abs_clamp in place: |t| into [clamp[0], clamp[1]], sign kept, zeros stay 0."""
+    sign = torch.sign(t)
+    return t.abs_().clamp_(*clamp).mul_(sign)
+
+
+def clamp_passes(x: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
+    """The derivative of abs_clamp at x (1 where lo <= |x| <= hi and x != 0, else 0), in x's dtype."""
+    a = x.abs()
+    return ((a >= clamp[0]) & (a <= clamp[1]) & (a > 0)).to(x.dtype)
+
+
+def clamped_state_passes(state: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
+    """The derivative of abs_clamp at the unclamped state, read off the clamped state: 1 strictly
+    inside (lo, hi), else 0 (differs from :func:`clamp_passes` only at |S| exactly lo or hi)."""
+    a = state.abs()
+    return ((a > clamp[0]) & (a < clamp[1])).to(state.dtype)
+
+
+def _divide_(num: torch.Tensor, den: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+    """num / den in place ([..., N, Dv] by [..., N]); with a clamp, C(C(num) * C(1 / den))."""
+    if spec.clamp is None:
+        return torch.div(num, den[..., None], out=num)
+    abs_clamp_(num, spec.clamp)
+    return abs_clamp_(num.mul_(abs_clamp_(den.reciprocal()[..., None], spec.clamp)), spec.clamp)
+
+
+def _clamped_row_grads(pl: _Plan, do: torch.Tensor, q: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+                       den: torch.Tensor, g: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """With a clamp: writes g = dL/dnum_pre (the gradient of the unclamped numerator) and returns
+    c = dL/dden, from the numerators recomputed off the saved (clamped) states. With u = n r, n = C(n_pre),
+    r = C(1/den), o = C(u): dU = dO C'(u), g = dU r C'(n_pre), c = -(dU . n) C'(1/den) / den^2."""
+    clamp = pl.spec.clamp
+    n_pre = torch.empty(do.shape, dtype=pl.dtype, device=do.device)
+    sums = torch.empty_like(den)
+    num, num_prefix = _numerators(pl, q, S, z, n_pre, sums, ws)
+    if num.data_ptr() != n_pre[:, :, pl.P:].data_ptr():
+        n_pre[:, :, pl.P:] = num
+    if num_prefix is not None:
+        n_pre[:, :, :pl.P] = num_prefix
+    r_pre = den.reciprocal().unsqueeze(-1)
+    r = abs_clamp_(r_pre.clone(), clamp)
+    n = abs_clamp_(n_pre.clone(), clamp)
+    dU = do.to(pl.dtype) * clamp_passes(n * r, clamp)
+    torch.mul(dU * r, clamp_passes(n_pre, clamp), out=g)
+    return (dU * n).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
 
 
 @with_call_threads
@@ -292,22 +376,28 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
     # g = dO / den and c = -(dO . o) / den: the gradients of num and of den.
     g = scratch("grad_out", B * H * pl.Nq * Dv, dtype, q.device).view(B, H, pl.Nq, Dv)
-    torch.div(do, den.unsqueeze(-1), out=g)
-    # The product dO * o goes through the "results" buffer, which is free until the query pass.
-    prod = ws.results[:do.numel()].view(do.shape).copy_(do).mul_(o)
-    c = prod.sum(-1).div_(den).neg_().unsqueeze(-1)                             # [B, H, Nq, 1]
-    del prod
+    if spec.clamp is None:
+        torch.div(do, den.unsqueeze(-1), out=g)
+        # The product dO * o goes through the "results" buffer, which is free until the query pass.
+        prod = ws.results[:do.numel()].view(do.shape).copy_(do).mul_(o)
+        c = prod.sum(-1).div_(den).neg_().unsqueeze(-1)                         # [B, H, Nq, 1]
+        del prod
+    else:
+        c = _clamped_row_grads(pl, do, q, S, z, den, g, ws)
+    floored = floor_active(den, spec)
+    if floored is not None:  # there den is a constant: no gradient flows into it
+        c.masked_fill_(floored.unsqueeze(-1), 0.0)
     pq = _features(q[:, :, P:], spec.feature_map, dtype, "phi")
     gq = g[:, :, P:] if not P else g[:, :, P:].contiguous()
     dS = torch.zeros_like(S)
     acc_q = _Accumulator(dq[:, :, P:], dtype, "acc_q") if need_dq else None
     for t in pl.terms:
         feats = list(t.features)
-        xg = group_by_axis(_scaled(pq, t.scale_q), spec.grid, t.axis, ws.inputs)
-        gg = group_by_axis(gq, spec.grid, t.axis, ws.inputs2)
+        xg = group_by_axis(_scaled(pq, t.scale_q), pl.grid_q, t.axis, ws.inputs)
+        gg = group_by_axis(gq, pl.grid_q, t.axis, ws.inputs2)
         dS[:, :, feats] = _unmix(t.coord_q, _per_coord(xg, gg, ws.mixed), B, H)
         if need_dq:
-            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), spec.grid, t.axis, t.scale_q,
+            acc_q.add_bmm(gg, _mix(t.coord_q, S[:, :, feats], ws.mixed).transpose(1, 2), pl.grid_q, t.axis, t.scale_q,
                           ws.results)
     cp_q = c[:, :, P:] * pl.pos_q[P:]                                          # [B, H, Nq_grid, F]
     dz = cp_q.transpose(-1, -2) @ pq                                             # [B, H, F, D]
@@ -332,6 +422,8 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     del dphi_q, pq, g, gq   # dead from here: the key pass reuses the "phi" scratch buffer
     if not (need_dk or need_dv):
         return
+    if spec.clamp is not None:  # the states were clamped: dS is 0 where they were
+        dS.mul_(clamped_state_passes(S, spec.clamp))
 
     pk = _features(k[:, :, P:], spec.feature_map, dtype, "phi")
     vk = _contiguous(v[:, :, P:], dtype, "values")
@@ -340,11 +432,11 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     for t in pl.terms:
         dM = _mix(t.coord_k, dS[:, :, list(t.features)], ws.mixed)                        # [B*H*s, D, Dv]
         if need_dv:
-            xg = group_by_axis(_scaled(pk, t.scale_k), spec.kv_grid, t.axis, ws.inputs)
-            acc_v.add_bmm(xg, dM, spec.kv_grid, t.axis, None, ws.results)
+            xg = group_by_axis(_scaled(pk, t.scale_k), pl.grid_k, t.axis, ws.inputs)
+            acc_v.add_bmm(xg, dM, pl.grid_k, t.axis, None, ws.results)
         if need_dk:
-            vg = group_by_axis(vk, spec.kv_grid, t.axis, ws.inputs)
-            acc_k.add_bmm(vg, dM.transpose(1, 2), spec.kv_grid, t.axis, t.scale_k, ws.results)
+            vg = group_by_axis(vk, pl.grid_k, t.axis, ws.inputs)
+            acc_k.add_bmm(vg, dM.transpose(1, 2), pl.grid_k, t.axis, t.scale_k, ws.results)
     dphi_k = acc_k.result() if need_dk else None
     dv_g = acc_v.result() if need_dv else None
     if need_dk:

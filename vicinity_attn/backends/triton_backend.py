@@ -60,7 +60,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     op of :mod:`vicinity_attn.ops`, which also carries the autograd formula."""
     check_triton_inputs(q, k, v)
     o = empty_output_like(q, v.shape[-1])
-    den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps)
+    den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
     return o, den, S, z
 
 
@@ -71,6 +71,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
     kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
     dq, dk, dv = empty_grads_like((q, k, v), needs)
-    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec))
+    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
     return dq, dk, dv
 

@@ -30,14 +30,15 @@ give the same outputs. Where each piece comes from:
   numerator ``Q_x kv``, after the normalised output, after ``out_proj`` and after the SE step.
   It is a training stabiliser of theirs, not part of vicinity attention (DESIGN.md section 1).
 
-With ``clip=True`` (the default, to match them) the clamps sit between the stages of the
-attention, so this layer runs its own PyTorch computation (the authors' expanded-feature form,
-in float32 or float64). With ``clip=False`` the attention goes through
-:func:`vicinity_attn.vicinity_attention` and any backend works (the fused kernels included).
+The attention goes through :func:`vicinity_attn.vicinity_attention` with ``clip`` on or off:
+the four clamps inside the attention are the op's ``clamp=(1e-4, 1e4)`` option, which the "torch"
+and "triton" backends (the fused kernels) run on their fast paths, and the "reference" backend in
+the authors' expanded-feature form. The clamps after ``out_proj`` and the SE step are applied here.
 
 Differences from their code, none of which changes a result where theirs runs: angles are
 computed in float64 and cast (theirs are float32 whatever the input dtype); for half-precision
-inputs the clamped path accumulates in float32 (theirs runs in the input dtype); their unused
+inputs the attention accumulates in float32 (theirs runs in the input dtype); the clamp's gradient
+on the state S is taken as 0 where |S| is exactly 1e-4 or 1e4 (theirs passes it there); their unused
 constructor arguments (kdim, vdim, dropout_rate, causal) are not accepted, and their
 ``linear=True`` mode (PVTv2 pooling, whose key grid their angle code does not match) is not
 supported; with ``sr_ratio > 1`` their angle code needs H and W divisible by ``sr_ratio``, while
@@ -50,11 +51,9 @@ import math
 import torch
 from torch import nn
 
-from ..feature_maps import apply_feature_map
+from ..backends.reference import abs_clamp as reference_abs_clamp
 from ..functional import vicinity_attention
-from ..layout import compute_dtype
 from ..modules import spatial_reduction
-from ..positions import expand_features, position_features
 from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int
 
 CLAMP_MIN = 1e-4
@@ -67,27 +66,7 @@ def abs_clamp(t: torch.Tensor, min_mag: float = CLAMP_MIN, max_mag: float = CLAM
 
     Same values and gradients as the authors' ``abs_clamp`` (which works in place), out of place.
     """
-    return t.abs().clamp(min_mag, max_mag) * t.sign()
-
-
-def clamped_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               grid: tuple[int, int], kv_grid: tuple[int, int], variant: str) -> torch.Tensor:
-    """The authors' attention core with their magnitude clamps between the stages.
-
-    q [B, h, Nq, d], k [B, h, Nk, d], v [B, h, Nk, dv] (any float dtype) -> [B, h, Nq, dv] in q's
-    dtype, computed in float32 (float64 for float64 inputs). Relu features, eps = 1e-4. Memory is
-    O(N * F * d) (the expanded features, as in their code); nothing N x N.
-    """
-    dtype = compute_dtype(q.dtype)
-    pos_q = position_features(grid, variant, side="query", dtype=dtype, device=q.device)
-    pos_k = position_features(kv_grid, variant, side="key", dtype=dtype, device=q.device)
-    xq = expand_features(apply_feature_map(q.to(dtype), "relu"), pos_q)   # [B, h, Nq, F*d]
-    xk = expand_features(apply_feature_map(k.to(dtype), "relu"), pos_k)   # [B, h, Nk, F*d]
-    state = abs_clamp(xk.transpose(-1, -2) @ v.to(dtype))         # their kv_: [B, h, F*d, dv]
-    k_sum = xk.sum(dim=2)                                         # [B, h, F*d]
-    inv_den = abs_clamp(1.0 / ((xq * k_sum[:, :, None, :]).sum(-1) + EPS))  # their z_: [B, h, Nq]
-    num = abs_clamp(xq @ state)                                   # [B, h, Nq, dv]
-    return abs_clamp(num * inv_den.unsqueeze(-1)).to(q.dtype)
+    return reference_abs_clamp(t, (min_mag, max_mag))
 
 
 class VicinityVisionAttention(nn.Module):
@@ -106,7 +85,7 @@ class VicinityVisionAttention(nn.Module):
         linear: must be False (their PVTv2-style pooling mode is not supported).
         clip: apply the authors' magnitude clamp (default True, as in their code). Also an
             attribute: set ``layer.clip = False`` to turn it off after construction.
-        backend: backend for :func:`vicinity_attn.vicinity_attention` when ``clip`` is False.
+        backend: backend for :func:`vicinity_attn.vicinity_attention` (every backend, clip on or off).
 
     Parameter names and shapes (state-dict keys) are theirs: ``k_proj``, ``v_proj``, ``q_proj``,
     ``sr`` + ``norm`` (only when ``sr_ratio > 1``), ``out_proj``, ``se_fc.0``, ``se_fc.2``.
@@ -191,12 +170,9 @@ class VicinityVisionAttention(nn.Module):
         q = self.q_proj(x).view(B, N, heads, d)
         k = self.k_proj(kv_input).view(B, Nk, heads, d)
         v = self.v_proj(kv_input).view(B, Nk, heads, d)
-        if self.clip:
-            out = clamped_vicinity_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             (H, W), kv_grid, self.variant).transpose(1, 2)
-        else:
-            out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map="relu",
-                                     eps=EPS, layout="bnhd", backend=self.backend)
+        out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map="relu", eps=EPS,
+                                 layout="bnhd", backend=self.backend,
+                                 clamp=(CLAMP_MIN, CLAMP_MAX) if self.clip else None)
         out = self.out_proj(out.reshape(B, N, heads * d))
         if self.clip:
             out = abs_clamp(out)

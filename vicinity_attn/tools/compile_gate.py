@@ -47,12 +47,13 @@ class Role:
     io_ptrs: tuple        # pointer args in the input dtype; the others are fp32 (states, den, ...)
     has_dot: bool = True
     uses_geometry: bool = True
+    all_geometries: bool = True   # False: the base geometry only (code that does not depend on it)
 
 
 ROLES = (
     Role("fwd_state", "state", "state_partial_kernel", (("IS_QUERY", False), ("ROW_WEIGHTS", False)),
          ("x_ptr", "y_ptr")),
-    Role("fwd_output", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True)),
+    Role("fwd_output", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True), ("CLAMP", False)),
          ("x_ptr", "out_ptr")),
     Role("bwd_row_weights", "contract", "row_weights_kernel", (), ("do_ptr", "o_ptr"), has_dot=False,
          uses_geometry=False),
@@ -60,12 +61,21 @@ ROLES = (
          ("x_ptr", "y_ptr", "out_ptr")),
     Role("bwd_state", "state", "state_partial_kernel", (("IS_QUERY", True), ("ROW_WEIGHTS", True)),
          ("x_ptr", "y_ptr")),
-    Role("bwd_dv", "contract", "contract_d_kernel", (("IS_QUERY", False), ("WITH_DEN", False)),
+    Role("bwd_dv", "contract", "contract_d_kernel", (("IS_QUERY", False), ("WITH_DEN", False), ("CLAMP", False)),
          ("x_ptr", "out_ptr")),
     Role("bwd_dk", "contract", "contract_dv_kernel", (("IS_QUERY", False), ("ROW_WEIGHTS", False)),
          ("x_ptr", "y_ptr", "out_ptr")),
     Role("chunk_reduce", "state", "chunk_reduce_kernel", (), (), has_dot=False, uses_geometry=False),
+    # The VVT clamp (clamp=...): the output pass's clamped epilogue, the clamped row weights and the
+    # elementwise state kernels.
+    Role("fwd_output_clamp", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True), ("CLAMP", True)),
+         ("x_ptr", "out_ptr"), all_geometries=False),
+    Role("bwd_row_weights_clamp", "clamp", "clamped_row_weights_kernel", (), ("do_ptr", "g_ptr"), has_dot=False,
+         uses_geometry=False),
+    Role("clamp_states", "clamp", "state_clamp_kernel", (), (), has_dot=False, uses_geometry=False),
+    Role("clamp_grad_mask", "clamp", "state_grad_mask_kernel", (), (), has_dot=False, uses_geometry=False),
 )
+ELEMENTWISE_ROLES = ("chunk_reduce", "clamp_states", "clamp_grad_mask")   # BLOCK-only, fp32, no head tile
 ROLE_BY_NAME = {r.name: r for r in ROLES}
 INNER_STRIDES = ("sxd", "syd", "sod", "sgd")   # unit strides: a real launch makes them constexpr 1
 
@@ -101,11 +111,11 @@ def build_cases(quick: bool) -> list[Case]:
     cases = []
     for role in ROLES:
         for target in TARGETS:
-            if role.name == "chunk_reduce":
+            if role.name in ELEMENTWISE_ROLES:
                 cases.append(Case(role.name, target, "fp32", 0))
                 continue
             cases += [Case(role.name, target, d, t) for d, t in dtype_tiles]
-            if role.uses_geometry:
+            if role.uses_geometry and role.all_geometries:
                 cases += [Case(role.name, target, "bf16", 64, g) for g in geometries if g != BASE_GEOMETRY]
     return cases
 
@@ -138,7 +148,7 @@ def _source(case: Case):
     fn = _jit_function(getattr(importlib.import_module(f"vicinity_attn.kernels.vicinity.{role.module}"), role.kernel))
     prec = pick_precision(_torch_dtype(case.dtype), interpret=False)
     variant, n_axes, has_prefix, fmap = case.geometry
-    if role.name == "chunk_reduce":
+    if role.name in ELEMENTWISE_ROLES:
         constexprs = {"BLOCK": REDUCE_BLOCK}
         options = dict(num_warps=REDUCE_WARPS, num_stages=3)
     else:
@@ -161,7 +171,7 @@ def _source(case: Case):
         elif name.endswith("_ptr"):
             signature[name] = io_type if name in role.io_ptrs else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("eps", "out_scale", "scale"):
+        elif name in ("eps", "out_scale", "scale", "den_floor", "clamp_lo", "clamp_hi", "state_scale", "lo", "hi"):
             signature[name] = "fp32"
         elif name in INNER_STRIDES:
             signature[name], consts[(i,)] = "constexpr", 1
@@ -231,21 +241,21 @@ def row_failures(row: dict) -> list[str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'kernel':<16} {'arch':<7} {'dtype':<5} {'tile':>4} {'warps':>5} {'geometry':<22} "
+    header = (f"{'kernel':<21} {'arch':<7} {'dtype':<5} {'tile':>4} {'warps':>5} {'geometry':<22} "
               f"{'regs':>4} {'smem':>6} {'spill':>5} {'tensor-core (SASS)':<20} {'sec':>5}  status")
     lines = [header, "-" * len(header)]
     for row in rows:
         c = row["case"]
         arch = f"sm_{c.target}" + ("a" if c.target >= 90 else "")
         if row["error"]:
-            lines.append(f"{c.role:<16} {arch:<7} {c.dtype:<5} {c.tile:>4} {'':>5} {c.label():<22} ERROR "
+            lines.append(f"{c.role:<21} {arch:<7} {c.dtype:<5} {c.tile:>4} {'':>5} {c.label():<22} ERROR "
                          f"{row['error'][:120]}")
             continue
         tc = f"HGMMA x{row['hgmma']}" if row["hgmma"] else (f"HMMA x{row['hmma']}" if row["hmma"] else "-")
         if row["hgmma"] and row["hmma"]:
             tc += f" HMMA x{row['hmma']}"
         problems = row_failures(row)
-        lines.append(f"{c.role:<16} {arch:<7} {c.dtype:<5} {c.tile:>4} {row['warps']:>5} {c.label():<22} "
+        lines.append(f"{c.role:<21} {arch:<7} {c.dtype:<5} {c.tile:>4} {row['warps']:>5} {c.label():<22} "
                      f"{row['regs']:>4} {row['smem']:>6} {row['spill']:>5} {tc:<20} {row['seconds']:>5.1f}  "
                      f"{'FAIL: ' + '; '.join(problems) if problems else 'ok'}")
     return "\n".join(lines)

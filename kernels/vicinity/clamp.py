@@ -1,0 +1,88 @@
+"""The VVT authors' magnitude clamp (``abs_clamp``) and its backward, for the fused path.
+
+    C(x) = sign(x) * min(max(|x|, lo), hi)     (zeros stay 0, NaN stays NaN)
+    C'(x) = 1 where lo <= |x| <= hi and x != 0, else 0
+
+Forward: the states S are clamped in place between the state pass and the output pass
+(``state_clamp_kernel``); the output kernel clamps the numerator, 1/den and the output in its
+epilogue (``contract.py``). Backward (``clamped_row_weights_kernel``), with n_pre the unclamped
+numerator recomputed from the clamped states, r_pre = 1/den, n = C(n_pre), r = C(r_pre), u = n r:
+    dU = dO C'(u),   g = dU r C'(n_pre),   c = -(dU . n) C'(r_pre) r_pre^2   (0 where the floor is active)
+replace g = dO/den and c = -(dO.o)/den of the unclamped backward, and dS is masked by C'(S)
+(``state_grad_mask_kernel``, read off the clamped state: strictly inside (lo, hi)).
+All values arrive scaled by the power of two s_k of ``vicinity_forward``; the clamps act on the
+unscaled values, so bounds are scaled by s_k (or values unscaled by 1/s_k), exactly.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def abs_clamp(x, lo, hi):
+    """|x| into [lo, hi], sign kept; zeros and NaN pass through (where(), not min/max)."""
+    a = tl.abs(x)
+    a = tl.where(a < lo, lo, tl.where(a > hi, hi, a))
+    return tl.where(x < 0, -a, tl.where(x > 0, a, x))
+
+
+@triton.jit
+def clamp_passes(x, lo, hi):
+    """C'(x): 1.0 where lo <= |x| <= hi and x != 0, else 0.0, in x's dtype."""
+    a = tl.abs(x)
+    return tl.where((a >= lo) & (a <= hi) & (a > 0), 1.0, 0.0).to(x.dtype)
+
+
+@triton.jit(do_not_specialize=["n"])
+def state_clamp_kernel(s_ptr, n, lo, hi, BLOCK: tl.constexpr):
+    """s = C(s) in place over n contiguous ACC values (bounds already scaled like s)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    tl.store(s_ptr + offs, abs_clamp(s, lo, hi), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n"])
+def state_grad_mask_kernel(ds_ptr, s_ptr, n, lo, hi, BLOCK: tl.constexpr):
+    """ds *= [lo < |s| < hi] over n contiguous ACC values, s the clamped state (bounds scaled like s)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.abs(tl.load(s_ptr + offs, mask=mask, other=0.0))
+    ds = tl.load(ds_ptr + offs, mask=mask, other=0.0)
+    tl.store(ds_ptr + offs, tl.where((s > lo) & (s < hi), ds, 0.0), mask=mask)
+
+
+@triton.jit(do_not_specialize=["H", "N", "DV"])
+def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps, lo, hi,
+                               state_scale, sgb, sgh, sgn, sgd, sob, soh, son, sod,
+                               BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), BH). dO [B, H, N, DV] strided (strides sg*); n [BH, N, DV] contiguous ACC, the
+    scaled unclamped numerator s_k n_pre; den [BH, N] ACC (scaled). Writes g / s_k into g [B, H, N, DV]
+    (strides so*, dO's dtype), rs = 1 and rz = c / s_k [BH, N] ACC (module docstring)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    inv_scale = 1.0 / state_scale
+    den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
+    r_pre = state_scale / den
+    r = abs_clamp(r_pre, lo, hi)
+    n_base = n_ptr + bh.to(tl.int64) * N * DV
+    dr = tl.zeros((BLOCK_N,), ACC)
+    for e0 in range(0, DV, BLOCK_DV):
+        offs_e = e0 + tl.arange(0, BLOCK_DV)
+        mask = mask_n[:, None] & (offs_e[None, :] < DV)
+        do = tl.load(do_ptr + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
+                     mask=mask, other=0.0).to(ACC)
+        n_pre = tl.load(n_base + offs_n[:, None] * DV + offs_e[None, :], mask=mask, other=0.0) * inv_scale
+        n = abs_clamp(n_pre, lo, hi)
+        du = do * clamp_passes(n * r[:, None], lo, hi)
+        dr += tl.sum(du * n, axis=1)
+        g = du * r[:, None] * clamp_passes(n_pre, lo, hi) * inv_scale
+        tl.store(g_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_e[None, :] * sod,
+                 g.to(g_ptr.dtype.element_ty), mask=mask)
+    c = -dr * clamp_passes(r_pre, lo, hi) * r_pre * r_pre * inv_scale
+    c = tl.where((den_floor > 0) & (den <= (tl.zeros_like(den) + den_floor) + eps), 0.0, c)
+    tl.store(rs_ptr + bh * N + offs_n, tl.full((BLOCK_N,), 1.0, ACC), mask=mask_n)
+    tl.store(rz_ptr + bh * N + offs_n, c, mask=mask_n)
