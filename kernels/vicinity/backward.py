@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..runtime import pick_precision
-from .configs import pick_config, pow2_scale
+from .configs import LaunchConfig, dot_precision, pick_config, pow2_scale
 from .contract import contract_dv_kernel, row_weights_kernel
 from .forward import compute_states, contract_d
 from .launch import Geometry
@@ -32,29 +31,31 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     B, H, Nq, D = q.shape
     Nk, Dv = v.shape[2], v.shape[3]
     cfg = pick_config(D, Dv, q.dtype)
-    prec = pick_precision(q.dtype)
     s_k, s_q = pow2_scale(Nk), pow2_scale(Nq)
 
     rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
     row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, o, den, rs, rz, H, Nq, Dv, *do.stride(), *o.stride(), BLOCK_N=cfg.block_n,
-        BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_DV=cfg.block_dv, ACC=dot_precision("bwd_row_weights", q.dtype).acc, **cfg.options("bwd_row_weights"))
 
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq")
     if dk is None and dv is None:
         return
-    dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)
+    dS, dz = compute_states(q, do, geom, True, s_q, cfg, "bwd_state", rs=rs, rz=rz)
     key_scale = s_k / s_q
     if dv is not None:
-        contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale, num_warps=cfg.dv_num_warps)
+        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, key_scale)
     if dk is not None:
-        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, prec)
+        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, "bwd_dk")
 
 
-def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float, cfg, prec):
-    """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None."""
+def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
+                 cfg: LaunchConfig, launch: str):
+    """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None.
+    ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options."""
+    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     row_weights = rs is not None
@@ -65,5 +66,5 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     contract_dv_kernel[grid](
         x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, *sizes, out_scale,
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        **cfg.options(launch))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..runtime import Precision, pick_precision
-from .configs import ChunkPlan, LaunchConfig, chunk_plan, pick_config, pow2_scale
+from ..runtime import Precision
+from .configs import ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
@@ -19,12 +19,14 @@ def _acc_torch_dtype(prec: Precision) -> torch.dtype:
 
 
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
-                   cfg: LaunchConfig, prec: Precision, rs: torch.Tensor | None = None,
+                   cfg: LaunchConfig, launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
+    ``launch`` ("fwd_state" / "bwd_state") picks the dot precision and launch options.
     """
+    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     F = geom.n_feat
@@ -45,8 +47,8 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, *sizes, plan.blocks_per_chunk,
         scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        **cfg.options(launch))
     if single:
         return S, z
     for part, out in ((s_part, S), (z_part, z)):
@@ -57,10 +59,12 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
 
 
 def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
-               is_query: bool, cfg: LaunchConfig, prec: Precision, eps: float | None,
-               out_scale: float = 1.0, num_warps: int | None = None) -> torch.Tensor | None:
+               is_query: bool, cfg: LaunchConfig, launch: str, eps: float | None,
+               out_scale: float = 1.0) -> torch.Tensor | None:
     """out = out_scale * sum_m P_m phi(x) M_m, divided by den = sum_m P_m phi(x).z_m + eps when eps is
-    given (then den [BH, N] is returned). x [B, H, N, D], out [B, H, N, Dv] strided."""
+    given (then den [BH, N] is returned). x [B, H, N, D], out [B, H, N, Dv] strided. ``launch``
+    ("fwd_output" / "bwd_dv") picks the dot precision and launch options."""
+    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = out.shape[-1]
     with_den = eps is not None
@@ -70,8 +74,8 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     contract_d_kernel[grid](
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix, *sizes, eps if with_den else 0.0, out_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=num_warps or cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        **cfg.options(launch))
     return den if with_den else None
 
 
@@ -86,8 +90,7 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
     cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
-    prec = pick_precision(q.dtype)
     scale = pow2_scale(k.shape[2])
-    S, z = compute_states(k, v, geom, False, scale, cfg, prec)
-    den = contract_d(q, S, z, o, geom, True, cfg, prec, eps * scale)
+    S, z = compute_states(k, v, geom, False, scale, cfg, "fwd_state")
+    den = contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps * scale)
     return den, S, z
