@@ -68,8 +68,9 @@ def mma(a, b, acc, DOT: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b, accumulated in acc's dtype.
 
     On a GPU (PREC one of "ieee", "tf32", "tf32x3"): both operands cast to DOT (the input dtype:
-    tensor cores); fp32 operands of a "tf32" dot are first rounded to TF32 (to nearest). Under the interpreter, PREC "emulate_<fp16|bf16|tf32|tf32x3>" computes what that
-    GPU dot computes: operands rounded as the tensor core takes them, exact fp32 products and sums.
+    tensor cores); fp32 operands of a "tf32" dot are first rounded to TF32 (to nearest).
+    Under the interpreter, PREC "emulate_<fp16|bf16|tf32|tf32x3>" computes what that GPU dot
+    computes: operands rounded as the tensor core takes them, exact fp32 products and sums.
     tf32x3 follows Triton's split: big = tf32(x) (rounded to nearest, ties away), small = x - big,
     small_a big_b + big_a small_b (NaNs dropped, as Triton does) added to big_a big_b.
     """

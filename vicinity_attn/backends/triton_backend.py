@@ -46,7 +46,7 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
                                "backend='torch'")
     elif q.device.type not in ("cuda", "meta"):   # meta: shapes only, answered by the op's fake
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}")
-    elif q.dtype == torch.float64:
+    elif q.device.type == "cuda" and q.dtype == torch.float64:
         # fp64 kernels are neither built by the compile gate nor run anywhere: refuse rather than guess.
         raise TypeError("backend='triton' does not run float64 on CUDA (use backend='torch', which "
                         "backend='auto' picks for float64); float64 runs on triton only in the interpreter")
