@@ -1,16 +1,85 @@
-"""What every operation's launchers share: interpreter detection and the dtypes handed to kernels."""
+"""What every operation's launchers share: interpreter detection, the specialisation policy of the
+kernels' runtime arguments, and the dot precision handed to kernels (with its GPU emulation).
+
+Dot numerics under the interpreter: the Triton interpreter computes ``tl.dot`` exactly as asked, so
+an fp32 dot there would hide what a tensor core does to its operands. By default the launchers ask
+the kernels (``kernels/common.py`` ``mma``) to *emulate* the GPU dot: round both operands as the GPU
+would (fp16 / bf16 conversion, TF32 = 10 mantissa bits, TF32x3 as its big + small split), then an
+exact fp32 dot with fp32 accumulation. ``VICINITY_ATTN_EXACT_DOTS=1`` (read at every launch) opts out:
+every dot then runs in exact fp32 (fp64 for fp64 inputs), the interpreter's old behaviour.
+"""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
+
+EXACT_DOTS_ENV = "VICINITY_ATTN_EXACT_DOTS"
+
+# Runtime integer arguments that must never specialise: sequence lengths, grid sizes, counts derived
+# from them, batch x heads. Triton would otherwise compile a new variant whenever one of them changes
+# divisibility by 16 (or equals 1), i.e. per resolution. Every other integer argument specialises as a
+# real launch infers it: head dims D / DV and the strides get Triton's "divisible by 16" and "== 1"
+# facts, which is what lets the compiler prove the column masks uniform and vectorise the loads and
+# stores (128-bit, async copies) instead of issuing scalar 16-bit accesses.
+RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "s0", "s1", "s2", "blocks_per_chunk", "n_rows", "n_chunks"})
+
+
+def launch_jit(fn):
+    """``triton.jit`` with the package's specialisation policy: the arguments of ``fn`` named in
+    RUNTIME_INTS are ``do_not_specialize``; everything else specialises as Triton infers it."""
+    names = [n for n in inspect.signature(fn).parameters if n in RUNTIME_INTS]
+    return triton.jit(do_not_specialize=names)(fn)
 
 
 def interpreting() -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _squeeze_scalars_in_triton36_interpreter() -> None:
+    """Lets the kernels' loops with runtime bounds (``range(0, blocks_per_chunk)``, ``range(0, D, ...)``)
+    run in the interpreter of triton < 3.7 with numpy 2.
+
+    That interpreter holds every scalar as a 1-element array and converts it for ``range`` with
+    ``int(array)``, which numpy 2 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"); triton 3.7+ squeezes the array first. Same fix, applied to the older interpreter only.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if version >= (3, 7) or original is None or getattr(original, "squeezes_scalars", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _squeeze_scalars_in_triton36_interpreter()
+
+
+def exact_dots() -> bool:
+    """True when VICINITY_ATTN_EXACT_DOTS opts the interpreter out of GPU dot emulation."""
+    return os.environ.get(EXACT_DOTS_ENV, "0") not in ("", "0")
+
+
+# PREC values the kernels' ``mma`` understands: a GPU input precision runs ``tl.dot`` as asked; an
+# "emulate_*" value (interpreter only) rounds the operands as that GPU dot would, then dots in fp32.
+GPU_PRECISIONS = ("ieee", "tf32", "tf32x3")
+EMULATED = {(tl.float16, "tf32"): "emulate_fp16", (tl.bfloat16, "tf32"): "emulate_bf16",
+            (tl.float32, "tf32"): "emulate_tf32", (tl.float32, "tf32x3"): "emulate_tf32x3"}
 
 
 @dataclass(frozen=True)
@@ -19,24 +88,45 @@ class Precision:
 
     acc: tl.dtype    # states, reductions, position features
     dot: tl.dtype    # tl.dot operand dtype
-    prec: str        # tl.dot input_precision
+    prec: str        # tl.dot input_precision, or an "emulate_*" mode (see EMULATED)
+
+    def constexprs(self) -> dict:
+        return dict(ACC=self.acc, DOT=self.dot, PREC=self.prec)
+
+    def emulated(self) -> "Precision":
+        """The interpreter's stand-in for this GPU precision: fp32 operands rounded as the GPU would."""
+        mode = EMULATED.get((self.dot, self.prec))
+        return self if mode is None else Precision(self.acc, tl.float32, mode)
 
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
                torch.float64: tl.float64}
 
 
-def pick_precision(dtype: torch.dtype, interpret: bool | None = None) -> Precision:
-    """fp16 / bf16: tensor-core dots in the input dtype, fp32 accumulation. fp32: dots as "tf32x3"
-    (three TF32 tensor-core products, about fp32-accurate; plain TF32 would lose ~3 digits).
-    fp64: fp64 everywhere. Under the interpreter dots run in fp32 (its bf16 dot is wrong)."""
-    interpret = interpreting() if interpret is None else interpret
+def gpu_precision(dtype: torch.dtype, dot: torch.dtype | None = None) -> Precision:
+    """The GPU dot for inputs of ``dtype`` with operands in ``dot`` (default: the input dtype).
+
+    fp16 / bf16 operands: tensor-core dots, fp32 accumulation. fp32 operands: "tf32x3" for fp32 inputs
+    (three TF32 products, about fp32-accurate; plain TF32 would lose ~3 digits), plain "tf32" when a
+    16-bit input's dot is deliberately widened to fp32 operands for their range (same 10-bit mantissa
+    as fp16, fp32 exponent). fp64: fp64 everywhere.
+    """
     if dtype == torch.float64:
         return Precision(tl.float64, tl.float64, "ieee")
-    if interpret:
-        return Precision(tl.float32, tl.float32, "ieee")
-    if dtype == torch.float32:
-        return Precision(tl.float32, tl.float32, "tf32x3")
-    return Precision(tl.float32, TORCH_TO_TL[dtype], "tf32")
+    dot = dtype if dot is None else dot
+    if dot == torch.float32:
+        return Precision(tl.float32, tl.float32, "tf32x3" if dtype == torch.float32 else "tf32")
+    return Precision(tl.float32, TORCH_TO_TL[dot], "tf32")
 
 
+def pick_precision(dtype: torch.dtype, dot: torch.dtype | None = None,
+                   interpret: bool | None = None) -> Precision:
+    """``gpu_precision`` on a GPU; under the interpreter its emulation, or exact fp32 dots when
+    VICINITY_ATTN_EXACT_DOTS is set."""
+    prec = gpu_precision(dtype, dot)
+    interpret = interpreting() if interpret is None else interpret
+    if not interpret:
+        return prec
+    if exact_dots():
+        return Precision(prec.acc, prec.acc, "ieee")
+    return prec.emulated()

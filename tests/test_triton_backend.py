@@ -248,3 +248,67 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     spec = VicinitySpec(grid=(2, 2), kv_grid=(2, 2))
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         triton_backend.forward(q, k, v, spec)
+
+
+# --- GPU-only defects: NaN, offsets, float64 routing, device guard --------------------------------
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("feature_map", ["relu", "elu1"])
+def test_nan_propagates_like_the_reference(where, feature_map):
+    """A NaN in an input gives NaN exactly where the reference (plain torch) has NaN, forward and
+    backward (a GPU's max instruction, like tl.maximum, would drop it and return finite numbers)."""
+    q, k, v = make_inputs(1, 2, 12, 12, 8, 8, device=DEVICE, requires_grad=False)
+    t = {"q": q, "k": k, "v": v}[where]
+    t[0, 1, 5, 3] = float("nan")
+    kw = dict(grid=(3, 4), feature_map=feature_map)
+    do = torch.randn(1, 2, 12, 8, dtype=torch.float64, device=DEVICE)
+    got = outputs_and_grads(*(x.clone().requires_grad_(True) for x in (q, k, v)), do, backend="triton", **kw)
+    ref = outputs_and_grads(*(x.clone().requires_grad_(True) for x in (q, k, v)), do, backend="reference", **kw)
+    assert torch.isnan(ref[0]).any()
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), name
+        finite = ~torch.isnan(r)
+        torch.testing.assert_close(g[finite], r[finite], rtol=1e-9, atol=1e-12)
+
+
+def test_int32_offsets_checked_for_every_indexed_tensor():
+    """Outputs and gradients are indexed like the inputs: a dO (or o, dq, ...) whose token span passes
+    int32 is refused with its name, before any launch. Meta tensors: no memory is allocated."""
+    from vicinity_attn.spec import VicinitySpec
+
+    q, k, v = make_inputs(1, 1, 4, 4, 8, 8, device=DEVICE, requires_grad=False)
+    huge = torch.empty_strided((1, 1, 4, 8), (0, 0, 2 ** 30, 1), dtype=q.dtype, device="meta")
+    with pytest.raises(ValueError, match="dq"):
+        triton_backend.check_token_offsets(huge, "dq")
+    triton_backend.check_token_offsets(q, "q")  # a normal tensor passes
+    spec = VicinitySpec(grid=(2, 2), kv_grid=(2, 2))
+    o, den, S, z = triton_backend.forward(q, k, v, spec)
+    with pytest.raises(ValueError, match="output gradient dO"):
+        triton_backend.backward(huge, q, k, v, o, den, S, z, spec)
+
+
+def test_float64_on_cuda_goes_to_the_torch_backend():
+    from vicinity_attn import resolve_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.float64) == "torch"
+    assert resolve_backend("auto", cuda, torch.float16) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a GPU")
+def test_float64_on_cuda_explicit_triton_is_refused():
+    q, k, v = make_inputs(1, 1, 4, 4, 8, 8, device="cuda", requires_grad=False)
+    with pytest.raises(TypeError, match="float64"):
+        vicinity_attention(q, k, v, (2, 2), backend="triton")
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1."""
+    q, k, v = make_inputs(1, 2, 20, 20, 16, 16, dtype=torch.float32, device="cuda:1")
+    with torch.cuda.device(0):
+        out = vicinity_attention(q, k, v, (4, 5), backend="triton")
+        ref = vicinity_attention(q, k, v, (4, 5), backend="torch")
+    assert out.device == q.device
+    assert rel_err(out, ref) < 1e-5

@@ -21,11 +21,13 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend "auto" stands for on ``device``: triton on CUDA when importable, else torch."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend "auto" stands for on ``device`` for inputs of ``dtype``: triton on CUDA when
+    importable, else torch; float64 always goes to torch (the triton kernels run float64 only in the
+    Triton interpreter, never on a GPU)."""
     if backend != "auto":
         return backend
-    if device.type == "cuda" and triton_available():
+    if device.type == "cuda" and dtype != torch.float64 and triton_available():
         return "triton"
     return "torch"
 
@@ -81,8 +83,9 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and to the output; gradients are 0 where a value was clamped. Their setting is
             (1e-4, 1e4). Backends "torch", "triton" and "reference" (feature form, O(N F D)).
         layout: "bhnd" or "bnhd", for inputs and output alike.
-        backend: "auto" (triton on CUDA when available, else torch), "triton", "torch" (linear,
-            pure PyTorch, any device) or "reference" (quadratic; small N only).
+        backend: "auto" (triton on CUDA when available, else torch; torch for float64), "triton"
+            (CUDA float16/bfloat16/float32; CPU tensors and float64 only under TRITON_INTERPRET=1),
+            "torch" (linear, pure PyTorch, any device) or "reference" (quadratic; small N only).
         num_prefix_tokens: class/register tokens in front of the grid tokens of both q and k; a
             prefix token weighs 1 against every token and every token weighs 1 against it.
 
@@ -96,7 +99,7 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q4, k4, v4, spec = validate_call(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,
                                      eps=eps, layout=layout, backend=backend,
                                      num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     # Under torch.autocast the op runs in the autocast dtype (the backends still accumulate in fp32).
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     if q4.shape[0] == 0 or q4.shape[1] == 0:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..runtime import pick_precision
-from .configs import pick_config, pow2_scale
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
+from .configs import LaunchConfig, dot_precision, pick_config, pow2_scale
 from .contract import contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d
 from .launch import Geometry
@@ -38,7 +37,7 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     B, H, Nq, D = q.shape
     Nk, Dv = v.shape[2], v.shape[3]
     cfg = pick_config(D, Dv, q.dtype)
-    prec = pick_precision(q.dtype)
+    acc = dot_precision("bwd_row_weights", q.dtype).acc
     s_k, s_q = pow2_scale(Nk), pow2_scale(Nq)
 
     rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
@@ -46,29 +45,31 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     if clamp is None:
         row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
             do, o, den, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, *do.stride(), *o.stride(),
-            BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc, **cfg.options("bwd_row_weights"))
     else:
-        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, prec, eps, den_floor, clamp, s_k)
+        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, acc, eps, den_floor, clamp, s_k)
 
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, prec)
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq")
     if dk is None and dv is None:
         return
-    dS, dz = compute_states(q, do, geom, True, s_q, cfg, prec, rs=rs, rz=rz)
+    dS, dz = compute_states(q, do, geom, True, s_q, cfg, "bwd_state", rs=rs, rz=rz)
     if clamp is not None:
         n = dS.numel()
         state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0] * s_k, clamp[1] * s_k,
                                                                 BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
     key_scale = s_k / s_q
     if dv is not None:
-        contract_d(k, dS, dz, dv, geom, False, cfg, prec, None, key_scale, num_warps=cfg.dv_num_warps)
+        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, key_scale)
     if dk is not None:
-        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, prec)
+        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, "bwd_dk")
 
 
-def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float, cfg, prec):
-    """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None."""
+def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
+                 cfg: LaunchConfig, launch: str):
+    """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None.
+    ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options."""
+    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     row_weights = rs is not None
@@ -79,22 +80,22 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     contract_dv_kernel[grid](
         x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, *sizes, out_scale,
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        **cfg.options(launch))
 
 
-def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg, prec, eps: float, den_floor: float,
-                         clamp: tuple[float, float], s_k: float) -> torch.Tensor:
+def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, acc, eps: float,
+                         den_floor: float, clamp: tuple[float, float], s_k: float) -> torch.Tensor:
     """The clamped backward's row weights (clamp.py): recomputes the unclamped numerator from the
     clamped states (one output pass), fills rs = 1 and rz = c / s_k, and returns g / s_k [B, H, Nq, Dv]
     in dO's dtype, to be used in place of dO."""
     B, H, Nq, _ = q.shape
     Dv = do.shape[-1]
     num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
-    contract_d(q, S, z, num, geom, True, cfg, prec, None)
+    contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None)
     g = torch.empty(B, H, Nq, Dv, dtype=do.dtype, device=q.device)
     clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,
-        *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=prec.acc,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc,
+        **cfg.options("bwd_row_weights"))
     return g

@@ -16,6 +16,8 @@ unscaled values, so bounds are scaled by s_k (or values unscaled by 1/s_k), exac
 import triton
 import triton.language as tl
 
+from ..runtime import launch_jit
+
 
 @triton.jit
 def abs_clamp(x, lo, hi):
@@ -32,26 +34,26 @@ def clamp_passes(x, lo, hi):
     return tl.where((a >= lo) & (a <= hi) & (a > 0), 1.0, 0.0).to(x.dtype)
 
 
-@triton.jit(do_not_specialize=["n"])
-def state_clamp_kernel(s_ptr, n, lo, hi, BLOCK: tl.constexpr):
-    """s = C(s) in place over n contiguous ACC values (bounds already scaled like s)."""
+@launch_jit
+def state_clamp_kernel(s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr):
+    """s = C(s) in place over n_rows contiguous ACC values (bounds already scaled like s)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    mask = offs < n_rows
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)
     tl.store(s_ptr + offs, abs_clamp(s, lo, hi), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n"])
-def state_grad_mask_kernel(ds_ptr, s_ptr, n, lo, hi, BLOCK: tl.constexpr):
-    """ds *= [lo < |s| < hi] over n contiguous ACC values, s the clamped state (bounds scaled like s)."""
+@launch_jit
+def state_grad_mask_kernel(ds_ptr, s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr):
+    """ds *= [lo < |s| < hi] over n_rows contiguous ACC values, s the clamped state (bounds scaled like s)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    mask = offs < n_rows
     s = tl.abs(tl.load(s_ptr + offs, mask=mask, other=0.0))
     ds = tl.load(ds_ptr + offs, mask=mask, other=0.0)
     tl.store(ds_ptr + offs, tl.where((s > lo) & (s < hi), ds, 0.0), mask=mask)
 
 
-@triton.jit(do_not_specialize=["H", "N", "DV"])
+@launch_jit
 def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps, lo, hi,
                                state_scale, sgb, sgh, sgn, sgd, sob, soh, son, sod,
                                BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):

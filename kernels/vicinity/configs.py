@@ -13,13 +13,21 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..runtime import interpreting
+from ..runtime import Precision, interpreting, pick_precision
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
 GPU_NUM_WARPS = 4
 GPU_NUM_STAGES = 2
+# An explicit .maxnreg of 255 (the hardware limit) for the per-token passes: left without one, ptxas
+# sometimes settles on fewer registers than they need and spills (sm_80, once the head dims
+# specialise: 128 registers and 28 spill bytes on 8-warp bf16 output passes of 1-d grids, 128 and 8
+# on an 8-warp dq pass, 168 and 8 on a 4-warp fp32 dv pass). With it they take 150-220, as they did
+# before specialisation. Not for the state passes: given the budget, ptxas spends it (the fp16
+# forward state pass went from 80 to 132 registers), which costs occupancy, and they do not spill.
+GPU_MAX_REGISTERS = 255
+REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_dv", "bwd_dk")
 # Enough (chunk, head, feature, tile) programs to fill ~2 waves of an H100 (132 SMs) without
 # making the partial-state buffers (n_chunks x F x D x Dv) large next to k and v.
 GPU_TARGET_PROGRAMS = 256
@@ -41,6 +49,16 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     dv_num_warps: int  # the dv launch (contract over D without a denominator): see gpu_config
+    max_registers: int | None = None  # ptxas register budget (.maxnreg); None under the interpreter
+
+    def options(self, launch: str) -> dict:
+        """The launch options (num_warps, num_stages, maxnreg) of ``launch`` (one of LAUNCHES)."""
+        assert launch in LAUNCHES, launch
+        opts = dict(num_warps=self.dv_num_warps if launch == "bwd_dv" else self.num_warps,
+                    num_stages=self.num_stages)
+        if self.max_registers is not None and launch in REGISTER_BUDGET_LAUNCHES:
+            opts["maxnreg"] = self.max_registers
+        return opts
 
 
 def pick_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
@@ -71,7 +89,7 @@ def gpu_config(tile: int) -> LaunchConfig:
     128 registers and spills a few bytes, while 4 warps fit every variant in 255 without spills.
     """
     return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), gpu_num_stages(tile),
-                        dv_num_warps=GPU_NUM_WARPS)
+                        dv_num_warps=GPU_NUM_WARPS, max_registers=GPU_MAX_REGISTERS)
 
 
 def gpu_num_stages(tile: int) -> int:
@@ -114,3 +132,31 @@ def pow2_scale(n: int) -> float:
     """2^-ceil(log2 n): scales the states by about 1/n, exactly representable in every float dtype,
     so that states stay O(1) (fp16 tensor-core operands cannot overflow at N = 2^20)."""
     return math.ldexp(1.0, -max(0, (max(1, n) - 1).bit_length()))
+
+
+# The launches, by the names the compile gate uses for them.
+LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_dv", "bwd_dk",
+            "chunk_reduce")
+# Launches whose dot operands are bounded by the inputs: phi(k) P (|P| <= 1) against v.
+INPUT_RANGE_DOTS = ("fwd_state",)
+
+
+def dot_operand_dtype(launch: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a launch's dot takes its operands in, for inputs of ``dtype``.
+
+    fp16 inputs: only the forward state pass multiplies operands bounded by the inputs. Every other
+    dot has a state (S, z, dS: fp32, magnitudes set by sigma^2 and N, subnormal in fp16 for small
+    inputs) or a row-weighted query (phi(q) / den: up to 1 / eps for a query that meets no key, past
+    fp16's 65504) as an operand, so it runs in TF32: fp16's 10-bit mantissa with fp32's exponent range.
+    bf16 (fp32's exponent range) and fp32 / fp64 keep their own dtype everywhere.
+    """
+    assert launch in LAUNCHES, launch
+    if dtype == torch.float16 and launch not in INPUT_RANGE_DOTS:
+        return torch.float32
+    return dtype
+
+
+def dot_precision(launch: str, dtype: torch.dtype, interpret: bool | None = None) -> Precision:
+    """The dot precision (constexprs ACC, DOT, PREC) of ``launch`` for inputs of ``dtype``; under the
+    interpreter its GPU emulation (see ``kernels/runtime.py``)."""
+    return pick_precision(dtype, dot_operand_dtype(launch, dtype), interpret=interpret)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..common import feature_map, mma, mul_feature_map_grad
+from ..runtime import launch_jit
 from .clamp import abs_clamp
 from .positions import position_feature
 
@@ -64,7 +65,7 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
     return acc, den
 
 
-@triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2"])
+@launch_jit
 def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_prefix, s0, s1, s2, eps, out_scale,
                       den_floor, clamp_lo, clamp_hi, state_scale,
                       sxb, sxh, sxn, sxd, sob, soh, son, sod,
@@ -114,11 +115,21 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
-    """acc += (P_M y) @ M_M[d tile, dv tile]^T."""
+    """acc += P_M * (y @ M_M[d tile, dv tile]^T).
+
+    With TF32 dots (fp16 and fp32 inputs) P_M scales the product, not the operand y: y (dO or v) is
+    an input, exact as a TF32 operand, while y * P_M would be rounded. With dO constant along a row
+    that rounding error is the same for the whole row, and dq = phi' (S g + z c) cancels its two
+    terms: the rounded S g against the exact fp32 z c gave errors ~30x the inputs' rounding (fp16,
+    positive inputs). bf16 dots keep the product in the operand: the extra fp32 tile spills on sm_80.
+    """
     p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :],
                     mask=mask_d[:, None] & mask_e[None, :], other=0.0)
-    return mma(y * p[:, None], tl.trans(state), acc, DOT, PREC)
+    if DOT == tl.bfloat16 or PREC == "emulate_bf16":
+        return mma(y * p[:, None], tl.trans(state), acc, DOT, PREC)
+    else:
+        return acc + p[:, None] * mma(y, tl.trans(state), tl.zeros(acc.shape, acc.dtype), DOT, PREC)
 
 
 @triton.jit
@@ -144,7 +155,7 @@ def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D
     return acc
 
 
-@triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2"])
+@launch_jit
 def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N, D, DV, n_prefix, s0, s1, s2,
                        out_scale, sxb, sxh, sxn, sxd, syb, syh, syn, syd, sob, soh, son, sod,
                        N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
@@ -190,7 +201,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["H", "N", "DV"])
+@launch_jit
 def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps,
                        sgb, sgh, sgn, sgd, sob, soh, son, sod,
                        BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..runtime import Precision, pick_precision
+from ..runtime import Precision
 from .clamp import state_clamp_kernel
-from .configs import ChunkPlan, LaunchConfig, chunk_plan, pick_config, pow2_scale
+from .configs import ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
@@ -20,12 +20,14 @@ def _acc_torch_dtype(prec: Precision) -> torch.dtype:
 
 
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
-                   cfg: LaunchConfig, prec: Precision, rs: torch.Tensor | None = None,
+                   cfg: LaunchConfig, launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
+    ``launch`` ("fwd_state" / "bwd_state") picks the dot precision and launch options.
     """
+    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     F = geom.n_feat
@@ -46,8 +48,8 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, *sizes, plan.blocks_per_chunk,
         scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        **cfg.options(launch))
     if single:
         return S, z
     for part, out in ((s_part, S), (z_part, z)):
@@ -58,13 +60,15 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
 
 
 def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
-               is_query: bool, cfg: LaunchConfig, prec: Precision, eps: float | None,
-               out_scale: float = 1.0, num_warps: int | None = None, den_floor: float = 0.0,
+               is_query: bool, cfg: LaunchConfig, launch: str, eps: float | None,
+               out_scale: float = 1.0, den_floor: float = 0.0,
                clamp: tuple[float, float] | None = None, state_scale: float = 1.0) -> torch.Tensor | None:
     """out = out_scale * sum_m P_m phi(x) M_m, divided by den = max(sum_m P_m phi(x).z_m, den_floor) + eps
     when eps is given (then den [BH, N] is returned; eps, den_floor scaled like the states). With
     ``clamp`` (and eps), out = C(C(num) C(1/den)) on the values unscaled by ``state_scale`` (clamp.py).
-    x [B, H, N, D], out [B, H, N, Dv] strided."""
+    x [B, H, N, D], out [B, H, N, Dv] strided. ``launch`` ("fwd_output" / "bwd_dv") picks the dot
+    precision and launch options."""
+    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = out.shape[-1]
     with_den = eps is not None
@@ -76,8 +80,8 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
         den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
         CLAMP=with_den and clamp is not None,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ACC=prec.acc, DOT=prec.dot,
-        PREC=prec.prec, num_warps=num_warps or cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        **cfg.options(launch))
     return den if with_den else None
 
 
@@ -94,12 +98,11 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
     cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
-    prec = pick_precision(q.dtype)
     scale = pow2_scale(k.shape[2])
-    S, z = compute_states(k, v, geom, False, scale, cfg, prec)
+    S, z = compute_states(k, v, geom, False, scale, cfg, "fwd_state")
     if clamp is not None:
         clamp_states(S, clamp, scale)
-    den = contract_d(q, S, z, o, geom, True, cfg, prec, eps * scale, den_floor=den_floor * scale, clamp=clamp,
+    den = contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps * scale, den_floor=den_floor * scale, clamp=clamp,
                      state_scale=scale)
     return den, S, z
 

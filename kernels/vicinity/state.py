@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..common import feature_map, mma
+from ..runtime import launch_jit
 from .positions import position_feature
 
 
@@ -46,7 +47,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
     return s_acc, z_acc
 
 
-@triton.jit(do_not_specialize=["H", "N", "D", "DV", "n_prefix", "s0", "s1", "s2", "blocks_per_chunk"])
+@launch_jit
 def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
                          H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk, scale,
                          sxb, sxh, sxn, sxd, syb, syh, syn, syd,
@@ -96,7 +97,7 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     tl.store(z_part_ptr + row * D + offs_d, z_acc * scale, mask=mask_d & ((offs_d * 0 + e_tile) == 0))
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_chunks"])
+@launch_jit
 def chunk_reduce_kernel(part_ptr, out_ptr, n_rows, n_chunks, scale, BLOCK: tl.constexpr):
     """out[r] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
 

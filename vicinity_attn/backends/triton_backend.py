@@ -8,6 +8,8 @@ interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..kernels.runtime import interpreting
@@ -19,7 +21,8 @@ MAX_HEAD_DIM = 256
 
 
 def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Errors for calls the kernels cannot run: head dims above 256, CPU tensors outside the interpreter."""
+    """Errors for calls the kernels cannot run: head dims above 256, float64 on CUDA, CPU tensors
+    outside the interpreter, sizes past the kernels' int32 offsets."""
     D, Dv = q.shape[-1], v.shape[-1]
     if D > MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got D = {D} for q/k")
@@ -35,10 +38,7 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"backend='triton': B * H * max(Nq, Nk) = {B * H * max(Nq, Nk)} is too large for the "
                          "kernels' int32 offsets into the per-token buffers (den and row weights)")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
-        if span >= 2 ** 31:
-            raise ValueError(f"backend='triton': {name} is too large for the kernels' int32 token offsets "
-                             f"(shape {tuple(t.shape)}, strides {t.stride()})")
+        check_token_offsets(t, name)
     if q.device.type == "cpu":
         if not interpreting():
             raise RuntimeError("backend='triton' needs CUDA tensors; CPU tensors run only in the Triton "
@@ -46,6 +46,24 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
                                "backend='torch'")
     elif q.device.type not in ("cuda", "meta"):   # meta: shapes only, answered by the op's fake
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}")
+    elif q.device.type == "cuda" and q.dtype == torch.float64:
+        # fp64 kernels are neither built by the compile gate nor run anywhere: refuse rather than guess.
+        raise TypeError("backend='triton' does not run float64 on CUDA (use backend='torch', which "
+                        "backend='auto' picks for float64); float64 runs on triton only in the interpreter")
+
+
+def check_token_offsets(t: torch.Tensor, name: str) -> None:
+    """Every tensor the kernels index ([B, H, N, D] view: q, k, v, o, dO, dq, dk, dv) is addressed as
+    int64 batch / head offsets plus int32 offsets within one (batch, head): those must fit in int32."""
+    span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+    if span >= 2 ** 31:
+        raise ValueError(f"backend='triton': {name} is too large for the kernels' int32 token offsets "
+                         f"(shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+def _on_device(t: torch.Tensor):
+    """Launches go to t's GPU, whichever is current (a no-op for CPU tensors in the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _geometry(spec: VicinitySpec) -> Geometry:
@@ -60,7 +78,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     op of :mod:`vicinity_attn.ops`, which also carries the autograd formula."""
     check_triton_inputs(q, k, v)
     o = empty_output_like(q, v.shape[-1])
-    den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
+    check_token_offsets(o, "the output o")
+    with _on_device(q):
+        den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
     return o, den, S, z
 
 
@@ -71,6 +91,11 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
     kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
     dq, dk, dv = empty_grads_like((q, k, v), needs)
-    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
+    for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
+        if t is not None:
+            check_token_offsets(t, name)
+    with _on_device(q):
+        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor,
+                          spec.clamp)
     return dq, dk, dv
 

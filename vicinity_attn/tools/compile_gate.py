@@ -139,14 +139,13 @@ def _source(case: Case):
 
     from triton.compiler import ASTSource
 
-    from ..kernels.runtime import pick_precision
-    from ..kernels.vicinity.configs import gpu_config
+    from ..kernels.vicinity.configs import dot_precision, gpu_config
     from ..kernels.vicinity.forward import REDUCE_BLOCK, REDUCE_WARPS
     from ..kernels.vicinity.launch import Geometry
 
     role = ROLE_BY_NAME[case.role]
     fn = _jit_function(getattr(importlib.import_module(f"vicinity_attn.kernels.vicinity.{role.module}"), role.kernel))
-    prec = pick_precision(_torch_dtype(case.dtype), interpret=False)
+    prec = dot_precision(role.name, _torch_dtype(case.dtype), interpret=False)  # as the launchers pick it
     variant, n_axes, has_prefix, fmap = case.geometry
     if role.name in ELEMENTWISE_ROLES:
         constexprs = {"BLOCK": REDUCE_BLOCK}
@@ -160,8 +159,7 @@ def _source(case: Case):
             geometry = Geometry.build((1,) * n_axes, (1,) * n_axes, variant, fmap, int(has_prefix))
             constexprs.update(geometry.constexprs(fixed["IS_QUERY"]), BLOCK_D=cfg.block_d, DOT=prec.dot,
                               PREC=prec.prec, **fixed)
-        warps = cfg.dv_num_warps if role.name == "bwd_dv" else cfg.num_warps
-        options = dict(num_warps=warps, num_stages=cfg.num_stages)
+        options = cfg.options(role.name)  # num_warps, num_stages, maxnreg: as the launchers pass them
     io_type = "*" + case.dtype
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
