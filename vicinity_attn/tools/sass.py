@@ -181,7 +181,8 @@ def tile_lines(ttgir: str) -> dict:
 def memory_summary(instrs: list[Instr], tiles: dict) -> dict:
     """Counts of global accesses by kind and width, async copies and tensor-core instructions."""
     out = dict(instructions=len(instrs), loads={}, stores={}, async_copies={}, atomics=0, tensor_core=0,
-               tensor_core_flops=0, narrow_tile_accesses=[], narrow_accesses=[], load_bits=0)
+               tensor_core_kinds={}, warp_mma_flops=0, warpgroup_mma_flops=0, narrow_tile_accesses=[],
+               narrow_accesses=[], load_bits=0)
     for ins in instrs:
         fam = ins.family
         if fam in GLOBAL_LOADS or fam in GLOBAL_STORES or fam in ASYNC_COPIES:
@@ -200,10 +201,17 @@ def memory_summary(instrs: list[Instr], tiles: dict) -> dict:
             out["atomics"] += 1
         elif fam in TENSOR_CORE_OPS:
             out["tensor_core"] += 1
-            out["tensor_core_flops"] += tensor_core_flops(ins.opcode)
+            out["tensor_core_kinds"][ins.opcode] = out["tensor_core_kinds"].get(ins.opcode, 0) + 1
+            # HMMA / IMMA / DMMA: one warp's product; HGMMA (wgmma): one warpgroup's (4 warps issue it).
+            out["warpgroup_mma_flops" if fam == "HGMMA" else "warp_mma_flops"] += tensor_core_flops(ins.opcode)
     for key in ("narrow_tile_accesses", "narrow_accesses"):
         out[key] = sorted(set(out[key]))
     return out
+
+
+def cta_mma_flops(summary: dict, num_warps: int) -> int:
+    """Tensor-core FLOPs a CTA of ``num_warps`` warps performs running the instructions of ``summary`` once."""
+    return summary["warp_mma_flops"] * num_warps + summary["warpgroup_mma_flops"] * num_warps // 4
 
 
 def analyse(cubin: bytes, ttgir: str) -> dict:
