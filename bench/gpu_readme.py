@@ -50,7 +50,14 @@ def render(model: dict) -> str:
         lines.append(f"- ({name}): " + "; ".join(
             f"{k['role']} {_us(k['modelled_us'])} us ({k['bound']}, {k['programs']} programs, "
             f"{k['ctas_per_sm']} CTA/SM)" for k in e["fwdbwd"]["kernels"]) + " (all modelled).")
-    lines += ["", "Every figure in this section is a model; `python -m bench.gpu_check` measures them on a GPU."]
+    launches = [k for e in model["shapes"].values() for k in e["fwdbwd"]["kernels"]]
+    bounds = {b: sum(k["bound"] == b for k in launches) for b in ("issue", "l2", "hbm", "tensor")}
+    lines += ["", f"Of the {len(launches)} modelled kernel launches above, {bounds['issue']} are bound by instruction "
+              f"issue, {bounds['l2']} by L2 bandwidth, {bounds['hbm']} by HBM and {bounds['tensor']} by the tensor "
+              "cores (model). The model leaves out latency (it assumes one instruction issued per scheduler per "
+              "cycle and memory at its sustained rate), counts one sampled program per launch times the grid "
+              "(tails overcounted), and counts loops other than the main loop once.",
+              "", "Every figure in this section is a model; `python -m bench.gpu_check` measures them on a GPU."]
     return "\n".join(lines)
 
 
