@@ -26,7 +26,9 @@ Verdicts, per kernel:
 Exit status 0 when both verdicts pass everywhere, 1 otherwise; the table says which failed.
 
 Under TRITON_INTERPRET=1 interpreted kernels have no specialisation, so the gate re-runs itself in a
-child process with the interpreter switched off.
+child process with the interpreter switched off. Fp64 is not built: CUDA fp64 never reaches the
+kernels. Another operation joins the gate with a matrix in MATRICES (its LaunchCases, ``op`` set)
+and its launchers and launch roles in ``launch_capture.OPERATIONS``.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def occupancy(regs: int, smem: int, warps: int, chip: Chip) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The matrix
 
-def build_matrix(quick: bool) -> list[LaunchCase]:
+def vicinity_matrix(quick: bool) -> list[LaunchCase]:
     """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry, every
     geometry at the base dtype / head dim, and the GPU model's shapes (which reach the multi-chunk
     reduction and the single-chunk path). Quick: three cases covering the three dtypes, both
@@ -113,12 +115,21 @@ def build_matrix(quick: bool) -> list[LaunchCase]:
     cases = [LaunchCase(dtype=t, d=d, dv=d, layout=lay, strides=st)
              for t in DTYPE_NAMES for d in HEAD_DIMS for lay in LAYOUTS for st in STRIDES]
     cases += [LaunchCase(**g) for g in GEOMETRIES]
-    cases += list(MODEL_CASES)
+    return cases + list(MODEL_CASES)
+
+
+# Extension point: one matrix per operation (its launchers are registered in launch_capture.OPERATIONS).
+MATRICES = {"vicinity": vicinity_matrix}
+
+
+def build_matrix(quick: bool) -> list[LaunchCase]:
+    """Every operation's launch cases, duplicates dropped (order kept)."""
     seen, out = set(), []
-    for c in cases:
-        if c not in seen:
-            seen.add(c)
-            out.append(c)
+    for matrix in MATRICES.values():
+        for c in matrix(quick):
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
     return out
 
 

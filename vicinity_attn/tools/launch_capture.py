@@ -43,6 +43,7 @@ class LaunchCase:
     feature_map: str = "relu"
     n_prefix: int = 0
     op: str = "vicinity"
+    extra: tuple = ()     # operation-specific settings as ((name, value), ...), e.g. for other operations
 
     @property
     def n_tokens(self) -> int:
@@ -50,8 +51,9 @@ class LaunchCase:
 
     def label(self) -> str:
         geo = f"{self.variant}-{'x'.join(map(str, self.grid))}{'+p' + str(self.n_prefix) if self.n_prefix else ''}"
+        extra = "".join(f" {k}={v}" for k, v in self.extra)
         return (f"{self.op} {self.dtype} D{self.d}/{self.dv} {self.layout} {self.strides} B{self.batch}H{self.heads} "
-                f"{geo}/{self.feature_map}")
+                f"{geo}/{self.feature_map}{extra}")
 
     @property
     def aligned(self) -> bool:
