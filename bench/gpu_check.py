@@ -39,6 +39,9 @@ NO_CUDA = ("python -m bench.gpu_check needs a CUDA GPU, and torch {torch} sees n
 
 def run_tests(timeout_s: int) -> dict:
     """``pytest tests`` on the device (TRITON_INTERPRET=0); the summary, not the whole log."""
+    import importlib.util
+    if importlib.util.find_spec("pytest") is None:
+        return dict(ok=False, returncode=None, counts={}, error="pytest is not installed: the suite did not run")
     env = dict(os.environ, TRITON_INTERPRET="0")
     cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfEs", "-p", "no:cacheprovider"]
     start = time.perf_counter()
@@ -185,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
 
     import torch
+    try:
+        import vicinity_attn.kernels  # noqa: F401  (kernels/ is mapped into the package by setup.py)
+    except ImportError as exc:
+        print(f"vicinity_attn is not installed ({exc}): run `pip install --no-deps --no-build-isolation -e .` "
+              "in the repository first (works offline)")
+        return 2
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         print(NO_CUDA.format(torch=torch.__version__))
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_tests:
             print("running the test suite on the device (TRITON_INTERPRET=0) ...", flush=True)
             tests = run_tests(args.test_timeout)
-            print(f"tests: {tests['counts']} (exit {tests['returncode']})", flush=True)
+            print(f"tests: {tests['counts']} (exit {tests['returncode']}) {tests.get('error', '')}", flush=True)
         measured = measure(names)
     result = assemble(names, model, measured, tests, env)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -26,8 +26,8 @@ Verdicts, per kernel:
 Exit status 0 when both verdicts pass everywhere, 1 otherwise; the table says which failed.
 
 Under TRITON_INTERPRET=1 interpreted kernels have no specialisation, so the gate re-runs itself in a
-child process with the interpreter switched off. Fp64 is not built: CUDA fp64 never reaches the
-kernels. Another operation joins the gate with a matrix in MATRICES (its LaunchCases, ``op`` set)
+child process with the interpreter switched off. Fp64 is not built: the triton backend does not
+run CUDA fp64 (backend "auto" sends it to the torch backend). Another operation joins the gate with a matrix in MATRICES (its LaunchCases, ``op`` set)
 and its launchers and launch roles in ``launch_capture.OPERATIONS``.
 """
 from __future__ import annotations
