@@ -406,13 +406,13 @@ def main(argv: list[str] | None = None) -> int:
             "sm_90a on H100), TC = tensor-core instructions, loads/stores = global access width (bits) x count, "
             "loop = main loop: SASS instructions per iteration, its loads, its TC instructions")
     print(table + "\n" + foot)
-    arg_line = "--quick" if args.quick else ""
+    arg_line = " ".join(argv)   # the command that reproduces this report (written into it)
     if args.text:
         with open(args.text, "w") as f:
             f.write(f"$ python -m vicinity_attn.tools.compile_gate {arg_line}".rstrip() + "\n" + table + "\n" + foot + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(to_json(jobs, rows, plan, arg_line, seconds), f, indent=1)
+            json.dump(to_json(jobs, rows, plan, arg_line, seconds), f, separators=(",", ":"))  # ~1 MB in full
     return 0 if s["core_ok"] and s["wide_tiles_ok"] else 1
 
 
