@@ -1,277 +1,380 @@
-"""Ahead-of-time compile gate for the Triton kernels: no GPU needed.
+"""Ahead-of-time compile gate for the Triton kernels: what a real launch compiles, read from its SASS.
 
-    python -m vicinity_attn.tools.compile_gate            # full matrix (every config the launchers can pick)
-    python -m vicinity_attn.tools.compile_gate --quick    # covering subset (used by tests/test_compile_gate.py)
+    python -m vicinity_attn.tools.compile_gate                       # full matrix
+    python -m vicinity_attn.tools.compile_gate --quick               # covering subset (tests/test_compile_gate.py)
+    python -m vicinity_attn.tools.compile_gate --json out.json --text out.txt
 
-Compiles every kernel role (forward state pass, output pass; backward row weights, dq, state
-gradients, dv, dk; the chunk reduction) for sm_80 and sm_90a with the specialisation a real launch
-infers (16-byte divisible pointers and outer strides, unit innermost strides), at every head tile
-the launchers pick (16 / 32 / 64, with their warp counts), in fp16, bf16 and fp32, and over every
-variant x number of axes x prefix-token combination. Prints one row per compiled kernel: registers,
-shared memory, stack bytes (spills: the kernels use no local arrays, so any stack is a spill), and
-the tensor-core instructions found in the SASS (HMMA on sm_80, HGMMA = wgmma on sm_90a). Exits 1 on
-any compile error, any spill, or a dot-bearing kernel without tensor-core instructions.
+No GPU needed. For every launch case of the matrix (dtype x head dims x layout x aligned / unaligned
+strides at the base geometry; every geometry at one head dim; the GPU model's shapes) the launchers
+themselves run on CPU tensors and Triton's own launch path binds their arguments for sm_80 and
+sm_90a (``launch_capture``): the gate compiles exactly those specialisations (the launchers'
+constexprs, num_warps / num_stages, the kernels' ``do_not_specialize``, and the divisibility / ==1
+attributes Triton infers from the concrete pointers and ints), each distinct one once.
 
-Under TRITON_INTERPRET=1 ``triton.jit`` builds interpreted functions that cannot be compiled, so the
-gate re-runs itself in a child process with the interpreter switched off.
+Per compiled kernel it reports registers, shared memory, spill bytes, CTAs and warps per SM (sm_80 on
+an A100, sm_90a on an H100, from registers, shared memory and warps against each chip's limits),
+tensor-core instructions, the widths of global loads / stores and async copies (LDGSTS,
+cp.async.bulk, TMA), and for the main loop (the innermost SASS loop, found from backward branches,
+with the most tensor-core instructions) the SASS instructions per iteration and its memory forms.
+
+Verdicts, per kernel:
+  core       : compiles, zero spill bytes, dots became tensor-core instructions, fits on the chip.
+  wide_tiles : only for kernels an aligned case launches (every pointer 16-byte aligned, every
+               stride and head dim a multiple of 16): no global access narrower than 64 bits to a
+               2-d tile (a tt.load / tt.store of rank >= 2 on that source line, per the TTGIR).
+               1-d per-row vectors (den, row weights, z) are 32-bit by nature and not judged.
+Exit status 0 when both verdicts pass everywhere, 1 otherwise; the table says which failed.
+
+Under TRITON_INTERPRET=1 interpreted kernels have no specialisation, so the gate re-runs itself in a
+child process with the interpreter switched off. Fp64 is not built: the triton backend does not
+run CUDA fp64 (backend "auto" sends it to the torch backend). Another operation joins the gate with a matrix in MATRICES (its LaunchCases, ``op`` set)
+and its launchers and launch roles in ``launch_capture.OPERATIONS``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .launch_capture import LaunchCase, capture
 
 TARGETS = (80, 90)
-DTYPES = ("fp16", "bf16", "fp32")
-# (variant, n_axes) pairs whose code differs; "none" does not depend on the axes.
-GEOMETRIES = (("none", 1), ("sum", 1), ("sum", 2), ("sum", 3), ("product", 1), ("product", 2), ("product", 3))
-BASE_GEOMETRY = ("sum", 2, False, "relu")   # the paper's setting: 2-d grid, sum of cosines
+ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+HEAD_DIMS = (16, 32, 40, 48, 64, 128, 256)
+LAYOUTS = ("bhnd", "bnhd")
+STRIDES = ("aligned", "unaligned")
+BASE = LaunchCase()                       # bf16, D = Dv = 64, bhnd, aligned, B2 H2, sum on a 32 x 32 grid
+# Every (variant, grid, prefix, feature map) whose code differs: number of axes, F, the prefix path.
+GEOMETRIES = tuple(
+    dict(variant=v, grid=g, n_prefix=p, feature_map="elu1" if p else "relu")
+    for v in ("none", "sum", "product") for g in ((1024,), (32, 32), (8, 8, 16)) for p in (0, 1)
+    if not (v == "none" and len(g) > 1))
+# The GPU model's shapes (bench/gpu_model.py), so the model reads kernels the gate has built.
+MODEL_CASES = (
+    LaunchCase(dtype="bf16", d=48, dv=48, batch=32, heads=1, grid=(56, 56)),
+    LaunchCase(dtype="bf16", d=64, dv=64, batch=1, heads=4, grid=(224, 224)),
+    LaunchCase(dtype="bf16", d=32, dv=32, batch=8, heads=8, grid=(14, 14)),
+)
 
 
 @dataclass(frozen=True)
-class Role:
-    """One launch site: the kernel, its fixed constexprs, and which pointers hold the input dtype."""
+class Chip:
+    """Per-SM limits used for occupancy (CUDA occupancy rules: registers allocated per warp in units
+    of 256, shared memory per CTA plus 1 KB the runtime reserves)."""
 
     name: str
+    sms: int
+    regs: int = 65536
+    max_warps: int = 64
+    max_ctas: int = 32
+    smem_per_sm: int = 0
+    smem_per_cta: int = 0
+    reserved_smem: int = 1024
+
+
+CHIPS = {80: Chip("A100", 108, smem_per_sm=167936, smem_per_cta=166912),
+         90: Chip("H100", 132, smem_per_sm=233472, smem_per_cta=232448)}
+
+
+def occupancy(regs: int, smem: int, warps: int, chip: Chip) -> dict:
+    """CTAs and warps per SM for a kernel using ``regs`` per thread, ``smem`` bytes per CTA."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (chip.regs // 4 // regs_per_warp) * 4 // warps     # 4 sub-partitions of 16K registers
+    by_smem = chip.smem_per_sm // (smem + chip.reserved_smem) if smem <= chip.smem_per_cta else 0
+    by_warps = chip.max_warps // warps
+    ctas = min(by_regs, by_smem, by_warps, chip.max_ctas)
+    limiter = min((("registers", by_regs), ("shared memory", by_smem), ("warps", by_warps),
+                   ("CTA slots", chip.max_ctas)), key=lambda kv: kv[1])[0]
+    return dict(chip=chip.name, ctas=ctas, warps=ctas * warps, limiter=limiter)
+
+
+# ------------------------------------------------------------------------------------------------
+# The matrix
+
+# The VVT clamp and the L2ViT floor (their extra launches and the clamped output epilogue).
+CLAMP_CASE = LaunchCase(op="vicinity_clamp", extra=(("den_floor", 1.0), ("clamp", (1e-4, 1e4))))
+
+
+def vicinity_matrix(quick: bool) -> list[LaunchCase]:
+    """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry, every
+    geometry at the base dtype / head dim, and the GPU model's shapes (which reach the multi-chunk
+    reduction and the single-chunk path). Quick: three cases covering the three dtypes, both
+    layouts, both stride modes, an unaligned head dim and the geometry extremes."""
+    if quick:
+        return [BASE,
+                LaunchCase(dtype="fp16", d=40, dv=40, layout="bnhd", strides="unaligned", grid=(8, 8, 16),
+                           variant="product", feature_map="elu1", n_prefix=1),
+                LaunchCase(dtype="fp32", d=32, dv=32, grid=(1024,), variant="none"),
+                CLAMP_CASE]
+    cases = [LaunchCase(dtype=t, d=d, dv=d, layout=lay, strides=st)
+             for t in DTYPE_NAMES for d in HEAD_DIMS for lay in LAYOUTS for st in STRIDES]
+    cases += [LaunchCase(**g) for g in GEOMETRIES]
+    cases += [LaunchCase(dtype=t, op="vicinity_clamp", extra=CLAMP_CASE.extra) for t in DTYPE_NAMES]
+    return cases + list(MODEL_CASES)
+
+
+# Extension point: one matrix per operation (its launchers are registered in launch_capture.OPERATIONS).
+MATRICES = {"vicinity": vicinity_matrix}
+
+
+def build_matrix(quick: bool) -> list[LaunchCase]:
+    """Every operation's launch cases, duplicates dropped (order kept)."""
+    seen, out = set(), []
+    for matrix in MATRICES.values():
+        for c in matrix(quick):
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
+    return out
+
+
+@dataclass
+class Job:
+    """One distinct specialisation of one kernel for one target, and every launch that uses it."""
+
     module: str
     kernel: str
-    fixed: tuple          # ((constexpr name, value), ...)
-    io_ptrs: tuple        # pointer args in the input dtype; the others are fp32 (states, den, ...)
-    has_dot: bool = True
-    uses_geometry: bool = True
-    all_geometries: bool = True   # False: the base geometry only (code that does not depend on it)
+    arch: int
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    roles: set = field(default_factory=set)
+    cases: list = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.module, self.kernel, self.arch, repr(sorted(self.signature.items())),
+                repr(sorted(self.constexprs.items())), repr(sorted(self.attrs.items())),
+                repr(sorted((k, repr(v)) for k, v in self.options.items())))
+
+    def constexpr(self, name: str):
+        names = list(self.signature)
+        return self.constexprs.get((names.index(name),)) if name in names else None
+
+    def describe(self) -> dict:
+        """Arguments the launch left as runtime values without a divisibility hint (the ones a
+        specialisation would change), and the io dtype."""
+        names = list(self.signature)
+        hinted = {names[k[0]] for k, v in self.attrs.items() if v}
+        ptr_types = [t for t in self.signature.values() if t.startswith("*") and t != "*fp32"]
+        return dict(dtype=(ptr_types[0][1:] if ptr_types else "fp32"),
+                    unhinted=[n for n, t in self.signature.items() if t in ("i32", "i64") and n not in hinted],
+                    unaligned_ptrs=[n for n, t in self.signature.items() if t.startswith("*") and n not in hinted])
 
 
-ROLES = (
-    Role("fwd_state", "state", "state_partial_kernel", (("IS_QUERY", False), ("ROW_WEIGHTS", False)),
-         ("x_ptr", "y_ptr")),
-    Role("fwd_output", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True), ("CLAMP", False)),
-         ("x_ptr", "out_ptr")),
-    Role("bwd_row_weights", "contract", "row_weights_kernel", (), ("do_ptr", "o_ptr"), has_dot=False,
-         uses_geometry=False),
-    Role("bwd_dq", "contract", "contract_dv_kernel", (("IS_QUERY", True), ("ROW_WEIGHTS", True)),
-         ("x_ptr", "y_ptr", "out_ptr")),
-    Role("bwd_state", "state", "state_partial_kernel", (("IS_QUERY", True), ("ROW_WEIGHTS", True)),
-         ("x_ptr", "y_ptr")),
-    Role("bwd_dv", "contract", "contract_d_kernel", (("IS_QUERY", False), ("WITH_DEN", False), ("CLAMP", False)),
-         ("x_ptr", "out_ptr")),
-    Role("bwd_dk", "contract", "contract_dv_kernel", (("IS_QUERY", False), ("ROW_WEIGHTS", False)),
-         ("x_ptr", "y_ptr", "out_ptr")),
-    Role("chunk_reduce", "state", "chunk_reduce_kernel", (), (), has_dot=False, uses_geometry=False),
-    # The VVT clamp (clamp=...): the output pass's clamped epilogue, the clamped row weights and the
-    # elementwise state kernels.
-    Role("fwd_output_clamp", "contract", "contract_d_kernel", (("IS_QUERY", True), ("WITH_DEN", True), ("CLAMP", True)),
-         ("x_ptr", "out_ptr"), all_geometries=False),
-    Role("bwd_row_weights_clamp", "clamp", "clamped_row_weights_kernel", (), ("do_ptr", "g_ptr"), has_dot=False,
-         uses_geometry=False),
-    Role("clamp_states", "clamp", "state_clamp_kernel", (), (), has_dot=False, uses_geometry=False),
-    Role("clamp_grad_mask", "clamp", "state_grad_mask_kernel", (), (), has_dot=False, uses_geometry=False),
-)
-ELEMENTWISE_ROLES = ("chunk_reduce", "clamp_states", "clamp_grad_mask")   # BLOCK-only, fp32, no head tile
-ROLE_BY_NAME = {r.name: r for r in ROLES}
-INNER_STRIDES = ("sxd", "syd", "sod", "sgd")   # unit strides: a real launch makes them constexpr 1
+def collect_jobs(cases: list[LaunchCase], archs=TARGETS) -> tuple[list[Job], dict]:
+    """Capture every case's launches and group them into distinct compile jobs.
+    Returns (jobs, {case label: [(role, job index, grid), ...]})."""
+    jobs: dict[tuple, Job] = {}
+    index: dict[tuple, int] = {}
+    plan = {}
+    for case in cases:
+        entries = []
+        for launch in capture(case, archs):
+            for arch in archs:
+                sig, consts, attrs, opts = launch.spec[arch]
+                job = Job(launch.module, launch.kernel, arch, sig, consts, attrs, opts)
+                if job.key not in jobs:
+                    jobs[job.key] = job
+                    index[job.key] = len(index)
+                job = jobs[job.key]
+                job.roles.add(launch.role)
+                if case not in job.cases:
+                    job.cases.append(case)
+                entries.append((launch.role, arch, index[job.key], launch.grid))
+        plan[case] = entries
+    return list(jobs.values()), plan
 
 
-@dataclass(frozen=True)
-class Case:
-    role: str
-    target: int
-    dtype: str
-    tile: int
-    geometry: tuple = BASE_GEOMETRY   # (variant, n_axes, has_prefix, feature_map)
+# ------------------------------------------------------------------------------------------------
+# Compiling one job
 
-    def label(self) -> str:
-        if not ROLE_BY_NAME[self.role].uses_geometry:
-            return "-"
-        variant, n_axes, prefix, fmap = self.geometry
-        return f"{variant}-{n_axes}d{'+prefix' if prefix else ''}/{fmap}"
-
-
-def build_cases(quick: bool) -> list[Case]:
-    """The compile matrix. Full: every role x target x dtype x head tile the launchers can pick on the
-    base geometry, plus every geometry (variant x axes x prefix; elu1 with prefix, relu without) at
-    the largest tile in bf16. Quick: the smallest and largest tile per dtype family and the geometry
-    extremes (the largest F, the smallest, the 3-d sum)."""
-    from ..kernels.vicinity.configs import gpu_tiles
-
-    if quick:
-        dtype_tiles = [("fp16", 16), ("fp16", 64), ("bf16", 64), ("fp32", 32)]
-        geometries = [("none", 1, False, "elu1"), ("product", 3, True, "elu1"), ("sum", 3, True, "relu")]
-    else:
-        dtype_tiles = [(d, t) for d in DTYPES for t in gpu_tiles(_torch_dtype(d))]
-        geometries = [(v, a, p, "elu1" if p else "relu") for v, a in GEOMETRIES for p in (False, True)]
-    cases = []
-    for role in ROLES:
-        for target in TARGETS:
-            if role.name in ELEMENTWISE_ROLES:
-                cases.append(Case(role.name, target, "fp32", 0))
-                continue
-            cases += [Case(role.name, target, d, t) for d, t in dtype_tiles]
-            if role.uses_geometry and role.all_geometries:
-                cases += [Case(role.name, target, "bf16", 64, g) for g in geometries if g != BASE_GEOMETRY]
-    return cases
-
-
-def _torch_dtype(name: str):
-    """The torch dtype of a DTYPES name (torch is imported lazily: the parent process never needs it)."""
-    import torch
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def _jit_function(fn):
-    import triton
-    if isinstance(fn, triton.runtime.JITFunction):
-        return fn
-    return triton.runtime.JITFunction(fn.fn)  # interpreted function: rebuild the jit object
-
-
-def _source(case: Case):
-    """ASTSource and compile options for a case, mirroring what the launchers pass."""
+def _jit_function(module: str, name: str):
     import importlib
 
-    from triton.compiler import ASTSource
-
-    from ..kernels.vicinity.configs import dot_precision, gpu_config
-    from ..kernels.vicinity.forward import REDUCE_BLOCK, REDUCE_WARPS
-    from ..kernels.vicinity.launch import Geometry
-
-    role = ROLE_BY_NAME[case.role]
-    fn = _jit_function(getattr(importlib.import_module(f"vicinity_attn.kernels.vicinity.{role.module}"), role.kernel))
-    prec = dot_precision(role.name, _torch_dtype(case.dtype), interpret=False)  # as the launchers pick it
-    variant, n_axes, has_prefix, fmap = case.geometry
-    if role.name in ELEMENTWISE_ROLES:
-        constexprs = {"BLOCK": REDUCE_BLOCK}
-        options = dict(num_warps=REDUCE_WARPS, num_stages=3)
-    else:
-        cfg = gpu_config(case.tile)
-        constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=prec.acc)
-        if role.uses_geometry:
-            # The geometry constexprs exactly as a launch derives them (grid sizes are runtime values).
-            fixed = dict(role.fixed)
-            geometry = Geometry.build((1,) * n_axes, (1,) * n_axes, variant, fmap, int(has_prefix))
-            constexprs.update(geometry.constexprs(fixed["IS_QUERY"]), BLOCK_D=cfg.block_d, DOT=prec.dot,
-                              PREC=prec.prec, **fixed)
-        options = cfg.options(role.name)  # num_warps, num_stages, maxnreg: as the launchers pass them
-    io_type = "*" + case.dtype
-    signature, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        param = fn.params[i]
-        if name in constexprs:
-            signature[name], consts[(i,)] = "constexpr", constexprs[name]
-        elif name.endswith("_ptr"):
-            signature[name] = io_type if name in role.io_ptrs else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("eps", "out_scale", "scale", "den_floor", "clamp_lo", "clamp_hi", "state_scale", "lo", "hi"):
-            signature[name] = "fp32"
-        elif name in INNER_STRIDES:
-            signature[name], consts[(i,)] = "constexpr", 1
-        elif param.do_not_specialize:
-            signature[name] = "i32"
-        else:  # outer strides: multiples of 16 elements for the usual head dims
-            signature[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    missing = [n for n in fn.arg_names if n not in signature]
-    assert not missing, missing
-    return ASTSource(fn, signature, consts, attrs), options
-
-
-def _nvidia_bin(tool: str) -> str:
     import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    fn = getattr(importlib.import_module(module), name)
+    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
 
 
-def compile_case(case: Case) -> dict:
-    """Compile one case; returns a row for the table (``error`` set on failure)."""
+def compile_job(job: Job) -> dict:
+    """Compile one job; returns its measurements (``error`` set on failure)."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    row = dict(case=case, error=None)
+    from .sass import analyse, nvidia_bin
+
+    row = dict(error=None)
     start = time.perf_counter()
     try:
-        src, options = _source(case)
+        fn = _jit_function(job.module, job.kernel)
         triton.knobs.nvidia.dump_ptxas_log = True
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", case.target, 32), options=options)
+            compiled = triton.compile(ASTSource(fn, job.signature, job.constexprs, job.attrs),
+                                      target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a red row
-        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        msg = str(exc).strip()
+        row["error"] = f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}"
         return row
-    row["seconds"] = time.perf_counter() - start
-    row["smem"] = compiled.metadata.shared
-    row["warps"] = options["num_warps"]
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    row["smem"] = int(compiled.metadata.shared)
+    row["warps"] = int(job.options["num_warps"])
+    row["stages"] = int(job.options["num_stages"])
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
-        cubin = f.name
+        path = f.name
     try:
-        usage = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", cubin],
+        usage = subprocess.run([nvidia_bin("cuobjdump"), "--dump-resource-usage", path],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", cubin],
-                              capture_output=True, text=True, check=True).stdout
     finally:
-        os.remove(cubin)
+        os.remove(path)
     res = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
     row["regs"] = int(res.get("REG", -1))
-    # ptxas 13 reports spills only as stack; the kernels have no local arrays or calls, so stack = spill.
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
+    # The kernels use no local arrays or calls: any stack / local memory is a spill.
     row["spill"] = max(spills + [int(res.get("STACK", 0)), int(res.get("LOCAL", 0))])
-    row["hgmma"] = len(re.findall(r"\bHGMMA\.", sass))
-    row["hmma"] = len(re.findall(r"\bHMMA\.", sass))
+    row["has_dot"] = bool(re.search(r"\btt\.dot\b", compiled.asm["ttir"]))
+    row["sass"] = analyse(compiled.asm["cubin"], compiled.asm["ttgir"])
+    row["occupancy"] = occupancy(row["regs"], row["smem"], row["warps"], CHIPS[job.arch])
     return row
 
 
-def row_failures(row: dict) -> list[str]:
+def verdicts(job: Job, row: dict) -> dict:
+    """{"core": [problems], "wide_tiles": [problems] or None when no aligned case uses the kernel}."""
     if row["error"]:
-        return [row["error"]]
-    problems = []
+        return dict(core=[row["error"]], wide_tiles=None)
+    core = []
     if row["spill"] > 0:
-        problems.append(f"{row['spill']} spill bytes")
-    if ROLE_BY_NAME[row["case"].role].has_dot and row["hgmma"] + row["hmma"] == 0:
-        problems.append("dots did not become tensor-core instructions")
-    return problems
+        core.append(f"{row['spill']} spill bytes")
+    if row["has_dot"] and row["sass"]["kernel"]["tensor_core"] == 0:
+        core.append("dots did not become tensor-core instructions")
+    if row["occupancy"]["ctas"] < 1:
+        core.append(f"does not fit on an {row['occupancy']['chip']} SM")
+    wide = None
+    if any(c.aligned for c in job.cases):
+        narrow = row["sass"]["kernel"]["narrow_tile_accesses"]
+        wide = [f"sub-64-bit tile access {a}" for a in narrow]
+    return dict(core=core, wide_tiles=wide)
 
 
-def format_table(rows: list[dict]) -> str:
-    header = (f"{'kernel':<21} {'arch':<7} {'dtype':<5} {'tile':>4} {'warps':>5} {'geometry':<22} "
-              f"{'regs':>4} {'smem':>6} {'spill':>5} {'tensor-core (SASS)':<20} {'sec':>5}  status")
+def run_gate(cases: list[LaunchCase], jobs_n: int | None = None) -> tuple[list[Job], list[dict], dict]:
+    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan."""
+    jobs, plan = collect_jobs(cases)
+    workers = jobs_n or max(1, os.cpu_count() or 1)
+    # A private cache: every job really compiles, so ptxas runs and its spill report is complete.
+    with tempfile.TemporaryDirectory(prefix="vicinity_gate_cache_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        if workers == 1:
+            rows = [compile_job(j) for j in jobs]
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                rows = list(pool.map(compile_job, jobs, chunksize=1))
+    for job, row in zip(jobs, rows):
+        row["verdicts"] = verdicts(job, row)
+    return jobs, rows, plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+def _widths(d: dict) -> str:
+    return " ".join(f"{k}x{v}" for k, v in sorted(d.items(), key=lambda kv: -int(kv[0].split(".")[-1]))) or "-"
+
+
+def _cases_summary(cases: list[LaunchCase]) -> str:
+    heads = sorted({c.d for c in cases})
+    lay = "/".join(sorted({c.layout for c in cases}))
+    st = "/".join(sorted({c.strides[0] for c in cases}))   # a(ligned) / u(naligned)
+    geo = sorted({f"{c.variant}{len(c.grid)}d{'+p' if c.n_prefix else ''}" for c in cases})
+    geo_s = geo[0] if len(geo) == 1 else f"{len(geo)} geoms"
+    return f"D{','.join(map(str, heads))} {lay} {st} {geo_s}"
+
+
+def _status(v: dict) -> str:
+    if v["core"]:
+        return "FAIL core: " + "; ".join(v["core"])
+    if v["wide_tiles"]:
+        return f"FAIL wide_tiles: {len(v['wide_tiles'])} narrow ({v['wide_tiles'][0].split(' ')[-1]}...)"
+    return "ok" if v["wide_tiles"] is not None else "ok (unaligned: wide_tiles not judged)"
+
+
+def format_table(jobs: list[Job], rows: list[dict]) -> str:
+    header = (f"{'roles':<26} {'arch':<6} {'dt':<4} {'tile':>5} {'w':>2} {'st':>2} {'cases':<34} {'reg':>3} "
+              f"{'smem':>6} {'spl':>3} {'CTA/SM':>6} {'TC':>4} {'loads':<16} {'stores':<12} {'async':<18} "
+              f"{'loop i/it':>9} {'loop loads':<14} {'loop TC':>7}  status")
     lines = [header, "-" * len(header)]
-    for row in rows:
-        c = row["case"]
-        arch = f"sm_{c.target}" + ("a" if c.target >= 90 else "")
+    order = sorted(range(len(jobs)), key=lambda i: (sorted(jobs[i].roles)[0], jobs[i].arch,
+                                                    jobs[i].describe()["dtype"], str(jobs[i].constexpr("BLOCK_D"))))
+    for i in order:
+        job, row = jobs[i], rows[i]
+        roles = ",".join(sorted(job.roles))
+        desc = job.describe()
+        tile = f"{job.constexpr('BLOCK_D') or job.constexpr('BLOCK') or '-'}"
+        head = (f"{roles:<26.26} {ARCH_NAMES[job.arch]:<6} {desc['dtype']:<4} {tile:>5} "
+                f"{job.options['num_warps']:>2} {job.options['num_stages']:>2} {_cases_summary(job.cases):<34.34}")
         if row["error"]:
-            lines.append(f"{c.role:<21} {arch:<7} {c.dtype:<5} {c.tile:>4} {'':>5} {c.label():<22} ERROR "
-                         f"{row['error'][:120]}")
+            lines.append(f"{head} ERROR {row['error'][:150]}")
             continue
-        tc = f"HGMMA x{row['hgmma']}" if row["hgmma"] else (f"HMMA x{row['hmma']}" if row["hmma"] else "-")
-        if row["hgmma"] and row["hmma"]:
-            tc += f" HMMA x{row['hmma']}"
-        problems = row_failures(row)
-        lines.append(f"{c.role:<21} {arch:<7} {c.dtype:<5} {c.tile:>4} {row['warps']:>5} {c.label():<22} "
-                     f"{row['regs']:>4} {row['smem']:>6} {row['spill']:>5} {tc:<20} {row['seconds']:>5.1f}  "
-                     f"{'FAIL: ' + '; '.join(problems) if problems else 'ok'}")
+        k, m, occ = row["sass"]["kernel"], row["sass"]["main_loop"], row["occupancy"]
+        loop = (f"{m['instructions']:>9} {_widths(m['loads']) + (' +' + _widths(m['async_copies']) if m['async_copies'] else ''):<14.14} "
+                f"{m['tensor_core']:>7}") if m else f"{'no loop':>9} {'':<14} {'':>7}"
+        lines.append(f"{head} {row['regs']:>3} {row['smem']:>6} {row['spill']:>3} "
+                     f"{str(occ['ctas']) + '/' + str(occ['warps']):>6} {k['tensor_core']:>4} {_widths(k['loads']):<16.16} "
+                     f"{_widths(k['stores']):<12.12} {_widths(k['async_copies']):<18.18} {loop}  {_status(row['verdicts'])}")
     return "\n".join(lines)
 
 
-def run_gate(quick: bool = False, jobs: int | None = None) -> tuple[list[dict], bool]:
-    """Compile the matrix (in parallel worker processes); returns the rows and whether all passed."""
-    cases = build_cases(quick)
-    jobs = jobs or max(1, os.cpu_count() or 1)
-    # A private cache: every case really compiles, so ptxas runs and its report is complete.
-    with tempfile.TemporaryDirectory(prefix="vicinity_gate_cache_") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        if jobs == 1:
-            rows = [compile_case(c) for c in cases]
-        else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                rows = list(pool.map(compile_case, cases))
-    return rows, all(not row_failures(r) for r in rows)
+def summary(rows: list[dict]) -> dict:
+    core_bad = sum(bool(r["verdicts"]["core"]) for r in rows)
+    judged = [r for r in rows if r["verdicts"]["wide_tiles"] is not None]
+    wide_bad = sum(bool(r["verdicts"]["wide_tiles"]) for r in judged)
+    return dict(kernels=len(rows), core_failures=core_bad, wide_tiles_judged=len(judged), wide_tiles_failures=wide_bad,
+                core_ok=core_bad == 0, wide_tiles_ok=wide_bad == 0)
+
+
+def _json_value(v):
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (list, tuple, set)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return str(v)
+
+
+def to_json(jobs, rows, plan, args_line: str, seconds: float) -> dict:
+    import torch
+    import triton
+    records = []
+    for job, row in zip(jobs, rows):
+        names = list(job.signature)
+        records.append(dict(
+            kernel=job.kernel, module=job.module, arch=ARCH_NAMES[job.arch], roles=sorted(job.roles),
+            dtype=job.describe()["dtype"], num_warps=job.options["num_warps"], num_stages=job.options["num_stages"],
+            constexprs={names[k[0]]: _json_value(v) for k, v in job.constexprs.items()},
+            divisible_by_16=sorted(names[k[0]] for k, v in job.attrs.items() if v),
+            unhinted_ints=job.describe()["unhinted"], unaligned_ptrs=job.describe()["unaligned_ptrs"],
+            cases=[c.label() for c in job.cases], aligned=any(c.aligned for c in job.cases),
+            **{k: _json_value(v) for k, v in row.items()}))
+    return dict(command=f"python -m vicinity_attn.tools.compile_gate {args_line}".strip(),
+                triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
+                seconds=round(seconds, 1), summary=summary(rows), kernels=records,
+                plan={c.label(): [dict(role=r, arch=ARCH_NAMES[a], kernel_index=j, grid=list(g))
+                                  for r, a, j, g in entries] for c, entries in plan.items()})
 
 
 def _interpreting() -> bool:
@@ -279,31 +382,44 @@ def _interpreting() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vicinity_attn.tools.compile_gate",
-        description="Compile every Triton kernel of this package ahead of time for NVIDIA sm_80 (A100) and "
-        "sm_90a (H100/H200), with no GPU, and check the machine code: no compile errors, zero register "
-        "spills, tensor-core instructions in every kernel that multiplies matrices.",
-        epilog="It prints one row per compiled kernel (registers, shared memory, spill bytes, tensor-core "
-        "instructions found in the SASS, seconds) and a summary line, and exits 0 when every kernel passes, "
-        "1 otherwise. The full matrix (270 kernels: every kernel role x head tile x dtype x variant and axes x "
-        "prefix tokens, for both GPUs) took about 2 minutes with 2 compile processes on an idle 2-core CPU; "
-        "--quick compiles a covering subset in a fraction of that. Needs only triton (its bundled ptxas, "
-        "cuobjdump); under TRITON_INTERPRET=1 it re-runs itself with the interpreter off.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="covering subset instead of the full matrix")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: all cores)")
+    parser.add_argument("--json", default=None, help="write the full report as JSON here")
+    parser.add_argument("--text", default=None, help="write the table here as well")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if _interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "vicinity_attn.tools.compile_gate"] + (argv if argv is not None else sys.argv[1:])
-        return subprocess.run(cmd, env=env).returncode
+        return subprocess.run([sys.executable, "-m", "vicinity_attn.tools.compile_gate", *argv], env=env).returncode
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # triton 3.9's default, stated (silences a warning)
+    import triton
     start = time.perf_counter()
-    rows, ok = run_gate(args.quick, args.jobs)
-    print(format_table(rows))
-    n_bad = sum(bool(row_failures(r)) for r in rows)
-    print(f"\n{len(rows)} kernels compiled for sm_80 and sm_90a in {time.perf_counter() - start:.0f} s: "
-          f"{'all ok (zero spills, tensor-core dots)' if ok else f'{n_bad} FAILED'}")
-    return 0 if ok else 1
+    cases = build_matrix(args.quick)
+    jobs, rows, plan = run_gate(cases, args.jobs)
+    seconds = time.perf_counter() - start
+    s = summary(rows)
+    table = format_table(jobs, rows)
+    foot = (f"\ntriton {triton.__version__}: {len(cases)} launch cases -> {s['kernels']} distinct kernels compiled for "
+            f"sm_80 / sm_90a in {seconds:.0f} s.\n"
+            f"core       (compiles, zero spills, tensor-core dots, fits): "
+            f"{'ok' if s['core_ok'] else str(s['core_failures']) + ' FAILED'}\n"
+            f"wide_tiles (aligned cases: no sub-64-bit tile access): "
+            f"{'ok' if s['wide_tiles_ok'] else str(s['wide_tiles_failures']) + ' FAILED'} "
+            f"({s['wide_tiles_judged']} kernels judged)\n"
+            "columns: tile = BLOCK_D (BLOCK for the reduction), w = warps, st = stages, cases = head dims / layouts / "
+            "a(ligned) u(naligned) / geometries that launch it, CTA/SM = CTAs/warps per SM (sm_80 on A100, "
+            "sm_90a on H100), TC = tensor-core instructions, loads/stores = global access width (bits) x count, "
+            "loop = main loop: SASS instructions per iteration, its loads, its TC instructions")
+    print(table + "\n" + foot)
+    arg_line = " ".join(argv)   # the command that reproduces this report (written into it)
+    if args.text:
+        with open(args.text, "w") as f:
+            f.write(f"$ python -m vicinity_attn.tools.compile_gate {arg_line}".rstrip() + "\n" + table + "\n" + foot + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(jobs, rows, plan, arg_line, seconds), f, separators=(",", ":"))  # ~1 MB in full
+    return 0 if s["core_ok"] and s["wide_tiles_ok"] else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,349 @@
+"""A GPU time model of the Triton kernels, computed from their launch plan and their SASS (a MODEL).
+
+    python -m bench.gpu_model                      # writes bench/results/gpu-model.json, rewrites README's section
+    python -m bench.gpu_model --out x.json --no-readme
+
+Nothing here is typed in per kernel. For each shape (``SHAPES``, bf16) and direction:
+
+1. Launch plan (child process, interpreter off): the launchers run on CPU tensors of the real shape and
+   Triton's own launch path records every launch (``vicinity_attn.tools.launch_capture``): kernel,
+   grid, arguments, specialisation. The compile gate's functions compile each for sm_90a and read
+   its SASS: instructions outside / inside the main loop, tensor-core FLOPs per main-loop
+   iteration, warps, CTAs per SM.
+2. Traffic (child process, Triton interpreter): the same launchers run again with the GPU launch
+   configuration; for every launch, program (0, 0, 0) runs in the interpreter with the full grid's
+   dimensions, and its loads, stores and dots are counted per tensor argument (bytes with the mask
+   applied, FLOPs of each tl.dot). A grid's programs do the same work up to tails, so per launch:
+   L2 bytes = program bytes x programs (every request goes through L2), HBM bytes = per tensor
+   min(L2 bytes, the tensor's size) (repeated reads of one tensor served by L2: the 50 MB L2 holds
+   a block of tokens while the F features and head tiles of it run side by side), tensor FLOPs =
+   program FLOPs x programs.
+3. Time per kernel = max(HBM bytes / (0.85 x HBM bandwidth), L2 bytes / L2 bandwidth,
+   FLOPs / tensor peak, issued warp-instructions / issue rate) + launch overhead, where issued
+   instructions = warps x (SASS instructions + main-loop body x (trips - 1)) per program, trips =
+   program FLOPs / main-loop FLOPs per iteration (or, without dots, program load bytes / main-loop
+   load bytes per iteration), and the busiest SM runs ceil(programs / SMs) programs.
+
+FlashAttention-2 beside it: 4 N^2 D B H FLOPs forward, 2.5x that backward, at FA2_FRACTION of the
+tensor peak (or its HBM floor, whichever is longer), plus its launches.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+H100_SXM = dict(
+    name="H100 SXM (model)",
+    sms=132,
+    clock_hz=1.83e9,              # the clock at which 132 SMs x 4 tensor cores give the dense peak below
+    schedulers_per_sm=4,          # one warp-instruction issued per scheduler per cycle
+    hbm_bytes_per_s=3.35e12,
+    hbm_efficiency=0.85,
+    l2_bytes_per_s=5.5e12,        # sustained L2 read bandwidth reported by microbenchmarks (~5.5 TB/s)
+    tensor_flops_per_s=989e12,    # dense bf16 / fp16
+    launch_overhead_s=2.5e-6,     # per kernel launch in a stream (latency of back-to-back small launches)
+)
+FA2_FRACTION = 0.35               # FlashAttention-2 reaches ~35 % of the H100 dense peak (FA2 paper / FA3 paper's FA2 runs)
+FA2_LAUNCHES = dict(fwd=1, bwd=3)  # forward; backward = dO.o preprocess, main kernel, dq conversion
+
+SHAPES = {   # name -> (LaunchCase keyword arguments); the compile gate builds the same cases
+    "a": dict(dtype="bf16", d=48, dv=48, batch=32, heads=1, grid=(56, 56)),
+    "b": dict(dtype="bf16", d=64, dv=64, batch=1, heads=4, grid=(224, 224)),
+    "c": dict(dtype="bf16", d=32, dv=32, batch=8, heads=8, grid=(14, 14)),
+}
+SHAPE_TITLES = {"a": "B=32, H=1, 56x56, D=Dv=48 (VVT stage 1)", "b": "B=1, H=4, 224x224, D=Dv=64",
+                "c": "B=8, H=8, 14x14, D=Dv=32"}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu-model.json")
+
+
+def _case(name: str):
+    from vicinity_attn.tools.launch_capture import LaunchCase
+    return LaunchCase(**SHAPES[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1: launch plan + SASS (interpreter off)
+
+def stage_plan(names: list[str]) -> dict:
+    from vicinity_attn.tools.compile_gate import collect_jobs, compile_job
+    from vicinity_attn.tools.sass import cta_mma_flops
+
+    out = {}
+    for name in names:
+        jobs, plan = collect_jobs([_case(name)], archs=(90,))
+        rows = [compile_job(j) for j in jobs]
+        launches = []
+        for role, arch, idx, grid in plan[_case(name)]:
+            row, job = rows[idx], jobs[idx]
+            if row["error"]:
+                raise RuntimeError(f"{job.kernel} does not compile for sm_90a: {row['error']}")
+            s = row["sass"]
+            main = s["main_loop"]
+            launches.append(dict(
+                role=role, kernel=job.kernel, grid=list(grid), num_warps=row["warps"], regs=row["regs"],
+                smem=row["smem"], ctas_per_sm=row["occupancy"]["ctas"], sass_instructions=s["kernel"]["instructions"],
+                main_loop=None if main is None else dict(
+                    instructions=main["instructions"], tensor_core=main["tensor_core"], load_bits=main["load_bits"],
+                    cta_flops_per_iter=cta_mma_flops(main, row["warps"]))))
+        out[name] = launches
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: traffic of one program per launch (Triton interpreter, GPU launch configuration)
+
+def stage_traffic(names: list[str]) -> dict:
+    import numpy as np
+    import torch
+    from triton.runtime import interpreter as interp
+
+    import vicinity_attn.kernels.vicinity  # noqa: F401  (built as interpreted functions: TRITON_INTERPRET=1 here)
+    from vicinity_attn.tools.launch_capture import OPERATIONS
+
+    builder_cls = type(interp.interpreter_builder)
+    state = dict(full=None, ranges=None, counts=None)
+    orig = dict(getitem=interp.InterpretedFunction.__getitem__, set_grid_dim=builder_cls.set_grid_dim,
+                load=builder_cls.create_masked_load, store=builder_cls.create_masked_store,
+                dot=builder_cls.create_dot, init=interp.GridExecutor._init_args_hst)
+
+    def tally(kind, ptrs, mask):
+        addr = np.asarray(ptrs.data).reshape(-1)
+        m = np.broadcast_to(np.asarray(mask.data), np.asarray(ptrs.data).shape).reshape(-1)
+        addr = addr[m]
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        for name, lo, hi in state["ranges"]:
+            n = int(np.count_nonzero((addr >= lo) & (addr < hi)))
+            if n:
+                key = f"{kind}:{name}"
+                state["counts"]["bytes"][key] = state["counts"]["bytes"].get(key, 0) + n * size
+
+    def load(self, ptrs, mask, other, *a, **k):
+        if state["counts"] is not None:
+            tally("read", ptrs, mask)
+        return orig["load"](self, ptrs, mask, other, *a, **k)
+
+    def store(self, ptrs, value, mask, *a, **k):
+        if state["counts"] is not None:
+            tally("write", ptrs, mask)
+        return orig["store"](self, ptrs, value, mask, *a, **k)
+
+    def dot(self, a, b, d, *args, **kw):
+        if state["counts"] is not None:
+            M, K = np.asarray(a.data).shape[-2:]
+            N = np.asarray(b.data).shape[-1]
+            state["counts"]["flops"] += 2 * M * N * K
+        return orig["dot"](self, a, b, d, *args, **kw)
+
+    def set_grid_dim(self, nx, ny, nz):
+        return orig["set_grid_dim"](self, *(state["full"] or (nx, ny, nz)))
+
+    def init(self, args_dev, kwargs):
+        args_hst, kwargs_hst = orig["init"](self, args_dev, kwargs)
+        names = list(inspect.signature(self.fn).parameters)
+        storages = {}   # one range per storage, named by every argument that points into it
+        for name, t in list(zip(names, args_hst)) + list(kwargs_hst.items()):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                entry = storages.setdefault(st.data_ptr(), [[], st.data_ptr(), st.data_ptr() + st.nbytes()])
+                entry[0].append(name)
+        ranges = [("=".join(n), lo, hi) for n, lo, hi in storages.values()]
+        state["ranges"] = ranges
+        state["sizes"] = {n: hi - lo for n, lo, hi in ranges}
+        return args_hst, kwargs_hst
+
+    def getitem(self, grid):
+        executor = orig["getitem"](self, (1, 1, 1))
+        full = tuple(grid) + (1,) * (3 - len(grid))
+
+        def call(*args, **kwargs):
+            state["full"], state["counts"] = full, dict(bytes={}, flops=0)
+            os.environ["TRITON_INTERPRET"] = "1"   # Triton itself reads it while interpreting
+            try:
+                executor(*args, **kwargs)
+            finally:
+                os.environ["TRITON_INTERPRET"] = "0"
+                record = dict(kernel=self.fn.__name__, grid=list(full), program_bytes=state["counts"]["bytes"],
+                              program_flops=state["counts"]["flops"], tensor_bytes=state["sizes"])
+                state["launches"].append(record)
+                state["full"], state["counts"] = None, None
+        return call
+
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    interp.InterpretedFunction.__getitem__ = getitem
+    builder_cls.set_grid_dim, builder_cls.create_masked_load = set_grid_dim, load
+    builder_cls.create_masked_store, builder_cls.create_dot = store, dot
+    interp.GridExecutor._init_args_hst = init
+    # The launchers pick their GPU configuration (block sizes, warps, chunking, dot dtype) when they
+    # do not see the interpreter (the variable is set again only while a kernel program runs); the
+    # kernels themselves were already built as interpreted functions.
+    os.environ["TRITON_INTERPRET"] = "0"
+    # One program per launch leaves most of each output unwritten: later launches read garbage there.
+    saved_np = np.seterr(all="ignore")
+    out = {}
+    try:
+        for name in names:
+            case = _case(name)
+            state["launches"] = []
+            OPERATIONS[case.op].run(case, lambda _phase: None,
+                                    fill=lambda shape, dtype: torch.randn(shape, dtype=torch.float32).to(dtype))
+            out[name] = state["launches"]
+    finally:
+        np.seterr(**saved_np)
+        os.environ["TRITON_INTERPRET"] = saved_env if saved_env is not None else "1"
+        interp.InterpretedFunction.__getitem__ = orig["getitem"]
+        builder_cls.set_grid_dim, builder_cls.create_masked_load = orig["set_grid_dim"], orig["load"]
+        builder_cls.create_masked_store, builder_cls.create_dot = orig["store"], orig["dot"]
+        interp.GridExecutor._init_args_hst = orig["init"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Combining: the model
+
+def kernel_time(plan: dict, traffic: dict, chip: dict = H100_SXM) -> dict:
+    programs = math.prod(plan["grid"])
+    l2_bytes = sum(traffic["program_bytes"].values()) * programs
+    hbm = 0
+    for key, per_program in traffic["program_bytes"].items():
+        hbm += min(per_program * programs, traffic["tensor_bytes"][key.split(":", 1)[1]])
+    flops = traffic["program_flops"] * programs
+    main = plan["main_loop"]
+    trips = 1.0
+    if main is not None:
+        if main["tensor_core"] and main.get("cta_flops_per_iter"):
+            trips = max(1.0, traffic["program_flops"] / main["cta_flops_per_iter"])
+        elif main["load_bits"]:
+            read = sum(v for k, v in traffic["program_bytes"].items() if k.startswith("read:"))
+            trips = max(1.0, read / (main["load_bits"] / 8 * 32 * plan["num_warps"]))
+    per_program = plan["sass_instructions"] + (main["instructions"] * (trips - 1) if main else 0)
+    busiest_sm = math.ceil(programs / chip["sms"]) * plan["num_warps"] * per_program
+    t = dict(
+        hbm_us=hbm / (chip["hbm_efficiency"] * chip["hbm_bytes_per_s"]) * 1e6,
+        l2_us=l2_bytes / chip["l2_bytes_per_s"] * 1e6,
+        tensor_us=flops / chip["tensor_flops_per_s"] * 1e6,
+        issue_us=busiest_sm / (chip["schedulers_per_sm"] * chip["clock_hz"]) * 1e6,
+    )
+    bound = max(t, key=t.get)
+    return dict(role=plan["role"], kernel=plan["kernel"], grid=plan["grid"], programs=programs,
+                num_warps=plan["num_warps"], regs=plan["regs"], ctas_per_sm=plan["ctas_per_sm"],
+                hbm_bytes=hbm, l2_bytes=l2_bytes, tensor_flops=flops, main_loop_trips=round(trips, 2),
+                instructions_per_program=round(per_program), **{k: round(v, 3) for k, v in t.items()},
+                bound=bound.replace("_us", ""), launch_us=chip["launch_overhead_s"] * 1e6,
+                modelled_us=round(t[bound] + chip["launch_overhead_s"] * 1e6, 3))
+
+
+def fa2_time(case, direction: str, chip: dict = H100_SXM) -> dict:
+    B, H, N, D, Dv = case.batch, case.heads, case.n_tokens, case.d, case.dv
+    fwd_flops = 4 * N * N * D * B * H
+    elem = 2  # bf16
+    fwd_bytes = B * H * N * (2 * D + 2 * Dv) * elem + B * H * N * 4   # q, k, v, o + logsumexp
+    bwd_bytes = B * H * N * (2 * D + 3 * Dv + 2 * D + Dv) * elem + B * H * N * 8
+    flops = fwd_flops * (1 if direction == "fwd" else 3.5)
+    nbytes = fwd_bytes + (0 if direction == "fwd" else bwd_bytes)
+    launches = FA2_LAUNCHES["fwd"] + (0 if direction == "fwd" else FA2_LAUNCHES["bwd"])
+    compute = flops / (FA2_FRACTION * chip["tensor_flops_per_s"]) * 1e6
+    memory = nbytes / (chip["hbm_efficiency"] * chip["hbm_bytes_per_s"]) * 1e6
+    return dict(flops=flops, bytes=nbytes, compute_us=round(compute, 3), hbm_us=round(memory, 3), launches=launches,
+                modelled_us=round(max(compute, memory) + launches * chip["launch_overhead_s"] * 1e6, 3))
+
+
+def combine(plan: dict, traffic: dict) -> dict:
+    shapes = {}
+    for name in SHAPES:
+        p, t = plan[name], traffic[name]
+        if [x["kernel"] for x in p] != [x["kernel"] for x in t] or [x["grid"] + [1] * (3 - len(x["grid"])) for x in p] \
+                != [x["grid"] for x in t]:
+            raise RuntimeError(f"shape {name}: the interpreter run launched differently from the GPU plan: "
+                               f"{[(x['kernel'], x['grid']) for x in p]} vs {[(x['kernel'], x['grid']) for x in t]}")
+        kernels = [kernel_time(pp, tt) for pp, tt in zip(p, t)]
+        case = _case(name)
+        entry = dict(title=SHAPE_TITLES[name], shape=SHAPES[name] | dict(grid=list(SHAPES[name]["grid"])),
+                     n_tokens=case.n_tokens)
+        for direction in ("fwd", "fwdbwd"):
+            ks = kernels if direction == "fwdbwd" else kernels[:_first_bwd(kernels)]
+            fa2 = fa2_time(case, direction)
+            entry[direction] = dict(
+                modelled_us=round(sum(k["modelled_us"] for k in ks), 2),
+                hbm_floor_us=round(sum(k["hbm_us"] for k in ks), 2),
+                tensor_floor_us=round(sum(k["tensor_us"] for k in ks), 3),
+                issue_floor_us=round(sum(k["issue_us"] for k in ks), 2),
+                launches=len(ks),
+                fa2_modelled_us=fa2["modelled_us"], fa2=fa2, kernels=ks)
+        shapes[name] = entry
+    return shapes
+
+
+def _first_bwd(kernels: list[dict]) -> int:
+    return next((i for i, k in enumerate(kernels) if k["role"].startswith("bwd")), len(kernels))
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _child(stage: str, names: list[str], interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    try:
+        subprocess.run([sys.executable, "-m", "bench.gpu_model", "--stage", stage, "--stage-out", path,
+                        "--shapes", ",".join(names)], env=env, check=True)
+        with open(path) as f:
+            return json.load(f)
+    finally:
+        os.remove(path)
+
+
+def build(names: list[str]) -> dict:
+    import torch
+    import triton
+    plan = _child("plan", names, interpret=False)
+    traffic = _child("traffic", names, interpret=True)
+    return dict(
+        label="MODEL, not a measurement: computed from the launch plan and SASS of the current kernels",
+        command="python -m bench.gpu_model", triton=triton.__version__, torch=torch.__version__, chip=H100_SXM,
+        fa2_fraction_of_peak=FA2_FRACTION,
+        method=__doc__.split("Nothing here")[1].split("FlashAttention-2 beside")[0].strip(),
+        shapes=combine({n: plan[n] for n in names}, {n: traffic[n] for n in names}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=RESULTS, help="JSON output (default bench/results/gpu-model.json)")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's GPU model section")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    parser.add_argument("--stage", choices=("plan", "traffic"), help=argparse.SUPPRESS)
+    parser.add_argument("--stage-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = [n for n in args.shapes.split(",") if n]
+    if args.stage:
+        result = stage_plan(names) if args.stage == "plan" else stage_traffic(names)
+        with open(args.stage_out, "w") as f:
+            json.dump(result, f)
+        return 0
+    model = build(names)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(model, f, indent=1)
+    for name, entry in model["shapes"].items():
+        for direction in ("fwd", "fwdbwd"):
+            e = entry[direction]
+            print(f"({name}) {entry['title']:<40} {direction:<6} modelled {e['modelled_us']:8.1f} us  "
+                  f"(HBM floor {e['hbm_floor_us']:7.1f}, issue {e['issue_floor_us']:7.1f}, {e['launches']} launches)  "
+                  f"FA2 model {e['fa2_modelled_us']:8.1f} us   [MODEL]")
+    print(f"wrote {args.out}")
+    if not args.no_readme:
+        from .gpu_readme import rewrite_readme
+        print(f"rewrote {rewrite_readme(model)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

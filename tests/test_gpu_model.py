@@ -1,0 +1,95 @@
+"""The GPU model (bench/gpu_model.py): traffic counted by running one program per launch in the
+interpreter, checked against the FLOP formula and tile sizes; the time arithmetic; the README section."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+pytest.importorskip("triton")
+
+import bench.gpu_model as gm  # noqa: E402
+from bench.flops import vicinity_forward_flops  # noqa: E402
+from bench.gpu_readme import BEGIN, END, rewrite_readme  # noqa: E402
+
+INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic stage runs the kernels in the Triton interpreter")
+def test_traffic_of_one_program_per_launch(monkeypatch):
+    # 64 tokens (one 64-token block), D = Dv = 16 (one 16-wide tile): no padding anywhere.
+    shape = dict(dtype="bf16", d=16, dv=16, batch=1, heads=2, grid=(8, 8))
+    monkeypatch.setitem(gm.SHAPES, "t", shape)
+    launches = gm.stage_traffic(["t"])["t"]
+    kernels = [x["kernel"] for x in launches]
+    assert kernels[:2] == ["state_partial_kernel", "contract_d_kernel"] and "row_weights_kernel" in kernels
+    fwd = launches[:kernels.index("row_weights_kernel")]
+    flops = sum(x["program_flops"] * math.prod(x["grid"]) for x in fwd)
+    assert flops == vicinity_forward_flops(1, 2, 64, 64, 16, 16, n_features=4)
+    out = launches[kernels.index("contract_d_kernel")]
+    assert out["program_bytes"]["read:x_ptr"] == 64 * 16 * 2                 # one bf16 q tile
+    assert out["program_bytes"]["write:out_ptr"] == 64 * 16 * 2              # one bf16 o tile
+    assert out["tensor_bytes"]["x_ptr"] >= 2 * 64 * 16 * 2                   # the q tensor (both heads)
+
+
+def _plan(**kw):
+    base = dict(role="fwd_state", kernel="k", grid=[264, 1], num_warps=4, regs=100, smem=0, ctas_per_sm=2,
+                sass_instructions=1000, main_loop=dict(instructions=100, tensor_core=8, load_bits=256,
+                                                       cta_flops_per_iter=1000))
+    base.update(kw)
+    return base
+
+
+def test_kernel_time_is_the_largest_floor_plus_launch():
+    traffic = dict(program_bytes={"read:x_ptr": 4096, "write:o_ptr": 1024}, program_flops=10_000,
+                   tensor_bytes={"x_ptr": 264 * 4096 // 4, "o_ptr": 10 ** 9})
+    t = gm.kernel_time(_plan(), traffic)
+    chip = gm.H100_SXM
+    assert t["main_loop_trips"] == 10 and t["instructions_per_program"] == 1000 + 100 * 9
+    assert t["hbm_bytes"] == 264 * 4096 // 4 + 264 * 1024            # x read once from HBM (L2 serves repeats)
+    assert t["l2_bytes"] == 264 * (4096 + 1024)
+    issue = 2 * 4 * 1900 / (4 * chip["clock_hz"]) * 1e6               # 2 programs on the busiest SM
+    assert t["issue_us"] == pytest.approx(issue, rel=1e-3)
+    floors = [t["hbm_us"], t["l2_us"], t["tensor_us"], t["issue_us"]]
+    assert t["modelled_us"] == pytest.approx(max(floors) + chip["launch_overhead_s"] * 1e6, abs=2e-3)
+
+
+def test_fa2_model_follows_the_formula():
+    case = gm._case("b")
+    fwd = gm.fa2_time(case, "fwd")
+    n = 224 * 224
+    assert fwd["flops"] == 4 * n * n * 64 * 4
+    assert gm.fa2_time(case, "fwdbwd")["flops"] == pytest.approx(3.5 * fwd["flops"])
+    assert fwd["compute_us"] == pytest.approx(fwd["flops"] / (gm.FA2_FRACTION * 989e12) * 1e6, rel=1e-6)
+
+
+def test_combine_rejects_a_plan_the_interpreter_did_not_reproduce():
+    plan = {n: [_plan(grid=[4, 1])] for n in gm.SHAPES}
+    traffic = {n: [dict(kernel="k", grid=[5, 1, 1], program_bytes={}, program_flops=0, tensor_bytes={})]
+               for n in gm.SHAPES}
+    with pytest.raises(RuntimeError, match="launched differently"):
+        gm.combine(plan, traffic)
+
+
+def test_readme_section_is_generated_between_markers(tmp_path):
+    kernel = dict(role="fwd_state", modelled_us=3.0, bound="issue", programs=8, ctas_per_sm=2)
+    entry = dict(modelled_us=5.0, hbm_floor_us=1.0, issue_floor_us=2.0, launches=2, fa2_modelled_us=9.0,
+                 kernels=[kernel])
+    model = dict(command="python -m bench.gpu_model", triton="x", chip=gm.H100_SXM, fa2_fraction_of_peak=0.35,
+                 shapes={"a": dict(title="tiny", fwd=entry, fwdbwd=entry)})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\nbefore\n{BEGIN}\nold text\n{END}\nafter\n")
+    rewrite_readme(model, str(readme))
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("# t\nbefore\n") and text.endswith(f"{END}\nafter\n")
+    table = [line for line in text.splitlines() if line.startswith("| (a)")]
+    assert len(table) == 2 and all(line.count("(model)") == 4 for line in table)
+    readme.write_text("no markers")
+    with pytest.raises(RuntimeError, match="markers"):
+        rewrite_readme(model, str(readme))

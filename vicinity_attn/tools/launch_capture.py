@@ -1,0 +1,240 @@
+"""Capture what the launchers would launch on a GPU, without a GPU.
+
+The launchers in ``vicinity_attn.kernels`` are called on CPU tensors shaped and laid out like a real
+call. Every ``kernel[grid](...)`` goes through Triton's own ``JITFunction.run`` (so the binding, the
+``do_not_specialize`` choices, the divisibility and ==1 specialisation of the concrete argument
+values and the option parsing are Triton's, for the target asked for); only the last step is
+replaced: instead of compiling and launching, the specialisation is recorded. The compile gate
+builds exactly these specialisations, and the GPU model reads grids and arguments from them.
+
+Needs the interpreter off (``TRITON_INTERPRET`` unset or 0) when triton is imported: interpreted
+functions have no specialisation. Operations register in OPERATIONS (one entry per operation: how
+to launch it from a LaunchCase, and a name for each kernel launch in order).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class LaunchCase:
+    """One call of an operation: shapes, dtype, memory layout and the geometry of the positions.
+
+    ``strides``: "aligned" = contiguous tensors in ``layout``; "unaligned" = views one element into a
+    buffer whose rows are one element longer (misaligned pointers, odd row strides).
+    """
+
+    dtype: str = "bf16"
+    d: int = 64
+    dv: int = 64
+    layout: str = "bhnd"
+    strides: str = "aligned"
+    batch: int = 2
+    heads: int = 2
+    grid: tuple = (32, 32)
+    variant: str = "sum"
+    feature_map: str = "relu"
+    n_prefix: int = 0
+    op: str = "vicinity"
+    extra: tuple = ()     # operation-specific settings as ((name, value), ...), e.g. for other operations
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prefix + math.prod(self.grid)
+
+    def label(self) -> str:
+        geo = f"{self.variant}-{'x'.join(map(str, self.grid))}{'+p' + str(self.n_prefix) if self.n_prefix else ''}"
+        extra = "".join(f" {k}={v}" for k, v in self.extra)
+        return (f"{self.op} {self.dtype} D{self.d}/{self.dv} {self.layout} {self.strides} B{self.batch}H{self.heads} "
+                f"{geo}/{self.feature_map}{extra}")
+
+    @property
+    def aligned(self) -> bool:
+        """Every pointer 16-byte aligned and every stride a multiple of 16 elements (what vector loads need)."""
+        return self.strides == "aligned" and self.d % 16 == 0 and self.dv % 16 == 0
+
+
+def make_tensor(case: LaunchCase, n: int, e: int, fill: Callable | None = None) -> torch.Tensor:
+    """A [B, H, n, e] view laid out as ``case.layout`` / ``case.strides`` (values: ``fill`` or uninitialised)."""
+    B, H = case.batch, case.heads
+    pad = 1 if case.strides == "unaligned" else 0
+    storage = (B, H, n, e + pad) if case.layout == "bhnd" else (B, n, H, e + pad)
+    dtype = DTYPES[case.dtype]
+    buf = fill(storage, dtype) if fill else torch.empty(storage, dtype=dtype)
+    t = buf[..., pad:pad + e]
+    return t if case.layout == "bhnd" else t.transpose(1, 2)
+
+
+@dataclass
+class Launch:
+    """One kernel launch: the JIT function, its grid and call arguments, and per target the
+    specialisation Triton's launch path derived (signature, constexprs, attrs, options)."""
+
+    role: str
+    fn: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    spec: dict = field(default_factory=dict)   # arch -> (signature, constexprs, attrs, options dict)
+
+    @property
+    def kernel(self) -> str:
+        return self.fn.fn.__name__
+
+    @property
+    def module(self) -> str:
+        return self.fn.fn.__module__
+
+
+# ------------------------------------------------------------------------------------------------
+# Operations: how to run each one's launchers for a case, and the role of each launch.
+
+def _run_vicinity(case: LaunchCase, phase: Callable[[str], None], fill: Callable | None = None) -> None:
+    """The forward and backward launchers; ``case.extra`` may set ``den_floor`` and ``clamp`` (the
+    L2ViT floor and the VVT clamp, which add their own launches: see ``VICINITY_CLAMP_ROLES``)."""
+    from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
+    from ..layout import empty_grads_like, empty_output_like
+
+    n = case.n_tokens
+    q, k, v = make_tensor(case, n, case.d, fill), make_tensor(case, n, case.d, fill), make_tensor(case, n, case.dv, fill)
+    o = empty_output_like(q, case.dv)
+    geom = Geometry.build(case.grid, case.grid, case.variant, case.feature_map, case.n_prefix)
+    phase("fwd")
+    extra = dict(case.extra)
+    eps, den_floor, clamp = 1e-4, float(extra.get("den_floor", 0.0)), extra.get("clamp")
+    den, S, z = vicinity_forward(q, k, v, o, geom, eps, den_floor, clamp)
+    phase("bwd")
+    do = make_tensor(case, n, case.dv, fill) if case.strides == "unaligned" else empty_output_like(q, case.dv)
+    if fill is not None and case.strides != "unaligned":
+        do.copy_(fill(do.shape, do.dtype))
+    dq, dk, dv = empty_grads_like((q, k, v), (True, True, True))
+    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp)
+
+
+# (phase, kernel name, occurrence in that phase) -> role; occurrence None matches every launch.
+# A launch not listed here still appears, named "<phase>_<kernel>_<occurrence>".
+VICINITY_ROLES = {
+    ("fwd", "state_partial_kernel", 0): "fwd_state",
+    ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
+    ("fwd", "contract_d_kernel", 0): "fwd_output",
+    ("bwd", "row_weights_kernel", 0): "bwd_row_weights",
+    ("bwd", "contract_dv_kernel", 0): "bwd_dq",
+    ("bwd", "state_partial_kernel", 0): "bwd_state",
+    ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
+    ("bwd", "contract_d_kernel", 0): "bwd_dv",
+    ("bwd", "contract_dv_kernel", 1): "bwd_dk",
+}
+
+# With clamp=(lo, hi) the forward clamps the states in place and the output pass clamps in its
+# epilogue; the backward first recomputes the unclamped numerator (an output pass without den).
+VICINITY_CLAMP_ROLES = {
+    ("fwd", "state_partial_kernel", 0): "fwd_state",
+    ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
+    ("fwd", "state_clamp_kernel", 0): "clamp_states",
+    ("fwd", "contract_d_kernel", 0): "fwd_output_clamp",
+    ("bwd", "contract_d_kernel", 0): "bwd_numerator",
+    ("bwd", "clamped_row_weights_kernel", 0): "bwd_row_weights_clamp",
+    ("bwd", "contract_dv_kernel", 0): "bwd_dq",
+    ("bwd", "state_partial_kernel", 0): "bwd_state",
+    ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
+    ("bwd", "state_grad_mask_kernel", 0): "clamp_grad_mask",
+    ("bwd", "contract_d_kernel", 1): "bwd_dv",
+    ("bwd", "contract_dv_kernel", 1): "bwd_dk",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    run: Callable       # run(case, phase, fill=None): calls the launchers, calling phase(name) before each phase
+    roles: dict         # (phase, kernel, occurrence | None) -> role name
+
+
+# Extension point: other operations (e.g. k-NN attention) add an entry here.
+OPERATIONS: dict[str, Operation] = {"vicinity": Operation(_run_vicinity, VICINITY_ROLES),
+                                    "vicinity_clamp": Operation(_run_vicinity, VICINITY_CLAMP_ROLES)}
+
+
+def _role(roles: dict, phase: str, kernel: str, occurrence: int) -> str:
+    return roles.get((phase, kernel, occurrence)) or roles.get((phase, kernel, None)) or f"{phase}_{kernel}_{occurrence}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Interception of Triton's launch path.
+
+class _FakeDriver:
+    """Just enough of a Triton driver for JITFunction.run to bind arguments for ``arch``."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_device(self):
+        return self.arch            # one binder (and backend) per target
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+
+@contextlib.contextmanager
+def _intercept(arch: int, on_launch: Callable, on_spec: Callable):
+    from triton.runtime.driver import driver as triton_driver
+    from triton.runtime.jit import JITFunction
+
+    orig_run, orig_compile = JITFunction.run, JITFunction._do_compile
+
+    def run(self, *args, grid, warmup, **kwargs):
+        on_launch(self, grid, args, dict(kwargs))
+        return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        on_spec(dict(signature), dict(constexprs), dict(attrs), dict(options.__dict__))
+        return None  # run() returns before launching
+
+    previous = triton_driver._active   # None until a real driver was asked for (none exists here)
+    triton_driver.set_active(_FakeDriver(arch))
+    JITFunction.run, JITFunction._do_compile = run, do_compile
+    try:
+        yield
+    finally:
+        JITFunction.run, JITFunction._do_compile = orig_run, orig_compile
+        triton_driver._active = previous
+
+
+def capture(case: LaunchCase, archs: tuple = (80, 90)) -> list[Launch]:
+    """The launches of one forward + backward call of ``case``, with Triton's specialisation per arch."""
+    from ..kernels.runtime import interpreting
+    assert not interpreting(), "launch capture needs TRITON_INTERPRET unset (interpreted kernels do not specialise)"
+    op = OPERATIONS[case.op]
+    launches: list[Launch] = []
+    for i, arch in enumerate(archs):
+        state = {"phase": "", "counts": {}, "n": 0}
+
+        def phase(name):
+            state["phase"], state["counts"] = name, {}
+
+        def on_launch(fn, grid, args, kwargs):
+            if i == 0:
+                name = fn.fn.__name__
+                occ = state["counts"].get(name, 0)
+                state["counts"][name] = occ + 1
+                launches.append(Launch(_role(op.roles, state["phase"], name, occ), fn, tuple(grid), args, kwargs))
+            state["current"] = launches[state["n"]]
+            state["n"] += 1
+
+        def on_spec(signature, constexprs, attrs, options):
+            state["current"].spec[arch] = (signature, constexprs, attrs, options)
+
+        with _intercept(arch, on_launch, on_spec):
+            op.run(case, phase)
+        assert state["n"] == len(launches), "the launchers launched differently for another target"
+    return launches
