@@ -76,11 +76,15 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     if not row_weights:
         rs = rz = z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    grid = (triton.cdiv(N, cfg.block_n), B * H, triton.cdiv(D, cfg.block_d))
+    # fp16's dk dots take fp32 (TF32) operands (configs.dot_operand_dtype): at 64 tokens per program the
+    # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit. bf16 keeps 64.
+    block_n = cfg.block_n // 2 if launch == "bwd_dk" and x.dtype == torch.float16 and cfg.block_n >= 64 \
+        else cfg.block_n
+    grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
     contract_dv_kernel[grid](
         x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, *sizes, out_scale,
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))
 
 

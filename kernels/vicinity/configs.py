@@ -85,11 +85,12 @@ def gpu_tiles(dtype: torch.dtype) -> list[int]:
 def gpu_config(tile: int) -> LaunchConfig:
     """The GPU launch config for a head tile.
 
-    The dv kernel keeps 4 warps at every tile: with 8, ptxas (sm_80) caps some of its variants at
-    128 registers and spills a few bytes, while 4 warps fit every variant in 255 without spills.
+    The dv kernel takes the same warps as the others: with 4 at 64-wide tiles, the fp16 (TF32 dots)
+    unaligned D=40 product-3d+prefix variant spilled 368-388 B; with 8 and the 255-register budget
+    (maxnreg) it fits. (Before the register budget, 8 warps let ptxas cap it at 128 and spill.)
     """
     return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), gpu_num_stages(tile),
-                        dv_num_warps=GPU_NUM_WARPS, max_registers=GPU_MAX_REGISTERS)
+                        dv_num_warps=gpu_num_warps(tile), max_registers=GPU_MAX_REGISTERS)
 
 
 def gpu_num_stages(tile: int) -> int:
