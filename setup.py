@@ -19,7 +19,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib"],  # the bench and gpu_check tests write plots
         "bench": ["matplotlib", "pytest-benchmark"],
     },
 )
