@@ -5,12 +5,12 @@ from typing import Sequence
 
 import torch
 
-from .ops import autocast_disabled, autocast_inputs, custom_op_attention
-from .spec import VicinitySpec
-from .validation import validate_call
 from .backends.knn_reference import reference_knn_attention
 from .knn_ops import custom_op_knn_attention
-from .validation import validate_knn_call
+from .ops import autocast_disabled, autocast_inputs, custom_op_attention
+from .spec import VicinitySpec
+from .validation import validate_call, validate_knn_call
+
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (kernels present and triton importable)."""
@@ -128,7 +128,7 @@ def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, 
         topk: keys kept per query, 1 <= topk <= Nk (topk = Nk is plain softmax attention).
         scale: score scale; None means D ** -0.5.
         layout: "bhnd" or "bnhd", for inputs and output alike.
-        backend: "auto" (triton on CUDA when available, else torch), "triton" (fused kernels: CUDA,
+        backend: "auto" (triton on CUDA when available, else torch; torch for float64), "triton" (fused kernels: CUDA,
             or CPU under TRITON_INTERPRET=1), "torch" (blocks of query rows, any device) or
             "reference" (dense, the authors' formulation; small N only). "torch" and "triton" hold
             at most a block of rows of scores and save only q, k, v, o and two floats per query row.
@@ -140,7 +140,9 @@ def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, 
     q4, k4, v4, topk, scale = validate_knn_call(q, k, v, topk, scale=scale, layout=layout, backend=backend)
     name = backend
     if backend == "auto":
-        name = "triton" if q.device.type == "cuda" and knn_triton_available() else "torch"
+        # float64 goes to torch, as for vicinity_attention: the compile gate builds no fp64 k-NN kernels.
+        cuda_kernels = q.device.type == "cuda" and q.dtype != torch.float64
+        name = "triton" if cuda_kernels and knn_triton_available() else "torch"
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     if q4.numel() == 0 or v4.shape[-1] == 0:
         # Nothing to compute (empty batch, heads or queries), but keep the graph for autograd.
