@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/venv.sh test
 "$VPY" -m pytest tests -q "$@"
-if [ -f tests/run_triton36.sh ]; then bash tests/run_triton36.sh; fi
+if [ -f tests/run_triton36.sh ]; then PYTHON="$VPY" bash tests/run_triton36.sh; fi
