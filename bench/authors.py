@@ -6,7 +6,7 @@ activations on a 2-d grid), the same for the keys, and then computes two full-le
 ``kv = Kx^T V`` and ``num = Qx kv``, ``den = Qx (Kx^T 1) + eps``. Autograd differentiates it and so
 keeps the expanded tensors alive for the backward. That is the memory / traffic cost the fused
 and chunked backends avoid; this module reproduces it faithfully, minus the authors' magnitude
-clamps (a training hack, not part of the operation, DESIGN.md section 1), so that it equals the
+clamps (a training hack, not part of the operation: see the README's "The math in short"), so that it equals the
 reference numerically and the comparison is about speed only.
 """
 from __future__ import annotations

@@ -36,7 +36,7 @@ def test_autocast_dtypes(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cpu_bf16_autocast_tolerance_rule(backend):
     """Forward and grads under autocast against the float64 reference on the same (bf16-rounded)
-    inputs: error <= 2x the error of the plain bf16 computation + floor (DESIGN.md section 4).
+    inputs: error <= 2x the error of the plain bf16 computation + floor (the tolerance rule).
     (The reference backend under autocast *is* the plain computation, so it is not compared here.)"""
     q, k, v = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -41,7 +41,7 @@ def test_tiny_case_by_hand():
 
 
 def _double_loop(q, k, v, grid, kv_grid, variant, feature_map, eps, prefix):
-    """The formula of DESIGN.md section 1 token by token, with coordinates from unravel_index."""
+    """The formula of the README's "The math in short" token by token, with coordinates from unravel_index."""
     phi = (lambda x: torch.relu(x)) if feature_map == "relu" else (lambda x: torch.nn.functional.elu(x) + 1)
 
     def angles(idx, g):

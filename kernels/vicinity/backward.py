@@ -1,6 +1,6 @@
 """Backward launcher: row weights, query pass (dq and the state gradients dS, dz), key pass (dk, dv).
 
-With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (DESIGN.md section 1):
+With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (README, "The math in short"):
     dq = phi'(q) * sum_m P_m (S_m g + z_m c)
     dS_m = sum_i P_m phi(q_i) g_i^T,  dz_m = sum_i P_m phi(q_i) c_i
     dv = sum_m P_m dS_m^T phi(k),     dk = phi'(k) * sum_m P_m (dS_m v + dz_m)

@@ -15,7 +15,7 @@ With tokens grouped by coordinate c of the term's axis, the states of the term's
 ``S_g = sum_c A_t[c, g] T[c]`` with ``T[c] = sum_{j in group c} scale(j) phi(k_j) v_j^T``, and the
 output of a query in group c is ``phi(q_i)^T M[c]`` with ``M[c] = sum_g A_t[c, g] S_g``: one
 D x Dv product per token per term instead of one per feature. The states S_g are exactly the
-feature states of DESIGN.md section 1 (term features map to feature indices ``features``).
+feature states of the README's "The math in short" (term features map to feature indices ``features``).
 Prefix tokens are not part of any term; the backend handles their two features directly.
 """
 from __future__ import annotations

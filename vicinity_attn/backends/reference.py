@@ -16,7 +16,7 @@ from ..spec import VicinitySpec
 
 def vicinity_weights(spec: VicinitySpec, *, dtype: torch.dtype = torch.float64,
                      device: torch.device | str | None = None) -> torch.Tensor:
-    """The [Nq, Nk] matrix w(i, j) of DESIGN.md section 1, prefix rows and columns set to 1."""
+    """The [Nq, Nk] matrix w(i, j) of the README's "The math in short", prefix rows and columns set to 1."""
     theta_q = grid_angles(spec.grid, device=device)      # [Nq_grid, n_axes]
     theta_k = grid_angles(spec.kv_grid, device=device)   # [Nk_grid, n_axes]
     diff = theta_q[:, None, :] - theta_k[None, :, :]     # [Nq_grid, Nk_grid, n_axes]

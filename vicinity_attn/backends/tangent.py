@@ -1,7 +1,7 @@
 """The forward-mode derivative (tangent) of vicinity attention, in plain PyTorch, for every backend.
 
 With X = [P_q(i)_m phi(q_i)]_m and Y = [P_k(j)_m phi(k_j)]_m the F*D-wide expanded features
-(DESIGN.md section 1, "Why it is linear"), S = Y^T v, z = sum_j Y_j, num = X S, den = X z + eps and
+(README, "The math in short"), S = Y^T v, z = sum_j Y_j, num = X S, den = X z + eps and
 o = num / den. Differentiating along tangents (tq, tk, tv):
 
     dX = expand(phi'(q) tq),  dY = expand(phi'(k) tk)

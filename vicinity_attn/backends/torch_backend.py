@@ -1,6 +1,6 @@
 """The linear pure-PyTorch backend: runs on any device; the default where no GPU is present.
 
-Per (batch, head) it keeps the feature states of DESIGN.md section 1, S_m = sum_j P_k(j)_m
+Per (batch, head) it keeps the feature states of the README's "The math in short", S_m = sum_j P_k(j)_m
 phi(k_j) v_j^T and z_m = sum_j P_k(j)_m phi(k_j) for the F position features, but computes them,
 the output and the gradients term by term over grid axes (:mod:`vicinity_attn.backends.axis_terms`): tokens
 grouped by their coordinate on one axis share that axis's features, so each term costs one

@@ -28,7 +28,7 @@ give the same outputs. Where each piece comes from:
   always): magnitudes are clamped into [1e-4, 1e4] keeping the sign (zeros stay zero) after the
   state ``kv = K_x^T V``, after the inverse normaliser ``1 / (Q_x . sum K_x + eps)``, after the
   numerator ``Q_x kv``, after the normalised output, after ``out_proj`` and after the SE step.
-  It is a training stabiliser of theirs, not part of vicinity attention (DESIGN.md section 1).
+  It is a training stabiliser of theirs, not part of vicinity attention (README, "The math in short").
 
 The attention goes through :func:`vicinity_attn.vicinity_attention` with ``clip`` on or off:
 the four clamps inside the attention are the op's ``clamp=(1e-4, 1e4)`` option, which the "torch"
