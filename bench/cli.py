@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -147,7 +147,28 @@ def _plot_path(args, out: str) -> str:
     return args.plot if args.plot is not None else (out[:-5] + ".png" if out.endswith(".json") else "")
 
 
-def _run_model(parser: argparse.ArgumentParser, args, device: torch.device) -> int:
+def _measure(env: dict, sweep: Callable[[], list]) -> list:
+    """Runs the sweep while watching other processes' CPU use, which goes into ``env``."""
+    with OtherCpuUse() as other:
+        rows = sweep()
+    env.update(other_processes_cpu_cores=other.cores, other_processes_cpu_warning=other.warning())
+    return rows
+
+
+def _write_results(args, rows: list, env: dict, table: str, default_out: str, extra: dict,
+                   plotter: Callable[[str, list, dict], object]) -> None:
+    """Prints the table, then writes the JSON (--out, else ``default_out``) and the plot (--plot)."""
+    print(table)
+    out = args.out if args.out is not None else default_out
+    if out:
+        print(f"wrote {write_json(out, rows, env, extra)}")
+    plot = _plot_path(args, out)
+    if plot:
+        result = plotter(plot, rows, env)
+        print(f"wrote {result}" if not isinstance(result, str) else f"plot: {result}")
+
+
+def _run_model(parser: argparse.ArgumentParser, args, device: torch.device, argv: list[str]) -> int:
     attentions = _split(parser, args.attentions or ",".join(ATTENTIONS), ATTENTIONS, "attentions")
     resolutions = args.resolutions or list(MODEL_RESOLUTIONS)
     env = environment(device)
@@ -155,25 +176,17 @@ def _run_model(parser: argparse.ArgumentParser, args, device: torch.device) -> i
         env["torch_threads"] = args.threads
     if device.type != "cuda":
         print("note: running on a CPU: no GPU timings are measured.", file=sys.stderr)
-    with OtherCpuUse() as other:
-        rows = run_model_sweep(attentions, resolutions, str(device), batch=args.batch or 1,
-                               max_step_s=args.max_step_seconds or 60.0, threads=args.threads or 0,
-                               progress=not args.quiet)
-    env.update(other_processes_cpu_cores=other.cores, other_processes_cpu_warning=other.warning())
-    print(format_model_table(rows, env))
-    out = args.out if args.out is not None else f"bench_results/model-{device.type}.json"
+    rows = _measure(env, lambda: run_model_sweep(attentions, resolutions, str(device), batch=args.batch or 1,
+                                                 max_step_s=args.max_step_seconds or 60.0,
+                                                 threads=args.threads or 0, progress=not args.quiet))
     extra = {"what": "training step of a VVT-tiny-shaped backbone", "embed_dims": EMBED_DIMS,
              "num_heads": NUM_HEADS, "depths": DEPTHS, "mlp_ratios": MLP_RATIOS, "sr_ratio": SR_RATIO,
              "growth_exponents_in_pixels": {a: {k: growth_exponent(rows, a, k)
                                                 for k in ("step_s", "cpu_step_s", "peak_bytes")}
                                             for a in attentions},
-             "argv": list(sys.argv[1:])}
-    if out:
-        print(f"wrote {write_json(out, rows, env, extra)}")
-    plot = _plot_path(args, out)
-    if plot:
-        result = write_model_plot(plot, rows, env)
-        print(f"wrote {result}" if not isinstance(result, str) else f"plot: {result}")
+             "argv": argv}
+    _write_results(args, rows, env, format_model_table(rows, env), f"bench_results/model-{device.type}.json",
+                   extra, write_model_plot)
     return 0
 
 
@@ -181,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the arguments describe; print the table; write JSON and plot. Returns 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.target_check:
@@ -188,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_targets(device=args.device, out=args.out, progress=not args.quiet)
     device = _resolve_device(parser, args.device)
     if args.model:
-        return _run_model(parser, args, device)
+        return _run_model(parser, args, device, argv)
     preset = "quick" if args.quick else args.preset
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     providers = _split(parser, args.providers or ",".join(default_providers(device)), PROVIDERS, "providers")
@@ -215,17 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type != "cuda":
         print("note: running on a CPU: no GPU timings are measured; 'flash' is PyTorch's FlashAttention-style "
               "CPU kernel and 'vicinity' is the torch backend.", file=sys.stderr)
-    with OtherCpuUse() as other:
-        rows = run_sweep(cases, config)
-    env.update(other_processes_cpu_cores=other.cores, other_processes_cpu_warning=other.warning())
-    print(format_table(rows, env))
-    out = args.out if args.out is not None else f"bench_results/{preset}-{device.type}.json"
-    extra = {"preset": preset, "timing_method": timing_method(device),
-             "matmul_flops_per_s": rate, "argv": list(sys.argv[1:] if argv is None else argv)}
-    if out:
-        print(f"wrote {write_json(out, rows, env, extra)}")
-    plot = _plot_path(args, out)
-    if plot:
-        result = write_plot(plot, rows, env)
-        print(f"wrote {result}" if not isinstance(result, str) else f"plot: {result}")
+    rows = _measure(env, lambda: run_sweep(cases, config))
+    extra = {"preset": preset, "timing_method": timing_method(device), "matmul_flops_per_s": rate, "argv": argv}
+    _write_results(args, rows, env, format_table(rows, env), f"bench_results/{preset}-{device.type}.json",
+                   extra, write_plot)
     return 0

@@ -28,6 +28,7 @@ import time
 
 from .gpu_model import RESULTS as MODEL_PATH
 from .gpu_model import SHAPES
+from .report import MATPLOTLIB_MISSING, pyplot, save_figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "bench", "results")
@@ -139,11 +140,11 @@ def assemble(names: list[str], model: dict | None, measured: dict | None, tests:
                 environment=env, tests=tests, model_source=MODEL_PATH if model else None, rows=rows)
 
 
-def plot(result: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict, path: str) -> str:
+    """The bar chart of measurements beside the model; returns the path written, or why none was."""
+    plt = pyplot()
+    if plt is None:
+        return MATPLOTLIB_MISSING
     rows = result["rows"]
     series = (("vicinity_measured_us", "vicinity (triton), measured", "tab:blue", None),
               ("vicinity_modelled_us", "vicinity (triton), MODEL", "tab:blue", "//"),
@@ -168,9 +169,7 @@ def plot(result: dict, path: str) -> None:
         "GPU check DRY RUN: no GPU, model only (n/m = not measured)"
     ax.set_title(f"{title} - {result['environment'].get('device_name', '')}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return str(save_figure(plt, fig, path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,13 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = os.path.join(args.out_dir, "gpu-check.json"), os.path.join(args.out_dir, "gpu-check.png")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, png_path)
+    plotted = plot(result, png_path)
     for r in result["rows"]:
         fmt = lambda v: "   n/m" if v is None else f"{v:8.1f}"  # noqa: E731
         print(f"({r['shape']}) {r['direction']:<6} vicinity measured {fmt(r['vicinity_measured_us'])} us, model "
               f"{fmt(r['vicinity_modelled_us'])} | flash measured {fmt(r['flash_measured_us'])} us, FA2 model "
               f"{fmt(r['fa2_modelled_us'])}")
-    print(f"wrote {json_path} and {png_path}" + ("" if measured else " (DRY RUN: nothing measured)"))
+    print(f"wrote {json_path}" + (f" and {png_path}" if plotted == png_path else f"; plot: {plotted}")
+          + ("" if measured else " (DRY RUN: nothing measured)"))
     if tests is not None and not tests["ok"]:
         return 1
     return 0

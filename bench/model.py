@@ -47,6 +47,7 @@ from vicinity_attn import VicinityAttention
 from vicinity_attn.modules import spatial_reduction
 
 from .authors import authors_vicinity_attention
+from .report import MATPLOTLIB_MISSING, measured_on, pyplot, save_figure, style_log_axes
 
 EMBED_DIMS = (96, 160, 320, 512)
 NUM_HEADS = (1, 2, 5, 8)
@@ -361,13 +362,10 @@ def format_model_table(rows: Sequence[dict], env: dict) -> str:
 def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
     """Step time (wall and CPU) and peak memory against resolution (log-log), skipped points marked.
     Returns the path, or a reason string when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator
-    except ImportError:
-        return "matplotlib is not installed (pip install 'vicinity_attn[bench]'): no plot written"
+    plt = pyplot()
+    if plt is None:
+        return MATPLOTLIB_MISSING
+    from matplotlib.ticker import FuncFormatter, LogLocator
     resolutions = sorted({r["resolution"] for r in rows})
     attentions = list(dict.fromkeys(r["attention"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -388,19 +386,11 @@ def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path 
             if skipped and measured:
                 ax.plot(skipped, [max(measured) * 1.5 / 1.2 ** i] * len(skipped), linestyle="none", marker="x",
                         markersize=9, color=color, label=f"{attention}: skipped")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(resolutions)
-        ax.set_xticklabels([f"{r}x{r}" for r in resolutions], rotation=30)
-        ax.minorticks_off()
+        style_log_axes(ax, {r: f"{r}x{r}" for r in resolutions}, "input resolution")
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.set_xlabel("input resolution")
         ax.set_ylabel(ylabel)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7)
-    where = (env.get("device_name") if env.get("gpu_measured")
-             else f"CPU ({env.get('cpu_model')}, {env.get('torch_threads')} threads), no GPU measured")
+    where = measured_on(env)
     title = f"VVT-tiny-shaped backbone, one training step (batch {rows[0]['batch']}), {where}"
     if env.get("other_processes_cpu_warning"):
         title += (f"\nWARNING: other processes kept {env['other_processes_cpu_cores']:.2f} CPU cores busy during "
@@ -408,12 +398,7 @@ def write_model_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path 
     fig.suptitle(title, fontsize=9)
     fig.text(0.01, 0.01, "x on the top edge: skipped (estimated over the step-time limit, or failed; reasons "
              "in the table / JSON)", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def _worker_main(argv: Sequence[str]) -> int:

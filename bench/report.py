@@ -80,17 +80,58 @@ def write_json(path: str | Path, rows: Sequence[dict], env: dict, extra: dict | 
     return path
 
 
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'vicinity_attn[bench]'): no plot written"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (never needs a display), or None when
+    matplotlib, an optional dependency (the ``bench`` extra), is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def style_log_axes(ax, ticks: dict, xlabel: str) -> None:
+    """Log-log axes whose x ticks sit at the measured sizes, labelled ``ticks[x]``."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(ticks))
+    ax.set_xticklabels([ticks[x] for x in sorted(ticks)], rotation=30)
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def measured_on(env: dict) -> str:
+    """Where a run measured, for plot titles: the GPU's name, else the CPU and its thread count."""
+    if env.get("gpu_measured"):
+        return env.get("device_name")
+    return f"CPU ({env.get('cpu_model')}, {env.get('torch_threads')} threads), no GPU measured"
+
+
+def save_figure(plt, fig, path: str | Path) -> Path:
+    """Lays out (leaving a strip for a footnote), writes the PNG, closes the figure."""
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
     """Log-log time against N per provider, one panel per mode, on one shared y scale; interquartile
     ranges as error bars, skipped points as crosses on the top edge, x ticks labelled with the grids.
     Returns the path, or a reason string when matplotlib is missing (it is an optional dependency:
     the ``bench`` extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'vicinity_attn[bench]'): no plot written"
+    plt = pyplot()
+    if plt is None:
+        return MATPLOTLIB_MISSING
     measured = [r for r in rows if r["median_ms"] is not None]
     modes = [m for m in ("fwd", "bwd", "fwdbwd") if any(r["mode"] == m for r in rows)]
     if not measured:
@@ -117,18 +158,10 @@ def write_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
             if skipped:
                 ax.plot(skipped, [y_top / 1.25 ** i] * len(skipped), linestyle="none", marker="x", markersize=9,
                         color=colors[label], label=f"{label}: skipped")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(sorted(ticks))
-        ax.set_xticklabels([ticks[n] for n in sorted(ticks)], rotation=30)
-        ax.minorticks_off()
+        style_log_axes(ax, ticks, "grid (tokens N = rows x columns)")
         ax.set_title(mode)
-        ax.set_xlabel("grid (tokens N = rows x columns)")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("median time [ms] (bars: interquartile range)")
-    where = (env["device_name"] if env.get("gpu_measured")
-             else f"CPU ({env['cpu_model']}, {env['torch_threads']} threads), no GPU measured")
+    where = measured_on(env)
     dtypes = sorted({r["dtype"] for r in measured})
     shapes = sorted({(r["batch"], r["heads"], r["dim"]) for r in measured})
     shape = f"B={shapes[0][0]} H={shapes[0][1]} D={shapes[0][2]}, " if len(shapes) == 1 else "VVT-stage shapes, "
@@ -144,12 +177,7 @@ def write_plot(path: str | Path, rows: Sequence[dict], env: dict) -> Path | str:
     fig.suptitle(title, fontsize=9, color="black")
     if notes:
         fig.text(0.01, 0.01, "; ".join(notes), fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def fit_exponent(ns: Sequence[float], times: Sequence[float]) -> float:
