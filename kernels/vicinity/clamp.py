@@ -28,6 +28,13 @@ def abs_clamp(x, lo, hi):
 
 
 @triton.jit
+def without_floor_rows(x, den, den_floor, eps):
+    """x, with 0 in the rows whose den is the floor (den = den_floor + eps): there den is a constant and
+    carries no gradient. The threshold is computed the way the forward computed a floored den (in ACC)."""
+    return tl.where((den_floor > 0) & (den <= (tl.zeros_like(den) + den_floor) + eps), 0.0, x)
+
+
+@triton.jit
 def clamp_passes(x, lo, hi):
     """C'(x): 1.0 where lo <= |x| <= hi and x != 0, else 0.0, in x's dtype."""
     a = tl.abs(x)
@@ -85,6 +92,6 @@ def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H,
         tl.store(g_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_e[None, :] * sod,
                  g.to(g_ptr.dtype.element_ty), mask=mask)
     c = -dr * clamp_passes(r_pre, lo, hi) * r_pre * r_pre * inv_scale
-    c = tl.where((den_floor > 0) & (den <= (tl.zeros_like(den) + den_floor) + eps), 0.0, c)
+    c = without_floor_rows(c, den, den_floor, eps)
     tl.store(rs_ptr + bh * N + offs_n, tl.full((BLOCK_N,), 1.0, ACC), mask=mask_n)
     tl.store(rz_ptr + bh * N + offs_n, c, mask=mask_n)

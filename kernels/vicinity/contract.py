@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..common import feature_map, mma, mul_feature_map_grad
 from ..runtime import launch_jit
-from .clamp import abs_clamp
+from .clamp import abs_clamp, without_floor_rows
 from .positions import position_feature
 
 
@@ -226,6 +226,5 @@ def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_flo
     den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
     rs = 1.0 / den
     tl.store(rs_ptr + bh * N + offs_n, rs, mask=mask_n)
-    # The threshold is computed the way the forward computed a floored den (in ACC).
-    rz = tl.where((den_floor > 0) & (den <= (tl.zeros_like(den) + den_floor) + eps), 0.0, -delta * rs)
+    rz = without_floor_rows(-delta * rs, den, den_floor, eps)
     tl.store(rz_ptr + bh * N + offs_n, rz, mask=mask_n)
