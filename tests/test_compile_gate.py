@@ -1,21 +1,18 @@
 """The AOT compile gate (vicinity_attn.tools.compile_gate): its quick matrix compiled for real (no GPU
-needed), and its SASS / occupancy arithmetic on known inputs.
-
-The gate runs in a child process without TRITON_INTERPRET (this session's conftest sets it, and
-interpreted kernels have no specialisation). The full matrix is the CLI default:
-``python -m vicinity_attn.tools.compile_gate``.
+needed; tests/gate_report.py runs it once per session), the vicinity kernels' verdicts, the report's
+provenance, and the gate's SASS / occupancy arithmetic on known inputs. The k-NN kernels' verdicts:
+tests/test_knn_gate.py. The full matrix is the CLI default: ``python -m vicinity_attn.tools.compile_gate``.
 """
-import json
-import os
-import subprocess
-import sys
+import hashlib
+import pathlib
 import warnings
 
 import pytest
 
 pytest.importorskip("triton")
 
-from vicinity_attn.tools.compile_gate import CHIPS, occupancy  # noqa: E402
+from gate_report import kernels_of, quick_gate_report  # noqa: E402
+from vicinity_attn.tools.compile_gate import CHIPS, build_matrix, occupancy  # noqa: E402
 from vicinity_attn.tools.sass import access_width, find_loops, memory_summary, tensor_core_flops, tile_lines  # noqa: E402
 from vicinity_attn.tools.sass import Instr  # noqa: E402
 
@@ -26,20 +23,14 @@ HEAD_DIM_PARAMS = ("D", "DV")
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gate") / "gate.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "vicinity_attn.tools.compile_gate", "--quick", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode in (0, 1) and out.exists(), (proc.stdout + proc.stderr)[-6000:]
-    return json.loads(out.read_text()), proc
+def quick_report():
+    return quick_gate_report()
 
 
 def test_quick_gate_core_verdict(quick_report):
-    report, proc = quick_report
-    kernels = report["kernels"]
-    assert len(kernels) >= 30, proc.stdout[-3000:]
+    report, log = quick_report
+    kernels = kernels_of(report, "vicinity")
+    assert len(kernels) >= 30, log[-3000:]
     roles = {r for k in kernels for r in k["roles"]}
     assert {"fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_dv", "bwd_dk",
             "chunk_reduce"} <= roles
@@ -49,6 +40,28 @@ def test_quick_gate_core_verdict(quick_report):
         dots = [k for k in kernels if k["arch"] == arch and k["has_dot"]]
         assert dots and all(k["sass"]["kernel"]["tensor_core"] > 0 for k in dots)
         assert any(kind in op for k in dots for op in k["sass"]["kernel"]["tensor_core_kinds"])
+
+
+def test_quick_gate_says_which_kernels_it_describes(quick_report):
+    report, _ = quick_report
+    import vicinity_attn.kernels as kernels
+    root = pathlib.Path(kernels.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    assert report["source"]["kernels_sha256"] == digest.hexdigest()
+    if report["source"]["git_commit"] is not None:       # a git checkout (not an installed wheel)
+        assert len(report["source"]["git_commit"]) == 40
+    assert {m for m in ("vicinity", "knn") if kernels_of(report, m)} == {"vicinity", "knn"}   # both matrices
+
+
+def test_matrix_selection():
+    everything = build_matrix(True)
+    vicinity, knn = build_matrix(True, ("vicinity",)), build_matrix(True, ("knn",))
+    assert everything == vicinity + knn and vicinity and knn
+    assert all(c.op.startswith("vicinity") for c in vicinity) and all(c.op == "knn" for c in knn)
+    picked = build_matrix(False, ("knn",), r"fp16 D40/40 bhnd unaligned")
+    assert picked and all(c.dtype == "fp16" and c.d == 40 and c.strides == "unaligned" for c in picked)
 
 
 def test_quick_gate_specialises_like_a_launch(quick_report):

@@ -1,23 +1,33 @@
-"""The k-NN kernels' AOT compile gate (vicinity_attn.tools.knn_gate) on its covering subset: no GPU
-needed. The full matrix is the CLI default: ``python -m vicinity_attn.tools.knn_gate``."""
-import os
-import subprocess
-import sys
-
+"""The k-NN kernels in the AOT compile gate (vicinity_attn.tools.compile_gate, the "knn" matrix; launches
+captured by launch_capture's "knn" operation): its quick cases, compiled for real in the session's one
+quick-gate run (tests/gate_report.py). The full k-NN matrix: ``python -m vicinity_attn.tools.compile_gate
+--ops knn``."""
 import pytest
 
 pytest.importorskip("triton")
 
+from gate_report import kernels_of, quick_gate_report  # noqa: E402
 
-def test_knn_gate_quick_matrix_compiles_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "vicinity_attn.tools.knn_gate", "--quick"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("knn_")]
-    assert len(rows) == 8 * 2 * 3, proc.stdout[-3000:]
-    assert all(line.endswith(" ok") for line in rows)
-    for arch in ("sm_80 ", "sm_90a"):
-        dot_rows = [r for r in rows if arch in r and not r.startswith("knn_delta")]
-        assert dot_rows and all(("HMMA" in r or "HGMMA" in r) for r in dot_rows)
+ROLES = {"knn_select", "knn_fwd", "knn_delta", "knn_dq", "knn_dkdv", "knn_dk", "knn_dv"}
+
+
+def test_knn_quick_matrix_compiles_without_spills_on_tensor_cores():
+    report, log = quick_gate_report()
+    kernels = kernels_of(report, "knn")
+    assert {r for k in kernels for r in k["roles"]} == ROLES, log[-3000:]
+    # both selection paths: the row of scores recomputed per bisection step, and kept on chip
+    assert {k["constexprs"]["ROW_ON_CHIP"] for k in kernels if "knn_select" in k["roles"]} == {False, True}
+    assert {k["dtype"] for k in kernels} == {"fp16", "bf16", "fp32"}
+    bad = [f"{k['kernel']} {k['arch']} {k['cases']}: {k['verdicts']['core']}" for k in kernels if k["verdicts"]["core"]]
+    assert not bad, "\n".join(bad)
+    for arch, kind in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
+        dots = [k for k in kernels if k["arch"] == arch and "knn_delta" not in k["roles"]]
+        assert dots and all(k["has_dot"] and k["sass"]["kernel"]["tensor_core"] > 0 for k in dots)
+        assert any(kind in op for k in dots for op in k["sass"]["kernel"]["tensor_core_kinds"])
+
+
+def test_knn_aligned_cases_get_wide_tile_accesses():
+    report, _ = quick_gate_report()
+    aligned = [k for k in kernels_of(report, "knn") if k["aligned"]]
+    assert aligned and all(k["verdicts"]["wide_tiles"] == [] for k in aligned), \
+        [(k["kernel"], k["arch"], k["verdicts"]["wide_tiles"][:3]) for k in aligned if k["verdicts"]["wide_tiles"]]

@@ -76,10 +76,7 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     if not row_weights:
         rs = rz = z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    # fp16's dk dots take fp32 (TF32) operands (configs.dot_operand_dtype): at 64 tokens per program the
-    # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit. bf16 keeps 64.
-    block_n = cfg.block_n // 2 if launch == "bwd_dk" and x.dtype == torch.float16 and cfg.block_n >= 64 \
-        else cfg.block_n
+    block_n = cfg.tokens_per_program(launch)
     grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
     contract_dv_kernel[grid](
         x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, *sizes, out_scale,

@@ -7,6 +7,7 @@ accumulator at most 64 x 64 fp32 and leaves registers free (the compile gate che
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,12 @@ class LaunchConfig:
     num_stages: int
     dv_num_warps: int  # the dv launch (contract over D without a denominator): see gpu_config
     max_registers: int | None = None  # ptxas register budget (.maxnreg); None under the interpreter
+    dk_block_n: int | None = None     # the dk launch's tokens per program when not block_n: see pick_config
+
+    def tokens_per_program(self, launch: str) -> int:
+        """BLOCK_N of ``launch`` (one of LAUNCHES): ``block_n``, except where ``dk_block_n`` sets the dk pass's."""
+        assert launch in LAUNCHES, launch
+        return self.dk_block_n if launch == "bwd_dk" and self.dk_block_n is not None else self.block_n
 
     def options(self, launch: str) -> dict:
         """The launch options (num_warps, num_stages, maxnreg) of ``launch`` (one of LAUNCHES)."""
@@ -68,7 +75,12 @@ def pick_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
     if interpreting():  # no register limit there; fewer, larger programs run faster
         tile = head_block(max(d, dv))
         return LaunchConfig(INTERPRET_BLOCK_N, tile, tile, num_warps=1, num_stages=1, dv_num_warps=1)
-    return gpu_config(min(head_block(max(d, dv)), max_tile(dtype)))
+    cfg = gpu_config(min(head_block(max(d, dv)), max_tile(dtype)))
+    if dtype == torch.float16 and cfg.block_n >= 64:
+        # fp16's dk dots take fp32 (TF32) operands (dot_operand_dtype): at 64 tokens per program the
+        # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit. bf16 keeps 64.
+        cfg = dataclasses.replace(cfg, dk_block_n=cfg.block_n // 2)
+    return cfg
 
 
 def max_tile(dtype: torch.dtype) -> int:

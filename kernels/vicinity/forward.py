@@ -32,8 +32,9 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     Dv = y.shape[-1]
     F = geom.n_feat
     acc_dtype = _acc_torch_dtype(prec)
+    block_n = cfg.tokens_per_program(launch)
     tiles = triton.cdiv(D, cfg.block_d) * triton.cdiv(Dv, cfg.block_dv)
-    plan: ChunkPlan = chunk_plan(N, cfg.block_n, B * H * F * tiles)
+    plan: ChunkPlan = chunk_plan(N, block_n, B * H * F * tiles)
     S = torch.empty(B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
     z = torch.empty(B * H, F, D, dtype=acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
@@ -48,7 +49,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, *sizes, plan.blocks_per_chunk,
         scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))
     if single:
         return S, z
@@ -74,13 +75,14 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     with_den = eps is not None
     den = torch.empty(B * H, N, dtype=states.dtype, device=x.device) if with_den else states
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    grid = (triton.cdiv(N, cfg.block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
+    block_n = cfg.tokens_per_program(launch)
+    grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
     contract_d_kernel[grid](
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix, *sizes, eps if with_den else 0.0, out_scale,
         den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
         CLAMP=with_den and clamp is not None,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))
     return den if with_den else None
 

@@ -1,15 +1,20 @@
 """Ahead-of-time compile gate for the Triton kernels: what a real launch compiles, read from its SASS.
 
-    python -m vicinity_attn.tools.compile_gate                       # full matrix
-    python -m vicinity_attn.tools.compile_gate --quick               # covering subset (tests/test_compile_gate.py)
+    python -m vicinity_attn.tools.compile_gate                       # full matrix, every operation
+    python -m vicinity_attn.tools.compile_gate --quick               # covering subset (tests/gate_report.py)
+    python -m vicinity_attn.tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn)
+    python -m vicinity_attn.tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
     python -m vicinity_attn.tools.compile_gate --json out.json --text out.txt
 
-No GPU needed. For every launch case of the matrix (dtype x head dims x layout x aligned / unaligned
-strides at the base geometry; every geometry at one head dim; the GPU model's shapes) the launchers
-themselves run on CPU tensors and Triton's own launch path binds their arguments for sm_80 and
-sm_90a (``launch_capture``): the gate compiles exactly those specialisations (the launchers'
-constexprs, num_warps / num_stages, the kernels' ``do_not_specialize``, and the divisibility / ==1
-attributes Triton infers from the concrete pointers and ints), each distinct one once.
+No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
+aligned / unaligned strides at the base geometry; every geometry at one head dim; the clamp / floor
+launches; the GPU model's shapes. k-NN attention: dtype x head dims x layout x strides at 197 tokens,
+1024 tokens, the on-chip selection (16 keys) and the single-gradient dk / dv passes (``knn_matrix``).
+For every launch case the launchers themselves run on CPU tensors and Triton's own launch path binds
+their arguments for sm_80 and sm_90a (``launch_capture``): the gate compiles exactly those
+specialisations (the launchers' constexprs, num_warps / num_stages, the kernels'
+``do_not_specialize``, and the divisibility / ==1 attributes Triton infers from the concrete pointers
+and ints), each distinct one once.
 
 Per compiled kernel it reports registers, shared memory, spill bytes, CTAs and warps per SM (sm_80 on
 an A100, sm_90a on an H100, from registers, shared memory and warps against each chip's limits),
@@ -23,12 +28,15 @@ Verdicts, per kernel:
                stride and head dim a multiple of 16): no global access narrower than 64 bits to a
                2-d tile (a tt.load / tt.store of rank >= 2 on that source line, per the TTGIR).
                1-d per-row vectors (den, row weights, z) are 32-bit by nature and not judged.
-Exit status 0 when both verdicts pass everywhere, 1 otherwise; the table says which failed.
+Exit status 0 when both verdicts pass everywhere, 1 otherwise; the table says which failed. Every
+report says which kernels it describes (``source_stamp``: sha256 over kernels/**/*.py, the git commit,
+whether the checkout had uncommitted changes).
 
 Under TRITON_INTERPRET=1 interpreted kernels have no specialisation, so the gate re-runs itself in a
 child process with the interpreter switched off. Fp64 is not built: the triton backend does not
-run CUDA fp64 (backend "auto" sends it to the torch backend). Another operation joins the gate with a matrix in MATRICES (its LaunchCases, ``op`` set)
-and its launchers and launch roles in ``launch_capture.OPERATIONS``.
+run CUDA fp64 (backend "auto" sends it to the torch backend). Another operation joins the gate with a
+matrix in MATRICES (its LaunchCases, ``op`` set) and its launchers and launch roles in
+``launch_capture.OPERATIONS``.
 """
 from __future__ import annotations
 
@@ -46,7 +54,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from .launch_capture import LaunchCase, capture
+from .launch_capture import LaunchCase, capture, knn_settings
 
 TARGETS = (80, 90)
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
@@ -124,16 +132,47 @@ def vicinity_matrix(quick: bool) -> list[LaunchCase]:
     return cases + list(MODEL_CASES)
 
 
+KNN_TOKENS = 197            # DeiT's token count (a typical k-NN call; not a multiple of 16, as most)
+KNN_ALIGNED_TOKENS = 1024   # a multiple of 16: the token counts specialise (k-NN kernels are plain triton.jit)
+KNN_ROW_ON_CHIP_KEYS = 16   # fits every config's key tile: the selection pass keeps the row on chip
+
+
+def knn_case(**kw) -> LaunchCase:
+    return LaunchCase(op="knn", variant="none", **{"grid": (KNN_TOKENS,), **kw})
+
+
+def knn_matrix(quick: bool) -> list[LaunchCase]:
+    """k-NN attention. Full: every dtype x head dim (D = Dv) x layout x stride mode at 197 tokens; at
+    1024 tokens (token counts divisible by 16) per dtype x head dim; the selection pass with the row on
+    chip (16 keys) and the single-gradient dk / dv passes (grads "qk", "v") per dtype x head dim x
+    stride mode. Quick: four cases covering every role, the three dtypes, both stride modes, both
+    selection paths, an unaligned head dim and 64- / 128- / 256-wide head tiles."""
+    if quick:
+        return [knn_case(dtype="fp16", d=64, dv=64),
+                knn_case(dtype="bf16", d=256, dv=256, strides="unaligned", extra=(("grads", "qk"),)),
+                knn_case(dtype="fp32", d=128, dv=128, extra=(("n_keys", KNN_ROW_ON_CHIP_KEYS), ("grads", "v"))),
+                knn_case(dtype="fp32", d=40, dv=40, layout="bnhd", strides="unaligned")]
+    cases = [knn_case(dtype=t, d=d, dv=d, layout=lay, strides=st)
+             for t in DTYPE_NAMES for d in HEAD_DIMS for lay in LAYOUTS for st in STRIDES]
+    cases += [knn_case(dtype=t, d=d, dv=d, grid=(KNN_ALIGNED_TOKENS,)) for t in DTYPE_NAMES for d in HEAD_DIMS]
+    cases += [knn_case(dtype=t, d=d, dv=d, strides=st, extra=extra)
+              for t in DTYPE_NAMES for d in HEAD_DIMS for st in STRIDES
+              for extra in ((("n_keys", KNN_ROW_ON_CHIP_KEYS),), (("grads", "qk"),), (("grads", "v"),))]
+    return cases
+
+
 # Extension point: one matrix per operation (its launchers are registered in launch_capture.OPERATIONS).
-MATRICES = {"vicinity": vicinity_matrix}
+MATRICES = {"vicinity": vicinity_matrix, "knn": knn_matrix}
+MATRIX_OF_OP = {"vicinity": "vicinity", "vicinity_clamp": "vicinity", "knn": "knn"}   # LaunchCase.op -> matrix
 
 
-def build_matrix(quick: bool) -> list[LaunchCase]:
-    """Every operation's launch cases, duplicates dropped (order kept)."""
+def build_matrix(quick: bool, ops: tuple[str, ...] | None = None, pattern: str | None = None) -> list[LaunchCase]:
+    """The launch cases of the matrices ``ops`` (default: all of MATRICES), duplicates dropped (order
+    kept); with ``pattern`` (a regular expression) only the cases whose label it matches."""
     seen, out = set(), []
-    for matrix in MATRICES.values():
-        for c in matrix(quick):
-            if c not in seen:
+    for name in (ops or tuple(MATRICES)):
+        for c in MATRICES[name](quick):
+            if c not in seen and (pattern is None or re.search(pattern, c.label())):
                 seen.add(c)
                 out.append(c)
     return out
@@ -299,9 +338,23 @@ def _cases_summary(cases: list[LaunchCase]) -> str:
     heads = sorted({c.d for c in cases})
     lay = "/".join(sorted({c.layout for c in cases}))
     st = "/".join(sorted({c.strides[0] for c in cases}))   # a(ligned) / u(naligned)
+    if all(c.op == "knn" for c in cases):       # token / key counts instead of a geometry
+        counts = sorted({(c.n_tokens, knn_settings(c)[0]) for c in cases})
+        geo_s = ",".join(f"N{n}" + (f"k{nk}" if nk != n else "") for n, nk in counts)
+        return f"D{','.join(map(str, heads))} {lay} {st} {geo_s}"
     geo = sorted({f"{c.variant}{len(c.grid)}d{'+p' if c.n_prefix else ''}" for c in cases})
     geo_s = geo[0] if len(geo) == 1 else f"{len(geo)} geoms"
     return f"D{','.join(map(str, heads))} {lay} {st} {geo_s}"
+
+
+def _tile(job: Job) -> str:
+    """The head tile of a kernel (BLOCK_D; a k-NN row-dot tile is BLOCK_K x N_K; BLOCK for the reduction)."""
+    for name in ("BLOCK_D", "BLOCK"):
+        if job.constexpr(name):
+            return str(job.constexpr(name))
+    if job.constexpr("BLOCK_K") and job.constexpr("N_K"):
+        return str(job.constexpr("BLOCK_K") * job.constexpr("N_K"))
+    return str(job.constexpr("BLOCK_DV") or "-")
 
 
 def _status(v: dict) -> str:
@@ -323,7 +376,7 @@ def format_table(jobs: list[Job], rows: list[dict]) -> str:
         job, row = jobs[i], rows[i]
         roles = ",".join(sorted(job.roles))
         desc = job.describe()
-        tile = f"{job.constexpr('BLOCK_D') or job.constexpr('BLOCK') or '-'}"
+        tile = _tile(job)
         head = (f"{roles:<26.26} {ARCH_NAMES[job.arch]:<6} {desc['dtype']:<4} {tile:>5} "
                 f"{job.options['num_warps']:>2} {job.options['num_stages']:>2} {_cases_summary(job.cases):<34.34}")
         if row["error"]:
@@ -356,7 +409,7 @@ def _json_value(v):
     return str(v)
 
 
-def to_json(jobs, rows, plan, args_line: str, seconds: float) -> dict:
+def to_json(jobs, rows, plan, args_line: str, seconds: float, stamp: dict) -> dict:
     import torch
     import triton
     records = []
@@ -371,10 +424,40 @@ def to_json(jobs, rows, plan, args_line: str, seconds: float) -> dict:
             cases=[c.label() for c in job.cases], aligned=any(c.aligned for c in job.cases),
             **{k: _json_value(v) for k, v in row.items()}))
     return dict(command=f"python -m vicinity_attn.tools.compile_gate {args_line}".strip(),
-                triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
+                triton=triton.__version__, torch=torch.__version__, python=platform.python_version(), source=stamp,
                 seconds=round(seconds, 1), summary=summary(rows), kernels=records,
                 plan={c.label(): [dict(role=r, arch=ARCH_NAMES[a], kernel_index=j, grid=list(g))
                                   for r, a, j, g in entries] for c, entries in plan.items()})
+
+
+def source_stamp() -> dict:
+    """Which kernels a report describes: sha256 over the kernel sources (``kernels/**/*.py``, each file's
+    path relative to ``kernels/`` and its bytes, in path order), the git commit of the checkout they
+    were read from, and whether kernels/ or vicinity_attn/ differed from that commit."""
+    import hashlib
+    import pathlib
+
+    from .. import kernels
+    root = pathlib.Path(kernels.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    stamp = dict(kernels_sha256=digest.hexdigest(), git_commit=None, git_dirty=None)
+    repo = root.parent
+    try:
+        git = ["git", "-C", str(repo)]
+        stamp["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                             check=True).stdout.strip()
+        stamp["git_dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "--", "kernels", "vicinity_attn"],
+                                                 capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass    # not a git checkout (an installed wheel): the digest still identifies the kernels
+    return stamp
+
+
+def stamp_line(stamp: dict) -> str:
+    commit = (stamp["git_commit"] or "unknown")[:12] + ("+uncommitted changes" if stamp["git_dirty"] else "")
+    return f"kernels sha256 {stamp['kernels_sha256'][:16]} (sha256 over kernels/**/*.py), git {commit}"
 
 
 def _interpreting() -> bool:
@@ -387,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: all cores)")
     parser.add_argument("--json", default=None, help="write the full report as JSON here")
     parser.add_argument("--text", default=None, help="write the table here as well")
+    parser.add_argument("--ops", nargs="+", choices=list(MATRICES), default=None,
+                        help="operations whose matrices to build (default: all)")
+    parser.add_argument("--cases", default=None, metavar="REGEX",
+                        help="only the cases whose label matches (e.g. 'fp16 D40/40 .* unaligned')")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if _interpreting():
@@ -395,30 +482,35 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # triton 3.9's default, stated (silences a warning)
     import triton
     start = time.perf_counter()
-    cases = build_matrix(args.quick)
+    stamp = source_stamp()
+    cases = build_matrix(args.quick, tuple(args.ops) if args.ops else None, args.cases)
+    if not cases:
+        parser.error(f"no case of {args.ops or list(MATRICES)} matches --cases {args.cases!r}")
     jobs, rows, plan = run_gate(cases, args.jobs)
     seconds = time.perf_counter() - start
     s = summary(rows)
     table = format_table(jobs, rows)
-    foot = (f"\ntriton {triton.__version__}: {len(cases)} launch cases -> {s['kernels']} distinct kernels compiled for "
-            f"sm_80 / sm_90a in {seconds:.0f} s.\n"
+    ops = ", ".join(sorted({MATRIX_OF_OP.get(c.op, c.op) for c in cases}))
+    foot = (f"\ntriton {triton.__version__}: {len(cases)} launch cases ({ops}) -> {s['kernels']} distinct kernels "
+            f"compiled for sm_80 / sm_90a in {seconds:.0f} s.\n{stamp_line(stamp)}\n"
             f"core       (compiles, zero spills, tensor-core dots, fits): "
             f"{'ok' if s['core_ok'] else str(s['core_failures']) + ' FAILED'}\n"
             f"wide_tiles (aligned cases: no sub-64-bit tile access): "
             f"{'ok' if s['wide_tiles_ok'] else str(s['wide_tiles_failures']) + ' FAILED'} "
             f"({s['wide_tiles_judged']} kernels judged)\n"
-            "columns: tile = BLOCK_D (BLOCK for the reduction), w = warps, st = stages, cases = head dims / layouts / "
-            "a(ligned) u(naligned) / geometries that launch it, CTA/SM = CTAs/warps per SM (sm_80 on A100, "
+            "columns: tile = head tile (BLOCK_D; BLOCK for the reduction), w = warps, st = stages, cases = head dims / "
+            "layouts / a(ligned) u(naligned) / geometries (k-NN: N query tokens, kM keys when not N) that launch it, CTA/SM = CTAs/warps per SM (sm_80 on A100, "
             "sm_90a on H100), TC = tensor-core instructions, loads/stores = global access width (bits) x count, "
             "loop = main loop: SASS instructions per iteration, its loads, its TC instructions")
     print(table + "\n" + foot)
     arg_line = " ".join(argv)   # the command that reproduces this report (written into it)
     if args.text:
         with open(args.text, "w") as f:
-            f.write(f"$ python -m vicinity_attn.tools.compile_gate {arg_line}".rstrip() + "\n" + table + "\n" + foot + "\n")
+            f.write(f"$ python -m vicinity_attn.tools.compile_gate {arg_line}".rstrip() + f"    # triton {triton.__version__}\n"
+                    f"# {stamp_line(stamp)}\n" + table + "\n" + foot + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(to_json(jobs, rows, plan, arg_line, seconds), f, separators=(",", ":"))  # ~1 MB in full
+            json.dump(to_json(jobs, rows, plan, arg_line, seconds, stamp), f, separators=(",", ":"))  # ~1 MB in full
     return 0 if s["core_ok"] and s["wide_tiles_ok"] else 1
 
 

@@ -9,7 +9,9 @@ builds exactly these specialisations, and the GPU model reads grids and argument
 
 Needs the interpreter off (``TRITON_INTERPRET`` unset or 0) when triton is imported: interpreted
 functions have no specialisation. Operations register in OPERATIONS (one entry per operation: how
-to launch it from a LaunchCase, and a name for each kernel launch in order).
+to launch it from a LaunchCase, and a name for each kernel launch in order): vicinity attention
+(with and without the VVT clamp / L2ViT floor) and k-NN attention (``knn``: a LaunchCase's grid is
+then just the query count; ``knn_settings`` reads its key count, topk and wanted gradients).
 """
 from __future__ import annotations
 
@@ -50,10 +52,14 @@ class LaunchCase:
         return self.n_prefix + math.prod(self.grid)
 
     def label(self) -> str:
-        geo = f"{self.variant}-{'x'.join(map(str, self.grid))}{'+p' + str(self.n_prefix) if self.n_prefix else ''}"
+        if self.op == "knn":     # k-NN attention has no geometry: the token count (queries) says it all
+            geo = f"N{self.n_tokens}"
+        else:
+            geo = (f"{self.variant}-{'x'.join(map(str, self.grid))}{'+p' + str(self.n_prefix) if self.n_prefix else ''}"
+                   f"/{self.feature_map}")
         extra = "".join(f" {k}={v}" for k, v in self.extra)
         return (f"{self.op} {self.dtype} D{self.d}/{self.dv} {self.layout} {self.strides} B{self.batch}H{self.heads} "
-                f"{geo}/{self.feature_map}{extra}")
+                f"{geo}{extra}")
 
     @property
     def aligned(self) -> bool:
@@ -150,15 +156,65 @@ VICINITY_CLAMP_ROLES = {
 }
 
 
+def knn_settings(case: LaunchCase) -> tuple[int, int, str]:
+    """(n_keys, topk, grads) of a k-NN case: ``case.extra`` may set ``n_keys`` (default: the query count
+    ``case.n_tokens``), ``topk`` (default Nk // 2 + 1: odd, so never a multiple of 16, which a launch
+    would specialise) and ``grads`` (the inputs that need gradients: "qkv" (default), "qk", or "v")."""
+    extra = dict(case.extra)
+    n_keys = int(extra.get("n_keys", case.n_tokens))
+    return n_keys, int(extra.get("topk", n_keys // 2 + 1)), str(extra.get("grads", "qkv"))
+
+
+def _run_knn(case: LaunchCase, phase: Callable[[str], None], fill: Callable | None = None) -> None:
+    """The k-NN forward and backward launchers (``kernels/knn/launch.py``) for q [B, H, n_tokens, d],
+    k and v with ``knn_settings(case)``'s key count; the backward computes the gradients ``grads`` names
+    (its phase is "bwd" for all three, "bwd_qk" / "bwd_v" otherwise: see ``KNN_ROLES``)."""
+    from ..kernels.knn import knn_backward, knn_forward
+    from ..layout import empty_grads_like, empty_output_like
+
+    n_keys, topk, grads = knn_settings(case)
+    assert grads in ("qkv", "qk", "v"), grads
+    n = case.n_tokens
+    q, k, v = make_tensor(case, n, case.d, fill), make_tensor(case, n_keys, case.d, fill), \
+        make_tensor(case, n_keys, case.dv, fill)
+    o = empty_output_like(q, case.dv)
+    scale = case.d ** -0.5
+    phase("fwd")
+    tau, lse = knn_forward(q, k, v, o, topk, scale)
+    phase("bwd" if grads == "qkv" else f"bwd_{grads}")
+    do = make_tensor(case, n, case.dv, fill) if case.strides == "unaligned" else empty_output_like(q, case.dv)
+    if fill is not None and case.strides != "unaligned":
+        do.copy_(fill(do.shape, do.dtype))
+    dq, dk, dv = empty_grads_like((q, k, v), tuple(c in grads for c in "qkv"))
+    knn_backward(do, q, k, v, o, tau, lse, dq, dk, dv, scale)
+
+
+# The selection pass keeps a whole row of scores on chip when Nk fits one key tile (ROW_ON_CHIP, a
+# constexpr of the same kernel and role). The dk / dv pass is one kernel with NEED_DK / NEED_DV flags:
+# its role says which gradients it computes.
+KNN_ROLES = {
+    ("fwd", "knn_threshold_kernel", 0): "knn_select",
+    ("fwd", "knn_forward_kernel", 0): "knn_fwd",
+    ("bwd", "row_delta_kernel", 0): "knn_delta",
+    ("bwd", "knn_dq_kernel", 0): "knn_dq",
+    ("bwd", "knn_dkdv_kernel", 0): "knn_dkdv",
+    ("bwd_qk", "row_delta_kernel", 0): "knn_delta",
+    ("bwd_qk", "knn_dq_kernel", 0): "knn_dq",
+    ("bwd_qk", "knn_dkdv_kernel", 0): "knn_dk",
+    ("bwd_v", "knn_dkdv_kernel", 0): "knn_dv",
+}
+
+
 @dataclass(frozen=True)
 class Operation:
     run: Callable       # run(case, phase, fill=None): calls the launchers, calling phase(name) before each phase
     roles: dict         # (phase, kernel, occurrence | None) -> role name
 
 
-# Extension point: other operations (e.g. k-NN attention) add an entry here.
+# Extension point: another operation adds an entry here (and a matrix in compile_gate.MATRICES).
 OPERATIONS: dict[str, Operation] = {"vicinity": Operation(_run_vicinity, VICINITY_ROLES),
-                                    "vicinity_clamp": Operation(_run_vicinity, VICINITY_CLAMP_ROLES)}
+                                    "vicinity_clamp": Operation(_run_vicinity, VICINITY_CLAMP_ROLES),
+                                    "knn": Operation(_run_knn, KNN_ROLES)}
 
 
 def _role(roles: dict, phase: str, kernel: str, occurrence: int) -> str:
