@@ -9,9 +9,9 @@ infinitesimal change unless two scores are tied at tau_i), so
     dp_ij    = p_ij (ds_ij - delta_i),    delta_i = sum_j p_ij ds_ij
     do_i     = sum_j dp_ij v_j + sum_j p_ij tv_j = sum_j p_ij ds_ij v_j - delta_i o_i + (p tv)_i
 
-Ties: where scores tie at tau_i the function has no derivative (which of the tied keys are kept
-changes with the direction); this gives the derivative with every tied key kept and held, the
-one-sided derivative along directions that keep all of them, consistent with the forward value of the
+Ties: where scores tie at tau_i the output has no derivative (it is not even continuous there: a
+change that breaks the tie drops a tied key). The tangent given holds every tied key kept: it is the
+derivative along directions that keep the tied scores equal, and belongs to the forward value of the
 "torch" / "triton" backends (which keep every tied key). The "reference" backend (``torch.topk``)
 keeps an arbitrary ``topk`` of them, and its autograd differentiates that choice.
 
