@@ -14,6 +14,7 @@ import inspect
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +42,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _squeeze_scalars_in_triton36_interpreter() -> None:
+def _squeeze_scalars(interpreter) -> None:
     """Lets the kernels' loops with runtime bounds (``range(0, blocks_per_chunk)``, ``range(0, D, ...)``)
     run in the interpreter of triton < 3.7 with numpy 2.
 
@@ -49,13 +50,8 @@ def _squeeze_scalars_in_triton36_interpreter() -> None:
     ``int(array)``, which numpy 2 refuses ("only 0-dimensional arrays can be converted to Python
     scalars"); triton 3.7+ squeezes the array first. Same fix, applied to the older interpreter only.
     """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
     original = getattr(interpreter, "_patch_lang_tensor", None)
-    if version >= (3, 7) or original is None or getattr(original, "squeezes_scalars", False):
+    if original is None or getattr(original, "squeezes_scalars", False):
         return
 
     def patch_lang_tensor(tensor, scope):
@@ -66,8 +62,45 @@ def _squeeze_scalars_in_triton36_interpreter() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def _unsigned_all_ones(interpreter) -> None:
+    """Lets ``~x`` of an unsigned integer (the k-NN selection pass's order-preserving score keys) run in
+    the interpreter of triton < 3.7 with numpy 2.
+
+    That interpreter builds the all-ones operand of ``~`` as ``np.full(1, -1, dtype)``, which numpy 2
+    refuses for unsigned dtypes ("Python integer -1 out of bounds for uint32"); triton 3.7+ uses the
+    dtype's maximum (the same bits). Same fix, applied to the older interpreter only.
+    """
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "get_all_ones_value", None)
+    if original is None or getattr(original, "unsigned_all_ones", False):
+        return
+
+    def get_all_ones_value(self, type):
+        np_type = interpreter._get_np_dtype(type)
+        if np.issubdtype(np_type, np.unsignedinteger):
+            return interpreter.TensorHandle(np.full(1, np.iinfo(np_type).max, dtype=np_type), type.scalar)
+        return original(self, type)
+
+    get_all_ones_value.unsigned_all_ones = True
+    builder.get_all_ones_value = get_all_ones_value
+
+
+def _patch_triton36_interpreter() -> None:
+    """Fixes of the interpreter of triton < 3.7 (the version the lent GPU machines ship is 3.6) that
+    triton 3.7+ made itself: :func:`_squeeze_scalars`, :func:`_unsigned_all_ones`."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    if version >= (3, 7):
+        return
+    _squeeze_scalars(interpreter)
+    _unsigned_all_ones(interpreter)
+
+
 if interpreting():
-    _squeeze_scalars_in_triton36_interpreter()
+    _patch_triton36_interpreter()
 
 
 def exact_dots() -> bool:

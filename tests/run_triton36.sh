@@ -31,9 +31,11 @@ assert triton.__version__ == "3.6.0", triton.__version__
 print(f"triton {triton.__version__} (from {triton.__file__}), torch {torch.__version__}, "
       f"vicinity_attn from {vicinity_attn.__file__}")
 PYEOF
-# Default: every triton-backend test, and of the GPU-numerics file the emulation checks plus its
-# hardest realistic case (fp16, sigma 0.03): ~3 min in all on 2 cores. Arguments replace the default.
+# Default: every triton-backend test, of the GPU-numerics file the emulation checks plus its hardest
+# realistic case (fp16, sigma 0.03), and the k-NN triton tests (kernels, autograd modes; ~20 s):
+# ~3.5 min in all on 2 cores. Arguments replace the default.
 if [ "$#" -eq 0 ]; then
-    set -- tests/test_triton_backend.py tests/test_gpu_numerics.py -k "not realistic_scales or 0.03-fp16"
+    set -- tests/test_triton_backend.py tests/test_gpu_numerics.py tests/test_knn.py tests/test_knn_autograd_modes.py \
+        -k "not knn and (not realistic_scales or 0.03-fp16) or knn and triton"
 fi
 "$venv_py" -m pytest -q -p no:cacheprovider "$@"

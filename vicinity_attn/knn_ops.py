@@ -12,6 +12,13 @@ the compute dtype: the only per-row state saved besides q, k, v and o. A gradien
 comes back empty (custom ops cannot return None) and is turned back into None here. The forward
 op's autograd formula calls the backward op; differentiating the backward op raises a clear error. Op bodies run
 with autocast off (inputs are cast by :func:`vicinity_attn.ops.autocast_inputs` beforehand).
+
+Autograd modes, as for vicinity attention (:mod:`vicinity_attn.transforms`): while a torch.func
+transform or a forward-AD level is active the ops run inside :data:`_TransformableKnn`, an
+``autograd.Function`` with a generated vmap rule (over the ops' vmap rules, which fold a vmapped
+dimension into the batch) and a jvp (:func:`vicinity_attn.backends.knn_tangent.knn_tangent`: the
+tangent of the masked softmax with the mask held fixed). grad, vjp, jacrev, jvp, jacfwd, vmap and
+``torch.autograd.forward_ad`` work; a derivative of a derivative raises a clear error.
 """
 from __future__ import annotations
 
@@ -19,8 +26,10 @@ import torch
 from torch import Tensor
 
 from .backends import knn_torch
+from .backends.knn_tangent import knn_tangent
 from .layout import compute_dtype, empty_grads_like, empty_output_like
 from .ops import NAMESPACE, autocast_disabled
+from .transforms import double_backward_error, register_folding_vmap, transform_active, transformable_functions
 
 
 def _backend_module(backend: str):
@@ -80,11 +89,12 @@ def _define_ops(backend: str):
         return (*(g if n else None for g, n in zip(grads, needs)), None, None)
 
     def no_double_backward(ctx, *grads):
-        raise RuntimeError(f"knn_attention(backend={backend!r}) does not support double backward (a gradient of "
-                           "a gradient); use backend='reference' (plain autograd, dense) for higher derivatives")
+        raise double_backward_error("knn_attention", backend)
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    # vmap: the ops take a batch of (batch, head) slices; a vmapped dimension is folded into B.
+    register_folding_vmap(forward_op, backward_op, n_backward_tensors=7)
     return forward_op, backward_op
 
 
@@ -94,10 +104,20 @@ knn_triton_forward, knn_triton_backward = _define_ops("triton")
 FORWARD_OPS = {"torch": knn_torch_forward, "triton": knn_triton_forward}
 BACKWARD_OPS = {"torch": knn_torch_backward, "triton": knn_triton_backward}
 
+# The same ops as autograd.Functions with a jvp and a vmap rule, for torch.func transforms and forward AD.
+_TransformableKnn, _TransformableKnnBackward = transformable_functions(
+    "_TransformableKnn", "knn_attention", n_state=2,
+    forward=lambda q, k, v, backend, topk, scale: FORWARD_OPS[backend](q, k, v, topk, scale),
+    backward=lambda do, q, k, v, o, tau, lse, backend, topk, scale, *needs: BACKWARD_OPS[backend](
+        do, q, k, v, o, tau, lse, topk, scale, *needs),
+    tangent=lambda q, k, v, tq, tk, tv, backend, topk, scale: knn_tangent(q, k, v, tq, tk, tv, topk, scale))
+
 
 def custom_op_knn_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, topk: int, scale: float) -> Tensor:
     """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
     if backend == "triton":
         from .backends.knn_triton import check_knn_triton_inputs
         check_knn_triton_inputs(q, k, v)
+    if transform_active():
+        return _TransformableKnn.apply(q, k, v, backend, topk, scale)[0]
     return FORWARD_OPS[backend](q, k, v, topk, scale)[0]

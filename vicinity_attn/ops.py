@@ -18,16 +18,18 @@ tensor (custom ops cannot return None) and is turned back into None here.
 
 The forward op's autograd formula calls the backward op, so the compiled backward graph holds one
 opaque call as well. The backward op itself is not differentiable: differentiating it raises
-:data:`DOUBLE_BACKWARD_MESSAGE` (a user-facing error, not torch's "no autograd formula").
+:func:`~vicinity_attn.transforms.double_backward_error` (a user-facing error, not torch's "no autograd
+formula").
 
 Autograd modes: a custom op's registered autograd serves reverse mode (``.backward()``,
 ``torch.autograd.grad``) and torch.compile, but torch.func transforms reject it and forward-mode AD
 silently gives it no tangent. While a torch.func transform or a forward-AD level is active, the same
 two ops therefore run inside :class:`_TransformableAttention`, an ``autograd.Function`` with
 ``setup_context``, a generated vmap rule (over the ops' own vmap rules, which fold the vmapped
-dimension into the batch) and a ``jvp`` (:mod:`vicinity_attn.backends.tangent`). Supported: grad,
-vjp, jacrev, jvp, jacfwd, vmap and ``torch.autograd.forward_ad``; not supported: any derivative of
-a derivative (double backward, hessian, jvp of a grad), which raises the message above.
+dimension into the batch) and a ``jvp`` (:mod:`vicinity_attn.backends.tangent`), built by
+:mod:`vicinity_attn.transforms` (shared with the k-NN ops). Supported: grad, vjp, jacrev, jvp, jacfwd,
+vmap and ``torch.autograd.forward_ad``; not supported: any derivative of a derivative (double
+backward, hessian, jvp of a grad), which raises the error above.
 
 Autocast: the ops run their bodies with autocast disabled, so that the backends' float32
 accumulations are not silently turned into bf16 / fp16 matmuls; casting the inputs to the
@@ -47,6 +49,7 @@ from .backends.tangent import vicinity_tangent
 from .layout import compute_dtype, empty_grads_like, empty_output_like
 from .positions import feature_count
 from .spec import VicinitySpec
+from .transforms import double_backward_error, register_folding_vmap, transform_active, transformable_functions
 
 NAMESPACE = "vicinity_attn"
 
@@ -144,46 +147,18 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
     backward_op.register_autograd(_no_double_backward(backend), setup_context=lambda ctx, inputs, output: None)
 
     # vmap: the ops already take a batch of (batch, head) slices; a vmapped dimension is folded into B.
-    @forward_op.register_vmap
-    def _(info, in_dims, q, k, v, *spec):
-        n = info.batch_size
-        outs = forward_op(*(_fold(t, d, n) for t, d in zip((q, k, v), in_dims)), *spec)
-        return tuple(t.unflatten(0, (n, -1)) for t in outs), (0, 0, 0, 0)
-
-    @backward_op.register_vmap
-    def _(info, in_dims, *args):
-        n = info.batch_size
-        tensors = [_fold(t, d, n) for t, d in zip(args[:8], in_dims)]
-        grads = backward_op(*tensors, *args[8:])
-        # A gradient not asked for is an empty placeholder, not batched.
-        return (tuple(g.unflatten(0, (n, -1)) if g.numel() else g for g in grads),
-                tuple(0 if g.numel() else None for g in grads))
+    register_folding_vmap(forward_op, backward_op, n_backward_tensors=8)
 
     for op in (forward_op, backward_op):
         _defer_dynamo_import(op)
     return forward_op, backward_op
 
 
-def _fold(t: Tensor, dim: int | None, n: int) -> Tensor:
-    """A vmapped tensor [..n at dim..] (or an unbatched one, broadcast to n) as a contiguous [n * B, ...]
-    (the kernels take the saved states contiguous, and a broadcast would give them a zero stride)."""
-    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
-    return t.flatten(0, 1).contiguous()
-
-
 def _no_double_backward(backend: str):
     """The backward op's autograd formula: a clear error where a gradient of a gradient is asked for."""
     def _backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend=backend))
+        raise double_backward_error("vicinity_attention", backend)
     return _backward
-
-
-DOUBLE_BACKWARD_MESSAGE = (
-    "vicinity_attention(backend={backend!r}) does not support double backward (a gradient of a gradient: "
-    "backward through a graph built with create_graph=True, torch.func.hessian, nested torch.func.grad, "
-    "jacfwd/jvp over a gradient). Its backward is hand-written and not itself differentiable. "
-    "Use backend='reference' (plain PyTorch autograd, quadratic in the number of tokens) for higher-order "
-    "derivatives.")
 
 
 def _defer_dynamo_import(op) -> None:
@@ -249,74 +224,14 @@ BACKWARD_OPS = {"torch": torch_backward, "triton": triton_backward}
 # functorch transforms and forward-mode AD
 # ----------------------------------------------------------------------------------------------------
 
-class _TransformableAttention(torch.autograd.Function):
-    """The same forward and backward ops as an ``autograd.Function`` with ``setup_context``, a ``jvp``
-    and a generated vmap rule: what torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) and
-    forward-mode AD (``torch.autograd.forward_ad``) need, and what a custom op's registered autograd
-    lacks (torch.func rejects it; forward AD silently gives no tangent). Used only while such a
-    transform or a forward-AD level is active (:func:`_transform_active`); torch.compile never sees
-    it (Dynamo does not trace an ``autograd.Function`` with a custom ``jvp``)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, backend: str, spec: VicinitySpec):
-        return FORWARD_OPS[backend](q, k, v, *spec_args(spec))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        q, k, v, backend, spec = inputs
-        o, den, S, z = output
-        ctx.mark_non_differentiable(den, S, z)
-        ctx.save_for_backward(q, k, v, o, den, S, z)
-        ctx.save_for_forward(q, k, v)
-        ctx.backend, ctx.spec = backend, spec
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, do, _dden, _dS, _dz):
-        if do is None:
-            return (None,) * 5
-        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
-        grads = _TransformableBackward.apply(do, *ctx.saved_tensors, ctx.backend, ctx.spec, *needs)
-        return (*(g if n else None for g, n in zip(grads, needs)), None, None)
-
-    @staticmethod
-    def jvp(ctx, tq, tk, tv, _backend, _spec):
-        q, k, v = ctx.saved_tensors
-        return vicinity_tangent(q, k, v, tq, tk, tv, ctx.spec), None, None, None
-
-
-class _TransformableBackward(torch.autograd.Function):
-    """The backward op under torch.func transforms: differentiating it again (hessian, jacfwd over a
-    gradient, nested grad) raises :data:`DOUBLE_BACKWARD_MESSAGE` instead of torch's generic errors."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(do, q, k, v, o, den, S, z, backend: str, spec: VicinitySpec, need_dq: bool, need_dk: bool,
-                need_dv: bool):
-        return BACKWARD_OPS[backend](do, q, k, v, o, den, S, z, *spec_args(spec), need_dq, need_dk, need_dv)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.backend = inputs[8]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend=ctx.backend))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend=ctx.backend))
-
-
-def _transform_active() -> bool:
-    """A torch.func transform or a forward-AD dual level is active (and we are not being compiled)."""
-    if torch.compiler.is_compiling():
-        return False
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.autograd.forward_ad._current_level >= 0)
+# The same forward and backward ops as autograd.Functions with a jvp and a vmap rule (see the module
+# docstring); used only while a transform is active (transform_active()).
+_TransformableAttention, _TransformableBackward = transformable_functions(
+    "_TransformableAttention", "vicinity_attention", n_state=3,
+    forward=lambda q, k, v, backend, spec: FORWARD_OPS[backend](q, k, v, *spec_args(spec)),
+    backward=lambda do, q, k, v, o, den, S, z, backend, spec, *needs: BACKWARD_OPS[backend](
+        do, q, k, v, o, den, S, z, *spec_args(spec), *needs),
+    tangent=lambda q, k, v, tq, tk, tv, backend, spec: vicinity_tangent(q, k, v, tq, tk, tv, spec))
 
 
 def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:
@@ -325,7 +240,7 @@ def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: Vic
         # Device / head-dim errors must surface in eager and at trace time alike, before the op.
         from .backends.triton_backend import check_triton_inputs
         check_triton_inputs(q, k, v)
-    if _transform_active():
+    if transform_active():
         return _TransformableAttention.apply(q, k, v, backend, spec)[0]
     return FORWARD_OPS[backend](q, k, v, *spec_args(spec))[0]
 

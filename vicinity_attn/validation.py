@@ -159,6 +159,33 @@ def check_layer_input(x: object, H: object, W: object, channels: int, channels_n
     return x
 
 
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q / k / v checks every attention call shares (each a dense 4-d floating tensor; one dtype, one
+    device; shared batch and head sizes; k and v with one token count; q and k with one head dim, every
+    head dim >= 1), for a ``layout`` already checked; returns q, k, v as [B, H, N, D] views."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if layout == "bnhd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dims = "[B, H, N, D]" if layout == "bhnd" else "[B, N, H, D]"
+    (B, H, _, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
+    if (Bk, Hk) != (B, H) or (Bv, Hv) != (B, H):
+        raise ValueError(f"q, k and v must share batch and head sizes (layout {layout!r}: {dims}); got "
+                         f"(B, H) = {(B, H)} for q, {(Bk, Hk)} for k, {(Bv, Hv)} for v")
+    if Nv != Nk:
+        raise ValueError(f"k and v must have the same number of tokens, got {Nk} and {Nv}")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    return q, k, v
+
+
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
                   num_prefix_tokens: int = 0, den_floor: float = 0.0,
@@ -171,25 +198,8 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     eps, den_floor = check_normaliser(eps, den_floor)
     clamp = check_clamp(clamp)
     n_prefix = check_prefix(num_prefix_tokens)
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_tensor(t, name)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if layout == "bnhd":
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    dims = "[B, H, N, D]" if layout == "bhnd" else "[B, N, H, D]"
-    (B, H, Nq, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
-    if (Bk, Hk) != (B, H) or (Bv, Hv) != (B, H):
-        raise ValueError(f"q, k and v must share batch and head sizes (layout {layout!r}: {dims}); got "
-                         f"(B, H) = {(B, H)} for q, {(Bk, Hk)} for k, {(Bv, Hv)} for v")
-    if Nv != Nk:
-        raise ValueError(f"k and v must have the same number of tokens, got {Nk} and {Nv}")
-    if D < 1 or Dv < 1:
-        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    q, k, v = check_qkv(q, k, v, layout)
+    Nq, Nk = q.shape[2], k.shape[2]
     grid = normalize_grid(grid, "grid")
     kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
     if len(kv_grid) != len(grid):
@@ -229,24 +239,7 @@ def validate_knn_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: i
     """Check a ``knn_attention`` call; returns q, k, v as [B, H, N, D] views, topk and the resolved scale."""
     layout = check_option(layout, "layout", LAYOUTS)
     check_option(backend, "backend", BACKENDS)
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_tensor(t, name)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if layout == "bnhd":
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    dims = "[B, H, N, D]" if layout == "bhnd" else "[B, N, H, D]"
-    (B, H, _, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
-    if (Bk, Hk) != (B, H) or (Bv, Hv) != (B, H):
-        raise ValueError(f"q, k and v must share batch and head sizes (layout {layout!r}: {dims}); got "
-                         f"(B, H) = {(B, H)} for q, {(Bk, Hk)} for k, {(Bv, Hv)} for v")
-    if Nv != Nk:
-        raise ValueError(f"k and v must have the same number of tokens, got {Nk} and {Nv}")
-    if D < 1 or Dv < 1:
-        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    q, k, v = check_qkv(q, k, v, layout)
+    Nk, D = k.shape[2], q.shape[-1]
     topk = check_topk(topk, Nk)
     return q, k, v, topk, check_scale(scale, D)

@@ -36,9 +36,8 @@ def _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn
               PREC: tl.constexpr, NEED_DS: tl.constexpr):
     """p and ds for one [BLOCK_M, BLOCK_N] tile: the forward's probabilities (0 off the mask and on
     padding) and p * (dO v^T - delta) (only when NEED_DS; else p is returned twice)."""
-    s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
-                   BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
-    keep = (s >= tau[:, None]) & (rows[:, None] < n_queries) & (cols[None, :] < n_keys)
+    s, keep = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
+                         tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True)
     p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
     if NEED_DS:
         dp = row_dots(do_base, rows, n_queries, sdn, sdd, v_base, cols, n_keys, svn, svd, head_dim_v,

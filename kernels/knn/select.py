@@ -30,12 +30,13 @@ def knn_threshold_kernel(
     # 1 << (NBITS - 1) built by a shift in KEY: a literal 2**63 would not fit a signed constant.
     top_bit = tl.full((BLOCK_M,), 1, dtype=KEY) << (NBITS - 1)
     answer = tl.zeros((BLOCK_M,), dtype=KEY)
+    # score_tile's mask without the cut (CUT = False): only the tile's real entries; its tau argument is
+    # unused here (scale stands in).
     if ROW_ON_CHIP:
         cols = tl.arange(0, BLOCK_N)
-        s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
-                       BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
+        s, valid = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim,
+                              scale, scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, False)
         key = order_key(s, top_bit[:, None])
-        valid = cols[None, :] < n_keys
         for i in range(NBITS):
             cand = answer | (top_bit >> i)
             count = tl.sum(((key >= cand[:, None]) & valid).to(tl.int32), axis=1)
@@ -46,9 +47,9 @@ def knn_threshold_kernel(
             count = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for n0 in range(0, n_keys, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
-                s = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim,
-                               scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC)
-                hit = (order_key(s, top_bit[:, None]) >= cand[:, None]) & (cols[None, :] < n_keys)
+                s, valid = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd,
+                                      head_dim, scale, scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, False)
+                hit = (order_key(s, top_bit[:, None]) >= cand[:, None]) & valid
                 count += tl.sum(hit.to(tl.int32), axis=1)
             answer = tl.where(count >= topk, cand, answer)
     tau = key_to_score(answer, top_bit, ACC)

@@ -1,4 +1,4 @@
-"""jit helpers every k-NN pass shares: tile loads, the score tile, and the order-preserving key.
+"""jit helpers every k-NN pass shares: tile loads, the (masked) score tile, and the order-preserving key.
 
 The mask of every pass is ``s >= tau`` with tau found by the selection pass, so every pass must
 compute a score bitwise as the selection pass did: :func:`score_tile` is the one place scores are
@@ -40,14 +40,25 @@ def row_dots(a_base, a_rows, n_a, s_an, s_ad, b_base, b_rows, n_b, s_bn, s_bd, d
 
 
 @triton.jit
-def score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
+def score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale, tau,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
-               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """scale * q[rows] @ k[cols]^T: a [BLOCK_M, BLOCK_N] tile in ACC (0 where padded)."""
+               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CUT: tl.constexpr):
+    """(s, keep) for one [BLOCK_M, BLOCK_N] tile of (query rows, key rows), the only place scores and
+    their mask are formed:
+
+        s    = scale * q[rows] @ k[cols]^T      in ACC, 0 where padded
+        keep = rows < n_queries & cols < n_keys  (the tile's real entries)
+               & s >= tau[:, None]               when CUT (the k-NN mask; tau [BLOCK_M] in ACC)
+
+    The selection pass, which is finding tau, passes CUT = False (its ``tau`` is unused)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc = row_dots(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, acc,
                    BLOCK_K, N_K, DOT, PREC)
-    return acc * scale
+    s = acc * scale
+    keep = (rows[:, None] < n_queries) & (cols[None, :] < n_keys)
+    if CUT:
+        keep = keep & (s >= tau[:, None])
+    return s, keep
 
 
 @triton.jit

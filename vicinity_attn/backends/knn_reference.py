@@ -14,9 +14,9 @@ import torch
 def knn_probabilities(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
     """softmax over each row's topk largest scores: [B, H, Nq, Nk] in q's dtype."""
     scores = (q @ k.transpose(-2, -1)) * scale
-    mask = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
     index = torch.topk(scores, k=topk, dim=-1, largest=True)[1]
-    mask.scatter_(-1, index, 1.0)
+    # Out of place (theirs scatters in place): under torch.func.vmap the indices are batched, the zeros not.
+    mask = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device).scatter(-1, index, 1.0)
     scores = torch.where(mask > 0, scores, torch.full_like(scores, float("-inf")))
     return scores.softmax(dim=-1)
 

@@ -30,7 +30,7 @@ def row_blocks(batch_heads: int, nq: int, nk: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows, nq)) for r in range(0, nq, rows)]
 
 
-def _flat(x: torch.Tensor, dtype: torch.dtype, factor: float | None = None) -> torch.Tensor:
+def flat_heads(x: torch.Tensor, dtype: torch.dtype, factor: float | None = None) -> torch.Tensor:
     """x [B, H, N, E] as a [B*H, N, E] tensor of ``dtype`` (a copy only where needed), times ``factor``."""
     x = x.to(dtype).reshape(-1, x.shape[-2], x.shape[-1])
     return x * factor if factor is not None else x
@@ -49,7 +49,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
     B, H, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     dtype = compute_dtype(q.dtype)
-    q_s, k_t, v_c = _flat(q, dtype, scale), _flat(k, dtype).transpose(1, 2), _flat(v, dtype)
+    q_s, k_t, v_c = flat_heads(q, dtype, scale), flat_heads(k, dtype).transpose(1, 2), flat_heads(v, dtype)
     o = empty_output_like(q, Dv)
     o_acc = torch.empty((B * H, Nq, Dv), dtype=dtype, device=q.device)
     tau = q.new_empty((B * H, Nq), dtype=dtype)
@@ -80,14 +80,14 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     dtype = compute_dtype(q.dtype)
-    q_s, k_c, do_c = _flat(q, dtype, scale), _flat(k, dtype), _flat(do, dtype)
+    q_s, k_c, do_c = flat_heads(q, dtype, scale), flat_heads(k, dtype), flat_heads(do, dtype)
     k_t = k_c.transpose(1, 2)
     tau, lse = tau.reshape(B * H, Nq), lse.reshape(B * H, Nq)
     dq, dk, dv = empty_grads_like((q, k, v), needs)
     need_ds = needs[0] or needs[1]
     if need_ds:
-        v_t = _flat(v, dtype).transpose(1, 2)
-        delta = (do_c * _flat(o, dtype)).sum(dim=-1)          # rowsum(dO * o): [B*H, Nq]
+        v_t = flat_heads(v, dtype).transpose(1, 2)
+        delta = (do_c * flat_heads(o, dtype)).sum(dim=-1)          # rowsum(dO * o): [B*H, Nq]
         k_scaled = k_c * scale if needs[0] else None
     dq_acc = torch.empty((B * H, Nq, D), dtype=dtype, device=q.device) if needs[0] else None
     dk_acc = torch.zeros((B * H, Nk, D), dtype=dtype, device=q.device) if needs[1] else None
