@@ -26,8 +26,7 @@ EXACT_DOTS_ENV = "VICINITY_ATTN_EXACT_DOTS"
 # real launch infers it: head dims D / DV and the strides get Triton's "divisible by 16" and "== 1"
 # facts, which is what lets the compiler prove the column masks uniform and vectorise the loads and
 # stores (128-bit, async copies) instead of issuing scalar 16-bit accesses.
-RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "tok_offset", "s0", "s1", "s2", "blocks_per_chunk", "n_rows",
-                          "n_chunks"})
+RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "s0", "s1", "s2", "blocks_per_chunk", "n_rows", "n_chunks"})
 
 
 def launch_jit(fn):

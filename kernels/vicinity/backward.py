@@ -110,7 +110,7 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
         else cfg.block_n
     grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
     contract_dv_kernel[grid](
-        x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, tok_offset, *sizes, out_scale,
+        x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))

@@ -21,12 +21,11 @@ from .positions import position_feature
 
 @triton.jit
 def _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e, mask_m, D, DV, n_prefix,
-                        tok_offset, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                        s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                         HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, WITH_DEN: tl.constexpr,
                         ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """acc += (P_M phi) @ M_M[d tile, dv tile];  den += (P_M phi) . z_M[d tile]."""
-    p = position_feature(offs_n + tok_offset, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                         IS_QUERY, ACC)
+    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     a = phi * p[:, None]
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :], mask=mask_m, other=0.0)
     acc = mma(a, state, acc, DOT, PREC)
@@ -37,7 +36,7 @@ def _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d
 
 
 @triton.jit
-def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix, tok_offset, s0, s1, s2,
+def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix, s0, s1, s2,
                      sxn, sxd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                      WITH_DEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -56,19 +55,18 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
     if N_FEAT == 1:
         for M in tl.static_range(N_FEAT):
             acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
-                                           mask_m, D, DV, n_prefix, tok_offset, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
+                                           mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
                                            HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
-                                           mask_m, D, DV, n_prefix, tok_offset, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
+                                           mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
                                            HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
     return acc, den
 
 
 @launch_jit
-def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_prefix, tok_offset, s0, s1, s2, eps,
-                      out_scale,
+def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_prefix, s0, s1, s2, eps, out_scale,
                       den_floor, clamp_lo, clamp_hi, state_scale,
                       sxb, sxh, sxn, sxd, sob, soh, son, sod,
                       N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
@@ -93,7 +91,7 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
     den = tl.zeros((BLOCK_N,), ACC)
     for d0 in range(0, D, BLOCK_D):
         acc, den = _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix,
-                                    tok_offset, s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                    s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                     FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
     if WITH_DEN:
         # den_floor and eps arrive scaled like den; where(), not maximum(): a NaN den stays NaN.
@@ -113,8 +111,7 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
 
 
 @triton.jit
-def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix, tok_offset,
-                         s0, s1, s2,
+def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix, s0, s1, s2,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
@@ -126,8 +123,7 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
     terms: the rounded S g against the exact fp32 z c gave errors ~30x the inputs' rounding (fp16,
     positive inputs). bf16 dots keep the product in the operand: the extra fp32 tile spills on sm_80.
     """
-    p = position_feature(offs_n + tok_offset, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                         IS_QUERY, ACC)
+    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :],
                     mask=mask_d[:, None] & mask_e[None, :], other=0.0)
     if DOT == tl.bfloat16 or PREC == "emulate_bf16":
@@ -137,7 +133,7 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
 
 
 @triton.jit
-def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, tok_offset, s0, s1, s2,
+def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, s0, s1, s2,
                       syn, syd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                       HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_DV: tl.constexpr,
                       ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
@@ -149,19 +145,18 @@ def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D
     if N_FEAT == 1:  # see _contract_d_tile
         for M in tl.static_range(N_FEAT):
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
-                                       n_prefix, tok_offset, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                       n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                        ACC, DOT, PREC)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
-                                       n_prefix, tok_offset, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                       n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                        ACC, DOT, PREC)
     return acc
 
 
 @launch_jit
-def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N, D, DV, n_prefix, tok_offset,
-                       s0, s1, s2,
+def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N, D, DV, n_prefix, s0, s1, s2,
                        out_scale, sxb, sxh, sxn, sxd, syb, syh, syn, syd, sob, soh, son, sod,
                        N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                        HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
@@ -185,7 +180,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for e0 in range(0, DV, BLOCK_DV):
         acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
-                                tok_offset, s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                 BLOCK_DV, ACC, DOT, PREC)
     if ROW_WEIGHTS:
         rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
@@ -193,8 +188,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
         acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
-        p = position_feature(offs_n + tok_offset, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                             IS_QUERY, ACC)
+        p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
         if ROW_WEIGHTS:
             p = p * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)

@@ -48,7 +48,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     if not row_weights:
         rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
     state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
-        x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, tok_offset, *sizes, plan.blocks_per_chunk,
+        x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
         scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))
@@ -79,7 +79,7 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     sizes = geom.q_sizes if is_query else geom.k_sizes
     grid = (triton.cdiv(N, cfg.block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
     contract_d_kernel[grid](
-        x, states, z, out, den, H, N, D, Dv, geom.n_prefix, tok_offset, *sizes, eps if with_den else 0.0, out_scale,
+        x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0, out_scale,
         den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
         CLAMP=with_den and clamp is not None,

@@ -18,7 +18,7 @@ from .positions import position_feature
 
 
 @triton.jit
-def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV, n_prefix, tok_offset, s0, s1, s2,
+def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV, n_prefix, s0, s1, s2,
                  d0, e0, sxn, sxd, syn, syd,
                  N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                  HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
@@ -33,7 +33,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
     x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
-    p = position_feature(offs_n + tok_offset, m, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+    p = position_feature(offs_n, m, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                              IS_QUERY, ACC)
     a = feature_map(x, mask_x, FMAP) * p[:, None]
     if ROW_WEIGHTS:
@@ -49,7 +49,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
 
 @launch_jit
 def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
-                         H, N, D, DV, n_prefix, tok_offset, s0, s1, s2, blocks_per_chunk, scale,
+                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk, scale,
                          sxb, sxh, sxn, sxd, syb, syh, syn, syd,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
@@ -82,7 +82,7 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     first = chunk * blocks_per_chunk
     for blk in range(first, first + blocks_per_chunk):
         s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, blk * BLOCK_N,
-                                    N, D, DV, n_prefix, tok_offset, s0, s1, s2, d0, e0, sxn, sxd, syn, syd,
+                                    N, D, DV, n_prefix, s0, s1, s2, d0, e0, sxn, sxd, syn, syd,
                                     N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, FMAP, ROW_WEIGHTS,
                                     BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
 
