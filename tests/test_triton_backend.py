@@ -312,3 +312,48 @@ def test_launches_on_the_tensors_gpu():
         ref = vicinity_attention(q, k, v, (4, 5), backend="torch")
     assert out.device == q.device
     assert rel_err(out, ref) < 1e-5
+
+
+# --- token offsets: shards of one sequence (context parallelism) -----------------------------------
+
+@pytest.mark.parametrize("grid, kv_grid, prefix, variant, q_cuts, k_cuts", [
+    ((5, 6), (3, 4), 2, "sum", (1, 19), (9,)),          # the first q shard holds half the prefix
+    ((2, 3, 4), None, 0, "product", (7, 8), (13,)),
+])
+def test_token_offsets_shards_add_up_to_the_whole_sequence(grid, kv_grid, prefix, variant, q_cuts, k_cuts):
+    """The launcher passes on shards of the token sequence (kernels told each shard's first position)
+    give the whole sequence's states, outputs and gradients: states and state gradients summed over
+    shards, outputs and input gradients row for row."""
+    from vicinity_attn.kernels.vicinity import (Geometry, backward_keys, backward_queries, forward_output,
+                                                forward_states, vicinity_backward, vicinity_forward)
+
+    nq, nk = token_counts(grid, kv_grid, prefix)
+    q, k, v = make_inputs(1, 2, nq, nk, 16, 8, device=DEVICE, requires_grad=False)
+    do = torch.randn(1, 2, nq, 8, dtype=q.dtype, device=DEVICE)
+    geom = Geometry.build(grid, kv_grid or grid, variant, "relu", prefix)
+    o = torch.empty_like(do)
+    den, S, z = vicinity_forward(q, k, v, o, geom, 1e-4)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, 1e-4)
+
+    def spans(cuts, n):
+        bounds = (0, *cuts, n)
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    parts = [forward_states(k[:, :, a:b], v[:, :, a:b], geom, n_keys=nk, key_offset=a) for a, b in spans(k_cuts, nk)]
+    S_sum, z_sum = (sum(p[i] for p in parts) for i in (0, 1))
+    assert rel_err(S_sum, S) < 1e-12 and rel_err(z_sum, z) < 1e-12
+    dS_sum = dz_sum = 0
+    for a, b in spans(q_cuts, nq):
+        o_s = torch.empty_like(do[:, :, a:b])
+        den_s = forward_output(q[:, :, a:b], S_sum, z_sum, o_s, geom, 1e-4, 0.0, None, n_keys=nk, query_offset=a)
+        assert rel_err(o_s, o[:, :, a:b]) < 1e-12
+        dq_s = torch.empty_like(q[:, :, a:b])
+        dS_s, dz_s = backward_queries(do[:, :, a:b], q[:, :, a:b], o_s, den_s, S_sum, z_sum, dq_s, geom, 1e-4, 0.0,
+                                      None, nq, nk, query_offset=a)
+        assert rel_err(dq_s, dq[:, :, a:b]) < 1e-12
+        dS_sum, dz_sum = dS_sum + dS_s, dz_sum + dz_s
+    for a, b in spans(k_cuts, nk):
+        dk_s, dv_s = torch.empty_like(k[:, :, a:b]), torch.empty_like(v[:, :, a:b])
+        backward_keys(k[:, :, a:b], v[:, :, a:b], S_sum, dS_sum, dz_sum, dk_s, dv_s, geom, None, nq, nk, key_offset=a)
+        assert rel_err(dk_s, dk[:, :, a:b]) < 1e-12 and rel_err(dv_s, dv[:, :, a:b]) < 1e-12

@@ -1,7 +1,8 @@
 """Vicinity attention kernels: a state pass over the keys, an output pass over the queries, and the
 backward passes (DESIGN of the math: the package docs)."""
-from .backward import vicinity_backward
-from .forward import vicinity_forward
+from .backward import backward_keys, backward_queries, vicinity_backward
+from .forward import forward_output, forward_states, vicinity_forward
 from .launch import Geometry
 
-__all__ = ["vicinity_forward", "vicinity_backward", "Geometry"]
+__all__ = ["vicinity_forward", "vicinity_backward", "forward_states", "forward_output", "backward_queries",
+           "backward_keys", "Geometry"]

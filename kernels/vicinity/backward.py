@@ -33,12 +33,29 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     ``eps`` and ``den_floor`` (unscaled, as given to ``vicinity_forward``) locate the rows where the
     floor was active (there c = 0). With ``clamp``, the row weights come from clamp.py instead (dO is
     replaced by the masked g / s_k and rs = 1), and dS is masked where S was clamped.
+    The two passes are :func:`backward_queries` and :func:`backward_keys` (context parallelism sums
+    the state gradients of every rank's queries between them).
     """
+    Nq, Nk = q.shape[2], k.shape[2]
+    states = backward_queries(do, q, o, den, S, z, dq, geom, eps, den_floor, clamp, Nq, Nk,
+                              need_states=dk is not None or dv is not None)
+    if states is not None:
+        backward_keys(k, v, S, *states, dk, dv, geom, clamp, Nq, Nk)
+
+
+def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
+                     z: torch.Tensor, dq: torch.Tensor | None, geom: Geometry, eps: float, den_floor: float,
+                     clamp: tuple[float, float] | None, n_queries: int, n_keys: int, query_offset: int = 0,
+                     need_states: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The query pass: fills dq (unless None) for the queries q [B, H, n, D] at sequence positions
+    query_offset .. query_offset + n - 1 of ``n_queries`` (keys: ``n_keys``), and returns their state
+    gradients (dS [BH, F, D, Dv], dz [BH, F, D], scaled as :func:`vicinity_backward` says) when
+    ``need_states``, else None."""
     B, H, Nq, D = q.shape
-    Nk, Dv = v.shape[2], v.shape[3]
+    Dv = do.shape[-1]
     cfg = pick_config(D, Dv, q.dtype)
     acc = dot_precision("bwd_row_weights", q.dtype).acc
-    s_k, s_q = pow2_scale(Nk), pow2_scale(Nq)
+    s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
 
     rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
@@ -47,26 +64,37 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
             do, o, den, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, *do.stride(), *o.stride(),
             BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc, **cfg.options("bwd_row_weights"))
     else:
-        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, acc, eps, den_floor, clamp, s_k)
+        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, acc, eps, den_floor, clamp, s_k,
+                                  query_offset)
 
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq")
-    if dk is None and dv is None:
-        return
-    dS, dz = compute_states(q, do, geom, True, s_q, cfg, "bwd_state", rs=rs, rz=rz)
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset)
+    if not need_states:
+        return None
+    return compute_states(q, do, geom, True, s_q, cfg, "bwd_state", rs=rs, rz=rz, tok_offset=query_offset)
+
+
+def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.Tensor, dz: torch.Tensor,
+                  dk: torch.Tensor | None, dv: torch.Tensor | None, geom: Geometry,
+                  clamp: tuple[float, float] | None, n_queries: int, n_keys: int, key_offset: int = 0) -> None:
+    """The key pass: fills dk, dv (where not None) for the keys k [B, H, n, D], v [B, H, n, Dv] at
+    sequence positions key_offset .. key_offset + n - 1, from the state gradients of all ``n_queries``
+    queries (dS masked here in place where the clamped S was clamped)."""
+    cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype)
+    s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
     if clamp is not None:
         n = dS.numel()
         state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0] * s_k, clamp[1] * s_k,
                                                                 BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
     key_scale = s_k / s_q
     if dv is not None:
-        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, key_scale)
+        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, key_scale, tok_offset=key_offset)
     if dk is not None:
-        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, "bwd_dk")
+        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, "bwd_dk", key_offset)
 
 
 def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
-                 cfg: LaunchConfig, launch: str):
+                 cfg: LaunchConfig, launch: str, tok_offset: int = 0):
     """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None.
     ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options."""
     prec = dot_precision(launch, x.dtype)
@@ -79,21 +107,22 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     block_n = cfg.tokens_per_program(launch)
     grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
     contract_dv_kernel[grid](
-        x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix, *sizes, out_scale,
+        x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))
 
 
 def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, acc, eps: float,
-                         den_floor: float, clamp: tuple[float, float], s_k: float) -> torch.Tensor:
+                         den_floor: float, clamp: tuple[float, float], s_k: float,
+                         query_offset: int = 0) -> torch.Tensor:
     """The clamped backward's row weights (clamp.py): recomputes the unclamped numerator from the
     clamped states (one output pass), fills rs = 1 and rz = c / s_k, and returns g / s_k [B, H, Nq, Dv]
     in dO's dtype, to be used in place of dO."""
     B, H, Nq, _ = q.shape
     Dv = do.shape[-1]
     num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
-    contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None)
+    contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset)
     g = torch.empty(B, H, Nq, Dv, dtype=do.dtype, device=q.device)
     clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,

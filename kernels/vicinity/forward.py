@@ -21,10 +21,12 @@ def _acc_torch_dtype(prec: Precision) -> torch.dtype:
 
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
                    cfg: LaunchConfig, launch: str, rs: torch.Tensor | None = None,
-                   rz: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   rz: torch.Tensor | None = None, tok_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
+    Token t of x sits at position ``tok_offset + t`` of its sequence (a shard of a longer sequence:
+    context parallelism); P is that position's feature.
     ``launch`` ("fwd_state" / "bwd_state") picks the dot precision and launch options.
     """
     prec = dot_precision(launch, x.dtype)
@@ -47,7 +49,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     if not row_weights:
         rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
     state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
-        x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix, *sizes, plan.blocks_per_chunk,
+        x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
         scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch))
@@ -63,12 +65,13 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
 def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
                is_query: bool, cfg: LaunchConfig, launch: str, eps: float | None,
                out_scale: float = 1.0, den_floor: float = 0.0,
-               clamp: tuple[float, float] | None = None, state_scale: float = 1.0) -> torch.Tensor | None:
+               clamp: tuple[float, float] | None = None, state_scale: float = 1.0,
+               tok_offset: int = 0) -> torch.Tensor | None:
     """out = out_scale * sum_m P_m phi(x) M_m, divided by den = max(sum_m P_m phi(x).z_m, den_floor) + eps
     when eps is given (then den [BH, N] is returned; eps, den_floor scaled like the states). With
     ``clamp`` (and eps), out = C(C(num) C(1/den)) on the values unscaled by ``state_scale`` (clamp.py).
-    x [B, H, N, D], out [B, H, N, Dv] strided. ``launch`` ("fwd_output" / "bwd_dv") picks the dot
-    precision and launch options."""
+    x [B, H, N, D], out [B, H, N, Dv] strided; token i of x sits at sequence position ``tok_offset + i``.
+    ``launch`` ("fwd_output" / "bwd_dv") picks the dot precision and launch options."""
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = out.shape[-1]
@@ -78,7 +81,7 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     block_n = cfg.tokens_per_program(launch)
     grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
     contract_d_kernel[grid](
-        x, states, z, out, den, H, N, D, Dv, geom.n_prefix, *sizes, eps if with_den else 0.0, out_scale,
+        x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0, out_scale,
         den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
         CLAMP=with_den and clamp is not None,
@@ -96,17 +99,40 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     keeps them O(1): fp16 tensor-core operands built from them cannot overflow however long the
     sequence. They are in fp32 (fp64 for fp64 inputs). den = max(sum, den_floor) + eps (den_floor scaled
     too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
+    The two passes are :func:`forward_states` and :func:`forward_output` (context parallelism sums
+    the states of every rank's keys between them).
     """
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
-    assert q.shape[-1] <= 256 and v.shape[-1] <= 256
-    cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
-    scale = pow2_scale(k.shape[2])
-    S, z = compute_states(k, v, geom, False, scale, cfg, "fwd_state")
+    S, z = forward_states(k, v, geom)
+    den = forward_output(q, S, z, o, geom, eps, den_floor, clamp, n_keys=k.shape[2])
+    return den, S, z
+
+
+def forward_states(k: torch.Tensor, v: torch.Tensor, geom: Geometry, n_keys: int | None = None,
+                   key_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state pass: (S [BH, F, D, Dv], z [BH, F, D]) over the keys k [B, H, n, D], v [B, H, n, Dv],
+    which sit at positions key_offset .. key_offset + n - 1 of a sequence of ``n_keys`` keys (default:
+    k is the whole sequence). Scaled by 2^-ceil(log2 n_keys): shards of one sequence share that scale,
+    so their states add up to the whole sequence's."""
+    assert k.shape[-1] <= 256 and v.shape[-1] <= 256
+    cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype)
+    scale = pow2_scale(k.shape[2] if n_keys is None else n_keys)
+    return compute_states(k, v, geom, False, scale, cfg, "fwd_state", tok_offset=key_offset)
+
+
+def forward_output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.Tensor, geom: Geometry, eps: float,
+                   den_floor: float, clamp: tuple[float, float] | None, n_keys: int,
+                   query_offset: int = 0) -> torch.Tensor:
+    """The output pass: fills o [B, H, n, Dv] for the queries q [B, H, n, D] at sequence positions
+    query_offset .. query_offset + n - 1 from the states of all ``n_keys`` keys (scaled as
+    :func:`forward_states` scales them; clamped here in place when ``clamp`` is given) and returns den
+    [BH, n]."""
+    cfg = pick_config(q.shape[-1], o.shape[-1], q.dtype)
+    scale = pow2_scale(n_keys)
     if clamp is not None:
         clamp_states(S, clamp, scale)
-    den = contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps * scale, den_floor=den_floor * scale, clamp=clamp,
-                     state_scale=scale)
-    return den, S, z
+    return contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps * scale, den_floor=den_floor * scale, clamp=clamp,
+                      state_scale=scale, tok_offset=query_offset)
 
 
 def clamp_states(S: torch.Tensor, clamp: tuple[float, float], scale: float) -> None:

@@ -88,17 +88,19 @@ def _axis_cos_sin(g, s0, s1, s2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: t
 def position_feature(tok, m, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
                      VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
                      DTYPE: tl.constexpr):
-    """Feature m of the tokens ``tok`` ([BLOCK] int32 sequence indices) -> [BLOCK] DTYPE.
+    """Feature m of the tokens ``tok`` ([BLOCK] int32 indices into the launch's tokens) -> [BLOCK] DTYPE.
 
+    ``n_prefix``: the index of the first grid token among the launch's tokens, i.e. the number of
+    prefix tokens when the launch holds the whole sequence; a launch over a shard that starts at
+    sequence position ``t0`` (context parallelism) passes ``num_prefix_tokens - t0``, negative when
+    the shard starts inside the grid (also without prefix tokens: grid index = tok - n_prefix).
     m may be a runtime int (a loop counter) or a constexpr. Each axis' cos / sin is evaluated once
     and the feature picked with selects, so a runtime m costs N_AXES polynomial pairs, not F.
     """
+    g = tok - n_prefix
     if HAS_PREFIX:
-        g = tok - n_prefix
         is_grid = g >= 0
         g = tl.maximum(g, 0)
-    else:
-        g = tok
     BASE: tl.constexpr = N_FEAT - 2 * HAS_PREFIX
     one = tl.full(tok.shape, 1.0, DTYPE)
     if VARIANT == 0:
