@@ -1,5 +1,5 @@
 """vicinity_attn: linear-complexity vicinity attention for vision models (Triton + PyTorch)."""
-from .functional import resolve_backend, triton_available, vicinity_attention
+from .functional import resolve_backend, triton_available, vicinity_attention, vicinity_attention_varlen
 from .modules import VicinityAttention
 from .positions import feature_count, position_features
 from .backends.scratch import clear_cpu_scratch, cpu_scratch_bytes, cpu_scratch_limit, set_cpu_scratch_limit
@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "vicinity_attention",
+    "vicinity_attention_varlen",
     "VicinityAttention",
     "resolve_backend",
     "triton_available",

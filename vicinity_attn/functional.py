@@ -9,7 +9,8 @@ from .backends.knn_reference import reference_knn_attention
 from .knn_ops import custom_op_knn_attention
 from .ops import autocast_disabled, autocast_inputs, custom_op_attention
 from .spec import VicinitySpec
-from .validation import validate_call, validate_knn_call
+from .validation import validate_call, validate_knn_call, validate_varlen_call
+from .varlen_ops import varlen_attention
 
 
 def triton_available() -> bool:
@@ -109,6 +110,55 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         with autocast_disabled(q4.device):
             out = _run_backend(name, q4, k4, v4, spec)
     return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, grids: Sequence[int | Sequence[int]],
+                              kv_grids: Sequence[int | Sequence[int]] | None = None, *, variant: str = "sum",
+                              feature_map: str = "relu", eps: float = 1e-4, den_floor: float = 0.0,
+                              backend: str = "auto", num_prefix_tokens: int = 0,
+                              clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """Vicinity attention over a pack of sequences of different grids (e.g. images of different sizes).
+
+    The tokens of S sequences lie one after another (FlashAttention's packed "varlen" layout);
+    sequence i attends only within itself, with its own query grid ``grids[i]`` and key grid
+    ``kv_grids[i]``. The result equals ``vicinity_attention`` called on each sequence alone (layout
+    "bnhd", batch 1), forward and gradients, on every backend.
+
+    Args:
+        q: [Tq, H, D], k: [Tk, H, D], v: [Tk, H, Dv]: the packed sequences (any strides), one dtype
+            (float16/bfloat16/float32/float64) and device.
+        cu_seqlens_q, cu_seqlens_k: int32 [S + 1] on q's device: sequence i holds query tokens
+            ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` and key/value tokens ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]``;
+            0 first, strictly increasing (no zero-length sequences: every sequence has a grid of at
+            least one token), last entry Tq / Tk. Checked against the grids (which alone fix the
+            offsets), reading the S + 1 values back from the device in eager mode; under
+            torch.compile the check is an in-graph assertion instead.
+        grids: S query grids, each 1 to 3 positive ints (an int is a 1-d grid), all with the same
+            number of axes; ``num_prefix_tokens + prod(grids[i])`` is sequence i's query length.
+        kv_grids: S key grids with as many axes (default ``grids``).
+        variant, feature_map, eps, den_floor, clamp: as for ``vicinity_attention``, shared by all sequences.
+        backend: "auto" (triton on CUDA when available, else torch; torch for float64), "triton" (the
+            whole pack in one kernel launch per pass), "torch" (one batched call per group of sequences
+            with equal grids) or "reference" (one quadratic call per sequence).
+        num_prefix_tokens: class/register tokens at the front of every sequence (q and k alike).
+
+    Returns:
+        o: [Tq, H, Dv], q's dtype and device (the autocast dtype under ``torch.autocast``, unless
+        q is float64); differentiable with respect to q, k and v.
+    """
+    spec = validate_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, grids, kv_grids, variant=variant,
+                                feature_map=feature_map, eps=eps, backend=backend,
+                                num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp)
+    name = resolve_backend(backend, q.device, q.dtype)
+    if name == "triton" and not triton_available():
+        from .backends import triton_backend  # noqa: F401  (raises the ImportError's reason)
+    q, k, v = autocast_inputs(q, k, v)
+    if q.shape[1] == 0:
+        # No heads: nothing to compute, but keep the graph so autograd still works.
+        return q.new_zeros(q.shape[0], 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+    with autocast_disabled(q.device):
+        return varlen_attention(name, q, k, v, spec)
 
 
 def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, *, scale: float | None = None,

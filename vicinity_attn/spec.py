@@ -1,6 +1,8 @@
 """The validated description of one vicinity-attention call, handed to every backend."""
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 from .positions import feature_count
@@ -34,3 +36,55 @@ class VicinitySpec:
     def n_features(self) -> int:
         """F, the number of position features per token."""
         return feature_count(self.n_axes, self.variant, self.num_prefix_tokens > 0)
+
+
+@dataclass(frozen=True)
+class VarlenSpec:
+    """A packed call of ``vicinity_attention_varlen``: one query grid and one key grid per sequence, and
+    the options every sequence shares. Sequence i has ``num_prefix_tokens + prod(grids[i])`` query tokens
+    and ``num_prefix_tokens + prod(kv_grids[i])`` key tokens, packed in sequence order (FlashAttention's
+    layout); the offsets follow from the grids alone (``cu_seqlens`` is checked against them)."""
+
+    grids: tuple[tuple[int, ...], ...]
+    kv_grids: tuple[tuple[int, ...], ...]
+    variant: str = "sum"
+    feature_map: str = "relu"
+    eps: float = 1e-4
+    num_prefix_tokens: int = 0
+    den_floor: float = 0.0
+    clamp: tuple[float, float] | None = None
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.grids)
+
+    @property
+    def n_axes(self) -> int:
+        return len(self.grids[0])
+
+    @property
+    def n_features(self) -> int:
+        return feature_count(self.n_axes, self.variant, self.num_prefix_tokens > 0)
+
+    def sequence(self, i: int) -> VicinitySpec:
+        """The dense spec of sequence i alone."""
+        return VicinitySpec(grid=self.grids[i], kv_grid=self.kv_grids[i], variant=self.variant,
+                            feature_map=self.feature_map, eps=self.eps, num_prefix_tokens=self.num_prefix_tokens,
+                            den_floor=self.den_floor, clamp=self.clamp)
+
+    def lengths(self, side: str) -> list[int]:
+        """Tokens per sequence on ``side`` ("query" or "key")."""
+        grids = self.grids if side == "query" else self.kv_grids
+        return [self.num_prefix_tokens + math.prod(g) for g in grids]
+
+    def offsets(self, side: str) -> list[int]:
+        """cu_seqlens of ``side`` as Python ints: [0, n_0, n_0 + n_1, ...] (S + 1 entries)."""
+        return [0, *itertools.accumulate(self.lengths(side))]
+
+    def groups(self) -> list[list[int]]:
+        """Sequence indices grouped by equal (grid, kv_grid), in order of first appearance: the sequences
+        of a group have the same shapes and can run as one batched dense call."""
+        by_grids: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(self.grids, self.kv_grids)):
+            by_grids.setdefault(key, []).append(i)
+        return list(by_grids.values())

@@ -9,7 +9,7 @@ import torch
 
 from .feature_maps import FEATURE_MAPS
 from .positions import VARIANTS
-from .spec import VicinitySpec
+from .spec import VarlenSpec, VicinitySpec
 
 LAYOUTS = ("bhnd", "bnhd")
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -243,3 +243,117 @@ def validate_knn_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: i
     Nk, D = k.shape[2], q.shape[-1]
     topk = check_topk(topk, Nk)
     return q, k, v, topk, check_scale(scale, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# vicinity_attention_varlen: packed sequences of different grids
+# ----------------------------------------------------------------------------------------------------
+
+def check_packed_tensor(t: object, name: str) -> torch.Tensor:
+    """q, k or v of a varlen call: a dense floating [T, H, D] tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(t, name)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-d [T, H, D] (tokens of all sequences packed), got {t.dim()}-d "
+                         f"with shape {tuple(t.shape)}")
+    return t
+
+
+def normalize_grids(grids: object, name: str, n_axes: int | None = None) -> tuple[tuple[int, ...], ...]:
+    """One grid per sequence (each as :func:`normalize_grid`), all with the same number of axes."""
+    if isinstance(grids, torch.Tensor):
+        grids = grids.tolist()
+    if not isinstance(grids, (tuple, list)):
+        raise TypeError(f"{name} must be a list with one grid per sequence, got {type(grids).__name__}")
+    if len(grids) == 0:
+        raise ValueError(f"{name} must hold at least one grid (one per sequence), got none")
+    out = tuple(normalize_grid(g, f"{name}[{i}]") for i, g in enumerate(grids))
+    n_axes = len(out[0]) if n_axes is None else n_axes
+    for i, g in enumerate(out):
+        if len(g) != n_axes:
+            raise ValueError(f"every grid of a varlen call must have the same number of axes: {name}[{i}] = {g} "
+                             f"has {len(g)}, grids[0] has {n_axes}")
+    return out
+
+
+def check_cu_seqlens(cu: object, name: str, expected: list[int], total: int, device: torch.device,
+                     grids_name: str, n_prefix: int) -> None:
+    """cu_seqlens: int32 [S + 1] on q's device, 0 first, strictly increasing, last == the packed token count,
+    and each sequence as long as its grid says (``expected``: the offsets the grids give)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (int32, [number of sequences + 1]), got {type(cu).__name__}")
+    check_dense(cu, name)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor (FlashAttention's convention), got {cu.dtype}")
+    if cu.dim() != 1:
+        raise ValueError(f"{name} must be 1-d [number of sequences + 1], got shape {tuple(cu.shape)}")
+    if cu.shape[0] != len(expected):
+        raise ValueError(f"{name} must have len({grids_name}) + 1 = {len(expected)} entries (one more than the "
+                         f"number of sequences), got {cu.shape[0]}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    if torch.compiler.is_compiling() or cu.device.type == "meta":
+        # No values to read while tracing (or on meta); the offsets come from the grids, so the graph
+        # asserts the agreement instead (checked when the compiled code runs).
+        torch._assert_async((cu == torch.tensor(expected, dtype=torch.int32, device=cu.device)).all(),
+                            f"{name} disagrees with the offsets {grids_name} give")
+        return
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    for i in range(len(values) - 1):
+        if values[i + 1] <= values[i]:
+            raise ValueError(f"{name} must be strictly increasing (every sequence has at least one grid token; "
+                             f"zero-length sequences are not allowed), got {name}[{i}] = {values[i]} and "
+                             f"{name}[{i + 1}] = {values[i + 1]}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {values[-1]}")
+    for i in range(len(values) - 1):
+        got, want = values[i + 1] - values[i], expected[i + 1] - expected[i]
+        if got != want:
+            raise ValueError(f"{grids_name}[{i}] has {want - n_prefix} tokens (+ {n_prefix} prefix tokens) but "
+                             f"{name} gives sequence {i} {got} tokens")
+
+
+def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, grids, kv_grids, *, variant: str, feature_map: str,
+                         eps: float, backend: str, num_prefix_tokens: int = 0, den_floor: float = 0.0,
+                         clamp: tuple[float, float] | None = None) -> VarlenSpec:
+    """Check a ``vicinity_attention_varlen`` call and return its spec."""
+    check_option(backend, "backend", BACKENDS)
+    variant = check_option(variant, "variant", VARIANTS)
+    feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
+    eps, den_floor = check_normaliser(eps, den_floor)
+    clamp = check_clamp(clamp)
+    n_prefix = check_prefix(num_prefix_tokens)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_packed_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    (Tq, H, D), (Tk, Hk, Dk), (Tv, Hv, Dv) = q.shape, k.shape, v.shape
+    if Hk != H or Hv != H:
+        raise ValueError(f"q, k and v must share the head count ([T, H, D]), got H = {H} for q, {Hk} for k, "
+                         f"{Hv} for v")
+    if Tv != Tk:
+        raise ValueError(f"k and v must have the same number of tokens, got {Tk} and {Tv}")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    grids = normalize_grids(grids, "grids")
+    if kv_grids is None:
+        kv_grids, kv_name = grids, "grids (used as kv_grids)"
+    else:
+        kv_grids, kv_name = normalize_grids(kv_grids, "kv_grids", len(grids[0])), "kv_grids"
+        if len(kv_grids) != len(grids):
+            raise ValueError(f"kv_grids must hold one grid per sequence like grids: {len(kv_grids)} != {len(grids)}")
+    spec = VarlenSpec(grids=grids, kv_grids=kv_grids, variant=variant, feature_map=feature_map, eps=eps,
+                      num_prefix_tokens=n_prefix, den_floor=den_floor, clamp=clamp)
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", spec.offsets("query"), Tq, q.device, "grids", n_prefix)
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", spec.offsets("key"), Tk, q.device, kv_name, n_prefix)
+    return spec
