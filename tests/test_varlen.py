@@ -1,6 +1,7 @@
 """vicinity_attention_varlen: a packed call equals per-sequence vicinity_attention calls on every backend."""
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 
@@ -43,12 +44,17 @@ def outputs_and_grads(fn, q, k, v, do):
     return [out, *torch.autograd.grad(out, (q, k, v), do)]
 
 
-def assert_matches_per_sequence(grids, kv_grids=None, prefix=0, backend="torch", tol=1e-12, H=2, D=4, Dv=3, **kw):
+def assert_matches_per_sequence(grids, kv_grids=None, prefix=0, backend="torch", tol=1e-12, H=2, D=4, Dv=3,
+                                against=None, **kw):
+    """The packed call on ``backend`` against per-sequence calls on ``against`` (default: the same backend;
+    the triton tests use the torch backend there, which is 1e-12-equal to triton and costs no interpreter time)."""
     q, k, v, cu_q, cu_k = pack(grids, kv_grids, prefix, H, D, Dv)
     do = torch.randn(q.shape[0], H, Dv, dtype=torch.float64)
-    kw = dict(num_prefix_tokens=prefix, backend=backend, **kw)
-    got = outputs_and_grads(lambda: vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, kv_grids, **kw), q, k, v, do)
-    want = outputs_and_grads(lambda: per_sequence(q, k, v, cu_q, cu_k, grids, kv_grids, **kw), q, k, v, do)
+    kw = dict(num_prefix_tokens=prefix, **kw)
+    want = outputs_and_grads(lambda: per_sequence(q, k, v, cu_q, cu_k, grids, kv_grids, backend=against or backend,
+                                                  **kw), q, k, v, do)
+    got = outputs_and_grads(lambda: vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, kv_grids, backend=backend,
+                                                              **kw), q, k, v, do)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         assert rel_err(g, w) <= tol, f"{name}: {rel_err(g, w):.3e}"
@@ -76,6 +82,78 @@ def test_floor_clamp_elu1_match_per_sequence(backend):
                                 clamp=(1e-3, 5.0))
 
 
+# ----------------------------------------------------------------------------------------------------
+# triton (the interpreter): one launch per pass for the whole pack
+
+def test_triton_matches_per_sequence_mixed_2d_cross_prefix(monkeypatch):
+    """Mixed 2-d grids, cross grids, prefix tokens, fp64; every allocation poisoned with NaN (outputs,
+    states, chunk partials: an unwritten element, or a partial of a chunk past a sequence's end that
+    the reduction summed, would show)."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                          else t)(real_empty(*a, **kw)))
+    assert_matches_per_sequence(**CASES_2D, prefix=1, backend="triton", against="torch")
+
+
+def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
+    """1-d sequences of 40, 3 and 17 tokens: under the interpreter a state pass takes chunks of 2 blocks
+    of 16 tokens, so the sequences have 2, 1 and 1 chunks. Each pass is one launch for the whole pack."""
+    from vicinity_attn.kernels.vicinity import backward, forward
+    launches = collections.Counter()
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return self.kernel[grid]
+    for module, names in ((forward, ("state_partial_kernel", "chunk_reduce_kernel", "contract_d_kernel")),
+                          (backward, ("contract_dv_kernel", "row_weights_kernel"))):
+        for name in names:
+            monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
+    assert_matches_per_sequence([40, 3, 17], backend="triton", against="torch")
+    # Forward: state pass, reductions of S and z, output pass. Backward: row weights, dq, state pass,
+    # reductions of dS and dz, dv, dk.
+    assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=4, contract_d_kernel=2,
+                            row_weights_kernel=1, contract_dv_kernel=2)
+
+
+def test_triton_3d_product_floor_clamp_elu1():
+    assert_matches_per_sequence([(2, 2, 3), (1, 3, 2)], [(1, 2, 3), (1, 3, 1)], prefix=2, backend="triton",
+                                against="torch", H=1, variant="product", feature_map="elu1", den_floor=3.0,
+                                clamp=(1e-3, 5.0))
+
+
+def test_triton_gradcheck():
+    grids, kv_grids = [(2, 2), (1, 2)], [(1, 2), (1, 2)]
+    q, k, v, cu_q, cu_k = pack(grids, kv_grids, prefix=1, H=1, D=2, Dv=2)
+    fn = lambda q, k, v: vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, kv_grids, num_prefix_tokens=1,  # noqa: E731
+                                                   backend="triton")
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_triton_bf16_tolerance_rule():
+    check_low_precision(torch.bfloat16, "triton", H=1)
+
+
+def test_triton_torch_compile_fullgraph():
+    grids = [(2, 3), (1, 4)]
+    q, k, v, cu_q, cu_k = pack(grids, H=1)
+    fn = torch.compile(lambda q, k, v, cq, ck: vicinity_attention_varlen(q, k, v, cq, ck, grids, backend="triton"),
+                       fullgraph=True, backend="aot_eager")
+    out = fn(q, k, v, cu_q, cu_k)
+    out.sum().backward()
+    want = per_sequence(q.detach(), k.detach(), v.detach(), cu_q, cu_k, grids, backend="torch")
+    assert rel_err(out, want) <= 1e-12
+
+
+def test_triton_refuses_torch_func():
+    q, k, v, cu_q, cu_k = pack([(2, 2)], requires_grad=False)
+    with pytest.raises(RuntimeError, match="does not support torch.func"):
+        torch.func.grad(lambda q: vicinity_attention_varlen(q, k, v, cu_q, cu_k, [(2, 2)], backend="triton").sum())(q)
+
+
 def test_torch_groups_equal_grids_into_one_call(monkeypatch):
     calls = []
     original = varlen_ops.custom_op_attention
@@ -90,22 +168,26 @@ def test_torch_groups_equal_grids_into_one_call(monkeypatch):
     assert calls == [(2, (3, 4), (2, 2)), (1, (2, 5), (1, 5)), (1, (1, 3), (1, 2))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_tolerance_rule(dtype):
-    """The torch backend in a low precision against the float64 reference, by the tolerance rule (the
-    plain computation: the reference in that dtype)."""
-    q, k, v, cu_q, cu_k = pack(**CASES_2D, prefix=1, H=2, D=8, Dv=8, dtype=dtype)
+def check_low_precision(dtype, backend, H=2):
+    """``backend`` in a low precision against the float64 reference, by the tolerance rule (the plain
+    computation: the reference in that dtype)."""
+    q, k, v, cu_q, cu_k = pack(**CASES_2D, prefix=1, H=H, D=8, Dv=8, dtype=dtype)
     run = lambda q, k, v, backend: vicinity_attention_varlen(q, k, v, cu_q, cu_k, **CASES_2D,  # noqa: E731
                                                              num_prefix_tokens=1, backend=backend)
     as64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    do = torch.randn(q.shape[0], 2, 8, dtype=torch.float64)
+    do = torch.randn(q.shape[0], H, 8, dtype=torch.float64)
     ref = outputs_and_grads(lambda: run(*as64, "reference"), *as64, do)
-    got = outputs_and_grads(lambda: run(q, k, v, "torch"), q, k, v, do.to(dtype))
+    got = outputs_and_grads(lambda: run(q, k, v, backend), q, k, v, do.to(dtype))
     lowp = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     plain = outputs_and_grads(lambda: run(*lowp, "reference"), *lowp, do.to(dtype))
     for name, g, r, p in zip(("out", "dq", "dk", "dv"), got, ref, plain):
         assert g.dtype == dtype
         assert rel_err(g, r) <= 2 * rel_err(p, r) + FLOOR[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_tolerance_rule(dtype):
+    check_low_precision(dtype, "torch")
 
 
 def test_gradcheck_torch():

@@ -3,6 +3,7 @@ backward passes (DESIGN of the math: the package docs)."""
 from .backward import backward_keys, backward_queries, vicinity_backward
 from .forward import forward_output, forward_states, vicinity_forward
 from .launch import Geometry
+from .varlen import Packing
 
 __all__ = ["vicinity_forward", "vicinity_backward", "forward_states", "forward_output", "backward_queries",
-           "backward_keys", "Geometry"]
+           "backward_keys", "Geometry", "Packing"]

@@ -13,14 +13,16 @@ import triton
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, dot_precision, pick_config, pow2_scale
 from .contract import contract_dv_kernel, row_weights_kernel
-from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d
+from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
 from .launch import Geometry
+from .varlen import Packing
 
 
 def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, dq: torch.Tensor | None,
                       dk: torch.Tensor | None, dv: torch.Tensor | None, geom: Geometry, eps: float = 1e-4,
-                      den_floor: float = 0.0, clamp: tuple[float, float] | None = None) -> None:
+                      den_floor: float = 0.0, clamp: tuple[float, float] | None = None,
+                      pack: Packing | None = None) -> None:
     """Fills dq, dk, dv (strided, shaped like q, k, v) from dO [B, H, Nq, Dv] and the forward's saved
     den, S, z (all scaled by s_k = 2^-ceil(log2 Nk), see ``vicinity_forward``). A gradient passed as
     None is not computed, and the passes only it needs are skipped.
@@ -35,7 +37,13 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     replaced by the masked g / s_k and rs = 1), and dS is masked where S was clamped.
     The two passes are :func:`backward_queries` and :func:`backward_keys` (context parallelism sums
     the state gradients of every rank's queries between them).
+
+    Packed (``pack``, varlen.py): tensors are [1, H, T, E] views of the packed ones, den [H, Tq], S, z
+    [S * H, ...]; the same passes, one launch each, with s_k and s_q per sequence.
     """
+    if pack is not None:
+        _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp, pack)
+        return
     Nq, Nk = q.shape[2], k.shape[2]
     states = backward_queries(do, q, o, den, S, z, dq, geom, eps, den_floor, clamp, Nq, Nk,
                               need_states=dk is not None or dv is not None)
@@ -93,10 +101,56 @@ def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.T
         _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, "bwd_dk", key_offset)
 
 
+def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps: float, den_floor: float, clamp,
+                     pack: Packing) -> None:
+    """:func:`vicinity_backward` of a packed call: the same passes, one launch each, the scales per
+    sequence (factor tables: s_k, s_q, s_k / s_q and ones)."""
+    H, Tq, D, Dv = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    cfg = pick_config(D, Dv, q.dtype)
+    acc = dot_precision("bwd_row_weights", q.dtype).acc
+    s_k, s_q = pack.scales(False), pack.scales(True)
+    factors = lambda values: pack.factors(values, den.dtype)  # noqa: E731
+    f_k, ones = factors(s_k), factors([1.0] * pack.n_seqs)
+    rs = torch.empty(H, Tq, dtype=den.dtype, device=q.device)
+    rz = torch.empty_like(rs)
+    rows = (triton.cdiv(pack.max_length(True), cfg.block_n), pack.n_seqs * H)
+    if clamp is None:
+        row_weights_kernel[rows](
+            do, o, den, rs, rz, H, Tq, Dv, den_floor, eps, *do.stride(), *o.stride(),
+            BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc, **cfg.options("bwd_row_weights"),
+            **varlen_kwargs(pack, f_k))
+    else:
+        num = torch.empty(1, H, Tq, Dv, dtype=den.dtype, device=q.device)
+        contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None, pack=pack, factor=ones)
+        g = torch.empty(1, H, Tq, Dv, dtype=do.dtype, device=q.device)
+        clamped_row_weights_kernel[rows](
+            do, num, den, g, rs, rz, H, Tq, Dv, den_floor, eps, clamp[0], clamp[1], 1.0,
+            *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc,
+            **cfg.options("bwd_row_weights"), **varlen_kwargs(pack, f_k))
+        do = g
+    if dq is not None:
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, factor=ones)
+    if dk is None and dv is None:
+        return
+    dS, dz = compute_states(q, do, geom, True, 1.0, cfg, "bwd_state", rs=rs, rz=rz, pack=pack, factor=factors(s_q))
+    if clamp is not None:
+        n = dS.numel()
+        state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0], clamp[1], BLOCK=REDUCE_BLOCK,
+                                                                num_warps=REDUCE_WARPS, factor_ptr=f_k,
+                                                                rows_per_seq=n // pack.n_seqs, VARLEN=True)
+    key_scale = factors([a / b for a, b in zip(s_k, s_q)])
+    if dv is not None:
+        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, pack=pack, factor=key_scale)
+    if dk is not None:
+        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, 1.0, cfg, "bwd_dk", pack=pack, factor=key_scale)
+
+
 def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
-                 cfg: LaunchConfig, launch: str, tok_offset: int = 0):
+                 cfg: LaunchConfig, launch: str, tok_offset: int = 0, pack: Packing | None = None,
+                 factor: torch.Tensor | None = None):
     """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None.
-    ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options."""
+    ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options. Packed (``pack``):
+    factor[i] multiplies out_scale for sequence i."""
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
@@ -105,12 +159,15 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
         rs = rz = z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
     block_n = cfg.tokens_per_program(launch)
-    grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
+    if pack is None:
+        grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
+    else:
+        grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(D, cfg.block_d))
     contract_dv_kernel[grid](
         x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
         *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
         BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
-        **cfg.options(launch))
+        **cfg.options(launch), **varlen_kwargs(pack, factor))
 
 
 def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, acc, eps: float,

@@ -12,11 +12,13 @@ replace g = dO/den and c = -(dO.o)/den of the unclamped backward, and dS is mask
 (``state_grad_mask_kernel``, read off the clamped state: strictly inside (lo, hi)).
 All values arrive scaled by the power of two s_k of ``vicinity_forward``; the clamps act on the
 unscaled values, so bounds are scaled by s_k (or values unscaled by 1/s_k), exactly.
+VARLEN (packed sequences, varlen.py): s_k is per sequence, the factor table's entry (factor[seq]).
 """
 import triton
 import triton.language as tl
 
 from ..runtime import launch_jit
+from .varlen import sequence_window
 
 
 @triton.jit
@@ -42,37 +44,72 @@ def clamp_passes(x, lo, hi):
 
 
 @launch_jit
-def state_clamp_kernel(s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr):
-    """s = C(s) in place over n_rows contiguous ACC values (bounds already scaled like s)."""
+def state_clamp_kernel(s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr, factor_ptr=None, rows_per_seq=None,
+                       VARLEN: tl.constexpr = False):
+    """s = C(s) in place over n_rows contiguous ACC values (bounds already scaled like s; VARLEN: bounds
+    times factor[value index // rows_per_seq], the scale of the value's sequence)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    tl.store(s_ptr + offs, abs_clamp(s, lo, hi), mask=mask)
+    if VARLEN:
+        factor = tl.load(factor_ptr + offs // rows_per_seq, mask=mask, other=1.0)
+        tl.store(s_ptr + offs, abs_clamp(s, lo * factor, hi * factor), mask=mask)
+    else:
+        tl.store(s_ptr + offs, abs_clamp(s, lo, hi), mask=mask)
 
 
 @launch_jit
-def state_grad_mask_kernel(ds_ptr, s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr):
-    """ds *= [lo < |s| < hi] over n_rows contiguous ACC values, s the clamped state (bounds scaled like s)."""
+def state_grad_mask_kernel(ds_ptr, s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr, factor_ptr=None, rows_per_seq=None,
+                           VARLEN: tl.constexpr = False):
+    """ds *= [lo < |s| < hi] over n_rows contiguous ACC values, s the clamped state (bounds scaled like s;
+    VARLEN: as state_clamp_kernel)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
     s = tl.abs(tl.load(s_ptr + offs, mask=mask, other=0.0))
     ds = tl.load(ds_ptr + offs, mask=mask, other=0.0)
-    tl.store(ds_ptr + offs, tl.where((s > lo) & (s < hi), ds, 0.0), mask=mask)
+    if VARLEN:
+        factor = tl.load(factor_ptr + offs // rows_per_seq, mask=mask, other=1.0)
+        tl.store(ds_ptr + offs, tl.where((s > lo * factor) & (s < hi * factor), ds, 0.0), mask=mask)
+    else:
+        tl.store(ds_ptr + offs, tl.where((s > lo) & (s < hi), ds, 0.0), mask=mask)
 
 
 @launch_jit
 def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps, lo, hi,
                                state_scale, sgb, sgh, sgn, sgd, sob, soh, son, sod,
-                               BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+                               seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH). dO [B, H, N, DV] strided (strides sg*); n [BH, N, DV] contiguous ACC, the
     scaled unclamped numerator s_k n_pre; den [BH, N] ACC (scaled). Writes g / s_k into g [B, H, N, DV]
-    (strides so*, dO's dtype), rs = 1 and rz = c / s_k [BH, N] ACC (module docstring)."""
+    (strides so*, dO's dtype), rs = 1 and rz = c / s_k [BH, N] ACC (module docstring). VARLEN (over the
+    queries): n [H, N, DV], factor[seq] multiplies den_floor, eps and state_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if VARLEN:
+        seq = bh // H
+        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, True)
+        if pid_n * BLOCK_N >= n_seq:
+            return
+        mask_n = offs_n < n_seq
+        factor = tl.load(factor_ptr + seq)
+        # A [BLOCK_N] vector, not a scalar: the interpreter cannot '&' a loaded scalar's comparison.
+        den_floor = tl.zeros((BLOCK_N,), ACC) + den_floor * factor
+        eps = eps * factor
+        state_scale = state_scale * factor
+        # Base pointers shifted so that the dense addressing below (batch b = 0, rows bh * N, n rows
+        # bh * N * DV) lands in the sequence's window (rows h * N + start of the [H, N] buffers).
+        b = b * 0
+        shift = h * N + start - bh * N
+        do_ptr += start * sgn
+        g_ptr += start * son
+        den_ptr += shift
+        rs_ptr += shift
+        rz_ptr += shift
+        n_ptr += shift * DV
     inv_scale = 1.0 / state_scale
     den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
     r_pre = state_scale / den

@@ -9,6 +9,11 @@
     (contract over Dv); dq: x = q, y = dO, rs = 1/den, rz = -(dO.o)/den;  dk: x = k, y = v, rs = rz = 1.
 ``row_weights_kernel`` (backward preprocessing): rs = 1/den, rz = -(dO.o)/den (0 where the floor is active).
 States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtype ACC.
+
+VARLEN (packed sequences, varlen.py): B = 1, N is the packed token count of the side the kernel walks,
+BH = S * H; each program reads its sequence's window and exits when its token block lies past the
+sequence's end; per-token buffers [H, N] sit at row h * N + start; the per-sequence factor (factor[seq])
+multiplies the scaled constants (eps, den_floor, the state scale) or the output scale, as each kernel says.
 """
 import triton
 import triton.language as tl
@@ -17,6 +22,7 @@ from ..common import feature_map, mma, mul_feature_map_grad
 from ..runtime import launch_jit
 from .clamp import abs_clamp, without_floor_rows
 from .positions import position_feature
+from .varlen import sequence_window
 
 
 @triton.jit
@@ -72,9 +78,12 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
                       N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                       HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                       WITH_DEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                      seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH, n_dv_tiles). x [B, H, N, D] strided; out [B, H, N, DV] strided
-    (written in out's dtype); den [BH, N] ACC (written when WITH_DEN, by the first Dv tile)."""
+    (written in out's dtype); den [BH, N] ACC (written when WITH_DEN, by the first Dv tile).
+    VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_dv_tiles); factor[seq] multiplies eps,
+    den_floor and state_scale with WITH_DEN, else out_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     e0 = tl.program_id(2) * BLOCK_DV
@@ -86,6 +95,14 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
     out_base = out_ptr + b * sob + h * soh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if VARLEN:
+        seq = bh // H
+        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, IS_QUERY)
+        if pid_n * BLOCK_N >= n_seq:
+            return
+        x_base = x_ptr + h * sxh + start * sxn
+        out_base = out_ptr + h * soh + start * son
+        mask_n = offs_n < n_seq
 
     acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     den = tl.zeros((BLOCK_N,), ACC)
@@ -93,6 +110,15 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
         acc, den = _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix,
                                     s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                     FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
+    if VARLEN:
+        # Loaded after the loop: one register less across it (the dv launch is at the 255 limit on sm_80).
+        factor = tl.load(factor_ptr + bh // H)
+        if WITH_DEN:
+            eps = eps * factor
+            den_floor = den_floor * factor
+            state_scale = state_scale * factor
+        else:
+            out_scale = out_scale * factor
     if WITH_DEN:
         # den_floor and eps arrive scaled like den; where(), not maximum(): a NaN den stays NaN.
         den = tl.where(den < den_floor, den_floor, den) + eps
@@ -103,7 +129,11 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
             acc = abs_clamp(num * inv_den[:, None], clamp_lo, clamp_hi)
         else:
             acc = acc / den[:, None]
-        tl.store(den_ptr + bh * N + offs_n, den, mask=mask_n & ((offs_n * 0 + tl.program_id(2)) == 0))
+        if VARLEN:
+            den_row = den_ptr + h * N + start
+        else:
+            den_row = den_ptr + bh * N
+        tl.store(den_row + offs_n, den, mask=mask_n & ((offs_n * 0 + tl.program_id(2)) == 0))
     acc = acc * out_scale
     offs_e = e0 + tl.arange(0, BLOCK_DV)
     tl.store(out_base + offs_n[:, None] * son + offs_e[None, :] * sod, acc.to(out_ptr.dtype.element_ty),
@@ -161,9 +191,11 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
                        N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                        HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                        ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                       seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
-    rs, rz [BH, N] ACC when ROW_WEIGHTS (else both 1)."""
+    rs, rz [BH, N] ACC when ROW_WEIGHTS (else both 1). VARLEN: grid (cdiv(longest sequence, BLOCK_N),
+    S * H, n_d_tiles); factor[seq] multiplies out_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_D
@@ -176,6 +208,21 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
+    if VARLEN:
+        seq = bh // H
+        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, IS_QUERY)
+        if pid_n * BLOCK_N >= n_seq:
+            return
+        mask_n = offs_n < n_seq
+        out_scale = out_scale * tl.load(factor_ptr + seq)
+        # Shift the base pointers so that the dense addressing below (batch b = 0, rows bh * N) lands
+        # in the sequence's window (tokens from start, rows h * N + start of the [H, N] buffers).
+        b = b * 0
+        y_base = y_ptr + h * syh + start * syn
+        x_ptr += start * sxn
+        out_ptr += start * son
+        rs_ptr += h * N + start - bh * N
+        rz_ptr += h * N + start - bh * N
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for e0 in range(0, DV, BLOCK_DV):
@@ -204,16 +251,34 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
 @launch_jit
 def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps,
                        sgb, sgh, sgn, sgd, sob, soh, son, sod,
-                       BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+                       seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """rs_i = 1 / den_i, rz_i = -(dO_i . o_i) / den_i (0 where den_i = den_floor + eps: the floor is active
     and den carries no gradient; den_floor, eps scaled like den). Grid (cdiv(N, BLOCK_N), BH). dO, o [B, H, N, DV]
-    strided; den, rs, rz [BH, N] ACC."""
+    strided; den, rs, rz [BH, N] ACC. VARLEN (over the queries): factor[seq] multiplies den_floor and eps."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if VARLEN:
+        seq = bh // H
+        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, True)
+        if pid_n * BLOCK_N >= n_seq:
+            return
+        mask_n = offs_n < n_seq
+        factor = tl.load(factor_ptr + seq)
+        # A [BLOCK_N] vector, not a scalar: the interpreter cannot '&' a loaded scalar's comparison.
+        den_floor = tl.zeros((BLOCK_N,), ACC) + den_floor * factor
+        eps = eps * factor
+        # Base pointers shifted into the sequence's window (see contract_dv_kernel).
+        b = b * 0
+        do_ptr += start * sgn
+        o_ptr += start * son
+        den_ptr += h * N + start - bh * N
+        rs_ptr += h * N + start - bh * N
+        rz_ptr += h * N + start - bh * N
     delta = tl.zeros((BLOCK_N,), ACC)
     for e0 in range(0, DV, BLOCK_DV):
         offs_e = e0 + tl.arange(0, BLOCK_DV)

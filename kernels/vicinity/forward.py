@@ -1,4 +1,9 @@
-"""Forward launcher: state pass over the keys, fixed-order chunk reduction, output pass over the queries."""
+"""Forward launcher: state pass over the keys, fixed-order chunk reduction, output pass over the queries.
+
+The launchers also serve packed variable-length calls (``pack``, see varlen.py): the tensors are then
+[1, H, T, E] views of the packed [T, H, E] ones, one launch covers all sequences, and the power-of-two
+scales are per sequence (``factor`` tables) instead of one float.
+"""
 from __future__ import annotations
 
 import torch
@@ -10,6 +15,7 @@ from .configs import ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_co
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
+from .varlen import Packing
 
 REDUCE_BLOCK = 1024
 REDUCE_WARPS = 4
@@ -19,15 +25,22 @@ def _acc_torch_dtype(prec: Precision) -> torch.dtype:
     return torch.float64 if prec.acc.primitive_bitwidth == 64 else torch.float32
 
 
+def varlen_kwargs(pack: Packing | None, factor: torch.Tensor | None) -> dict:
+    """The extra kernel arguments of a packed launch (none for a dense one: the kernels' defaults)."""
+    return {} if pack is None else dict(seq_ptr=pack.table, factor_ptr=factor, VARLEN=True)
+
+
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
                    cfg: LaunchConfig, launch: str, rs: torch.Tensor | None = None,
-                   rz: torch.Tensor | None = None, tok_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
+                   factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
     Token t of x sits at position ``tok_offset + t`` of its sequence (a shard of a longer sequence:
     context parallelism); P is that position's feature.
-    ``launch`` ("fwd_state" / "bwd_state") picks the dot precision and launch options.
+    ``launch`` ("fwd_state" / "bwd_state") picks the dot precision and launch options. Packed (``pack``):
+    BH = S * H, rs, rz [H, T], and sequence i's states are scaled by scale * factor[i].
     """
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
@@ -36,29 +49,44 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     acc_dtype = _acc_torch_dtype(prec)
     block_n = cfg.tokens_per_program(launch)
     tiles = triton.cdiv(D, cfg.block_d) * triton.cdiv(Dv, cfg.block_dv)
-    plan: ChunkPlan = chunk_plan(N, block_n, B * H * F * tiles)
-    S = torch.empty(B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
-    z = torch.empty(B * H, F, D, dtype=acc_dtype, device=x.device)
+    lead = B * H if pack is None else pack.n_seqs * H
+    plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), block_n, lead * F * tiles)
+    S = torch.empty(lead, F, D, Dv, dtype=acc_dtype, device=x.device)
+    z = torch.empty(lead, F, D, dtype=acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
     # would compute, so the result is bitwise the same), and the reduction is skipped.
     single = plan.n_chunks == 1
-    s_part = S if single else torch.empty(plan.n_chunks, B * H, F, D, Dv, dtype=acc_dtype, device=x.device)
-    z_part = z if single else torch.empty(plan.n_chunks, B * H, F, D, dtype=acc_dtype, device=x.device)
+    s_part = S if single else torch.empty(plan.n_chunks, lead, F, D, Dv, dtype=acc_dtype, device=x.device)
+    z_part = z if single else torch.empty(plan.n_chunks, lead, F, D, dtype=acc_dtype, device=x.device)
     sizes = geom.q_sizes if is_query else geom.k_sizes
     row_weights = rs is not None
     if not row_weights:
         rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
-    state_partial_kernel[(B * H * F * tiles, plan.n_chunks)](
+    packed, options = {}, cfg.options(launch)
+    if pack is not None:
+        # Every partial is scaled (by its sequence's factor): the reduction only sums.
+        chunks = pack.chunk_counts(is_query, block_n, plan.blocks_per_chunk)
+        packed = dict(varlen_kwargs(pack, factor), chunks_ptr=chunks)
+        if cfg.max_registers is not None:
+            # The grid sizes come from the table (registers, not kernel parameters): without the budget
+            # ptxas capped the fp16 D=40 product-3d+prefix state pass at 128 registers and spilled 20 B
+            # on sm_80; with it, 151 and none.
+            options["maxnreg"] = cfg.max_registers
+    state_partial_kernel[(lead * F * tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
-        scale if single else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
-        **cfg.options(launch))
+        scale if single or pack is not None else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query),
+        ROW_WEIGHTS=row_weights, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+        **prec.constexprs(), **options, **packed)
     if single:
         return S, z
     for part, out in ((s_part, S), (z_part, z)):
         rows = out.numel()
-        chunk_reduce_kernel[(triton.cdiv(rows, REDUCE_BLOCK),)](part, out, rows, plan.n_chunks, scale,
-                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
+        reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=rows // pack.n_seqs,
+                                                     VARLEN=True)
+        chunk_reduce_kernel[(triton.cdiv(rows, REDUCE_BLOCK),)](part, out, rows, plan.n_chunks,
+                                                                1.0 if pack is not None else scale,
+                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
+                                                                **reduce_packed)
     return S, z
 
 
@@ -66,12 +94,15 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
                is_query: bool, cfg: LaunchConfig, launch: str, eps: float | None,
                out_scale: float = 1.0, den_floor: float = 0.0,
                clamp: tuple[float, float] | None = None, state_scale: float = 1.0,
-               tok_offset: int = 0) -> torch.Tensor | None:
+               tok_offset: int = 0, pack: Packing | None = None,
+               factor: torch.Tensor | None = None) -> torch.Tensor | None:
     """out = out_scale * sum_m P_m phi(x) M_m, divided by den = max(sum_m P_m phi(x).z_m, den_floor) + eps
     when eps is given (then den [BH, N] is returned; eps, den_floor scaled like the states). With
     ``clamp`` (and eps), out = C(C(num) C(1/den)) on the values unscaled by ``state_scale`` (clamp.py).
     x [B, H, N, D], out [B, H, N, Dv] strided; token i of x sits at sequence position ``tok_offset + i``.
-    ``launch`` ("fwd_output" / "bwd_dv") picks the dot precision and launch options."""
+    ``launch`` ("fwd_output" / "bwd_dv") picks the dot precision and launch options. Packed (``pack``):
+    den is [H, T]; factor[i] multiplies eps, den_floor and state_scale (with eps) or out_scale
+    (without) for sequence i."""
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = out.shape[-1]
@@ -79,20 +110,27 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     den = torch.empty(B * H, N, dtype=states.dtype, device=x.device) if with_den else states
     sizes = geom.q_sizes if is_query else geom.k_sizes
     block_n = cfg.tokens_per_program(launch)
-    grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
+    if pack is None:
+        grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
+    else:
+        # The packed dv pass holds the grid sizes in registers: at 64 tokens and 64-wide tiles it took
+        # 255 registers and spilled 8 B on sm_80 (bf16 D=64); at 32 tokens, 205 and none.
+        if launch == "bwd_dv" and cfg.block_dv >= 64 and block_n >= 64:
+            block_n //= 2
+        grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(Dv, cfg.block_dv))
     contract_d_kernel[grid](
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0, out_scale,
         den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
         CLAMP=with_den and clamp is not None,
         BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
-        **cfg.options(launch))
+        **cfg.options(launch), **varlen_kwargs(pack, factor))
     return den if with_den else None
 
 
 def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, geom: Geometry,
                      eps: float, den_floor: float = 0.0, clamp: tuple[float, float] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     pack: Packing | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fills o [B, H, Nq, Dv] (strided, q's dtype) and returns (den [BH, Nq], S [BH, F, D, Dv], z [BH, F, D]).
 
     S, z and den are stored scaled by s = 2^-ceil(log2 Nk) (eps too), which leaves o unchanged and
@@ -101,8 +139,13 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
     The two passes are :func:`forward_states` and :func:`forward_output` (context parallelism sums
     the states of every rank's keys between them).
+
+    Packed (``pack``, varlen.py): q, k, v, o are [1, H, T, E] views of the packed tensors, den is
+    [H, Tq], S and z [S * H, ...], and each sequence is scaled by the s of its own length.
     """
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
+    if pack is not None:
+        return _packed_forward(q, k, v, o, geom, eps, den_floor, clamp, pack)
     S, z = forward_states(k, v, geom)
     den = forward_output(q, S, z, o, geom, eps, den_floor, clamp, n_keys=k.shape[2])
     return den, S, z
@@ -135,8 +178,25 @@ def forward_output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.T
                       state_scale=scale, tok_offset=query_offset)
 
 
-def clamp_states(S: torch.Tensor, clamp: tuple[float, float], scale: float) -> None:
-    """S = C(S) in place, S [BH, F, D, Dv] contiguous stored scaled by ``scale`` (bounds scaled alike)."""
+def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, clamp,
+                    pack: Packing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`vicinity_forward` of a packed call: the same passes, per-sequence scales s_k."""
+    assert q.shape[-1] <= 256 and v.shape[-1] <= 256
+    cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
+    s_k = pack.factors(pack.scales(False), _acc_torch_dtype(dot_precision("fwd_state", q.dtype)))
+    S, z = compute_states(k, v, geom, False, 1.0, cfg, "fwd_state", pack=pack, factor=s_k)
+    if clamp is not None:
+        clamp_states(S, clamp, 1.0, pack, s_k)
+    den = contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor, clamp=clamp, pack=pack,
+                     factor=s_k)
+    return den, S, z
+
+
+def clamp_states(S: torch.Tensor, clamp: tuple[float, float], scale: float, pack: Packing | None = None,
+                 factor: torch.Tensor | None = None) -> None:
+    """S = C(S) in place, S [BH, F, D, Dv] contiguous stored scaled by ``scale`` (bounds scaled alike;
+    packed: also by factor[i] for sequence i's states)."""
     n = S.numel()
+    packed = {} if pack is None else dict(factor_ptr=factor, rows_per_seq=n // pack.n_seqs, VARLEN=True)
     state_clamp_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](S, n, clamp[0] * scale, clamp[1] * scale,
-                                                        BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
+                                                        BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS, **packed)

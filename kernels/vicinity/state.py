@@ -8,6 +8,10 @@ Each program owns one (chunk, batch*head, feature m, D tile, Dv tile) and writes
 reduction kernel then sums partials over chunks in index order, so results are bitwise reproducible
 without atomics. With a single chunk (the usual case on a GPU) the partial kernel applies the scale
 and writes the states directly, and no reduction runs.
+
+VARLEN (packed sequences, see varlen.py): a program's bh is (sequence, head); it reads its sequence's
+window, scales by its sequence's factor (always: the reduction then only sums), and a chunk past its
+sequence's chunk count exits at once; the reduction sums each state over its own sequence's chunks.
 """
 import triton
 import triton.language as tl
@@ -15,6 +19,7 @@ import triton.language as tl
 from ..common import feature_map, mma
 from ..runtime import launch_jit
 from .positions import position_feature
+from .varlen import sequence_window
 
 
 @triton.jit
@@ -23,12 +28,17 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
                  N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                  HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                  ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Adds one BLOCK_N slice of tokens to the [BLOCK_D, BLOCK_DV] state tile and [BLOCK_D] z tile."""
+                 BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                 n_seq=None, row0=None, VARLEN: tl.constexpr = False):
+    """Adds one BLOCK_N slice of tokens to the [BLOCK_D, BLOCK_DV] state tile and [BLOCK_D] z tile.
+    VARLEN: ``n_seq`` tokens in the window, row weights at ``row0`` (else N tokens, rows at bh * N)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    mask_n = offs_n < N
+    if VARLEN:
+        mask_n = offs_n < n_seq
+    else:
+        mask_n = offs_n < N
     mask_x = mask_n[:, None] & (offs_d[None, :] < D)
     x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
@@ -37,8 +47,12 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
                              IS_QUERY, ACC)
     a = feature_map(x, mask_x, FMAP) * p[:, None]
     if ROW_WEIGHTS:
-        rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
-        rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+        if VARLEN:
+            rs = tl.load(rs_ptr + row0 + offs_n, mask=mask_n, other=0.0)
+            rz = tl.load(rz_ptr + row0 + offs_n, mask=mask_n, other=0.0)
+        else:
+            rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+            rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
         z_acc += tl.sum(a * rz[:, None], axis=0)
         a = a * rs[:, None]
     else:
@@ -55,12 +69,16 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                          ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, seq_ptr=None, chunks_ptr=None, factor_ptr=None,
+                         VARLEN: tl.constexpr = False):
     """Grid (BH * N_FEAT * n_d_tiles * n_dv_tiles, n_chunks).
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
     Writes scale * the partial sums to s_part [n_chunks, BH, N_FEAT, D, DV] and z_part
     [n_chunks, BH, N_FEAT, D] in ACC.
+
+    VARLEN: B = 1, N the packed token count, BH = S * H (sequence, head); the window comes from seq
+    [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks.
     """
     n_d_tiles = tl.cdiv(D, BLOCK_D)
     n_e_tiles = tl.cdiv(DV, BLOCK_DV)
@@ -76,6 +94,18 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     y_base = y_ptr + b * syb + h * syh
     d0 = d_tile * BLOCK_D
     e0 = e_tile * BLOCK_DV
+    n_seq = N
+    row0 = bh * N
+    if VARLEN:
+        seq = bh // H
+        if chunk >= tl.load(chunks_ptr + seq):
+            return
+        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, IS_QUERY)
+        h = bh % H
+        x_base = x_ptr + h.to(tl.int64) * sxh + start * sxn
+        y_base = y_ptr + h.to(tl.int64) * syh + start * syn
+        row0 = h * N + start
+        scale = scale * tl.load(factor_ptr + seq)
 
     s_acc = tl.zeros((BLOCK_D, BLOCK_DV), ACC)
     z_acc = tl.zeros((BLOCK_D,), ACC)
@@ -84,7 +114,7 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
         s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, blk * BLOCK_N,
                                     N, D, DV, n_prefix, s0, s1, s2, d0, e0, sxn, sxd, syn, syd,
                                     N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, FMAP, ROW_WEIGHTS,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
+                                    BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq, row0, VARLEN)
 
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_e = e0 + tl.arange(0, BLOCK_DV)
@@ -98,16 +128,24 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
 
 
 @launch_jit
-def chunk_reduce_kernel(part_ptr, out_ptr, n_rows, n_chunks, scale, BLOCK: tl.constexpr):
+def chunk_reduce_kernel(part_ptr, out_ptr, n_rows, n_chunks, scale, BLOCK: tl.constexpr, chunks_ptr=None,
+                        rows_per_seq=None, VARLEN: tl.constexpr = False):
     """out[r] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
 
     part [n_chunks, n_rows], out [n_rows], both ACC dtype (fp32 / fp64). Grid (cdiv(n_rows, BLOCK),).
+    VARLEN: row r belongs to sequence r // rows_per_seq, which has chunks[seq] chunks (the partials of
+    the others were never written).
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
     ptrs = part_ptr + offs
     acc = tl.load(ptrs, mask=mask, other=0.0)
-    for _ in range(1, n_chunks):
+    if VARLEN:
+        seq_chunks = tl.load(chunks_ptr + offs // rows_per_seq, mask=mask, other=0)
+    for c in range(1, n_chunks):
         ptrs += n_rows  # pointer steps: chunk * n_rows could overflow int32
-        acc += tl.load(ptrs, mask=mask, other=0.0)
+        if VARLEN:
+            acc += tl.load(ptrs, mask=mask & (c < seq_chunks), other=0.0)
+        else:
+            acc += tl.load(ptrs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc * scale, mask=mask)

@@ -124,6 +124,30 @@ def _run_vicinity(case: LaunchCase, phase: Callable[[str], None], fill: Callable
     vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp)
 
 
+def _run_vicinity_varlen(case: LaunchCase, phase: Callable[[str], None], fill: Callable | None = None) -> None:
+    """The packed (varlen) launchers on ``case.batch`` sequences: case.grid, then each further one with
+    its axes halved (mixed resolutions, as many axes); packed [T, H, E] tensors (layout "bnhd" of one
+    batch entry), with ``case.strides``. ``case.extra`` may set ``den_floor`` and ``clamp``."""
+    from dataclasses import replace
+
+    from ..kernels.vicinity import Geometry, Packing, vicinity_backward, vicinity_forward
+
+    grids = [tuple(max(1, s >> i) for s in case.grid) for i in range(case.batch)]
+    pack = Packing.build(grids, grids, case.n_prefix, torch.device("cpu"))
+    packed = replace(case, batch=1, layout="bnhd")
+    T = sum(pack.q_lengths)
+    q, k, v = (make_tensor(packed, T, e, fill) for e in (case.d, case.d, case.dv))
+    o = make_tensor(packed, T, case.dv, fill)
+    geom = Geometry.build(grids[0], grids[0], case.variant, case.feature_map, case.n_prefix)
+    extra = dict(case.extra)
+    eps, den_floor, clamp = 1e-4, float(extra.get("den_floor", 0.0)), extra.get("clamp")
+    phase("fwd")
+    den, S, z = vicinity_forward(q, k, v, o, geom, eps, den_floor, clamp, pack=pack)
+    phase("bwd")
+    do, dq, dk, dv = (make_tensor(packed, T, e, fill) for e in (case.dv, case.d, case.d, case.dv))
+    vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp, pack=pack)
+
+
 # (phase, kernel name, occurrence in that phase) -> role; occurrence None matches every launch.
 # A launch not listed here still appears, named "<phase>_<kernel>_<occurrence>".
 VICINITY_ROLES = {
@@ -214,6 +238,9 @@ class Operation:
 # Extension point: another operation adds an entry here (and a matrix in compile_gate.MATRICES).
 OPERATIONS: dict[str, Operation] = {"vicinity": Operation(_run_vicinity, VICINITY_ROLES),
                                     "vicinity_clamp": Operation(_run_vicinity, VICINITY_CLAMP_ROLES),
+                                    # Packed sequences (VARLEN=True launches of the same kernels).
+                                    "vicinity_varlen": Operation(_run_vicinity_varlen, VICINITY_ROLES),
+                                    "vicinity_varlen_clamp": Operation(_run_vicinity_varlen, VICINITY_CLAMP_ROLES),
                                     "knn": Operation(_run_knn, KNN_ROLES)}
 
 
