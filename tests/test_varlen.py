@@ -248,7 +248,7 @@ def _bad_calls():
     yield "grids must be a list", dict(ok, grids="2x2")
     yield r"q must be 3-d \[T, H, D\]", dict(ok, q=q[None])
     yield "k and v must have the same number of tokens", dict(ok, v=v[:5])
-    yield "share the head count", dict(ok, k=k[:, :1])
+    yield "q, k and v must share batch and head sizes", dict(ok, k=k[:, :1])
     yield "q and k must have the same head dim", dict(ok, k=k[..., :3])
     yield "must share a dtype", dict(ok, v=v.float())
     yield "variant must be one of", dict(ok, variant="max")

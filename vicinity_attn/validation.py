@@ -249,17 +249,14 @@ def validate_knn_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: i
 # vicinity_attention_varlen: packed sequences of different grids
 # ----------------------------------------------------------------------------------------------------
 
-def check_packed_tensor(t: object, name: str) -> torch.Tensor:
-    """q, k or v of a varlen call: a dense floating [T, H, D] tensor."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_dense(t, name)
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-d [T, H, D] (tokens of all sequences packed), got {t.dim()}-d "
-                         f"with shape {tuple(t.shape)}")
-    return t
+def check_packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v of a varlen call: 3-d [T, H, D] tensors, then the checks every call shares (:func:`check_qkv`,
+    on the pack as one batch entry)."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must be 3-d [T, H, D] (tokens of all sequences packed), got {t.dim()}-d "
+                             f"with shape {tuple(t.shape)}")
+    check_qkv(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)), "bnhd")
 
 
 def normalize_grids(grids: object, name: str, n_axes: int | None = None) -> tuple[tuple[int, ...], ...]:
@@ -329,22 +326,8 @@ def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     eps, den_floor = check_normaliser(eps, den_floor)
     clamp = check_clamp(clamp)
     n_prefix = check_prefix(num_prefix_tokens)
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_packed_tensor(t, name)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    (Tq, H, D), (Tk, Hk, Dk), (Tv, Hv, Dv) = q.shape, k.shape, v.shape
-    if Hk != H or Hv != H:
-        raise ValueError(f"q, k and v must share the head count ([T, H, D]), got H = {H} for q, {Hk} for k, "
-                         f"{Hv} for v")
-    if Tv != Tk:
-        raise ValueError(f"k and v must have the same number of tokens, got {Tk} and {Tv}")
-    if D < 1 or Dv < 1:
-        raise ValueError(f"head dims must be at least 1, got D = {D} for q/k and Dv = {Dv} for v")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    check_packed_qkv(q, k, v)
+    Tq, Tk = q.shape[0], k.shape[0]
     grids = normalize_grids(grids, "grids")
     if kv_grids is None:
         kv_grids, kv_name = grids, "grids (used as kv_grids)"

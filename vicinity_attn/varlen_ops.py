@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from .layout import compute_dtype
-from .ops import DOUBLE_BACKWARD_MESSAGE, NAMESPACE, _defer_dynamo_import, _empty_if_none, _transform_active, \
-    autocast_disabled, custom_op_attention
+from .ops import NAMESPACE, _defer_dynamo_import, _empty_if_none, autocast_disabled, custom_op_attention
 from .positions import feature_count
 from .spec import VarlenSpec
+from .transforms import double_backward_error, transform_active
 
 
 def _packed_as_batch(t: Tensor) -> Tensor:
@@ -81,7 +81,7 @@ def varlen_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: Varlen
         raise ValueError(f"unknown backend {backend!r}")
     from .backends.triton_varlen import check_triton_varlen_inputs
     check_triton_varlen_inputs(q, k, v, spec)
-    if _transform_active():
+    if transform_active():
         raise RuntimeError("vicinity_attention_varlen(backend='triton') does not support torch.func transforms or "
                            "forward-mode AD; use backend='torch' (which does), or vicinity_attention per sequence")
     return triton_varlen_forward(q, k, v, *varlen_spec_args(spec))[0]
@@ -165,7 +165,7 @@ def _backward(ctx, do, _dden, _dS, _dz):
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(backend="triton"))
+    raise double_backward_error("vicinity_attention_varlen", "triton")
 
 
 triton_varlen_forward.register_autograd(_backward, setup_context=_setup_context)
