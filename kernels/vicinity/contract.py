@@ -29,8 +29,12 @@ from .varlen import sequence_window
 def _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e, mask_m, D, DV, n_prefix,
                         s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                         HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, WITH_DEN: tl.constexpr,
-                        ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """acc += (P_M phi) @ M_M[d tile, dv tile];  den += (P_M phi) . z_M[d tile]."""
+                        ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None, H=None,
+                        VARLEN: tl.constexpr = False):
+    """acc += (P_M phi) @ M_M[d tile, dv tile];  den += (P_M phi) . z_M[d tile]. VARLEN: the grid sizes
+    are read from the sequence table here, per feature, not held in registers across the loops."""
+    if VARLEN:
+        _start, _n, s0, s1, s2 = sequence_window(seq_ptr, tl.program_id(1) // H, IS_QUERY, RELOAD=True)
     p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     a = phi * p[:, None]
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :], mask=mask_m, other=0.0)
@@ -46,7 +50,8 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
                      sxn, sxd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                      WITH_DEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None, H=None,
+                     VARLEN: tl.constexpr = False):
     """Adds the contribution of one D tile (all F features) to acc [BLOCK_N, BLOCK_DV] and den [BLOCK_N]."""
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_e = e0 + tl.arange(0, BLOCK_DV)
@@ -62,12 +67,12 @@ def _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV
         for M in tl.static_range(N_FEAT):
             acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
                                            mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
-                                           HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
+                                           HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC, seq_ptr, H, VARLEN)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc, den = _contract_d_feature(phi, acc, den, M, m_base, z_base, offs_n, offs_d, mask_d, offs_e,
                                            mask_m, D, DV, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT,
-                                           HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC)
+                                           HAS_PREFIX, IS_QUERY, WITH_DEN, ACC, DOT, PREC, seq_ptr, H, VARLEN)
     return acc, den
 
 
@@ -97,7 +102,7 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
     mask_n = offs_n < N
     if VARLEN:
         seq = bh // H
-        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, IS_QUERY)
+        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, IS_QUERY)
         if pid_n * BLOCK_N >= n_seq:
             return
         x_base = x_ptr + h * sxh + start * sxn
@@ -109,7 +114,7 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
     for d0 in range(0, D, BLOCK_D):
         acc, den = _contract_d_tile(x_base, m_base, z_base, acc, den, offs_n, mask_n, d0, D, DV, e0, n_prefix,
                                     s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
-                                    FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC)
+                                    FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, seq_ptr, H, VARLEN)
     if VARLEN:
         # Loaded after the loop: one register less across it (the dv launch is at the 255 limit on sm_80).
         factor = tl.load(factor_ptr + bh // H)
@@ -214,15 +219,11 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
         if pid_n * BLOCK_N >= n_seq:
             return
         mask_n = offs_n < n_seq
-        out_scale = out_scale * tl.load(factor_ptr + seq)
-        # Shift the base pointers so that the dense addressing below (batch b = 0, rows bh * N) lands
-        # in the sequence's window (tokens from start, rows h * N + start of the [H, N] buffers).
-        b = b * 0
         y_base = y_ptr + h * syh + start * syn
-        x_ptr += start * sxn
-        out_ptr += start * son
-        rs_ptr += h * N + start - bh * N
-        rz_ptr += h * N + start - bh * N
+        # The dense addressing below serves the window: batch b = 0, and base pointers shifted into
+        # the sequence (tokens from start, rows h * N + start of the [H, N] buffers) where they are
+        # used, not here: shifted pointers held across the loop cost registers the parameters do not.
+        b = b * 0
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for e0 in range(0, DV, BLOCK_DV):
@@ -230,6 +231,9 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
                                 s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                 BLOCK_DV, ACC, DOT, PREC)
     if ROW_WEIGHTS:
+        if VARLEN:
+            rs_ptr += h * N + start - bh * N
+            rz_ptr += h * N + start - bh * N
         rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
         rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
         acc = acc * rs[:, None]
@@ -241,6 +245,10 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
         acc += p[:, None] * zm[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
+    if VARLEN:
+        x_ptr += start * sxn
+        out_ptr += start * son
+        out_scale = out_scale * tl.load(factor_ptr + bh // H)
     x = tl.load(x_ptr + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
                 mask=mask, other=0.0).to(ACC)
     acc = mul_feature_map_grad(acc, x, FMAP) * out_scale

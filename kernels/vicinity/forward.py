@@ -113,10 +113,6 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     if pack is None:
         grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
     else:
-        # The packed dv pass holds the grid sizes in registers: at 64 tokens and 64-wide tiles it took
-        # 255 registers and spilled 8 B on sm_80 (bf16 D=64); at 32 tokens, 205 and none.
-        if launch == "bwd_dv" and cfg.block_dv >= 64 and block_n >= 64:
-            block_n //= 2
         grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(Dv, cfg.block_dv))
     contract_d_kernel[grid](
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0, out_scale,

@@ -31,14 +31,16 @@ KEY_COLS = tl.constexpr(5)     # the key side's columns start here
 
 
 @triton.jit
-def sequence_window(seq_ptr, seq, IS_QUERY: tl.constexpr):
-    """(start [int64], length, s0, s1, s2) of sequence ``seq`` on the query or the key side."""
+def sequence_window(seq_ptr, seq, IS_QUERY: tl.constexpr, RELOAD: tl.constexpr = False):
+    """(start, length, s0, s1, s2) of sequence ``seq`` on the query or the key side (int32: the launchers
+    check that every token offset within the pack fits). RELOAD: volatile loads, which the compiler
+    does not hoist out of a loop (a re-read inside a loop then costs no registers across it)."""
     if IS_QUERY:
         entry = seq_ptr + seq * SEQ_COLS
     else:
         entry = seq_ptr + seq * SEQ_COLS + KEY_COLS
-    return (tl.load(entry).to(tl.int64), tl.load(entry + 1), tl.load(entry + 2), tl.load(entry + 3),
-            tl.load(entry + 4))
+    return (tl.load(entry, volatile=RELOAD), tl.load(entry + 1, volatile=RELOAD), tl.load(entry + 2, volatile=RELOAD),
+            tl.load(entry + 3, volatile=RELOAD), tl.load(entry + 4, volatile=RELOAD))
 
 
 @dataclass(frozen=True)
