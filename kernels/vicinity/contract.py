@@ -220,10 +220,9 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
             return
         mask_n = offs_n < n_seq
         y_base = y_ptr + h * syh + start * syn
-        # The dense addressing below serves the window: batch b = 0, and base pointers shifted into
-        # the sequence (tokens from start, rows h * N + start of the [H, N] buffers) where they are
-        # used, not here: shifted pointers held across the loop cost registers the parameters do not.
-        b = b * 0
+        # The other pointers move into the sequence's window (tokens from start, rows h * N + start of
+        # the [H, N] buffers) where they are used, not here: held across the loop, they cost registers
+        # the kernel parameters do not.
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for e0 in range(0, DV, BLOCK_DV):
@@ -246,14 +245,15 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
         acc += p[:, None] * zm[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
     if VARLEN:
-        x_ptr += start * sxn
-        out_ptr += start * son
+        x_base = x_ptr + h * sxh + start * sxn
+        out_base = out_ptr + h * soh + start * son
         out_scale = out_scale * tl.load(factor_ptr + bh // H)
-    x = tl.load(x_ptr + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
-                mask=mask, other=0.0).to(ACC)
+    else:
+        x_base = x_ptr + b * sxb + h * sxh
+        out_base = out_ptr + b * sob + h * soh
+    x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(ACC)
     acc = mul_feature_map_grad(acc, x, FMAP) * out_scale
-    tl.store(out_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_base + offs_n[:, None] * son + offs_d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @launch_jit

@@ -2,7 +2,8 @@
 
     python -m vicinity_attn.tools.compile_gate                       # full matrix, every operation
     python -m vicinity_attn.tools.compile_gate --quick               # covering subset (tests/gate_report.py)
-    python -m vicinity_attn.tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn)
+    python -m vicinity_attn.tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn,
+                                                                     # vicinity_varlen)
     python -m vicinity_attn.tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
     python -m vicinity_attn.tools.compile_gate --json out.json --text out.txt
 
@@ -161,9 +162,29 @@ def knn_matrix(quick: bool) -> list[LaunchCase]:
     return cases
 
 
+def varlen_matrix(quick: bool) -> list[LaunchCase]:
+    """Packed sequences (``vicinity_attention_varlen``: the VARLEN=True launches of the vicinity kernels),
+    three sequences of mixed sizes per case (launch_capture._run_vicinity_varlen). Full: the three
+    dtypes, 40- / 48- / 64- / 128-wide heads, both stride modes, 1-d / 2-d / 3-d, every variant, prefix
+    tokens, multi-chunk state passes, the clamp and floor. Quick: none (not in CI's quick gate; run
+    ``--ops vicinity_varlen``)."""
+    if quick:
+        return []
+    varlen = lambda **kw: LaunchCase(op="vicinity_varlen", batch=3, **kw)  # noqa: E731
+    return [varlen(),
+            varlen(dtype="fp16", d=40, dv=40, strides="unaligned", grid=(8, 8, 16), variant="product",
+                   feature_map="elu1", n_prefix=1),
+            varlen(dtype="fp32", d=32, dv=32, grid=(4096,), variant="none"),
+            varlen(dtype="bf16", d=128, dv=128, strides="unaligned", grid=(32, 32)),
+            varlen(dtype="fp16", d=64, dv=64, grid=(16, 16, 4), n_prefix=4),
+            varlen(dtype="fp32", d=48, dv=48, grid=(24, 40), variant="product"),
+            LaunchCase(op="vicinity_varlen_clamp", batch=3, extra=CLAMP_CASE.extra)]
+
+
 # Extension point: one matrix per operation (its launchers are registered in launch_capture.OPERATIONS).
-MATRICES = {"vicinity": vicinity_matrix, "knn": knn_matrix}
-MATRIX_OF_OP = {"vicinity": "vicinity", "vicinity_clamp": "vicinity", "knn": "knn"}   # LaunchCase.op -> matrix
+MATRICES = {"vicinity": vicinity_matrix, "knn": knn_matrix, "vicinity_varlen": varlen_matrix}
+MATRIX_OF_OP = {"vicinity": "vicinity", "vicinity_clamp": "vicinity", "knn": "knn",   # LaunchCase.op -> matrix
+                "vicinity_varlen": "vicinity_varlen", "vicinity_varlen_clamp": "vicinity_varlen"}
 
 
 def build_matrix(quick: bool, ops: tuple[str, ...] | None = None, pattern: str | None = None) -> list[LaunchCase]:
