@@ -3,7 +3,8 @@
     python -m bench.gpu_model                      # writes bench/results/gpu-model.json, rewrites README's section
     python -m bench.gpu_model --out x.json --no-readme
 
-Nothing here is typed in per kernel. For each shape (``SHAPES``, bf16) and direction:
+Nothing here is typed in per kernel. For each shape (``SHAPES``, bf16: vicinity attention, and k-NN
+attention at the bench's k-NN shapes) and direction:
 
 1. Launch plan (child process, interpreter off): the launchers run on CPU tensors of the real shape and
    Triton's own launch path records every launch (``vicinity_attn.tools.launch_capture``): kernel,
@@ -23,8 +24,11 @@ Nothing here is typed in per kernel. For each shape (``SHAPES``, bf16) and direc
    instructions = warps x (SASS instructions + main-loop body x (trips - 1)) per program, trips =
    program FLOPs / main-loop FLOPs per iteration (or, without dots, program load bytes / main-loop
    load bytes per iteration), and the busiest SM runs ceil(programs / SMs) programs.
+4. Direction: "fwd" sums the launches the operation makes in its forward phase (the phase its launcher
+   run reports), "fwdbwd" every launch.
 
-FlashAttention-2 beside it: 4 N^2 D B H FLOPs forward, 2.5x that backward, at FA2_FRACTION of the
+FlashAttention-2 beside it (dense softmax attention over the same N tokens: k-NN attention with
+topk = N): 4 N^2 D B H FLOPs forward, 2.5x that backward, at FA2_FRACTION of the
 tensor peak (or its HBM floor, whichever is longer), plus its launches.
 """
 from __future__ import annotations
@@ -52,13 +56,29 @@ H100_SXM = dict(
 FA2_FRACTION = 0.35               # FlashAttention-2 reaches ~35 % of the H100 dense peak (FA2 paper / FA3 paper's FA2 runs)
 FA2_LAUNCHES = dict(fwd=1, bwd=3)  # forward; backward = dO.o preprocess, main kernel, dq conversion
 
+
+
+def _knn_shape(batch: int, heads: int, n: int, topk: int) -> dict:
+    """A k-NN attention LaunchCase (bf16, D = Dv = 64): n queries and keys, each query keeping topk."""
+    return dict(op="knn", dtype="bf16", d=64, dv=64, batch=batch, heads=heads, grid=(n,), extra=(("topk", topk),))
+
+
 SHAPES = {   # name -> (LaunchCase keyword arguments); the compile gate builds the same cases
     "a": dict(dtype="bf16", d=48, dv=48, batch=32, heads=1, grid=(56, 56)),
     "b": dict(dtype="bf16", d=64, dv=64, batch=1, heads=4, grid=(224, 224)),
     "c": dict(dtype="bf16", d=32, dv=32, batch=8, heads=8, grid=(14, 14)),
+    # k-NN attention: the bench's shapes (python -m bench.knn: B1 H4 D64, topk = N/2) and DeiT-S's layer
+    # (KVT's topk 100 of 197 tokens, 6 heads of 64) at a per-GPU training batch of 64.
+    "knn197": _knn_shape(1, 4, 197, 98),
+    "knn1024": _knn_shape(1, 4, 1024, 512),
+    "knn4096": _knn_shape(1, 4, 4096, 2048),
+    "knn-deits": _knn_shape(64, 6, 197, 100),
 }
 SHAPE_TITLES = {"a": "B=32, H=1, 56x56, D=Dv=48 (VVT stage 1)", "b": "B=1, H=4, 224x224, D=Dv=64",
-                "c": "B=8, H=8, 14x14, D=Dv=32"}
+                "c": "B=8, H=8, 14x14, D=Dv=32",
+                "knn197": "k-NN B=1, H=4, N=197, D=64, topk=98", "knn1024": "k-NN B=1, H=4, N=1024, D=64, topk=512",
+                "knn4096": "k-NN B=1, H=4, N=4096, D=64, topk=2048",
+                "knn-deits": "k-NN DeiT-S layer: B=64, H=6, N=197, D=64, topk=100"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu-model.json")
 
 
@@ -103,6 +123,7 @@ def stage_traffic(names: list[str]) -> dict:
     import torch
     from triton.runtime import interpreter as interp
 
+    import vicinity_attn.kernels.knn  # noqa: F401
     import vicinity_attn.kernels.vicinity  # noqa: F401  (built as interpreted functions: TRITON_INTERPRET=1 here)
     from vicinity_attn.tools.launch_capture import OPERATIONS
 
@@ -168,7 +189,8 @@ def stage_traffic(names: list[str]) -> dict:
                 executor(*args, **kwargs)
             finally:
                 os.environ["TRITON_INTERPRET"] = "0"
-                record = dict(kernel=self.fn.__name__, grid=list(full), program_bytes=state["counts"]["bytes"],
+                record = dict(kernel=self.fn.__name__, phase=state["phase"], grid=list(full),
+                              program_bytes=state["counts"]["bytes"],
                               program_flops=state["counts"]["flops"], tensor_bytes=state["sizes"])
                 state["launches"].append(record)
                 state["full"], state["counts"] = None, None
@@ -189,8 +211,8 @@ def stage_traffic(names: list[str]) -> dict:
     try:
         for name in names:
             case = _case(name)
-            state["launches"] = []
-            OPERATIONS[case.op].run(case, lambda _phase: None,
+            state["launches"], state["phase"] = [], ""
+            OPERATIONS[case.op].run(case, lambda phase: state.update(phase=phase),
                                     fill=lambda shape, dtype: torch.randn(shape, dtype=torch.float32).to(dtype))
             out[name] = state["launches"]
     finally:
@@ -255,7 +277,7 @@ def fa2_time(case, direction: str, chip: dict = H100_SXM) -> dict:
 
 def combine(plan: dict, traffic: dict) -> dict:
     shapes = {}
-    for name in SHAPES:
+    for name in plan:
         p, t = plan[name], traffic[name]
         if [x["kernel"] for x in p] != [x["kernel"] for x in t] or [x["grid"] + [1] * (3 - len(x["grid"])) for x in p] \
                 != [x["grid"] for x in t]:
@@ -263,10 +285,10 @@ def combine(plan: dict, traffic: dict) -> dict:
                                f"{[(x['kernel'], x['grid']) for x in p]} vs {[(x['kernel'], x['grid']) for x in t]}")
         kernels = [kernel_time(pp, tt) for pp, tt in zip(p, t)]
         case = _case(name)
-        entry = dict(title=SHAPE_TITLES[name], shape=SHAPES[name] | dict(grid=list(SHAPES[name]["grid"])),
+        entry = dict(title=SHAPE_TITLES[name], op=case.op, shape=SHAPES[name] | dict(grid=list(SHAPES[name]["grid"])),
                      n_tokens=case.n_tokens)
         for direction in ("fwd", "fwdbwd"):
-            ks = kernels if direction == "fwdbwd" else kernels[:_first_bwd(kernels)]
+            ks = kernels if direction == "fwdbwd" else kernels[:_first_bwd(t)]
             fa2 = fa2_time(case, direction)
             entry[direction] = dict(
                 modelled_us=round(sum(k["modelled_us"] for k in ks), 2),
@@ -279,8 +301,9 @@ def combine(plan: dict, traffic: dict) -> dict:
     return shapes
 
 
-def _first_bwd(kernels: list[dict]) -> int:
-    return next((i for i, k in enumerate(kernels) if k["role"].startswith("bwd")), len(kernels))
+def _first_bwd(traffic: list[dict]) -> int:
+    """Index of the first launch after the forward phase (the phases the launcher run reported)."""
+    return next((i for i, x in enumerate(traffic) if x.get("phase", "fwd") != "fwd"), len(traffic))
 
 
 # ------------------------------------------------------------------------------------------------

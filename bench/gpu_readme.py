@@ -35,7 +35,7 @@ def render(model: dict) -> str:
         f"2.5x that backward, at {model['fa2_fraction_of_peak']:.0%} of the tensor peak (or its HBM floor), "
         "plus its launches.",
         "",
-        "| shape (bf16) | direction | vicinity kernels, modelled (us) | HBM floor (us) | issue floor (us) | launches "
+        "| shape (bf16) | direction | our kernels, modelled (us) | HBM floor (us) | issue floor (us) | launches "
         "| FlashAttention-2, modelled (us) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -45,6 +45,12 @@ def render(model: dict) -> str:
             lines.append(f"| ({name}) {e['title']} | {d} | {_us(x['modelled_us'])} (model) | {_us(x['hbm_floor_us'])} "
                          f"(model) | {_us(x['issue_floor_us'])} (model) | {x['launches']} | "
                          f"{_us(x['fa2_modelled_us'])} (model) |")
+    knn = {name: e for name, e in model["shapes"].items() if e.get("op") == "knn"}
+    if knn:
+        lines += ["", "k-NN rows: FlashAttention-2 is dense attention over the same tokens (k-NN attention with "
+                  "topk = N). Share of the selection pass (tau by bisection over the 32 score bits, recomputing "
+                  "q k^T per bit unless the row fits one key tile) in the modelled forward: " + "; ".join(
+                      f"({name}) {_select_share(e):.0%}" for name, e in knn.items()) + " (model)."]
     lines += ["", "Per kernel (forward + backward), what bounds each in the model:", ""]
     for name, e in model["shapes"].items():
         lines.append(f"- ({name}): " + "; ".join(
@@ -59,6 +65,11 @@ def render(model: dict) -> str:
               "(tails overcounted), and counts loops other than the main loop once.",
               "", "Every figure in this section is a model; `python -m bench.gpu_check` measures them on a GPU."]
     return "\n".join(lines)
+
+
+def _select_share(entry: dict) -> float:
+    fwd = entry["fwd"]
+    return sum(k["modelled_us"] for k in fwd["kernels"] if k["role"] == "knn_select") / fwd["modelled_us"]
 
 
 def rewrite_readme(model: dict, readme: str = os.path.join(ROOT, "README.md")) -> str:

@@ -38,6 +38,24 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     assert out["tensor_bytes"]["x_ptr"] >= 2 * 64 * 16 * 2                   # the q tensor (both heads)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the traffic stage runs the kernels in the Triton interpreter")
+def test_knn_traffic_and_phases(monkeypatch):
+    """k-NN attention, 64 tokens (one 64-key tile: the selection holds the row on chip), D = Dv = 16."""
+    shape = dict(op="knn", dtype="bf16", d=16, dv=16, batch=1, heads=2, grid=(64,), extra=(("topk", 33),))
+    monkeypatch.setitem(gm.SHAPES, "k", shape)
+    launches = gm.stage_traffic(["k"])["k"]
+    assert [(x["kernel"], x["phase"], x["grid"]) for x in launches] == [
+        (kernel, phase, [1, 2, 1]) for kernel, phase in (("knn_threshold_kernel", "fwd"), ("knn_forward_kernel", "fwd"),
+                                                         ("row_delta_kernel", "bwd"), ("knn_dq_kernel", "bwd"),
+                                                         ("knn_dkdv_kernel", "bwd"))]
+    tile = 2 * 64 * 64 * 16     # one [64 x 16] @ [16 x 64] (or [64 x 64] @ [64 x 16]) dot
+    # select: q k^T once; forward: q k^T, p v; dq: q k^T, dO v^T, ds k; dk/dv: those and p^T dO, ds^T q
+    assert [x["program_flops"] for x in launches] == [tile, 2 * tile, 0, 3 * tile, 4 * tile]
+    assert gm._first_bwd(launches) == 2
+    fwd = launches[1]
+    assert fwd["program_bytes"]["read:q_ptr"] == 64 * 16 * 2 and fwd["program_bytes"]["write:o_ptr"] == 64 * 16 * 2
+
+
 def _plan(**kw):
     base = dict(role="fwd_state", kernel="k", grid=[264, 1], num_warps=4, regs=100, smem=0, ctas_per_sm=2,
                 sass_instructions=1000, main_loop=dict(instructions=100, tensor_core=8, load_bits=256,
@@ -93,3 +111,16 @@ def test_readme_section_is_generated_between_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(RuntimeError, match="markers"):
         rewrite_readme(model, str(readme))
+
+
+def test_readme_knn_rows_say_what_fa2_is_and_the_selection_share(tmp_path):
+    kernels = [dict(role="knn_select", modelled_us=3.0, bound="issue", programs=8, ctas_per_sm=2),
+               dict(role="knn_fwd", modelled_us=1.0, bound="l2", programs=8, ctas_per_sm=1)]
+    entry = dict(modelled_us=4.0, hbm_floor_us=1.0, issue_floor_us=2.0, launches=2, fa2_modelled_us=9.0,
+                 kernels=kernels)
+    model = dict(command="python -m bench.gpu_model", triton="x", chip=gm.H100_SXM, fa2_fraction_of_peak=0.35,
+                 shapes={"k": dict(title="k-NN tiny", op="knn", fwd=entry, fwdbwd=entry)})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    text = open(rewrite_readme(model, str(readme))).read()
+    assert "(k) 75%" in text and "topk = N" in text
