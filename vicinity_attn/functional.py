@@ -9,7 +9,7 @@ from .backends.knn_reference import reference_knn_attention
 from .knn_ops import custom_op_knn_attention
 from .ops import autocast_disabled, autocast_inputs, custom_op_attention
 from .spec import VicinitySpec
-from .validation import validate_call, validate_knn_call, validate_varlen_call
+from .validation import check_group, validate_call, validate_knn_call, validate_varlen_call
 from .varlen_ops import varlen_attention
 
 
@@ -54,7 +54,7 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                        layout: str = "bhnd", backend: str = "auto",
                        num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                       clamp: tuple[float, float] | None = None) -> torch.Tensor:
+                       clamp: tuple[float, float] | None = None, group=None) -> torch.Tensor:
     """Vicinity attention (Sun et al., arXiv 2206.10552), linear in the number of tokens.
 
     o_i = sum_j phi(q_i).phi(k_j) w(i,j) v_j / den_i,
@@ -89,6 +89,14 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             "torch" (linear, pure PyTorch, any device) or "reference" (quadratic; small N only).
         num_prefix_tokens: class/register tokens in front of the grid tokens of both q and k; a
             prefix token weighs 1 against every token and every token weighs 1 against it.
+        group: None, or a ``torch.distributed`` process group for context parallelism: q, k, v are
+            then this rank's contiguous shards of one sequence (shards in group-rank order, any
+            lengths, q and k cut anywhere; prefix tokens are the whole sequence's first tokens) and
+            ``grid`` / ``kv_grid`` describe the whole sequence; the output is this rank's rows. Costs
+            one all-gather of the shard lengths and one all-reduce of the states (F x D x Dv + F x D
+            per head) forward, one all-reduce of their gradients backward; every rank of the group
+            must make the call (and its backward). Backends "torch" and "triton"
+            (:mod:`vicinity_attn.context_parallel`; README, "Context parallelism").
 
     Returns:
         o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device (under
@@ -99,8 +107,11 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     q4, k4, v4, spec = validate_call(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,
                                      eps=eps, layout=layout, backend=backend,
-                                     num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp)
+                                     num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp,
+                                     sharded=group is not None)
     name = resolve_backend(backend, q.device, q.dtype)
+    if group is not None:
+        return _context_parallel(name, q4, k4, v4, spec, group, layout)
     # Under torch.autocast the op runs in the autocast dtype (the backends still accumulate in fp32).
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     if q4.shape[0] == 0 or q4.shape[1] == 0:
@@ -109,6 +120,17 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         with autocast_disabled(q4.device):
             out = _run_backend(name, q4, k4, v4, spec)
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def _context_parallel(name: str, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, spec: VicinitySpec, group,
+                      layout: str) -> torch.Tensor:
+    """``vicinity_attention`` with ``group``: this rank's rows of the whole sequence's output."""
+    from .context_parallel import context_parallel_attention
+    check_group(group, name)
+    q4, k4, v4 = autocast_inputs(q4, k4, v4)
+    with autocast_disabled(q4.device):
+        out = context_parallel_attention(name, q4, k4, v4, spec, group)
     return out.transpose(1, 2) if layout == "bnhd" else out
 
 

@@ -5,20 +5,26 @@ import torch
 from torch import nn
 
 from .functional import vicinity_attention
-from .validation import BACKENDS, check_layer_input, check_normaliser, check_option, check_positive_int, check_prefix
+from .validation import (BACKENDS, check_layer_input, check_normaliser, check_option, check_positive_int,
+                         check_prefix, check_sr_shards)
 from .feature_maps import FEATURE_MAPS
 from .positions import VARIANTS
 
 
 def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, sr: nn.Conv2d,
-                      norm: nn.LayerNorm) -> tuple[torch.Tensor, tuple[int, int]]:
+                      norm: nn.LayerNorm, sharded: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
     """PVT's key/value reduction: grid tokens [B, H*W, C] (row-major) through ``sr`` (a Conv2d with
     kernel = stride = sr_ratio) and ``norm`` (a LayerNorm) -> ([B, Nk, C], the key grid
-    (H // sr_ratio, W // sr_ratio))."""
+    (H // sr_ratio, W // sr_ratio)). ``sharded`` (context parallelism): grid_tokens are whole rows of
+    the H x W grid, whole blocks of sr_ratio rows (checked by the caller); the key grid is still the
+    whole one's."""
     if H < sr_ratio or W < sr_ratio:
         raise ValueError(f"the grid ({H}, {W}) is smaller than sr_ratio ({sr_ratio})")
-    B, _, C = grid_tokens.shape
-    reduced = sr(grid_tokens.transpose(1, 2).reshape(B, C, H, W))
+    B, n, C = grid_tokens.shape
+    rows = n // W if sharded else H
+    if rows < sr_ratio:   # a shard without a whole block of rows contributes no keys
+        return grid_tokens.new_zeros(B, 0, C), (H // sr_ratio, W // sr_ratio)
+    reduced = sr(grid_tokens.transpose(1, 2).reshape(B, C, rows, W))
     return norm(reduced.flatten(2).transpose(1, 2)), (H // sr_ratio, W // sr_ratio)
 
 
@@ -46,12 +52,20 @@ class VicinityAttention(nn.Module):
         temperature: learn a per-head scale of the attention output (L2ViT's ``temperature``).
         proj_drop: dropout probability after the output projection.
         num_prefix_tokens: class/register tokens in front of the grid tokens.
+        group: None, or a ``torch.distributed`` process group for context parallelism: ``forward(x, H, W)``
+            then takes this rank's contiguous shard x [B, n_local, dim] of the whole sequence (shards in
+            group-rank order, prefix tokens first) with H, W the whole grid, and returns this rank's
+            rows (see :func:`vicinity_attn.vicinity_attention`). With ``sr_ratio > 1`` each rank reduces
+            its own rows, so every rank's grid tokens must start and end on whole multiples of
+            ``sr_ratio`` rows (``sr_ratio * W`` tokens; the last may end at the grid's end): checked, a
+            ValueError otherwise. Parameter gradients are then this rank's share: sum them over the
+            group (e.g. DistributedDataParallel over it, loss scaled by the group size; README).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
                  variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                  proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0,
-                 den_floor: float = 0.0, temperature: bool = False) -> None:
+                 den_floor: float = 0.0, temperature: bool = False, group=None) -> None:
         super().__init__()
         for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
             check_positive_int(value, name)
@@ -77,6 +91,7 @@ class VicinityAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
         self.temperature = nn.Parameter(torch.empty(num_heads, 1, 1)) if temperature else None
+        self.group = group
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,23 +109,34 @@ class VicinityAttention(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x [B, num_prefix_tokens + H*W, dim] -> [B, num_prefix_tokens + H*W, dim]."""
         P = self.num_prefix_tokens
-        check_layer_input(x, H, W, self.dim, "dim", P)
+        check_layer_input(x, H, W, self.dim, "dim", P, sharded=self.group is not None)
         B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
         q = self.q(x).view(B, N, heads, hd)
         kv_input, kv_grid = x, (H, W)
         if self.sr_ratio > 1:
-            reduced, kv_grid = spatial_reduction(x[:, P:], H, W, self.sr_ratio, self.sr, self.norm)
-            kv_input = torch.cat([x[:, :P], reduced], dim=1) if P else reduced
+            local_prefix = P if self.group is None else self._local_prefix_tokens(x, H, W)
+            reduced, kv_grid = spatial_reduction(x[:, local_prefix:], H, W, self.sr_ratio, self.sr, self.norm,
+                                                 sharded=self.group is not None)
+            kv_input = torch.cat([x[:, :local_prefix], reduced], dim=1) if local_prefix else reduced
         Nk = kv_input.shape[1]
         k = self.k(kv_input).view(B, Nk, heads, hd)
         v = self.v(kv_input).view(B, Nk, heads, hd)
         out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map=self.feature_map,
                                  eps=self.eps, layout="bnhd", backend=self.backend, num_prefix_tokens=P,
-                                 den_floor=self.den_floor)
+                                 den_floor=self.den_floor, group=self.group)
         if self.temperature is not None:
             out = out * self.temperature.view(heads, 1).to(out.dtype)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+    def _local_prefix_tokens(self, x: torch.Tensor, H: int, W: int) -> int:
+        """Under context parallelism with sr_ratio > 1: the prefix tokens in this rank's shard, after
+        checking that every rank's grid tokens are whole blocks of sr_ratio rows (one all-gather)."""
+        from .context_parallel import gather_lengths
+        lengths = [r[0] for r in gather_lengths([x.shape[1]], self.group, x)]
+        check_sr_shards(lengths, self.num_prefix_tokens, H, W, self.sr_ratio)
+        offset = sum(lengths[:torch.distributed.get_rank(self.group)])
+        return max(0, min(self.num_prefix_tokens, offset + x.shape[1]) - offset)
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"sr_ratio={self.sr_ratio}",

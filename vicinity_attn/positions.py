@@ -39,29 +39,56 @@ def feature_count(n_axes: int, variant: str, has_prefix: bool = False) -> int:
 
 
 def grid_angles(grid: Sequence[int], *, dtype: torch.dtype = torch.float64,
-                device: torch.device | str | None = None) -> torch.Tensor:
-    """Angles theta_a(i) = (pi/2) * coord_a(i) / size_a for every token of ``grid``.
+                device: torch.device | str | None = None, tokens: range | None = None) -> torch.Tensor:
+    """Angles theta_a(i) = (pi/2) * coord_a(i) / size_a for every token of ``grid``, or only for the
+    grid tokens ``tokens`` (a range of row-major indices: a shard of the grid).
 
-    Returns a [prod(grid), n_axes] tensor; tokens in row-major order (last axis fastest).
+    Returns a [prod(grid), n_axes] (or [len(tokens), n_axes]) tensor; tokens in row-major order
+    (last axis fastest).
     """
-    coords = torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=device) for s in grid],
-                            indexing="ij")
-    angles = torch.stack([c.reshape(-1) * (math.pi / 2) / s for c, s in zip(coords, grid)], dim=-1)
+    if tokens is None:
+        coords = torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=device) for s in grid],
+                                indexing="ij")
+        coords = [c.reshape(-1) for c in coords]
+    else:
+        index = torch.arange(tokens.start, tokens.stop, dtype=torch.int64, device=device)
+        coords = []
+        for s in reversed(grid):   # unravel, last axis fastest
+            coords.insert(0, (index % s).to(torch.float64))
+            index = index // s
+    angles = torch.stack([c * (math.pi / 2) / s for c, s in zip(coords, grid)], dim=-1)
     return angles.to(dtype)
 
 
 def position_features(grid: Sequence[int], variant: str, *, side: str = "query",
                       num_prefix_tokens: int = 0, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str | None = None) -> torch.Tensor:
+                      device: torch.device | str | None = None, tokens: range | None = None) -> torch.Tensor:
     """Per-token position features P, [num_prefix_tokens + prod(grid), F], with
     w(i, j) = <P_query(i), P_key(j)> (see the module docstring for the feature order).
 
     ``side`` ("query" or "key") matters only with prefix tokens, whose features are asymmetric.
+    ``tokens``: only the rows of these sequence positions (a range within the whole sequence, prefix
+    tokens first: a shard under context parallelism); the result is [len(tokens), F].
     Computed in float64 and cast to ``dtype``.
     """
     if side not in ("query", "key"):
         raise ValueError(f"side must be 'query' or 'key', got {side!r}")
-    angles = grid_angles(grid, device=device)
+    has_prefix = num_prefix_tokens > 0
+    if tokens is not None:
+        P = num_prefix_tokens
+        angles = grid_angles(grid, device=device, tokens=range(max(tokens.start, P) - P, max(tokens.stop, P) - P))
+        num_prefix_tokens = max(0, min(P, tokens.stop) - tokens.start)
+    else:
+        angles = grid_angles(grid, device=device)
+    feats = _base_features(angles, variant)
+    if has_prefix:   # the two prefix features exist on every row, prefix rows in the range or not
+        feats = _with_prefix_tail(feats, num_prefix_tokens, side)
+    return feats.to(dtype)
+
+
+def _base_features(angles: torch.Tensor, variant: str) -> torch.Tensor:
+    """[n, F0] float64 features of the variant from [n, n_axes] angles (no prefix features)."""
+    device = angles.device
     n_tokens, n_axes = angles.shape
     if variant == "none":
         feats = torch.ones(n_tokens, 1, dtype=torch.float64, device=device)
@@ -72,20 +99,24 @@ def position_features(grid: Sequence[int], variant: str, *, side: str = "query",
         feats = torch.ones(n_tokens, 1, dtype=torch.float64, device=device)
         for a in range(n_axes):  # axis 0 ends up as the most significant bit of the feature index
             feats = torch.stack([feats * cos[:, a:a + 1], feats * sin[:, a:a + 1]], dim=-1)
-            feats = feats.reshape(n_tokens, -1)
+            feats = feats.reshape(n_tokens, 2 ** (a + 1))
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if num_prefix_tokens:
-        n_feat = feats.shape[1]
-        grid_tail = [1.0, 0.0] if side == "query" else [0.0, 1.0]
-        prefix_tail = [1.0, 1.0] if side == "query" else [1.0, 0.0]
-        tail = torch.tensor(grid_tail, dtype=torch.float64, device=device).expand(n_tokens, 2)
-        grid_rows = torch.cat([feats, tail], dim=1)
-        prefix_rows = torch.cat([torch.zeros(num_prefix_tokens, n_feat, dtype=torch.float64, device=device),
-                                 torch.tensor(prefix_tail, dtype=torch.float64, device=device)
-                                 .expand(num_prefix_tokens, 2)], dim=1)
-        feats = torch.cat([prefix_rows, grid_rows], dim=0)
-    return feats.to(dtype)
+    return feats
+
+
+def _with_prefix_tail(feats: torch.Tensor, num_prefix_tokens: int, side: str) -> torch.Tensor:
+    """The grid rows ``feats`` [n, F0] with the two prefix features appended, after ``num_prefix_tokens``
+    prefix rows (module docstring)."""
+    device, (n_tokens, n_feat) = feats.device, feats.shape
+    grid_tail = [1.0, 0.0] if side == "query" else [0.0, 1.0]
+    prefix_tail = [1.0, 1.0] if side == "query" else [1.0, 0.0]
+    tail = torch.tensor(grid_tail, dtype=torch.float64, device=device).expand(n_tokens, 2)
+    grid_rows = torch.cat([feats, tail], dim=1)
+    prefix_rows = torch.cat([torch.zeros(num_prefix_tokens, n_feat, dtype=torch.float64, device=device),
+                             torch.tensor(prefix_tail, dtype=torch.float64, device=device)
+                             .expand(num_prefix_tokens, 2)], dim=1)
+    return torch.cat([prefix_rows, grid_rows], dim=0)
 
 
 def expand_features(phi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -88,3 +88,15 @@ class VarlenSpec:
         for i, key in enumerate(zip(self.grids, self.kv_grids)):
             by_grids.setdefault(key, []).append(i)
         return list(by_grids.values())
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """Where one rank's tokens sit in the whole sequence, under context parallelism: its queries are
+    positions ``q_offset ..`` of ``n_queries``, its keys / values positions ``k_offset ..`` of ``n_keys``
+    (prefix tokens first, then the grid tokens in row-major order)."""
+
+    q_offset: int
+    k_offset: int
+    n_queries: int
+    n_keys: int

@@ -142,8 +142,9 @@ def check_positive_int(value: object, name: str) -> int:
 
 
 def check_layer_input(x: object, H: object, W: object, channels: int, channels_name: str,
-                      num_prefix_tokens: int = 0) -> torch.Tensor:
-    """The input of a layer's ``forward(x, H, W)``: x [B, num_prefix_tokens + H*W, channels]."""
+                      num_prefix_tokens: int = 0, sharded: bool = False) -> torch.Tensor:
+    """The input of a layer's ``forward(x, H, W)``: x [B, num_prefix_tokens + H*W, channels]; with
+    ``sharded`` (context parallelism) x holds one rank's tokens, checked against H*W by the op."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a 3-d tensor [B, N, C], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -153,7 +154,7 @@ def check_layer_input(x: object, H: object, W: object, channels: int, channels_n
     if x.shape[2] != channels:
         raise ValueError(f"x must have {channels} channels ({channels_name}), got {x.shape[2]}")
     P = num_prefix_tokens
-    if H * W + P != x.shape[1]:
+    if not sharded and H * W + P != x.shape[1]:
         raise ValueError(f"H * W (+ {P} prefix tokens) must equal the number of tokens: "
                          f"{H} * {W} + {P} != {x.shape[1]}")
     return x
@@ -189,8 +190,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
                   num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                  clamp: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:
-    """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec."""
+                  clamp: tuple[float, float] | None = None,
+                  sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:
+    """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec.
+    ``sharded``: q, k, v are one rank's shards (context parallelism), so their token counts are checked
+    against the grids later, summed over ranks (:func:`check_shard_counts`)."""
     layout = check_option(layout, "layout", LAYOUTS)
     check_option(backend, "backend", BACKENDS)
     variant = check_option(variant, "variant", VARIANTS)
@@ -204,16 +208,65 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
     if len(kv_grid) != len(grid):
         raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
-    if n_prefix + math.prod(grid) != Nq:
+    if not sharded and n_prefix + math.prod(grid) != Nq:
         raise ValueError(f"grid {grid} has {math.prod(grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but q has {Nq} tokens")
-    if n_prefix + math.prod(kv_grid) != Nk:
+    if not sharded and n_prefix + math.prod(kv_grid) != Nk:
         name = "kv_grid" if kv_grid is not grid else "grid (used as kv_grid)"
         raise ValueError(f"{name} {kv_grid} has {math.prod(kv_grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but k has {Nk} tokens")
     spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=feature_map, eps=eps,
                         num_prefix_tokens=n_prefix, den_floor=den_floor, clamp=clamp)
     return q, k, v, spec
+
+
+def check_group(group: object, backend: str) -> None:
+    """``group`` of ``vicinity_attention`` (context parallelism): a process group of an initialised
+    ``torch.distributed``, with a backend that can run the context-parallel pieces."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("group was given but torch.distributed is not initialised: call "
+                           "torch.distributed.init_process_group first (or pass group=None)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD or "
+                        f"one from torch.distributed.new_group), got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("group does not contain this process (torch.distributed.get_rank(group) is -1)")
+    if backend == "reference":
+        raise ValueError("backend='reference' does not support context parallelism (group=...): use 'torch', "
+                         "'triton' or 'auto'")
+
+
+def check_shard_counts(table: list[list[int]], spec: VicinitySpec) -> None:
+    """Context parallelism: the ranks' shard lengths [[n_q, n_k] per rank] must add up to the grids'
+    token counts (``num_prefix_tokens + prod(grid)`` queries, ``num_prefix_tokens + prod(kv_grid)`` keys)."""
+    n_q, n_k = sum(r[0] for r in table), sum(r[1] for r in table)
+    P = spec.num_prefix_tokens
+    if P + math.prod(spec.grid) != n_q:
+        raise ValueError(f"grid {spec.grid} has {math.prod(spec.grid)} tokens (+ {P} prefix tokens) but the "
+                         f"q shards of the group's ranks have {[r[0] for r in table]} tokens, {n_q} in all "
+                         "(with group=..., grid describes the whole sequence)")
+    if P + math.prod(spec.kv_grid) != n_k:
+        raise ValueError(f"kv_grid {spec.kv_grid} has {math.prod(spec.kv_grid)} tokens (+ {P} prefix tokens) but the "
+                         f"k shards of the group's ranks have {[r[1] for r in table]} tokens, {n_k} in all "
+                         "(with group=..., kv_grid describes the whole sequence)")
+
+
+def check_sr_shards(lengths: list[int], num_prefix_tokens: int, H: int, W: int, sr_ratio: int) -> None:
+    """Context parallelism with spatially reduced keys (``sr_ratio > 1``): each rank reduces its own grid
+    tokens with the sr_ratio x sr_ratio convolution, so every rank's grid tokens (``lengths``: every rank's
+    token count, prefix tokens first on the first ranks) must start on a whole multiple of sr_ratio rows
+    and end on one (or at the end of the grid). Checked for all ranks on every rank (all raise alike)."""
+    block = sr_ratio * W
+    offset = 0
+    for rank, n in enumerate(lengths):
+        g0 = max(offset, num_prefix_tokens) - num_prefix_tokens
+        g1 = max(offset + n, num_prefix_tokens) - num_prefix_tokens
+        if g0 % block or (g1 % block and g1 != H * W):
+            raise ValueError(f"with group=... and sr_ratio={sr_ratio}, every rank's shard of grid tokens must start "
+                             f"and end on whole multiples of sr_ratio rows (sr_ratio * W = {block} tokens) or at "
+                             f"the end of the grid; rank {rank} holds grid tokens {g0}..{g1 - 1} of {H}x{W}")
+        offset += n
 
 
 def check_topk(topk: object, nk: int) -> int:

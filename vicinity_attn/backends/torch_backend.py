@@ -334,10 +334,17 @@ def _clamped_row_grads(pl: _Plan, do: torch.Tensor, q: torch.Tensor, S: torch.Te
         n_pre[:, :, pl.P:] = num
     if num_prefix is not None:
         n_pre[:, :, :pl.P] = num_prefix
+    return clamped_row_grads(do, n_pre, den, clamp, g)
+
+
+def clamped_row_grads(do: torch.Tensor, n_pre: torch.Tensor, den: torch.Tensor, clamp: tuple[float, float],
+                      g: torch.Tensor) -> torch.Tensor:
+    """The clamped row gradients from the unclamped numerator n_pre [..., N, Dv] and den [..., N]: writes
+    g = dL/dnum_pre into ``g`` and returns c = dL/dden [..., N, 1] (formulas: :func:`_clamped_row_grads`)."""
     r_pre = den.reciprocal().unsqueeze(-1)
     r = abs_clamp_(r_pre.clone(), clamp)
     n = abs_clamp_(n_pre.clone(), clamp)
-    dU = do.to(pl.dtype) * clamp_passes(n * r, clamp)
+    dU = do.to(n_pre.dtype) * clamp_passes(n * r, clamp)
     torch.mul(dU * r, clamp_passes(n_pre, clamp), out=g)
     return (dU * n).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
 
