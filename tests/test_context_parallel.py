@@ -188,13 +188,41 @@ def _ddp_training(rank: int, world: int) -> dict:
     return out
 
 
+def _vvt_layer(rank: int, world: int) -> dict:
+    """The authors' VVT layer (SE gate, spatial reduction, clamp) with group=...: this rank's rows of the
+    output, the input gradient and the parameter gradients summed over ranks, against one process."""
+    from vicinity_attn.layers import VicinityVisionAttention
+    H, W = 6, 4
+    torch.manual_seed(3)
+    layer = VicinityVisionAttention(16, 2, sr_ratio=2, backend="torch").double()
+    x = torch.randn(2, H * W, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, H * W, 16, dtype=torch.float64)
+    layer(x, H, W).backward(dy)
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    bounds = [0, 8, 24] if world == 2 else [0, 8, 16, 24]   # whole blocks of sr_ratio = 2 rows
+    part = slice(bounds[rank], bounds[rank + 1])
+    cp_layer = VicinityVisionAttention(16, 2, sr_ratio=2, backend="torch", group=dist.group.WORLD).double()
+    cp_layer.load_state_dict(layer.state_dict())
+    xl = x.detach()[:, part].clone().requires_grad_()
+    yl = cp_layer(xl, H, W)
+    yl.backward(dy[:, part])
+    grads = [p.grad.clone() for p in cp_layer.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+    with torch.no_grad():
+        y = layer(x, H, W)
+    return {"out": rel_err(yl, y[:, part]), "dx": rel_err(xl.grad, x.grad[:, part]),
+            "params": max(rel_err(g, w) for g, w in zip(grads, want))}
+
+
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         report = {"cases": {name: _run_case(name, rank, world) for name, case in CASES.items() if world in case[0]},
                   "cross_rank_identical": _cross_rank_identical_states(world),
-                  "validation": _validation(rank, world)}
+                  "validation": _validation(rank, world), "vvt": _vvt_layer(rank, world)}
         if world == 2:
             report["ddp"] = _ddp_training(rank, world)
     finally:
@@ -242,6 +270,12 @@ def test_ddp_training_gradients_equal_one_process(world):
         pytest.skip("the DistributedDataParallel run uses 2 processes")
     for report in reports:
         assert report["ddp"]["dp"] <= TOL and report["ddp"]["cp"] <= TOL, report["ddp"]
+
+
+def test_vvt_layer_equals_one_process(world):
+    _, reports = world
+    for report in reports:
+        assert max(report["vvt"].values()) <= TOL, report["vvt"]
 
 
 def test_group_without_torch_distributed_initialised():

@@ -54,7 +54,7 @@ from torch import nn
 from ..backends.reference import abs_clamp as reference_abs_clamp
 from ..functional import vicinity_attention
 from ..modules import spatial_reduction
-from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int
+from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int, check_sr_shards
 
 CLAMP_MIN = 1e-4
 CLAMP_MAX = 1e4
@@ -86,6 +86,11 @@ class VicinityVisionAttention(nn.Module):
         clip: apply the authors' magnitude clamp (default True, as in their code). Also an
             attribute: set ``layer.clip = False`` to turn it off after construction.
         backend: backend for :func:`vicinity_attn.vicinity_attention` (every backend, clip on or off).
+        group: None, or a ``torch.distributed`` process group for context parallelism: ``forward(x, H, W)``
+            then takes this rank's contiguous shard of the H*W tokens and returns its rows. The SE gate's
+            token mean is summed over the group (a differentiable all-reduce of B x C numbers); with
+            ``sr_ratio > 1`` every rank's shard must be whole multiples of ``sr_ratio`` rows (checked),
+            as for :class:`vicinity_attn.VicinityAttention`. Backends "torch" and "triton".
 
     Parameter names and shapes (state-dict keys) are theirs: ``k_proj``, ``v_proj``, ``q_proj``,
     ``sr`` + ``norm`` (only when ``sr_ratio > 1``), ``out_proj``, ``se_fc.0``, ``se_fc.2``.
@@ -93,7 +98,7 @@ class VicinityVisionAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, sr_ratio: int = 1, fr_ratio: int = 1,
                  se_reduction: int = 2, use_sum: bool = True, linear: bool = False, clip: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", group=None) -> None:
         super().__init__()
         for value, name in ((embed_dim, "embed_dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio"),
                             (fr_ratio, "fr_ratio"), (se_reduction, "se_reduction")):
@@ -116,6 +121,7 @@ class VicinityVisionAttention(nn.Module):
         self.use_sum = bool(use_sum)
         self.clip = bool(clip)
         self.backend = check_option(backend, "backend", BACKENDS)
+        self.group = group
         inner = embed_dim // fr_ratio
         # Registration order follows theirs, so state_dict() lists keys in their order too.
         self.k_proj = nn.Linear(embed_dim, inner)
@@ -157,22 +163,31 @@ class VicinityVisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x [B, H*W, embed_dim] -> [B, H*W, embed_dim]."""
-        check_layer_input(x, H, W, self.embed_dim, "embed_dim")
+        sharded = self.group is not None
+        check_layer_input(x, H, W, self.embed_dim, "embed_dim", sharded=sharded)
         B, N, C = x.shape
         heads = self.num_heads
         d = C // heads // self.fr
         # SE gate from the layer input: mean over tokens, bottleneck MLP, sigmoid -> [B, 1, C].
-        gate = self.se_fc(self.se_pool(x.transpose(1, 2)).view(B, C)).unsqueeze(1)
+        if sharded:   # the whole sequence's mean: local sums added over the group
+            from torch.distributed.nn.functional import all_reduce
+            pooled = all_reduce(x.sum(1) / (H * W), group=self.group)
+        else:
+            pooled = self.se_pool(x.transpose(1, 2)).view(B, C)
+        gate = self.se_fc(pooled).unsqueeze(1)
         kv_input, kv_grid = x, (H, W)
         if self.sr_ratio > 1:
-            kv_input, kv_grid = spatial_reduction(x, H, W, self.sr_ratio, self.sr, self.norm)
+            if sharded:
+                from ..context_parallel import gather_lengths
+                check_sr_shards([r[0] for r in gather_lengths([N], self.group, x)], 0, H, W, self.sr_ratio)
+            kv_input, kv_grid = spatial_reduction(x, H, W, self.sr_ratio, self.sr, self.norm, sharded=sharded)
         Nk = kv_input.shape[1]
         q = self.q_proj(x).view(B, N, heads, d)
         k = self.k_proj(kv_input).view(B, Nk, heads, d)
         v = self.v_proj(kv_input).view(B, Nk, heads, d)
         out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map="relu", eps=EPS,
                                  layout="bnhd", backend=self.backend,
-                                 clamp=(CLAMP_MIN, CLAMP_MAX) if self.clip else None)
+                                 clamp=(CLAMP_MIN, CLAMP_MAX) if self.clip else None, group=self.group)
         out = self.out_proj(out.reshape(B, N, heads * d))
         if self.clip:
             out = abs_clamp(out)
