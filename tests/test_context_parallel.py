@@ -40,15 +40,15 @@ CASES = {
 }
 
 
-def _cuts(n: int, world: int, seed: int, allow_empty: bool = False) -> list[int]:
-    """world + 1 increasing boundaries 0 .. n: uneven shards (empty ones only if asked)."""
+def _cuts(n: int, world: int, seed: int, empty_first: bool = False) -> list[int]:
+    """world + 1 increasing boundaries 0 .. n: uneven shards, none empty unless ``empty_first`` (then
+    rank 0 gets no tokens and the rest are cut unevenly)."""
+    if empty_first:
+        return [0, *_cuts(n, world - 1, seed)]
     g = torch.Generator().manual_seed(seed)
-    low = 0 if allow_empty else 1
-    inner = sorted(torch.randint(low, n - low + 1, (world - 1,), generator=g).tolist())
-    if not allow_empty:   # distinct, so that no shard is empty
-        inner = sorted(set(inner))
-        while len(inner) < world - 1:
-            inner = sorted(set(inner) | {len(inner) + 1})
+    inner = sorted(set(torch.randint(1, n, (world - 1,), generator=g).tolist()))
+    while len(inner) < world - 1:   # distinct, so that no shard is empty
+        inner = sorted(set(inner) | {len(inner) + 1})
     return [0, *inner, n]
 
 
@@ -69,7 +69,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     o.backward(do)
     # q and k cut at different places; world 3 gives one rank no keys in the empty-shard case.
     qc = _cuts(nq, world, seed=7 * world)
-    kc = _cuts(nk, world, seed=11 * world + 1, allow_empty=world == 3 and name == "torch-2d-prefix-cross-grid")
+    kc = _cuts(nk, world, seed=11 * world + 1, empty_first=world == 3 and name == "torch-2d-prefix-cross-grid")
     sl = lambda t, c: t.narrow(axis, c[rank], c[rank + 1] - c[rank])  # noqa: E731
     local = [sl(t, c).detach().clone().requires_grad_() for t, c in zip((q, k, v), (qc, kc, kc))]
     results = []
