@@ -18,9 +18,10 @@ Every rank of the group must make the same calls in the same order, and run back
 does (as with DistributedDataParallel): the backward always takes part in its all-reduce, whichever
 gradients this rank needs. Determinism: the summed states are those of the group's all-reduce; the
 backends here add a rank's tokens in a fixed order, so results are run-to-run reproducible exactly
-when the all-reduce is (gloo and NCCL use a fixed algorithm for a fixed world size and buffer size;
-NCCL may pick a different algorithm or protocol on another topology). Not bitwise equal to the
-single-process call: that sums all tokens in one order, these per shard and then over ranks.
+when the all-reduce is. With gloo on CPU and a fixed world size the tests see every call repeat
+bitwise and the summed states bitwise identical on every rank; NCCL was not tried (its summation
+order may depend on the algorithm and protocol it picks). Not bitwise equal to the single-process
+call: that sums all tokens in one order, these per shard and then over ranks.
 
 Not traced by torch.compile (a graph break) and not under torch.func transforms: the collectives run
 eagerly inside an ``autograd.Function``.
