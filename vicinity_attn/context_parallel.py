@@ -81,6 +81,29 @@ def all_reduce_states(S: torch.Tensor, z: torch.Tensor, group) -> tuple[torch.Te
     return buffer[:S.numel()].view(S.shape), buffer[S.numel():].view(z.shape)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over the group's ranks of x (every rank gets y); the gradient of a sum that every rank
+    uses is the sum of the ranks' gradients: backward all-reduces too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        ctx.group = group
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy.clone()
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)
+        return dx, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of x over the group's ranks, differentiable (e.g. the VVT layer's SE-gate token mean)."""
+    return _AllReduceSum.apply(x, group)
+
+
 class _ContextParallelAttention(torch.autograd.Function):
     """o of the local queries; backward: dq, dk, dv of the local tokens (module docstring)."""
 

@@ -170,8 +170,8 @@ class VicinityVisionAttention(nn.Module):
         d = C // heads // self.fr
         # SE gate from the layer input: mean over tokens, bottleneck MLP, sigmoid -> [B, 1, C].
         if sharded:   # the whole sequence's mean: local sums added over the group
-            from torch.distributed.nn.functional import all_reduce
-            pooled = all_reduce(x.sum(1) / (H * W), group=self.group)
+            from ..context_parallel import all_reduce_sum
+            pooled = all_reduce_sum(x.sum(1) / (H * W), self.group)
         else:
             pooled = self.se_pool(x.transpose(1, 2)).view(B, C)
         gate = self.se_fc(pooled).unsqueeze(1)
