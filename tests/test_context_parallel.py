@@ -81,12 +81,19 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         ol = vicinity_attention(*local, grid, kv_grid, layout=layout, backend=backend, group=dist.group.WORLD, **kw)
         ol.backward(sl(do, qc))
         results.append([ol.detach().clone()] + [t.grad.clone() for t in local])
+    if name == "torch-2d-prefix-cross-grid":   # offsets passed by the caller: no exchange, the same result
+        for t in local:
+            t.grad = None
+        ol = vicinity_attention(*local, grid, kv_grid, layout=layout, backend=backend, group=dist.group.WORLD,
+                                token_offsets=(qc[rank], kc[rank]), **kw)
+        ol.backward(sl(do, qc))
+        results.append([ol.detach().clone()] + [t.grad.clone() for t in local])
     ol, dq, dk, dv = results[0]
     errors = {"o": rel_err(ol, sl(o.detach(), qc)) if ol.numel() else 0.0,
               "dq": rel_err(dq, sl(full[0].grad, qc)) if dq.numel() else 0.0,
               "dk": rel_err(dk, sl(full[1].grad, kc)) if dk.numel() else 0.0,
               "dv": rel_err(dv, sl(full[2].grad, kc)) if dv.numel() else 0.0}
-    repeat = all(torch.equal(a, b) for a, b in zip(*results)) if len(results) == 2 else None
+    repeat = all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r)) if len(results) > 1 else None
     return {"errors": errors, "bitwise_repeat": repeat,
             "q_len": qc[rank + 1] - qc[rank], "k_len": kc[rank + 1] - kc[rank]}
 
@@ -120,6 +127,9 @@ def _validation(rank: int, world: int) -> dict:
                                                                   backend="torch"), ValueError, "grid", "q shards")
     out["not_a_group"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group="world",
                                                                   backend="torch"), TypeError, "group")
+    out["offsets_past_end"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
+                                                                       backend="torch", token_offsets=(3 * world - 2, 0)),
+                                            ValueError, "token_offsets")
     out["reference"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
                                                                 backend="reference"), ValueError, "backend")
     # sr_ratio = 2 on a 4 x 6 grid: shards must be whole multiples of 2 rows (12 tokens); 5 tokens each is not.

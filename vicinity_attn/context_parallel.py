@@ -11,7 +11,9 @@ numbers per head, so a call costs
                -> local dk, dv from the summed dS, dz
 
 plus one small all-gather of the shard lengths per call (two integers per rank), from which every rank
-takes its global token offsets (the position features are the whole sequence's). Outputs and
+takes its global token offsets (the position features are the whole sequence's), unless the caller
+passes them (``token_offsets``: no exchange, and no check that the shards add up; on NCCL the exchange
+also reads the lengths back to the host, a synchronisation per call). Outputs and
 gradients equal the single-process call's up to the order of floating-point sums.
 
 Every rank of the group must make the same calls in the same order, and run backward whenever one
@@ -27,6 +29,8 @@ Not traced by torch.compile (a graph break) and not under torch.func transforms:
 eagerly inside an ``autograd.Function``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -127,14 +131,21 @@ class _ContextParallelAttention(torch.autograd.Function):
 
 
 def context_parallel_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               spec: VicinitySpec, group) -> torch.Tensor:
+                               spec: VicinitySpec, group, token_offsets: tuple[int, int] | None = None) -> torch.Tensor:
     """o [B, H, n_q, Dv] of this rank's queries: q [B, H, n_q, D], k [B, H, n_k, D], v [B, H, n_k, Dv]
     are this rank's shards of a sequence that ``spec`` describes whole; ``backend`` is "torch" or
-    "triton" (validated by the caller, ``vicinity_attention(..., group=...)``). Differentiable."""
+    "triton" (validated by the caller, ``vicinity_attention(..., group=...)``). ``token_offsets``:
+    this rank's (query, key) offsets as the caller knows them (validated by the caller), which spares
+    the length exchange; None exchanges and checks the lengths. Differentiable."""
     pieces = _pieces(backend)
     if backend == "triton":
         from .backends.triton_backend import check_triton_inputs
         check_triton_inputs(q, k, v)
-    shard, table = exchange_shards(q.shape[2], k.shape[2], group, q)
-    check_shard_counts(table, spec)
+    if token_offsets is None:
+        shard, table = exchange_shards(q.shape[2], k.shape[2], group, q)
+        check_shard_counts(table, spec)
+    else:
+        P = spec.num_prefix_tokens
+        shard = TokenShard(q_offset=token_offsets[0], k_offset=token_offsets[1],
+                           n_queries=P + math.prod(spec.grid), n_keys=P + math.prod(spec.kv_grid))
     return _ContextParallelAttention.apply(q, k, v, pieces, spec, shard, group)

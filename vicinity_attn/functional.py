@@ -9,7 +9,7 @@ from .backends.knn_reference import reference_knn_attention
 from .knn_ops import custom_op_knn_attention
 from .ops import autocast_disabled, autocast_inputs, custom_op_attention
 from .spec import VicinitySpec
-from .validation import check_group, validate_call, validate_knn_call, validate_varlen_call
+from .validation import check_group, check_token_offsets, validate_call, validate_knn_call, validate_varlen_call
 from .varlen_ops import varlen_attention
 
 
@@ -54,7 +54,8 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                        layout: str = "bhnd", backend: str = "auto",
                        num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                       clamp: tuple[float, float] | None = None, group=None) -> torch.Tensor:
+                       clamp: tuple[float, float] | None = None, group=None,
+                       token_offsets: tuple[int, int] | None = None) -> torch.Tensor:
     """Vicinity attention (Sun et al., arXiv 2206.10552), linear in the number of tokens.
 
     o_i = sum_j phi(q_i).phi(k_j) w(i,j) v_j / den_i,
@@ -97,6 +98,10 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             per head) forward, one all-reduce of their gradients backward; every rank of the group
             must make the call (and its backward). Backends "torch" and "triton"
             (:mod:`vicinity_attn.context_parallel`; README, "Context parallelism").
+        token_offsets: with ``group``, optionally this rank's (q offset, k offset) in the whole
+            sequence, when the caller knows them: the call then skips the length exchange (and the
+            check that all ranks' shards add up to the grids; each shard is still checked to lie
+            inside the sequence). None exchanges the lengths.
 
     Returns:
         o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device (under
@@ -111,7 +116,9 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      sharded=group is not None)
     name = resolve_backend(backend, q.device, q.dtype)
     if group is not None:
-        return _context_parallel(name, q4, k4, v4, spec, group, layout)
+        return _context_parallel(name, q4, k4, v4, spec, group, layout, token_offsets)
+    if token_offsets is not None:
+        raise ValueError("token_offsets is for context parallelism: pass group=... with it (or leave it None)")
     # Under torch.autocast the op runs in the autocast dtype (the backends still accumulate in fp32).
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     if q4.shape[0] == 0 or q4.shape[1] == 0:
@@ -124,13 +131,15 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _context_parallel(name: str, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, spec: VicinitySpec, group,
-                      layout: str) -> torch.Tensor:
+                      layout: str, token_offsets: tuple[int, int] | None) -> torch.Tensor:
     """``vicinity_attention`` with ``group``: this rank's rows of the whole sequence's output."""
     from .context_parallel import context_parallel_attention
     check_group(group, name)
+    if token_offsets is not None:
+        token_offsets = check_token_offsets(token_offsets, q4.shape[2], k4.shape[2], spec)
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     with autocast_disabled(q4.device):
-        out = context_parallel_attention(name, q4, k4, v4, spec, group)
+        out = context_parallel_attention(name, q4, k4, v4, spec, group, token_offsets)
     return out.transpose(1, 2) if layout == "bnhd" else out
 
 

@@ -237,6 +237,21 @@ def check_group(group: object, backend: str) -> None:
                          "'triton' or 'auto'")
 
 
+def check_token_offsets(token_offsets: object, n_queries: int, n_keys: int, spec: VicinitySpec) -> tuple[int, int]:
+    """``token_offsets`` of ``vicinity_attention`` (context parallelism): (query offset, key offset) of this
+    rank's shards, ints >= 0 with the shards inside the whole sequence that the grids describe."""
+    if (not isinstance(token_offsets, (tuple, list)) or len(token_offsets) != 2
+            or any(isinstance(o, bool) or not isinstance(o, numbers.Integral) or o < 0 for o in token_offsets)):
+        raise ValueError(f"token_offsets must be a pair (q_offset, k_offset) of ints >= 0, got {token_offsets!r}")
+    P = spec.num_prefix_tokens
+    for offset, n, total, side in ((token_offsets[0], n_queries, P + math.prod(spec.grid), "q"),
+                                   (token_offsets[1], n_keys, P + math.prod(spec.kv_grid), "k")):
+        if offset + n > total:
+            raise ValueError(f"token_offsets: this rank's {side} shard (offset {offset}, {n} tokens) ends past the "
+                             f"whole sequence's {total} tokens (grid, kv_grid and num_prefix_tokens)")
+    return int(token_offsets[0]), int(token_offsets[1])
+
+
 def check_shard_counts(table: list[list[int]], spec: VicinitySpec) -> None:
     """Context parallelism: the ranks' shard lengths [[n_q, n_k] per rank] must add up to the grids'
     token counts (``num_prefix_tokens + prod(grid)`` queries, ``num_prefix_tokens + prod(kv_grid)`` keys)."""
