@@ -28,7 +28,8 @@ WORLD_SIZES = (2, 3)
 
 # name -> (world sizes, backend, call keywords, (B, H, D, Dv)). Grids describe the whole sequence.
 CASES = {
-    "torch-2d-prefix-cross-grid": ((2, 3), "torch", dict(grid=(4, 5), kv_grid=(2, 3), num_prefix_tokens=2), (2, 2, 8, 6)),
+    "torch-2d-prefix-cross-grid": ((2, 3), "torch", dict(grid=(4, 5), kv_grid=(2, 3), num_prefix_tokens=2),
+                                   (2, 2, 8, 6)),
     "torch-1d-floor-none": ((2, 3), "torch", dict(grid=(13,), variant="none", den_floor=3.0, eps=1e-4), (1, 2, 8, 8)),
     "torch-3d-product-elu1-bnhd": ((2, 3), "torch", dict(grid=(2, 2, 3), variant="product", feature_map="elu1",
                                                          num_prefix_tokens=1, layout="bnhd"), (1, 2, 8, 4)),
@@ -127,8 +128,9 @@ def _validation(rank: int, world: int) -> dict:
                                                                   backend="torch"), ValueError, "grid", "q shards")
     out["not_a_group"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group="world",
                                                                   backend="torch"), TypeError, "group")
+    past_end = (3 * world - 2, 0)   # this rank's 3 queries would end past the 3 * world of the grid
     out["offsets_past_end"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
-                                                                       backend="torch", token_offsets=(3 * world - 2, 0)),
+                                                                       backend="torch", token_offsets=past_end),
                                             ValueError, "token_offsets")
     out["reference"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
                                                                 backend="reference"), ValueError, "backend")
