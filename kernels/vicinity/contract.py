@@ -246,13 +246,15 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
     mask = mask_n[:, None] & mask_d[None, :]
     if VARLEN:
         x_base = x_ptr + h * sxh + start * sxn
-        out_base = out_ptr + h * soh + start * son
         out_scale = out_scale * tl.load(factor_ptr + bh // H)
     else:
         x_base = x_ptr + b * sxb + h * sxh
-        out_base = out_ptr + b * sob + h * soh
     x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(ACC)
     acc = mul_feature_map_grad(acc, x, FMAP) * out_scale
+    if VARLEN:
+        out_base = out_ptr + h * soh + start * son
+    else:
+        out_base = out_ptr + b * sob + h * soh
     tl.store(out_base + offs_n[:, None] * son + offs_d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

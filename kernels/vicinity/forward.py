@@ -67,10 +67,11 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
         # Every partial is scaled (by its sequence's factor): the reduction only sums.
         chunks = pack.chunk_counts(is_query, block_n, plan.blocks_per_chunk)
         packed = dict(varlen_kwargs(pack, factor), chunks_ptr=chunks)
-        if cfg.max_registers is not None:
+        if cfg.max_registers is not None and launch == "fwd_state":
             # The grid sizes come from the table (registers, not kernel parameters): without the budget
-            # ptxas capped the fp16 D=40 product-3d+prefix state pass at 128 registers and spilled 20 B
-            # on sm_80; with it, 151 and none.
+            # ptxas capped the fp16 D=40 product-3d+prefix forward state pass at 128 registers and spilled
+            # 20 B on sm_80; with it, 151 and none. (Not the backward one: there the budget made the fp16
+            # D=64 3-d+prefix pass on sm_90a issue a narrow load, and it does not spill without.)
             options["maxnreg"] = cfg.max_registers
     state_partial_kernel[(lead * F * tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
