@@ -92,7 +92,7 @@ def test_triton_matches_per_sequence_mixed_2d_cross_prefix(monkeypatch):
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
                                                           else t)(real_empty(*a, **kw)))
-    assert_matches_per_sequence(**CASES_2D, prefix=1, backend="triton", against="torch")
+    assert_matches_per_sequence(**CASES_2D, prefix=1, backend="triton", against="torch", H=1)
 
 
 def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
@@ -126,9 +126,9 @@ def test_triton_3d_product_floor_clamp_elu1():
 
 
 def test_triton_gradcheck():
-    grids, kv_grids = [(2, 2), (1, 2)], [(1, 2), (1, 2)]
-    q, k, v, cu_q, cu_k = pack(grids, kv_grids, prefix=1, H=1, D=2, Dv=2)
-    fn = lambda q, k, v: vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, kv_grids, num_prefix_tokens=1,  # noqa: E731
+    grids, kv_grids = [(2, 2), (1, 3)], [(1, 2), (1, 3)]
+    q, k, v, cu_q, cu_k = pack(grids, kv_grids, H=1, D=2, Dv=2)
+    fn = lambda q, k, v: vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, kv_grids,  # noqa: E731
                                                    backend="triton")
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
