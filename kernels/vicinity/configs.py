@@ -25,10 +25,22 @@ GPU_NUM_STAGES = 2
 # sometimes settles on fewer registers than they need and spills (sm_80, once the head dims
 # specialise: 128 registers and 28 spill bytes on 8-warp bf16 output passes of 1-d grids, 128 and 8
 # on an 8-warp dq pass, 168 and 8 on a 4-warp fp32 dv pass). With it they take 150-220, as they did
-# before specialisation. Not for the state passes: given the budget, ptxas spends it (the fp16
-# forward state pass went from 80 to 132 registers), which costs occupancy, and they do not spill.
+# before specialisation. Not the whole budget for the state passes: given it, ptxas spends it (the
+# fp16 forward state pass went from 80 to 132 registers), which costs occupancy.
 GPU_MAX_REGISTERS = 255
 REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_dv", "bwd_dk")
+# The state passes get an explicit budget too, but one that keeps two CTAs per SM (128 registers at 8
+# warps, 255 at 4): without any, triton 3.6's ptxas settled on 64-80 registers for 8-warp bf16 state
+# passes and spilled 8-16 B (and at 128 on D=40 under 3.9, 24 B); with .maxnreg 128 none spills.
+STATE_LAUNCHES = ("fwd_state", "bwd_state")
+STATE_CTAS_PER_SM = 2
+REGISTERS_PER_SM = 65536
+# Head dims that are not multiples of 16 cannot be proven uniform: every tile access is a scalar
+# load / store with its own 64-bit address and mask, which costs registers. Such heads use 32-wide
+# tiles at 8 warps: with 64-wide tiles the D=40 per-token passes spilled up to 232 B under triton 3.6
+# (16-24 B under 3.9), and with 4 warps at 32-wide tiles 8-84 B. (The padding is the same: 40 of 64.)
+UNALIGNED_TILE = 32
+UNALIGNED_NUM_WARPS = 8
 # Enough (chunk, head, feature, tile) programs to fill ~2 waves of an H100 (132 SMs) without
 # making the partial-state buffers (n_chunks x F x D x Dv) large next to k and v.
 GPU_TARGET_PROGRAMS = 256
@@ -51,12 +63,12 @@ class LaunchConfig:
     num_stages: int
     dv_num_warps: int  # the dv launch (contract over D without a denominator): see gpu_config
     max_registers: int | None = None  # ptxas register budget (.maxnreg); None under the interpreter
-    dk_block_n: int | None = None     # the dk launch's tokens per program when not block_n: see pick_config
+    block_n_of: tuple = ()  # ((launch, tokens per program), ...) where a launch's BLOCK_N is not block_n: see pick_config
 
     def tokens_per_program(self, launch: str) -> int:
-        """BLOCK_N of ``launch`` (one of LAUNCHES): ``block_n``, except where ``dk_block_n`` sets the dk pass's."""
+        """BLOCK_N of ``launch`` (one of LAUNCHES): ``block_n`` unless ``block_n_of`` names the launch."""
         assert launch in LAUNCHES, launch
-        return self.dk_block_n if launch == "bwd_dk" and self.dk_block_n is not None else self.block_n
+        return dict(self.block_n_of).get(launch, self.block_n)
 
     def options(self, launch: str) -> dict:
         """The launch options (num_warps, num_stages, maxnreg) of ``launch`` (one of LAUNCHES)."""
@@ -65,6 +77,9 @@ class LaunchConfig:
                     num_stages=self.num_stages)
         if self.max_registers is not None and launch in REGISTER_BUDGET_LAUNCHES:
             opts["maxnreg"] = self.max_registers
+        elif self.max_registers is not None and launch in STATE_LAUNCHES:
+            per_cta = REGISTERS_PER_SM // (STATE_CTAS_PER_SM * 32 * opts["num_warps"])
+            opts["maxnreg"] = min(self.max_registers, per_cta)
         return opts
 
 
@@ -76,10 +91,24 @@ def pick_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
         tile = head_block(max(d, dv))
         return LaunchConfig(INTERPRET_BLOCK_N, tile, tile, num_warps=1, num_stages=1, dv_num_warps=1)
     cfg = gpu_config(min(head_block(max(d, dv)), max_tile(dtype)))
-    if dtype == torch.float16 and cfg.block_n >= 64:
+    unaligned = bool(d % 16 or dv % 16)
+    if unaligned and cfg.block_d > UNALIGNED_TILE:
+        cfg = dataclasses.replace(gpu_config(UNALIGNED_TILE), num_warps=UNALIGNED_NUM_WARPS,
+                                  dv_num_warps=UNALIGNED_NUM_WARPS)
+    if dtype == torch.float32:
+        # fp32 (tf32x3 dots, 32-bit accesses): no software pipelining. With 2 stages the state passes
+        # spilled 8 B on sm_90a (32-wide tiles) and on sm_80 (16-wide, unaligned strides); with 1
+        # they take fewer registers (216-229 instead of 255) and fewer instructions per iteration.
+        cfg = dataclasses.replace(cfg, num_stages=1)
+        if unaligned:
+            # Already at 32-wide tiles: the per-token passes take 32 tokens instead (at 64, D=40
+            # spilled 16 B under triton 3.9 and 48 B under 3.6, on the output and dv passes).
+            cfg = dataclasses.replace(cfg, block_n_of=tuple((launch, cfg.block_n // 2)
+                                                            for launch in REGISTER_BUDGET_LAUNCHES))
+    elif dtype == torch.float16 and cfg.block_n >= 64:
         # fp16's dk dots take fp32 (TF32) operands (dot_operand_dtype): at 64 tokens per program the
         # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit. bf16 keeps 64.
-        cfg = dataclasses.replace(cfg, dk_block_n=cfg.block_n // 2)
+        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dk", cfg.block_n // 2),))
     return cfg
 
 
