@@ -118,6 +118,69 @@ def gpu_num_warps(tile: int) -> int:
     return 8 if tile >= 64 else GPU_NUM_WARPS
 
 
+# The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator
+# [F_PAD * block_d, block_dv] (F_PAD: F rounded up to a power of two) and builds the stacked dot operand
+# [block_n, F_PAD * block_d] every token block. Both are capped at STATE_ELEMENTS elements (64 fp32
+# registers a thread at 8 warps) for 16-bit dot operands, half that for TF32 operands (twice the
+# bytes) and an eighth for TF32x3 (fp32 inputs: the operand is also split in two, and ptxas spilled
+# 36-72 B at a quarter); larger F take narrower tiles, then fewer tokens per block.
+STATE_ELEMENTS = 16384
+STATE_SMALL_ACC = 8192           # at most this many accumulator elements: 4 warps
+
+
+@dataclass(frozen=True)
+class StateTiles:
+    """Block sizes and launch options of a state pass (forward keys / backward queries)."""
+
+    block_n: int
+    block_d: int
+    block_dv: int
+    num_warps: int
+    num_stages: int
+    max_registers: int | None = None  # ptxas budget for packed (VARLEN) launches; None under the interpreter
+
+    def options(self, packed: bool) -> dict:
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if packed and self.max_registers is not None:
+            # The grid sizes come from the table (registers, not kernel parameters): without the budget
+            # ptxas capped the (split-by-feature) fp16 D=40 product-3d+prefix state pass at 128
+            # registers and spilled 20 B on sm_80.
+            opts["maxnreg"] = self.max_registers
+        return opts
+
+
+def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -> StateTiles:
+    """The tiles of state pass ``launch`` ("fwd_state" / "bwd_state") for F = n_feat features, head dims
+    d (x) and dv (y) and input dtype."""
+    f_pad = triton.next_power_of_2(n_feat)
+    if interpreting():
+        block_d = block_dv = head_block(max(d, dv))
+        block_n = INTERPRET_BLOCK_N
+    else:
+        block_d = min(head_block(d), max_tile(dtype))
+        block_dv = min(head_block(dv), max_tile(dtype))
+        block_n = GPU_BLOCK_N
+    limit = STATE_ELEMENTS
+    if dot_operand_dtype(launch, dtype) != dtype or dtype == torch.float32:
+        limit //= 2                    # TF32 operands
+    if dtype == torch.float32:
+        limit //= 4                    # TF32x3: split operands
+    smallest = HEAD_BLOCKS[0]
+    while f_pad * block_d * max(block_dv, block_n) > limit:
+        if block_d > smallest:
+            block_d //= 2
+        elif block_n > smallest and f_pad * block_d * block_n > limit:
+            block_n //= 2
+        elif block_dv > smallest:
+            block_dv //= 2
+        else:
+            break
+    if interpreting():
+        return StateTiles(block_n, block_d, block_dv, num_warps=1, num_stages=1)
+    warps = 4 if f_pad * block_d * block_dv <= STATE_SMALL_ACC else 8
+    return StateTiles(block_n, block_d, block_dv, warps, num_stages=3, max_registers=GPU_MAX_REGISTERS)
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """How the token axis of a state pass is split: n_chunks chunks of blocks_per_chunk blocks."""
