@@ -25,13 +25,15 @@ GPU_NUM_STAGES = 2
 # sometimes settles on fewer registers than they need and spills (sm_80, once the head dims
 # specialise: 128 registers and 28 spill bytes on 8-warp bf16 output passes of 1-d grids, 128 and 8
 # on an 8-warp dq pass, 168 and 8 on a 4-warp fp32 dv pass). With it they take 150-220, as they did
-# before specialisation. Not for the state passes: given the budget, ptxas spends it (the fp16
-# forward state pass went from 80 to 132 registers), which costs occupancy, and they do not spill.
+# before specialisation. The state passes (StateTiles) take the same budget.
 GPU_MAX_REGISTERS = 255
 REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_dv", "bwd_dk")
-# Enough (chunk, head, feature, tile) programs to fill ~2 waves of an H100 (132 SMs) without
-# making the partial-state buffers (n_chunks x F x D x Dv) large next to k and v.
-GPU_TARGET_PROGRAMS = 256
+# State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
+# hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
+# blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
+# the reduction reads back: more chunks only pay when they fill idle SMs with enough tokens each.
+GPU_TARGET_PROGRAMS = 132
+MIN_BLOCKS_PER_CHUNK = 8
 INTERPRET_BLOCKS_PER_CHUNK = 2
 
 
@@ -125,7 +127,9 @@ def gpu_num_warps(tile: int) -> int:
 # bytes) and an eighth for TF32x3 (fp32 inputs: the operand is also split in two, and ptxas spilled
 # 36-72 B at a quarter); larger F take narrower tiles, then fewer tokens per block.
 STATE_ELEMENTS = 16384
-STATE_SMALL_ACC = 8192           # at most this many accumulator elements: 4 warps
+# 8 warps when the stacked operand / accumulator exceed 16 KB of operands (TF32 operands at 4 warps and
+# 8192 elements: 255 registers and 40-396 B of spills; 16-bit ones at 8192 elements, 4 warps: 150-194).
+STATE_SMALL_BYTES = 16384
 
 
 @dataclass(frozen=True)
@@ -139,12 +143,11 @@ class StateTiles:
     num_stages: int
     max_registers: int | None = None  # ptxas budget for packed (VARLEN) launches; None under the interpreter
 
-    def options(self, packed: bool) -> dict:
+    def options(self) -> dict:
         opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
-        if packed and self.max_registers is not None:
-            # The grid sizes come from the table (registers, not kernel parameters): without the budget
-            # ptxas capped the (split-by-feature) fp16 D=40 product-3d+prefix state pass at 128
-            # registers and spilled 20 B on sm_80.
+        if self.max_registers is not None:
+            # Without a budget ptxas sometimes settles on 128 registers and spills (8-16 B on sm_80:
+            # 4-warp fp32 D16 unaligned, bf16 D64 "none"); with it, no spills.
             opts["maxnreg"] = self.max_registers
         return opts
 
@@ -159,10 +162,11 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
     else:
         block_d = min(head_block(d), max_tile(dtype))
         block_dv = min(head_block(dv), max_tile(dtype))
-        block_n = GPU_BLOCK_N
-    limit = STATE_ELEMENTS
-    if dot_operand_dtype(launch, dtype) != dtype or dtype == torch.float32:
-        limit //= 2                    # TF32 operands
+        # fp32 inputs (TF32x3: operands split in two): 32 tokens a block; at 64 the 4-warp F = 1, D = 32
+        # packed variant spilled 8 B.
+        block_n = GPU_BLOCK_N // 2 if dtype == torch.float32 else GPU_BLOCK_N
+    operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
+    limit = STATE_ELEMENTS * 2 // operand_bytes
     if dtype == torch.float32:
         limit //= 4                    # TF32x3: split operands
     smallest = HEAD_BLOCKS[0]
@@ -177,8 +181,8 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
             break
     if interpreting():
         return StateTiles(block_n, block_d, block_dv, num_warps=1, num_stages=1)
-    warps = 4 if f_pad * block_d * block_dv <= STATE_SMALL_ACC else 8
-    return StateTiles(block_n, block_d, block_dv, warps, num_stages=3, max_registers=GPU_MAX_REGISTERS)
+    big = f_pad * block_d * max(block_dv, block_n) * operand_bytes > STATE_SMALL_BYTES
+    return StateTiles(block_n, block_d, block_dv, 8 if big else 4, num_stages=3, max_registers=GPU_MAX_REGISTERS)
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ class ChunkPlan:
 
 
 def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPlan:
-    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk roughly fills the GPU.
+    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of the GPU.
 
     Depends only on shapes (not on the device), so results are bitwise reproducible everywhere.
     """
@@ -198,8 +202,8 @@ def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPla
     if interpreting():
         per_chunk = INTERPRET_BLOCKS_PER_CHUNK
     else:
-        wanted = max(1, math.ceil(GPU_TARGET_PROGRAMS / max(1, programs_per_chunk)))
-        per_chunk = max(1, math.ceil(n_blocks / wanted))
+        wanted = max(1, GPU_TARGET_PROGRAMS // max(1, programs_per_chunk))   # at most one wave
+        per_chunk = max(MIN_BLOCKS_PER_CHUNK, math.ceil(n_blocks / wanted))
     per_chunk = min(per_chunk, n_blocks)
     return ChunkPlan(math.ceil(n_blocks / per_chunk), per_chunk)
 

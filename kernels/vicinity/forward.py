@@ -74,7 +74,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
         scale if single or pack is not None else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query),
         ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
         **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
-        **tiles.options(pack is not None), **packed)
+        **tiles.options(), **packed)
     if single:
         return S, z
     for part, out in ((s_part, S), (z_part, z)):

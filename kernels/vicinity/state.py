@@ -9,9 +9,10 @@ pass over its tokens: every token block of x and y is read once, phi(x) and the 
 are computed once per token, and the F states come out of one stacked GEMM
     [F_PAD * BLOCK_D, BLOCK_N] x [BLOCK_N, BLOCK_DV]
 whose left operand holds the F position-weighted copies of phi(x)^T (F_PAD = F rounded up to a power
-of two; the padding features are zero and never stored). z comes from a second, small dot
-P^T [Z_ROWS, BLOCK_N] x phi(x) [BLOCK_N, BLOCK_D] (Z_ROWS >= 16, the smallest dot operand) taken in
-fp32-accurate precision (ZDOT / ZPREC: tf32x3 on a GPU): no cross-warp reduction per token block.
+of two; the padding features are zero and never stored). z comes from the same stacked operand times
+a [BLOCK_N, Z_COLS] column block whose first column is the token weight (1, or rz / rs in the
+backward) and the rest zeros (Z_COLS = 16, the smallest dot operand): a second, narrow tensor-core
+dot instead of a cross-warp reduction per token block, and z rounded exactly as S is.
 The programs write their partials; the reduction kernel then sums them over chunks in index order,
 so results are bitwise reproducible without atomics. With a single chunk the partial kernel applies
 the scale and writes the states directly, and no reduction runs.
@@ -49,7 +50,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n
                  BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                  n_seq=None, row0=None, VARLEN: tl.constexpr = False):
     """Adds one BLOCK_N slice of tokens to the stacked [F_PAD * BLOCK_D, BLOCK_DV] state tile (row
-    m * BLOCK_D + d: feature m, head row d) and to the [Z_ROWS, BLOCK_D] z tile (row m: feature m).
+    m * BLOCK_D + d: feature m, head row d) and to the [F_PAD * BLOCK_D, Z_COLS] z tile (z in column 0).
     VARLEN: ``n_seq`` tokens in the window, row weights at ``row0`` (else N tokens, rows at bh * N)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -101,8 +102,8 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
     Writes scale * the partial sums to s_part [n_chunks, BH, N_FEAT, D, DV] and z_part
-    [n_chunks, BH, N_FEAT, D] in ACC. F_PAD = next power of two >= N_FEAT (stacked features),
-    Z_ROWS = max(16, F_PAD) (rows of the z dot); ZDOT / ZPREC: the (fp32-accurate) precision of the z dot.
+    [n_chunks, BH, N_FEAT, D] in ACC. F_PAD: the next power of two >= N_FEAT (stacked features);
+    Z_COLS: the width of z's column block (16).
 
     VARLEN: B = 1, N the packed token count, BH = S * H (sequence, head); the window comes from seq
     [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks.
