@@ -31,7 +31,10 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     assert kernels[:2] == ["state_partial_kernel", "contract_d_kernel"] and "row_weights_kernel" in kernels
     fwd = launches[:kernels.index("row_weights_kernel")]
     flops = sum(x["program_flops"] * math.prod(x["grid"]) for x in fwd)
-    assert flops == vicinity_forward_flops(1, 2, 64, 64, 16, 16, n_features=4)
+    # Plus the state pass's z dot: the stacked [F * D, tokens] operand times a 16-wide column block
+    # (the token weights in column 0), per head.
+    z_dot = 2 * 2 * 64 * (4 * 16) * 16
+    assert flops == vicinity_forward_flops(1, 2, 64, 64, 16, 16, n_features=4) + z_dot
     out = launches[kernels.index("contract_d_kernel")]
     assert out["program_bytes"]["read:x_ptr"] == 64 * 16 * 2                 # one bf16 q tile
     assert out["program_bytes"]["write:out_ptr"] == 64 * 16 * 2              # one bf16 o tile

@@ -92,6 +92,12 @@ def test_head_dims_fp64(D, Dv):
     run_case(grid, D=D, Dv=Dv, B=1, H=1)
 
 
+def test_many_features_split_over_narrow_d_tiles_fp64():
+    # F = 10 (product, 3-d, prefix): the state pass stacks 16 feature slots x a 16-wide D tile, so
+    # D = 40 takes three D tiles (the last one ragged) and the padding slots 10..15 are never stored.
+    run_case((2, 3, 2), D=40, Dv=24, B=1, H=1, prefix=1, variant="product")
+
+
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("prefix", [0, 1, 2])
 def test_layouts_and_prefix_tokens_fp64(layout, prefix):

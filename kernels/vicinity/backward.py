@@ -79,7 +79,7 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
         _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset)
     if not need_states:
         return None
-    return compute_states(q, do, geom, True, s_q, cfg, "bwd_state", rs=rs, rz=rz, tok_offset=query_offset)
+    return compute_states(q, do, geom, True, s_q, "bwd_state", rs=rs, rz=rz, tok_offset=query_offset)
 
 
 def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.Tensor, dz: torch.Tensor,
@@ -132,7 +132,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
         _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, factor=ones)
     if dk is None and dv is None:
         return
-    dS, dz = compute_states(q, do, geom, True, 1.0, cfg, "bwd_state", rs=rs, rz=rz, pack=pack, factor=factors(s_q))
+    dS, dz = compute_states(q, do, geom, True, 1.0, "bwd_state", rs=rs, rz=rz, pack=pack, factor=factors(s_q))
     if clamp is not None:
         n = dS.numel()
         state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0], clamp[1], BLOCK=REDUCE_BLOCK,

@@ -25,25 +25,21 @@ GPU_NUM_STAGES = 2
 # sometimes settles on fewer registers than they need and spills (sm_80, once the head dims
 # specialise: 128 registers and 28 spill bytes on 8-warp bf16 output passes of 1-d grids, 128 and 8
 # on an 8-warp dq pass, 168 and 8 on a 4-warp fp32 dv pass). With it they take 150-220, as they did
-# before specialisation. Not the whole budget for the state passes: given it, ptxas spends it (the
-# fp16 forward state pass went from 80 to 132 registers), which costs occupancy.
+# before specialisation. The state passes (StateTiles) take the same budget.
 GPU_MAX_REGISTERS = 255
 REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_dv", "bwd_dk")
-# The state passes get an explicit budget too, but one that keeps two CTAs per SM (128 registers at 8
-# warps, 255 at 4): without any, triton 3.6's ptxas settled on 64-80 registers for 8-warp bf16 state
-# passes and spilled 8-16 B (and at 128 on D=40 under 3.9, 24 B); with .maxnreg 128 none spills.
-STATE_LAUNCHES = ("fwd_state", "bwd_state")
-STATE_CTAS_PER_SM = 2
-REGISTERS_PER_SM = 65536
 # Head dims that are not multiples of 16 cannot be proven uniform: every tile access is a scalar
 # load / store with its own 64-bit address and mask, which costs registers. Such heads use 32-wide
 # tiles at 8 warps: with 64-wide tiles the D=40 per-token passes spilled up to 232 B under triton 3.6
 # (16-24 B under 3.9), and with 4 warps at 32-wide tiles 8-84 B. (The padding is the same: 40 of 64.)
 UNALIGNED_TILE = 32
 UNALIGNED_NUM_WARPS = 8
-# Enough (chunk, head, feature, tile) programs to fill ~2 waves of an H100 (132 SMs) without
-# making the partial-state buffers (n_chunks x F x D x Dv) large next to k and v.
-GPU_TARGET_PROGRAMS = 256
+# State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
+# hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
+# blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
+# the reduction reads back: more chunks only pay when they fill idle SMs with enough tokens each.
+GPU_TARGET_PROGRAMS = 132
+MIN_BLOCKS_PER_CHUNK = 8
 INTERPRET_BLOCKS_PER_CHUNK = 2
 
 
@@ -77,9 +73,6 @@ class LaunchConfig:
                     num_stages=self.num_stages)
         if self.max_registers is not None and launch in REGISTER_BUDGET_LAUNCHES:
             opts["maxnreg"] = self.max_registers
-        elif self.max_registers is not None and launch in STATE_LAUNCHES:
-            per_cta = REGISTERS_PER_SM // (STATE_CTAS_PER_SM * 32 * opts["num_warps"])
-            opts["maxnreg"] = min(self.max_registers, per_cta)
         return opts
 
 
@@ -147,6 +140,74 @@ def gpu_num_warps(tile: int) -> int:
     return 8 if tile >= 64 else GPU_NUM_WARPS
 
 
+# The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator
+# [F_PAD * block_d, block_dv] (F_PAD: F rounded up to a power of two) and builds the stacked dot operand
+# [block_n, F_PAD * block_d] every token block. Both are capped at STATE_ELEMENTS elements (64 fp32
+# registers a thread at 8 warps) for 16-bit dot operands, half that for TF32 operands (twice the
+# bytes) and an eighth for TF32x3 (fp32 inputs: the operand is also split in two, and ptxas spilled
+# 36-72 B at a quarter); larger F take narrower tiles, then fewer tokens per block.
+STATE_ELEMENTS = 16384
+# 8 warps when the stacked operand / accumulator exceed 16 KB of operands (TF32 operands at 4 warps and
+# 8192 elements: 255 registers and 40-396 B of spills; 16-bit ones at 8192 elements, 4 warps: 150-194).
+STATE_SMALL_BYTES = 16384
+
+
+@dataclass(frozen=True)
+class StateTiles:
+    """Block sizes and launch options of a state pass (forward keys / backward queries)."""
+
+    block_n: int
+    block_d: int
+    block_dv: int
+    num_warps: int
+    num_stages: int
+    max_registers: int | None = None  # ptxas budget for packed (VARLEN) launches; None under the interpreter
+
+    def options(self) -> dict:
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_registers is not None:
+            # Without a budget ptxas sometimes settles on 128 registers and spills (8-16 B on sm_80:
+            # 4-warp fp32 D16 unaligned, bf16 D64 "none"); with it, no spills.
+            opts["maxnreg"] = self.max_registers
+        return opts
+
+
+def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -> StateTiles:
+    """The tiles of state pass ``launch`` ("fwd_state" / "bwd_state") for F = n_feat features, head dims
+    d (x) and dv (y) and input dtype."""
+    f_pad = triton.next_power_of_2(n_feat)
+    if interpreting():
+        block_d = block_dv = head_block(max(d, dv))
+        block_n = INTERPRET_BLOCK_N
+    else:
+        block_d = min(head_block(d), max_tile(dtype))
+        block_dv = min(head_block(dv), max_tile(dtype))
+        # fp32 inputs (TF32x3: operands split in two): 32 tokens a block; at 64 the 4-warp F = 1, D = 32
+        # packed variant spilled 8 B.
+        block_n = GPU_BLOCK_N // 2 if dtype == torch.float32 else GPU_BLOCK_N
+    operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
+    limit = STATE_ELEMENTS * 2 // operand_bytes
+    if dtype == torch.float32:
+        limit //= 4                    # TF32x3: split operands
+    smallest = HEAD_BLOCKS[0]
+    while f_pad * block_d * max(block_dv, block_n) > limit:
+        if block_d > smallest:
+            block_d //= 2
+        elif block_n > smallest and f_pad * block_d * block_n > limit:
+            block_n //= 2
+        elif block_dv > smallest:
+            block_dv //= 2
+        else:
+            break
+    if interpreting():
+        return StateTiles(block_n, block_d, block_dv, num_warps=1, num_stages=1)
+    # fp32 inputs: 8 warps and 2 stages (TF32x3 spilled 12-36 B on sm_90a under triton 3.6 at 4 warps,
+    # 20-28 B at 8 warps with 3 stages).
+    big = f_pad * block_d * max(block_dv, block_n) * operand_bytes > STATE_SMALL_BYTES or dtype == torch.float32
+    stages = 2 if dtype == torch.float32 else 3
+    return StateTiles(block_n, block_d, block_dv, 8 if big else 4, num_stages=stages, max_registers=GPU_MAX_REGISTERS)
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """How the token axis of a state pass is split: n_chunks chunks of blocks_per_chunk blocks."""
@@ -156,7 +217,7 @@ class ChunkPlan:
 
 
 def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPlan:
-    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk roughly fills the GPU.
+    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of the GPU.
 
     Depends only on shapes (not on the device), so results are bitwise reproducible everywhere.
     """
@@ -164,8 +225,8 @@ def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPla
     if interpreting():
         per_chunk = INTERPRET_BLOCKS_PER_CHUNK
     else:
-        wanted = max(1, math.ceil(GPU_TARGET_PROGRAMS / max(1, programs_per_chunk)))
-        per_chunk = max(1, math.ceil(n_blocks / wanted))
+        wanted = max(1, GPU_TARGET_PROGRAMS // max(1, programs_per_chunk))   # at most one wave
+        per_chunk = max(MIN_BLOCKS_PER_CHUNK, math.ceil(n_blocks / wanted))
     per_chunk = min(per_chunk, n_blocks)
     return ChunkPlan(math.ceil(n_blocks / per_chunk), per_chunk)
 

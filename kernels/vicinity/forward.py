@@ -11,7 +11,7 @@ import triton
 
 from ..runtime import Precision
 from .clamp import state_clamp_kernel
-from .configs import ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale
+from .configs import ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale, state_tiles
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
@@ -31,7 +31,7 @@ def varlen_kwargs(pack: Packing | None, factor: torch.Tensor | None) -> dict:
 
 
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
-                   cfg: LaunchConfig, launch: str, rs: torch.Tensor | None = None,
+                   launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
                    factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
@@ -39,18 +39,19 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
     Token t of x sits at position ``tok_offset + t`` of its sequence (a shard of a longer sequence:
     context parallelism); P is that position's feature.
-    ``launch`` ("fwd_state" / "bwd_state") picks the dot precision and launch options. Packed (``pack``):
-    BH = S * H, rs, rz [H, T], and sequence i's states are scaled by scale * factor[i].
+    ``launch`` ("fwd_state" / "bwd_state") picks the dot precision. One program computes all F states
+    of its (chunk, head, D tile, Dv tile). Packed (``pack``): BH = S * H, rs, rz [H, T], and sequence
+    i's states are scaled by scale * factor[i].
     """
     prec = dot_precision(launch, x.dtype)
+    acc_dtype = _acc_torch_dtype(prec)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     F = geom.n_feat
-    acc_dtype = _acc_torch_dtype(prec)
-    block_n = cfg.tokens_per_program(launch)
-    tiles = triton.cdiv(D, cfg.block_d) * triton.cdiv(Dv, cfg.block_dv)
+    tiles = state_tiles(F, D, Dv, x.dtype, launch)
+    n_tiles = triton.cdiv(D, tiles.block_d) * triton.cdiv(Dv, tiles.block_dv)
     lead = B * H if pack is None else pack.n_seqs * H
-    plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), block_n, lead * F * tiles)
+    plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), tiles.block_n, lead * n_tiles)
     S = torch.empty(lead, F, D, Dv, dtype=acc_dtype, device=x.device)
     z = torch.empty(lead, F, D, dtype=acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
@@ -62,22 +63,18 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     row_weights = rs is not None
     if not row_weights:
         rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
-    packed, options = {}, cfg.options(launch)
+    packed = {}
     if pack is not None:
         # Every partial is scaled (by its sequence's factor): the reduction only sums.
-        chunks = pack.chunk_counts(is_query, block_n, plan.blocks_per_chunk)
+        chunks = pack.chunk_counts(is_query, tiles.block_n, plan.blocks_per_chunk)
         packed = dict(varlen_kwargs(pack, factor), chunks_ptr=chunks)
-        if cfg.max_registers is not None and launch == "fwd_state":
-            # The grid sizes come from the table (registers, not kernel parameters): without the budget
-            # ptxas capped the fp16 D=40 product-3d+prefix forward state pass at 128 registers and spilled
-            # 20 B on sm_80; with it, 151 and none. (Not the backward one: there the budget made the fp16
-            # D=64 3-d+prefix pass on sm_90a issue a narrow load, and it does not spill without.)
-            options["maxnreg"] = cfg.max_registers
-    state_partial_kernel[(lead * F * tiles, plan.n_chunks)](
+    f_pad = triton.next_power_of_2(F)
+    state_partial_kernel[(lead * n_tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
         scale if single or pack is not None else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query),
-        ROW_WEIGHTS=row_weights, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
-        **prec.constexprs(), **options, **packed)
+        ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
+        **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
+        **tiles.options(), **packed)
     if single:
         return S, z
     for part, out in ((s_part, S), (z_part, z)):
@@ -155,9 +152,8 @@ def forward_states(k: torch.Tensor, v: torch.Tensor, geom: Geometry, n_keys: int
     k is the whole sequence). Scaled by 2^-ceil(log2 n_keys): shards of one sequence share that scale,
     so their states add up to the whole sequence's."""
     assert k.shape[-1] <= 256 and v.shape[-1] <= 256
-    cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype)
     scale = pow2_scale(k.shape[2] if n_keys is None else n_keys)
-    return compute_states(k, v, geom, False, scale, cfg, "fwd_state", tok_offset=key_offset)
+    return compute_states(k, v, geom, False, scale, "fwd_state", tok_offset=key_offset)
 
 
 def forward_output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.Tensor, geom: Geometry, eps: float,
@@ -181,7 +177,7 @@ def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, cl
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
     cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
     s_k = pack.factors(pack.scales(False), _acc_torch_dtype(dot_precision("fwd_state", q.dtype)))
-    S, z = compute_states(k, v, geom, False, 1.0, cfg, "fwd_state", pack=pack, factor=s_k)
+    S, z = compute_states(k, v, geom, False, 1.0, "fwd_state", pack=pack, factor=s_k)
     if clamp is not None:
         clamp_states(S, clamp, 1.0, pack, s_k)
     den = contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor, clamp=clamp, pack=pack,

@@ -4,10 +4,18 @@ Forward (x = k, y = v, no row weights):
     S_m = sum_j P_m(j) phi(k_j) v_j^T   [D, Dv],   z_m = sum_j P_m(j) phi(k_j)   [D]
 Backward query pass (x = q, y = dO, row weights rs = 1/den, rz = -(dO.o)/den):
     dS_m = sum_i P_m(i) phi(q_i) rs_i dO_i^T,    dz_m = sum_i P_m(i) phi(q_i) rz_i
-Each program owns one (chunk, batch*head, feature m, D tile, Dv tile) and writes its partial; the
-reduction kernel then sums partials over chunks in index order, so results are bitwise reproducible
-without atomics. With a single chunk (the usual case on a GPU) the partial kernel applies the scale
-and writes the states directly, and no reduction runs.
+Each program owns one (chunk, batch*head, D tile, Dv tile) and computes ALL F states of it in one
+pass over its tokens: every token block of x and y is read once, phi(x) and the position features
+are computed once per token, and the F states come out of one stacked GEMM
+    [F_PAD * BLOCK_D, BLOCK_N] x [BLOCK_N, BLOCK_DV]
+whose left operand holds the F position-weighted copies of phi(x)^T (F_PAD = F rounded up to a power
+of two; the padding features are zero and never stored). z comes from the same stacked operand times
+a [BLOCK_N, Z_COLS] column block whose first column is the token weight (1, or rz / rs in the
+backward) and the rest zeros (Z_COLS = 16, the smallest dot operand): a second, narrow tensor-core
+dot instead of a cross-warp reduction per token block, and z rounded exactly as S is.
+The programs write their partials; the reduction kernel then sums them over chunks in index order,
+so results are bitwise reproducible without atomics. With a single chunk the partial kernel applies
+the scale and writes the states directly, and no reduction runs.
 
 VARLEN (packed sequences, see varlen.py): a program's bh is (sequence, head); it reads its sequence's
 window, scales by its sequence's factor (always: the reduction then only sums), and a chunk past its
@@ -23,14 +31,26 @@ from .varlen import sequence_window
 
 
 @triton.jit
-def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV, n_prefix, s0, s1, s2,
+def _feature_columns(offs_n, n_prefix, s0, s1, s2, COLS: tl.constexpr, N_FEAT: tl.constexpr,
+                     N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                     IS_QUERY: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_N, COLS] position features of the tokens offs_n: column m is P_m (0 for m >= N_FEAT)."""
+    feat = tl.arange(0, COLS)[None, :]
+    p = position_feature(offs_n[:, None], feat, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                         IS_QUERY, ACC)
+    return tl.where(feat < N_FEAT, p, 0.0)
+
+
+@triton.jit
+def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n_prefix, s0, s1, s2,
                  d0, e0, sxn, sxd, syn, syd,
-                 N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
-                 HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
+                 N_FEAT: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, N_AXES: tl.constexpr,
+                 VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                  ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                  n_seq=None, row0=None, VARLEN: tl.constexpr = False):
-    """Adds one BLOCK_N slice of tokens to the [BLOCK_D, BLOCK_DV] state tile and [BLOCK_D] z tile.
+    """Adds one BLOCK_N slice of tokens to the stacked [F_PAD * BLOCK_D, BLOCK_DV] state tile (row
+    m * BLOCK_D + d: feature m, head row d) and to the [F_PAD * BLOCK_D, Z_COLS] z tile (z in column 0).
     VARLEN: ``n_seq`` tokens in the window, row weights at ``row0`` (else N tokens, rows at bh * N)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -43,9 +63,12 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
     x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
-    p = position_feature(offs_n, m, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                             IS_QUERY, ACC)
-    a = feature_map(x, mask_x, FMAP) * p[:, None]
+    a = feature_map(x, mask_x, FMAP)
+    p = _feature_columns(offs_n, n_prefix, s0, s1, s2, F_PAD, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                         IS_QUERY, ACC)
+    # z's column: z_m = sum_n stacked[n, m] * w_n with w = 1 (forward) or rz / rs (backward, where the
+    # stacked operand carries rs), so z comes from the same rounded operand as S.
+    cols = tl.arange(0, Z_COLS)[None, :]
     if ROW_WEIGHTS:
         if VARLEN:
             rs = tl.load(rs_ptr + row0 + offs_n, mask=mask_n, other=0.0)
@@ -53,11 +76,15 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, n0, N, D, DV
         else:
             rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
             rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
-        z_acc += tl.sum(a * rz[:, None], axis=0)
         a = a * rs[:, None]
+        w = tl.where(mask_n, rz / tl.where(mask_n, rs, 1.0), 0.0)
+        ones = tl.where(cols == 0, w[:, None], 0.0)
     else:
-        z_acc += tl.sum(a, axis=0)
-    s_acc = mma(tl.trans(a), y, s_acc, DOT, PREC)
+        ones = tl.where(cols == 0, tl.where(mask_n, 1.0, 0.0)[:, None], 0.0)
+    # The F position-weighted copies of a, side by side: column m * BLOCK_D + d is P_m a[:, d].
+    stacked = tl.trans(tl.reshape(a[:, None, :] * p[:, :, None], (BLOCK_N, F_PAD * BLOCK_D)))
+    s_acc = mma(stacked, y, s_acc, DOT, PREC)
+    z_acc = mma(stacked, ones, z_acc, DOT, PREC)
     return s_acc, z_acc
 
 
@@ -69,13 +96,14 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                          ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                         PREC: tl.constexpr, seq_ptr=None, chunks_ptr=None, factor_ptr=None,
-                         VARLEN: tl.constexpr = False):
-    """Grid (BH * N_FEAT * n_d_tiles * n_dv_tiles, n_chunks).
+                         PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, seq_ptr=None,
+                         chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
+    """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks).
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
     Writes scale * the partial sums to s_part [n_chunks, BH, N_FEAT, D, DV] and z_part
-    [n_chunks, BH, N_FEAT, D] in ACC.
+    [n_chunks, BH, N_FEAT, D] in ACC. F_PAD: the next power of two >= N_FEAT (stacked features);
+    Z_COLS: the width of z's column block (16).
 
     VARLEN: B = 1, N the packed token count, BH = S * H (sequence, head); the window comes from seq
     [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks.
@@ -86,8 +114,7 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     chunk = tl.program_id(1)
     e_tile = pid % n_e_tiles
     d_tile = (pid // n_e_tiles) % n_d_tiles
-    m = (pid // (n_e_tiles * n_d_tiles)) % N_FEAT
-    bh = pid // (n_e_tiles * n_d_tiles * N_FEAT)
+    bh = pid // (n_e_tiles * n_d_tiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     x_base = x_ptr + b * sxb + h * sxh
@@ -107,24 +134,30 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
         row0 = h * N + start
         scale = scale * tl.load(factor_ptr + seq)
 
-    s_acc = tl.zeros((BLOCK_D, BLOCK_DV), ACC)
-    z_acc = tl.zeros((BLOCK_D,), ACC)
+    s_acc = tl.zeros((F_PAD * BLOCK_D, BLOCK_DV), ACC)
+    z_acc = tl.zeros((F_PAD * BLOCK_D, Z_COLS), ACC)
     first = chunk * blocks_per_chunk
     for blk in range(first, first + blocks_per_chunk):
-        s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, m, blk * BLOCK_N,
+        s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, blk * BLOCK_N,
                                     N, D, DV, n_prefix, s0, s1, s2, d0, e0, sxn, sxd, syn, syd,
-                                    N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, FMAP, ROW_WEIGHTS,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq, row0, VARLEN)
+                                    N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, FMAP,
+                                    ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq, row0,
+                                    VARLEN)
 
-    offs_d = d0 + tl.arange(0, BLOCK_D)
+    n_bh = tl.num_programs(0) // (n_e_tiles * n_d_tiles)
+    first_row = (chunk.to(tl.int64) * n_bh + bh) * N_FEAT  # index of this (chunk, bh)'s state m = 0
+    # Stacked row r holds feature r // BLOCK_D, head row d0 + r % BLOCK_D.
+    offs_r = tl.arange(0, F_PAD * BLOCK_D)
+    offs_m = offs_r // BLOCK_D
+    offs_rd = d0 + offs_r % BLOCK_D
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    n_bh = tl.num_programs(0) // (n_e_tiles * n_d_tiles * N_FEAT)
-    row = (chunk.to(tl.int64) * n_bh + bh) * N_FEAT + m  # index of this (chunk, bh, m) state
-    mask_d = offs_d < D
-    tl.store(s_part_ptr + row * D * DV + offs_d[:, None] * DV + offs_e[None, :], s_acc * scale,
-             mask=mask_d[:, None] & (offs_e[None, :] < DV))
-    # z does not depend on the Dv tile: the first Dv tile writes it.
-    tl.store(z_part_ptr + row * D + offs_d, z_acc * scale, mask=mask_d & ((offs_d * 0 + e_tile) == 0))
+    s_ptrs = s_part_ptr + (first_row + offs_m[:, None]) * D * DV + offs_rd[:, None] * DV + offs_e[None, :]
+    tl.store(s_ptrs, s_acc * scale,
+             mask=((offs_m < N_FEAT) & (offs_rd < D))[:, None] & (offs_e[None, :] < DV))
+    # z (column 0 of the z tile) does not depend on the Dv tile: the first Dv tile writes it.
+    z_rows = tl.sum(tl.where(tl.arange(0, Z_COLS)[None, :] == 0, z_acc, 0.0), axis=1)
+    tl.store(z_part_ptr + (first_row + offs_m) * D + offs_rd, z_rows * scale,
+             mask=(offs_m < N_FEAT) & (offs_rd < D) & ((offs_r * 0 + e_tile) == 0))
 
 
 @launch_jit
