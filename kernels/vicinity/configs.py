@@ -100,8 +100,11 @@ def pick_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
                                                             for launch in REGISTER_BUDGET_LAUNCHES))
     elif dtype == torch.float16 and cfg.block_n >= 64:
         # fp16's dk dots take fp32 (TF32) operands (dot_operand_dtype): at 64 tokens per program the
-        # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit. bf16 keeps 64.
-        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dk", cfg.block_n // 2),))
+        # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit, but not in
+        # the packed (varlen) launch (8 B under triton 3.9, 16-32 B under 3.6): unaligned heads take 16.
+        # bf16 keeps 64.
+        tokens = cfg.block_n // (4 if unaligned else 2)
+        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dk", tokens),))
     return cfg
 
 
