@@ -54,7 +54,8 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                        layout: str = "bhnd", backend: str = "auto",
                        num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                       clamp: tuple[float, float] | None = None, group=None,
+                       clamp: tuple[float, float] | None = None,
+                       group: torch.distributed.ProcessGroup | None = None,
                        token_offsets: tuple[int, int] | None = None) -> torch.Tensor:
     """Vicinity attention (Sun et al., arXiv 2206.10552), linear in the number of tokens.
 

@@ -65,7 +65,8 @@ class VicinityAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
                  variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                  proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0,
-                 den_floor: float = 0.0, temperature: bool = False, group=None) -> None:
+                 den_floor: float = 0.0, temperature: bool = False,
+                 group: torch.distributed.ProcessGroup | None = None) -> None:
         super().__init__()
         for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
             check_positive_int(value, name)

@@ -98,7 +98,7 @@ class VicinityVisionAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, sr_ratio: int = 1, fr_ratio: int = 1,
                  se_reduction: int = 2, use_sum: bool = True, linear: bool = False, clip: bool = True,
-                 backend: str = "auto", group=None) -> None:
+                 backend: str = "auto", group: torch.distributed.ProcessGroup | None = None) -> None:
         super().__init__()
         for value, name in ((embed_dim, "embed_dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio"),
                             (fr_ratio, "fr_ratio"), (se_reduction, "se_reduction")):
