@@ -8,7 +8,7 @@ setup(
     description="Fused Triton kernels and a linear PyTorch backend for vicinity attention (Vicinity Vision Transformer)",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # kernels/ ships inside the package: a top-level "kernels" would clash with other projects.
     packages=["vicinity_attn", "vicinity_attn.backends", "vicinity_attn.layers", "vicinity_attn.tools",
               "vicinity_attn.kernels", "vicinity_attn.kernels.vicinity", "vicinity_attn.kernels.knn"],

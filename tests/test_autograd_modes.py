@@ -3,13 +3,13 @@ torch.func grad / jacrev / jacfwd / vmap, and a clear error for derivatives of d
 
 Every result is compared with the float64 reference, which is plain PyTorch autograd of the formula.
 """
-import warnings
-
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from helpers import assert_rule, make_inputs, rel_err, token_counts
+from helpers import assert_rule, make_inputs, token_counts
+from transform_checks import (SECOND_ORDER, check_grad_and_vmap_of_grad, check_jacobian,
+                              check_vmap_over_an_extra_dimension, close_fp64)
 from vicinity_attn import vicinity_attention
 
 LINEAR = ["torch", "triton"]
@@ -25,13 +25,6 @@ def _fn(backend, **kw):
     return lambda q, k, v: vicinity_attention(q, k, v, backend=backend, **kw)
 
 
-def _close(got, ref, name):
-    """float64 against the float64 reference: relative error at the level of rounding."""
-    assert got.dtype == ref.dtype and got.shape == ref.shape, name
-    err = rel_err(got, ref)
-    assert err < 1e-10, f"{name}: relative error {err:.3e}"
-
-
 @pytest.mark.parametrize("backend", LINEAR)
 @pytest.mark.parametrize("variant,feature_map,layout,prefix", [
     ("sum", "relu", "bhnd", 1), ("product", "elu1", "bnhd", 0), ("none", "relu", "bnhd", 2)])
@@ -42,8 +35,8 @@ def test_jvp_matches_reference(backend, variant, feature_map, layout, prefix):
     ref_out, ref_t = torch.func.jvp(_fn("reference", **kw), inputs, tangents)
     out, t = torch.func.jvp(_fn(backend, **kw), inputs, tangents)
     assert t.abs().max() > 0
-    _close(out, ref_out, "primal")
-    _close(t, ref_t, "tangent")
+    close_fp64(out, ref_out, "primal")
+    close_fp64(t, ref_t, "tangent")
 
 
 @pytest.mark.parametrize("backend", LINEAR)
@@ -59,7 +52,7 @@ def test_forward_ad_api_gives_the_tangent(backend, with_tangent):
         args[with_tangent] = fwAD.make_dual(args[with_tangent], t)
         tangent = fwAD.unpack_dual(_fn(backend, **kw)(**args)).tangent
     assert tangent is not None
-    _close(tangent, ref, "tangent")
+    close_fp64(tangent, ref, "tangent")
 
 
 def test_jvp_float32_by_tolerance_rule():
@@ -76,50 +69,20 @@ def test_jvp_float32_by_tolerance_rule():
 @pytest.mark.parametrize("backend", LINEAR)
 def test_func_grad_and_vmap_of_grad(backend):
     inputs, kw = _case(B=2, H=1, grid=(2, 3), kv_grid=(2, 2))
-    loss = lambda be: (lambda q, k, v: _fn(be, **kw)(q, k, v).square().sum())  # noqa: E731
-    ref = torch.func.grad(loss("reference"), argnums=(0, 1, 2))(*inputs)
-    got = torch.func.grad(loss(backend), argnums=(0, 1, 2))(*inputs)
-    for name, g, r in zip("qkv", got, ref):
-        _close(g, r, f"grad d{name}")
-    # per-example gradients: vmap over the batch of a grad over one example
-    per_example = lambda be: torch.func.vmap(torch.func.grad(loss(be), argnums=(0, 1, 2)))  # noqa: E731
-    batched = tuple(t.unsqueeze(1) for t in inputs)
-    for name, g, r in zip("qkv", per_example(backend)(*batched), per_example("reference")(*batched)):
-        _close(g, r, f"vmap(grad) d{name}")
+    check_grad_and_vmap_of_grad(_fn(backend, **kw), _fn("reference", **kw), inputs)
 
 
 @pytest.mark.parametrize("backend", LINEAR)
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_jacobians(backend, transform):
     inputs, kw = _case(B=1, H=1, prefix=0, grid=(2, 2), kv_grid=(2, 1), D=2, Dv=1)
-    jac = getattr(torch.func, transform)
-    ref = jac(_fn("reference", **kw), argnums=(0, 1, 2))(*inputs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = jac(_fn(backend, **kw), argnums=(0, 1, 2))(*inputs)
-    assert not [w for w in caught if "performance drop" in str(w.message)], "vmap fell back to a loop"
-    for name, g, r in zip("qkv", got, ref):
-        _close(g, r, f"{transform} d/d{name}")
+    check_jacobian(_fn(backend, **kw), _fn("reference", **kw), inputs, transform)
 
 
 @pytest.mark.parametrize("backend", LINEAR)
 def test_vmap_over_an_extra_dimension(backend):
     (q, k, v), kw = _case(B=1, H=1)
-    qs = torch.randn(2, *q.shape, dtype=q.dtype)            # vmapped q, shared k and v
-    ref = torch.stack([_fn("reference", **kw)(x, k, v) for x in qs])
-    got = torch.func.vmap(_fn(backend, **kw), in_dims=(0, None, None))(qs, k, v)
-    _close(got, ref, "vmap")
-
-
-SECOND_ORDER = {
-    "create_graph": lambda f, q, k, v: torch.autograd.grad(
-        torch.autograd.grad(f(q, k, v).square().sum(), q, create_graph=True)[0].sum(), q),
-    "hessian": lambda f, q, k, v: torch.func.hessian(lambda x: f(x, k, v).sum())(q),
-    "grad_of_grad": lambda f, q, k, v: torch.func.grad(
-        lambda x: torch.func.grad(lambda y: f(y, k, v).square().sum())(x).sum())(q),
-    "jvp_of_grad": lambda f, q, k, v: torch.func.jvp(
-        torch.func.grad(lambda y: f(y, k, v).square().sum()), (q,), (torch.randn_like(q),)),
-}
+    check_vmap_over_an_extra_dimension(_fn(backend, **kw), _fn("reference", **kw), q, k, v)
 
 
 @pytest.mark.parametrize("backend", LINEAR)
@@ -171,7 +134,7 @@ def test_tangent_with_normaliser_floor_matches_autograd_of_the_formula():
     assert (raw < 3.0).any() and (raw > 3.0).any(), "the floor must be active on some rows only"
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     ref = torch.func.jvp(formula, (q, k, v), tangents)[1]
-    _close(vicinity_tangent(q, k, v, *tangents, spec), ref, "tangent with floor")
+    close_fp64(vicinity_tangent(q, k, v, *tangents, spec), ref, "tangent with floor")
 
 
 def test_tangent_rejects_options_it_does_not_know():

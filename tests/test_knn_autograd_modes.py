@@ -4,13 +4,13 @@ torch.func grad / jacrev / jacfwd / vmap, and a clear error for derivatives of d
 Every result is compared in float64 with the "reference" backend (the authors' dense formulation under
 plain PyTorch autograd: its own jvp and vjp).
 """
-import warnings
-
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from helpers import assert_rule, make_inputs, rel_err
+from helpers import assert_rule, make_inputs
+from transform_checks import (SECOND_ORDER, check_grad_and_vmap_of_grad, check_jacobian,
+                              check_vmap_over_an_extra_dimension, close_fp64)
 from vicinity_attn import knn_attention
 
 BACKENDS = ["torch", "triton"]
@@ -24,13 +24,6 @@ def _fn(backend, topk=3, **kw):
     return lambda q, k, v: knn_attention(q, k, v, topk, backend=backend, **kw)
 
 
-def _close(got, ref, name):
-    assert got.dtype == ref.dtype and got.shape == ref.shape, name
-    assert ref.abs().max() > 0, f"{name}: the reference is all zero"
-    err = rel_err(got, ref)
-    assert err < 1e-10, f"{name}: relative error {err:.3e}"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_jvp_matches_reference(backend, layout):
@@ -39,8 +32,8 @@ def test_jvp_matches_reference(backend, layout):
     kw = dict(layout=layout, scale=0.7)
     ref_out, ref_t = torch.func.jvp(_fn("reference", **kw), inputs, tangents)
     out, t = torch.func.jvp(_fn(backend, **kw), inputs, tangents)
-    _close(out, ref_out, "primal")
-    _close(t, ref_t, "tangent")
+    close_fp64(out, ref_out, "primal")
+    close_fp64(t, ref_t, "tangent")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,7 +48,7 @@ def test_forward_ad_api_gives_the_tangent(backend, with_tangent):
         args[with_tangent] = fwAD.make_dual(args[with_tangent], t)
         tangent = fwAD.unpack_dual(_fn(backend)(**args)).tangent
     assert tangent is not None
-    _close(tangent, ref, "tangent")
+    close_fp64(tangent, ref, "tangent")
 
 
 def test_jvp_float32_by_tolerance_rule():
@@ -71,40 +64,20 @@ def test_jvp_float32_by_tolerance_rule():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_func_grad_and_vmap_of_grad(backend):
-    inputs = _case(B=2, H=1)
-    loss = lambda be: (lambda q, k, v: _fn(be)(q, k, v).square().sum())  # noqa: E731
-    ref = torch.func.grad(loss("reference"), argnums=(0, 1, 2))(*inputs)
-    got = torch.func.grad(loss(backend), argnums=(0, 1, 2))(*inputs)
-    for name, g, r in zip("qkv", got, ref):
-        _close(g, r, f"grad d{name}")
-    # per-example gradients: vmap over the batch of a grad over one example
-    per_example = lambda be: torch.func.vmap(torch.func.grad(loss(be), argnums=(0, 1, 2)))  # noqa: E731
-    batched = tuple(t.unsqueeze(1) for t in inputs)
-    for name, g, r in zip("qkv", per_example(backend)(*batched), per_example("reference")(*batched)):
-        _close(g, r, f"vmap(grad) d{name}")
+    check_grad_and_vmap_of_grad(_fn(backend), _fn("reference"), _case(B=2, H=1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_jacobians(backend, transform):
     inputs = _case(B=1, H=1, Nq=3, Nk=4, D=2, Dv=2)
-    jac = getattr(torch.func, transform)
-    ref = jac(_fn("reference", topk=2), argnums=(0, 1, 2))(*inputs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = jac(_fn(backend, topk=2), argnums=(0, 1, 2))(*inputs)
-    assert not [w for w in caught if "performance drop" in str(w.message)], "vmap fell back to a loop"
-    for name, g, r in zip("qkv", got, ref):
-        _close(g, r, f"{transform} d/d{name}")
+    check_jacobian(_fn(backend, topk=2), _fn("reference", topk=2), inputs, transform)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vmap_over_an_extra_dimension(backend):
     q, k, v = _case(B=1, H=1)
-    qs = torch.randn(2, *q.shape, dtype=q.dtype)            # vmapped q, shared k and v
-    ref = torch.stack([_fn("reference")(x, k, v) for x in qs])
-    got = torch.func.vmap(_fn(backend), in_dims=(0, None, None))(qs, k, v)
-    _close(got, ref, "vmap")
+    check_vmap_over_an_extra_dimension(_fn(backend), _fn("reference"), q, k, v)
 
 
 def test_tangent_at_ties_holds_every_tied_key():
@@ -122,18 +95,7 @@ def test_tangent_at_ties_holds_every_tied_key():
 
     ref = torch.func.jvp(fixed_mask, (q, k, v), tangents)[1]
     got = torch.func.jvp(lambda q, k, v: knn_attention(q, k, v, 2, scale=1.0, backend="torch"), (q, k, v), tangents)[1]
-    _close(got, ref, "tangent at ties")
-
-
-SECOND_ORDER = {
-    "create_graph": lambda f, q, k, v: torch.autograd.grad(
-        torch.autograd.grad(f(q, k, v).square().sum(), q, create_graph=True)[0].sum(), q),
-    "hessian": lambda f, q, k, v: torch.func.hessian(lambda x: f(x, k, v).sum())(q),
-    "grad_of_grad": lambda f, q, k, v: torch.func.grad(
-        lambda x: torch.func.grad(lambda y: f(y, k, v).square().sum())(x).sum())(q),
-    "jvp_of_grad": lambda f, q, k, v: torch.func.jvp(
-        torch.func.grad(lambda y: f(y, k, v).square().sum()), (q,), (torch.randn_like(q),)),
-}
+    close_fp64(got, ref, "tangent at ties")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,7 @@
 """The validated description of one vicinity-attention call, handed to every backend."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -8,19 +9,16 @@ from dataclasses import dataclass
 from .positions import feature_count
 
 
-@dataclass(frozen=True)
-class VicinitySpec:
-    """Everything about a call except the tensors.
+@dataclass(frozen=True, kw_only=True)
+class CallOptions:
+    """The options of a call, shared by dense and packed calls (and by every sequence of a packed one).
 
-    ``grid`` / ``kv_grid``: 1 to 3 positive ints; the query / key sequence is
-    ``num_prefix_tokens`` prefix tokens followed by ``prod(grid)`` / ``prod(kv_grid)`` grid tokens.
     ``den_floor``: the normaliser is max(sum_j phi(q_i).phi(k_j) w(i,j), den_floor) + eps (L2ViT's
     floor; 0 = none). ``clamp``: None, or (min_mag, max_mag) for the authors' VVT magnitude clamp on
-    the states, the inverse normaliser, the numerator and the output.
+    the states, the inverse normaliser, the numerator and the output. Each sequence is
+    ``num_prefix_tokens`` prefix tokens followed by its grid tokens.
     """
 
-    grid: tuple[int, ...]
-    kv_grid: tuple[int, ...]
     variant: str = "sum"
     feature_map: str = "relu"
     eps: float = 1e-4
@@ -28,9 +26,9 @@ class VicinitySpec:
     den_floor: float = 0.0
     clamp: tuple[float, float] | None = None
 
-    @property
-    def n_axes(self) -> int:
-        return len(self.grid)
+    def options(self) -> dict:
+        """The option fields as keyword arguments (to build another spec with the same options)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(CallOptions)}
 
     @property
     def n_features(self) -> int:
@@ -39,7 +37,23 @@ class VicinitySpec:
 
 
 @dataclass(frozen=True)
-class VarlenSpec:
+class VicinitySpec(CallOptions):
+    """Everything about a call except the tensors: the options and the grids.
+
+    ``grid`` / ``kv_grid``: 1 to 3 positive ints; the query / key sequence is
+    ``num_prefix_tokens`` prefix tokens followed by ``prod(grid)`` / ``prod(kv_grid)`` grid tokens.
+    """
+
+    grid: tuple[int, ...]
+    kv_grid: tuple[int, ...]
+
+    @property
+    def n_axes(self) -> int:
+        return len(self.grid)
+
+
+@dataclass(frozen=True)
+class VarlenSpec(CallOptions):
     """A packed call of ``vicinity_attention_varlen``: one query grid and one key grid per sequence, and
     the options every sequence shares. Sequence i has ``num_prefix_tokens + prod(grids[i])`` query tokens
     and ``num_prefix_tokens + prod(kv_grids[i])`` key tokens, packed in sequence order (FlashAttention's
@@ -47,12 +61,6 @@ class VarlenSpec:
 
     grids: tuple[tuple[int, ...], ...]
     kv_grids: tuple[tuple[int, ...], ...]
-    variant: str = "sum"
-    feature_map: str = "relu"
-    eps: float = 1e-4
-    num_prefix_tokens: int = 0
-    den_floor: float = 0.0
-    clamp: tuple[float, float] | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -62,15 +70,9 @@ class VarlenSpec:
     def n_axes(self) -> int:
         return len(self.grids[0])
 
-    @property
-    def n_features(self) -> int:
-        return feature_count(self.n_axes, self.variant, self.num_prefix_tokens > 0)
-
     def sequence(self, i: int) -> VicinitySpec:
         """The dense spec of sequence i alone."""
-        return VicinitySpec(grid=self.grids[i], kv_grid=self.kv_grids[i], variant=self.variant,
-                            feature_map=self.feature_map, eps=self.eps, num_prefix_tokens=self.num_prefix_tokens,
-                            den_floor=self.den_floor, clamp=self.clamp)
+        return VicinitySpec(grid=self.grids[i], kv_grid=self.kv_grids[i], **self.options())
 
     def lengths(self, side: str) -> list[int]:
         """Tokens per sequence on ``side`` ("query" or "key")."""

@@ -187,6 +187,18 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return q, k, v
 
 
+def check_options(*, variant: object, feature_map: object, eps: object, den_floor: object, clamp: object,
+                  num_prefix_tokens: object, backend: object) -> dict:
+    """Check the options a dense and a packed call share; returns them normalised, as the keyword
+    arguments of a spec (``spec.CallOptions``)."""
+    check_option(backend, "backend", BACKENDS)
+    variant = check_option(variant, "variant", VARIANTS)
+    feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
+    eps, den_floor = check_normaliser(eps, den_floor)
+    return dict(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=check_clamp(clamp),
+                num_prefix_tokens=check_prefix(num_prefix_tokens))
+
+
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
                   num_prefix_tokens: int = 0, den_floor: float = 0.0,
@@ -196,12 +208,9 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     ``sharded``: q, k, v are one rank's shards (context parallelism), so their token counts are checked
     against the grids later, summed over ranks (:func:`check_shard_counts`)."""
     layout = check_option(layout, "layout", LAYOUTS)
-    check_option(backend, "backend", BACKENDS)
-    variant = check_option(variant, "variant", VARIANTS)
-    feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
-    eps, den_floor = check_normaliser(eps, den_floor)
-    clamp = check_clamp(clamp)
-    n_prefix = check_prefix(num_prefix_tokens)
+    options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
+                            num_prefix_tokens=num_prefix_tokens, backend=backend)
+    n_prefix = options["num_prefix_tokens"]
     q, k, v = check_qkv(q, k, v, layout)
     Nq, Nk = q.shape[2], k.shape[2]
     grid = normalize_grid(grid, "grid")
@@ -215,8 +224,7 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
         name = "kv_grid" if kv_grid is not grid else "grid (used as kv_grid)"
         raise ValueError(f"{name} {kv_grid} has {math.prod(kv_grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but k has {Nk} tokens")
-    spec = VicinitySpec(grid=grid, kv_grid=kv_grid, variant=variant, feature_map=feature_map, eps=eps,
-                        num_prefix_tokens=n_prefix, den_floor=den_floor, clamp=clamp)
+    spec = VicinitySpec(grid=grid, kv_grid=kv_grid, **options)
     return q, k, v, spec
 
 
@@ -388,12 +396,9 @@ def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          eps: float, backend: str, num_prefix_tokens: int = 0, den_floor: float = 0.0,
                          clamp: tuple[float, float] | None = None) -> VarlenSpec:
     """Check a ``vicinity_attention_varlen`` call and return its spec."""
-    check_option(backend, "backend", BACKENDS)
-    variant = check_option(variant, "variant", VARIANTS)
-    feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
-    eps, den_floor = check_normaliser(eps, den_floor)
-    clamp = check_clamp(clamp)
-    n_prefix = check_prefix(num_prefix_tokens)
+    options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
+                            num_prefix_tokens=num_prefix_tokens, backend=backend)
+    n_prefix = options["num_prefix_tokens"]
     check_packed_qkv(q, k, v)
     Tq, Tk = q.shape[0], k.shape[0]
     grids = normalize_grids(grids, "grids")
@@ -403,8 +408,7 @@ def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         kv_grids, kv_name = normalize_grids(kv_grids, "kv_grids", len(grids[0])), "kv_grids"
         if len(kv_grids) != len(grids):
             raise ValueError(f"kv_grids must hold one grid per sequence like grids: {len(kv_grids)} != {len(grids)}")
-    spec = VarlenSpec(grids=grids, kv_grids=kv_grids, variant=variant, feature_map=feature_map, eps=eps,
-                      num_prefix_tokens=n_prefix, den_floor=den_floor, clamp=clamp)
+    spec = VarlenSpec(grids=grids, kv_grids=kv_grids, **options)
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", spec.offsets("query"), Tq, q.device, "grids", n_prefix)
     check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", spec.offsets("key"), Tk, q.device, kv_name, n_prefix)
     return spec
