@@ -154,6 +154,27 @@ def test_triton_refuses_torch_func():
         torch.func.grad(lambda q: vicinity_attention_varlen(q, k, v, cu_q, cu_k, [(2, 2)], backend="triton").sum())(q)
 
 
+def test_triton_keeps_the_pack_tables_per_spec(monkeypatch):
+    """The per-sequence tables are built once per (spec, device): a second call with the same grids builds
+    none, copies no table again, and gives bitwise the same results."""
+    from vicinity_attn.backends import triton_varlen
+    triton_varlen._geometry_and_pack.cache_clear()
+    built = []
+    real_build = triton_varlen.Packing.build
+    monkeypatch.setattr(triton_varlen.Packing, "build", lambda *a, **kw: built.append(real_build(*a, **kw)) or built[-1])
+    grids = [(2, 3), (3, 2)]
+    q, k, v, cu_q, cu_k = pack(grids, H=1)
+    do = torch.randn(q.shape[0], 1, v.shape[-1], dtype=q.dtype)
+    fn = lambda: vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, backend="triton")  # noqa: E731
+    first = outputs_and_grads(fn, q, k, v, do)
+    tables = dict(built[0]._tables)
+    second = outputs_and_grads(fn, q, k, v, do)
+    assert len(built) == 1 and tables
+    assert all(built[0]._tables[key] is t for key, t in tables.items())
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_torch_groups_equal_grids_into_one_call(monkeypatch):
     calls = []
     original = varlen_ops.custom_op_attention

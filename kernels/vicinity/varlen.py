@@ -18,7 +18,7 @@ needs one takes a per-sequence factor table (ACC dtype, [S]) built here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -45,11 +45,21 @@ def sequence_window(seq_ptr, seq, IS_QUERY: tl.constexpr, RELOAD: tl.constexpr =
 
 @dataclass(frozen=True)
 class Packing:
-    """The host side of a packed call: lengths and grids per sequence, and the table on the device."""
+    """The host side of a packed call: lengths and grids per sequence, and the table on the device.
+
+    The small per-sequence tables the launches take (factors, chunk counts) are built once per Packing
+    and kept: a Packing built once per spec (the library caches it) costs no host-to-device copy
+    on later calls."""
 
     q_lengths: tuple[int, ...]
     k_lengths: tuple[int, ...]
     table: torch.Tensor          # int32 [S, SEQ_COLS] on the tensors' device
+    _tables: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def _kept(self, key: tuple, values: list, dtype: torch.dtype) -> torch.Tensor:
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(values, dtype=dtype, device=self.table.device)
+        return self._tables[key]
 
     @classmethod
     def build(cls, grids, kv_grids, n_prefix: int, device: torch.device) -> "Packing":
@@ -78,9 +88,9 @@ class Packing:
 
     def factors(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
         """A per-sequence factor table [S] for a launch (powers of two: exact in any float dtype)."""
-        return torch.tensor(values, dtype=dtype, device=self.table.device)
+        return self._kept(("factors", tuple(values), dtype), values, dtype)
 
     def chunk_counts(self, is_query: bool, block_n: int, blocks_per_chunk: int) -> torch.Tensor:
         """int32 [S]: how many chunks of ``blocks_per_chunk`` token blocks each sequence's state pass has."""
         counts = [triton.cdiv(triton.cdiv(n, block_n), blocks_per_chunk) for n in self.lengths(is_query)]
-        return torch.tensor(counts, dtype=torch.int32, device=self.table.device)
+        return self._kept(("chunks", is_query, block_n, blocks_per_chunk), counts, torch.int32)

@@ -6,6 +6,8 @@ views) with a per-sequence table (``kernels/vicinity/varlen.py``); the bodies of
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels.vicinity import Geometry, Packing, vicinity_backward, vicinity_forward
@@ -29,7 +31,10 @@ def check_triton_varlen_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                          f"{spec.n_seqs} * {q.shape[1]}")
 
 
+@functools.lru_cache(maxsize=64)
 def _geometry_and_pack(spec: VarlenSpec, device: torch.device) -> tuple[Geometry, Packing]:
+    """Kept per (spec, device): a training loop's packs repeat, and each Packing holds its tables on the
+    device (read-only for the kernels), so repeated calls copy nothing from the host."""
     # The geometry's constexprs (axes, variant, feature map, prefix) are shared; sizes come from the table.
     geom = Geometry.build(spec.grids[0], spec.kv_grids[0], spec.variant, spec.feature_map, spec.num_prefix_tokens)
     return geom, Packing.build(spec.grids, spec.kv_grids, spec.num_prefix_tokens, device)
