@@ -28,12 +28,16 @@ class CallOptions:
 
     def options(self) -> dict:
         """The option fields as keyword arguments (to build another spec with the same options)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(CallOptions)}
+        return {name: getattr(self, name) for name in OPTION_FIELDS}
 
     @property
     def n_features(self) -> int:
         """F, the number of position features per token."""
         return feature_count(self.n_axes, self.variant, self.num_prefix_tokens > 0)
+
+
+# The option fields' names, read once here (torch.compile traces options(), not dataclasses.fields).
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CallOptions))
 
 
 @dataclass(frozen=True)

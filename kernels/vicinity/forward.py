@@ -52,13 +52,15 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     n_tiles = triton.cdiv(D, tiles.block_d) * triton.cdiv(Dv, tiles.block_dv)
     lead = B * H if pack is None else pack.n_seqs * H
     plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), tiles.block_n, lead * n_tiles)
+    n_s, n_z = lead * F * D * Dv, lead * F * D
     S = torch.empty(lead, F, D, Dv, dtype=acc_dtype, device=x.device)
     z = torch.empty(lead, F, D, dtype=acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
-    # would compute, so the result is bitwise the same), and the reduction is skipped.
+    # would compute, so the result is bitwise the same), and the reduction is skipped. Several: the
+    # partials of a chunk are one row [S | z] of one buffer, so that one reduction launch sums both.
     single = plan.n_chunks == 1
-    s_part = S if single else torch.empty(plan.n_chunks, lead, F, D, Dv, dtype=acc_dtype, device=x.device)
-    z_part = z if single else torch.empty(plan.n_chunks, lead, F, D, dtype=acc_dtype, device=x.device)
+    parts = None if single else torch.empty(plan.n_chunks, n_s + n_z, dtype=acc_dtype, device=x.device)
+    s_part, z_part = (S, z) if single else (parts[0, :n_s], parts[0, n_s:])
     sizes = geom.q_sizes if is_query else geom.k_sizes
     row_weights = rs is not None
     if not row_weights:
@@ -71,20 +73,19 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     f_pad = triton.next_power_of_2(F)
     state_partial_kernel[(lead * n_tiles, plan.n_chunks)](
         x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
+        n_s + n_z,
         scale if single or pack is not None else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query),
         ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
         **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
         **tiles.options(), **packed)
     if single:
         return S, z
-    for part, out in ((s_part, S), (z_part, z)):
-        rows = out.numel()
-        reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=rows // pack.n_seqs,
-                                                     VARLEN=True)
-        chunk_reduce_kernel[(triton.cdiv(rows, REDUCE_BLOCK),)](part, out, rows, plan.n_chunks,
-                                                                1.0 if pack is not None else scale,
-                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
-                                                                **reduce_packed)
+    reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=n_s // pack.n_seqs,
+                                                 z_rows_per_seq=n_z // pack.n_seqs, VARLEN=True)
+    chunk_reduce_kernel[(triton.cdiv(n_s + n_z, REDUCE_BLOCK),)](parts, S, z, n_s, n_s + n_z, plan.n_chunks,
+                                                               1.0 if pack is not None else scale,
+                                                               BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
+                                                               **reduce_packed)
     return S, z
 
 

@@ -13,8 +13,8 @@ of two; the padding features are zero and never stored). z comes from the same s
 a [BLOCK_N, Z_COLS] column block whose first column is the token weight (1, or rz / rs in the
 backward) and the rest zeros (Z_COLS = 16, the smallest dot operand): a second, narrow tensor-core
 dot instead of a cross-warp reduction per token block, and z rounded exactly as S is.
-The programs write their partials; the reduction kernel then sums them over chunks in index order,
-so results are bitwise reproducible without atomics. With a single chunk the partial kernel applies
+The programs write their partials (S and z of a chunk side by side); one reduction launch then sums
+them over chunks in index order, so results are bitwise reproducible without atomics. With a single chunk the partial kernel applies
 the scale and writes the states directly, and no reduction runs.
 
 VARLEN (packed sequences, see varlen.py): a program's bh is (sequence, head); it reads its sequence's
@@ -90,7 +90,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n
 
 @launch_jit
 def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
-                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk, scale,
+                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk, part_stride, scale,
                          sxb, sxh, sxn, sxd, syb, syh, syn, syd,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
@@ -101,9 +101,10 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks).
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
-    Writes scale * the partial sums to s_part [n_chunks, BH, N_FEAT, D, DV] and z_part
-    [n_chunks, BH, N_FEAT, D] in ACC. F_PAD: the next power of two >= N_FEAT (stacked features);
-    Z_COLS: the width of z's column block (16).
+    Writes scale * the partial sums of chunk c to s_part + c * part_stride ([BH, N_FEAT, D, DV]) and
+    z_part + c * part_stride ([BH, N_FEAT, D]) in ACC: the S and z partials of a chunk share one row of
+    a [n_chunks, part_stride] buffer, so that one reduction sums both. F_PAD: the next power of two
+    >= N_FEAT (stacked features); Z_COLS: the width of z's column block (16).
 
     VARLEN: B = 1, N the packed token count, BH = S * H (sequence, head); the window comes from seq
     [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks.
@@ -144,8 +145,9 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
                                     ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq, row0,
                                     VARLEN)
 
-    n_bh = tl.num_programs(0) // (n_e_tiles * n_d_tiles)
-    first_row = (chunk.to(tl.int64) * n_bh + bh) * N_FEAT  # index of this (chunk, bh)'s state m = 0
+    s_part_ptr += chunk.to(tl.int64) * part_stride
+    z_part_ptr += chunk.to(tl.int64) * part_stride
+    first_row = bh.to(tl.int64) * N_FEAT  # index of this bh's state m = 0
     # Stacked row r holds feature r // BLOCK_D, head row d0 + r % BLOCK_D.
     offs_r = tl.arange(0, F_PAD * BLOCK_D)
     offs_m = offs_r // BLOCK_D
@@ -161,24 +163,30 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
 
 
 @launch_jit
-def chunk_reduce_kernel(part_ptr, out_ptr, n_rows, n_chunks, scale, BLOCK: tl.constexpr, chunks_ptr=None,
-                        rows_per_seq=None, VARLEN: tl.constexpr = False):
-    """out[r] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
+def chunk_reduce_kernel(part_ptr, s_ptr, z_ptr, n_s, n_rows, n_chunks, scale, BLOCK: tl.constexpr, chunks_ptr=None,
+                        rows_per_seq=None, z_rows_per_seq=None, VARLEN: tl.constexpr = False):
+    """Row r of [S | z] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
 
-    part [n_chunks, n_rows], out [n_rows], both ACC dtype (fp32 / fp64). Grid (cdiv(n_rows, BLOCK),).
-    VARLEN: row r belongs to sequence r // rows_per_seq, which has chunks[seq] chunks (the partials of
-    the others were never written).
+    part [n_chunks, n_rows] (each chunk's S partial, n_s values, then its z partial); S [n_s] and z
+    [n_rows - n_s], all ACC dtype (fp32 / fp64). Grid (cdiv(n_rows, BLOCK),).
+    VARLEN: row r < n_s (of S) belongs to sequence r // rows_per_seq, a row of z to sequence
+    (r - n_s) // z_rows_per_seq; sequence seq has chunks[seq] chunks (the partials of the others were
+    never written).
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
+    in_s = offs < n_s
     ptrs = part_ptr + offs
     acc = tl.load(ptrs, mask=mask, other=0.0)
     if VARLEN:
-        seq_chunks = tl.load(chunks_ptr + offs // rows_per_seq, mask=mask, other=0)
+        seq = tl.where(in_s, offs // rows_per_seq, (offs - n_s) // z_rows_per_seq)
+        seq_chunks = tl.load(chunks_ptr + seq, mask=mask, other=0)
     for c in range(1, n_chunks):
         ptrs += n_rows  # pointer steps: chunk * n_rows could overflow int32
         if VARLEN:
             acc += tl.load(ptrs, mask=mask & (c < seq_chunks), other=0.0)
         else:
             acc += tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc * scale, mask=mask)
+    acc = acc * scale
+    tl.store(s_ptr + offs, acc, mask=mask & in_s)
+    tl.store(z_ptr + (offs - n_s), acc, mask=mask & (offs >= n_s))
