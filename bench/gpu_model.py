@@ -53,6 +53,7 @@ H100_SXM = dict(
     tensor_flops_per_s=989e12,    # dense bf16 / fp16
     launch_overhead_s=2.5e-6,     # per kernel launch in a stream (latency of back-to-back small launches)
 )
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 FA2_FRACTION = 0.35               # FlashAttention-2 reaches ~35 % of the H100 dense peak (FA2 paper / FA3 paper's FA2 runs)
 FA2_LAUNCHES = dict(fwd=1, bwd=3)  # forward; backward = dO.o preprocess, main kernel, dq conversion
 
@@ -275,6 +276,20 @@ def fa2_time(case, direction: str, chip: dict = H100_SXM) -> dict:
                 modelled_us=round(max(compute, memory) + launches * chip["launch_overhead_s"] * 1e6, 3))
 
 
+def io_floor(case, direction: str, chip: dict = H100_SXM) -> dict:
+    """The HBM time of the bytes any implementation of the operation must move (self-attention, N tokens):
+    forward reads q, k, v and writes o plus one fp32 statistic per query row (den / logsumexp, saved
+    for the backward); the backward reads q, k, v, dO and that statistic and writes dq, dk, dv. This
+    is issue 10's "HBM byte floor"; the ``hbm_floor_us`` beside it sums each kernel's own HBM bytes
+    (repeated and intermediate traffic included)."""
+    rows = case.batch * case.heads * case.n_tokens
+    elem = DTYPE_BYTES[case.dtype]
+    fwd = rows * (2 * case.d + 2 * case.dv) * elem + rows * 4
+    bwd = rows * (2 * case.d + 2 * case.dv) * elem + rows * 4 + rows * (2 * case.d + case.dv) * elem
+    nbytes = fwd + (0 if direction == "fwd" else bwd)
+    return dict(bytes=nbytes, us=round(nbytes / (chip["hbm_efficiency"] * chip["hbm_bytes_per_s"]) * 1e6, 3))
+
+
 def combine(plan: dict, traffic: dict) -> dict:
     shapes = {}
     for name in plan:
@@ -290,8 +305,11 @@ def combine(plan: dict, traffic: dict) -> dict:
         for direction in ("fwd", "fwdbwd"):
             ks = kernels if direction == "fwdbwd" else kernels[:_first_bwd(t)]
             fa2 = fa2_time(case, direction)
+            io = io_floor(case, direction)
+            modelled = round(sum(k["modelled_us"] for k in ks), 2)
             entry[direction] = dict(
-                modelled_us=round(sum(k["modelled_us"] for k in ks), 2),
+                modelled_us=modelled,
+                io_floor_us=io["us"], io_bytes=io["bytes"], vs_io_floor=round(modelled / io["us"], 2),
                 hbm_floor_us=round(sum(k["hbm_us"] for k in ks), 2),
                 tensor_floor_us=round(sum(k["tensor_us"] for k in ks), 3),
                 issue_floor_us=round(sum(k["issue_us"] for k in ks), 2),
@@ -359,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         for direction in ("fwd", "fwdbwd"):
             e = entry[direction]
             print(f"({name}) {entry['title']:<40} {direction:<6} modelled {e['modelled_us']:8.1f} us  "
-                  f"(HBM floor {e['hbm_floor_us']:7.1f}, issue {e['issue_floor_us']:7.1f}, {e['launches']} launches)  "
+                  f"(I/O floor {e['io_floor_us']:6.1f}: {e['vs_io_floor']:4.2f}x; kernels' HBM {e['hbm_floor_us']:7.1f}, "
+                  f"issue {e['issue_floor_us']:7.1f}, {e['launches']} launches)  "
                   f"FA2 model {e['fa2_modelled_us']:8.1f} us   [MODEL]")
     print(f"wrote {args.out}")
     if not args.no_readme:

@@ -35,14 +35,20 @@ def render(model: dict) -> str:
         f"2.5x that backward, at {model['fa2_fraction_of_peak']:.0%} of the tensor peak (or its HBM floor), "
         "plus its launches.",
         "",
-        "| shape (bf16) | direction | our kernels, modelled (us) | HBM floor (us) | issue floor (us) | launches "
-        "| FlashAttention-2, modelled (us) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "I/O floor: the HBM time of the bytes any implementation must move (q, k, v read and o written forward, "
+        "with one fp32 statistic per row; q, k, v, dO read and dq, dk, dv written backward). Kernels' HBM: the sum "
+        "of each kernel's own HBM time (what the kernels would take at full bandwidth, repeated and intermediate "
+        "traffic included).",
+        "",
+        "| shape (bf16) | direction | our kernels, modelled (us) | I/O floor (us) | modelled / I/O floor "
+        "| kernels' HBM (us) | issue floor (us) | launches | FlashAttention-2, modelled (us) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, e in model["shapes"].items():
         for d in ("fwd", "fwdbwd"):
             x = e[d]
-            lines.append(f"| ({name}) {e['title']} | {d} | {_us(x['modelled_us'])} (model) | {_us(x['hbm_floor_us'])} "
+            lines.append(f"| ({name}) {e['title']} | {d} | {_us(x['modelled_us'])} (model) | {_us(x['io_floor_us'])} "
+                         f"| {x['vs_io_floor']:.2f}x (model) | {_us(x['hbm_floor_us'])} "
                          f"(model) | {_us(x['issue_floor_us'])} (model) | {x['launches']} | "
                          f"{_us(x['fa2_modelled_us'])} (model) |")
     knn = {name: e for name, e in model["shapes"].items() if e.get("op") == "knn"}

@@ -90,6 +90,15 @@ def test_fa2_model_follows_the_formula():
     assert fwd["compute_us"] == pytest.approx(fwd["flops"] / (gm.FA2_FRACTION * 989e12) * 1e6, rel=1e-6)
 
 
+def test_io_floor_counts_inputs_outputs_and_one_statistic_per_row():
+    case = gm._case("b")                                   # B1 H4, 224x224, D = Dv = 64, bf16
+    rows, tensor = 4 * 224 * 224, 4 * 224 * 224 * 64 * 2
+    fwd, both = gm.io_floor(case, "fwd"), gm.io_floor(case, "fwdbwd")
+    assert fwd["bytes"] == 4 * tensor + 4 * rows                  # q, k, v read; o written; den
+    assert both["bytes"] == fwd["bytes"] + 7 * tensor + 4 * rows  # q, k, v, dO read; dq, dk, dv written; den
+    assert fwd["us"] == pytest.approx(fwd["bytes"] / (0.85 * 3.35e12) * 1e6, rel=1e-4)
+
+
 def test_combine_rejects_a_plan_the_interpreter_did_not_reproduce():
     plan = {n: [_plan(grid=[4, 1])] for n in gm.SHAPES}
     traffic = {n: [dict(kernel="k", grid=[5, 1, 1], program_bytes={}, program_flops=0, tensor_bytes={})]
@@ -100,8 +109,8 @@ def test_combine_rejects_a_plan_the_interpreter_did_not_reproduce():
 
 def test_readme_section_is_generated_between_markers(tmp_path):
     kernel = dict(role="fwd_state", modelled_us=3.0, bound="issue", programs=8, ctas_per_sm=2)
-    entry = dict(modelled_us=5.0, hbm_floor_us=1.0, issue_floor_us=2.0, launches=2, fa2_modelled_us=9.0,
-                 kernels=[kernel])
+    entry = dict(modelled_us=5.0, io_floor_us=2.5, vs_io_floor=2.0, hbm_floor_us=1.0, issue_floor_us=2.0, launches=2,
+                 fa2_modelled_us=9.0, kernels=[kernel])
     model = dict(command="python -m bench.gpu_model", triton="x", chip=gm.H100_SXM, fa2_fraction_of_peak=0.35,
                  shapes={"a": dict(title="tiny", fwd=entry, fwdbwd=entry)})
     readme = tmp_path / "README.md"
@@ -110,7 +119,7 @@ def test_readme_section_is_generated_between_markers(tmp_path):
     text = readme.read_text()
     assert "old text" not in text and text.startswith("# t\nbefore\n") and text.endswith(f"{END}\nafter\n")
     table = [line for line in text.splitlines() if line.startswith("| (a)")]
-    assert len(table) == 2 and all(line.count("(model)") == 4 for line in table)
+    assert len(table) == 2 and all(line.count("(model)") == 5 and "| 2.00x (model) |" in line for line in table)
     readme.write_text("no markers")
     with pytest.raises(RuntimeError, match="markers"):
         rewrite_readme(model, str(readme))
@@ -119,8 +128,8 @@ def test_readme_section_is_generated_between_markers(tmp_path):
 def test_readme_knn_rows_say_what_fa2_is_and_the_selection_share(tmp_path):
     kernels = [dict(role="knn_select", modelled_us=3.0, bound="issue", programs=8, ctas_per_sm=2),
                dict(role="knn_fwd", modelled_us=1.0, bound="l2", programs=8, ctas_per_sm=1)]
-    entry = dict(modelled_us=4.0, hbm_floor_us=1.0, issue_floor_us=2.0, launches=2, fa2_modelled_us=9.0,
-                 kernels=kernels)
+    entry = dict(modelled_us=4.0, io_floor_us=2.0, vs_io_floor=2.0, hbm_floor_us=1.0, issue_floor_us=2.0, launches=2,
+                 fa2_modelled_us=9.0, kernels=kernels)
     model = dict(command="python -m bench.gpu_model", triton="x", chip=gm.H100_SXM, fa2_fraction_of_peak=0.35,
                  shapes={"k": dict(title="k-NN tiny", op="knn", fwd=entry, fwdbwd=entry)})
     readme = tmp_path / "README.md"
