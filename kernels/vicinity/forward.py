@@ -164,7 +164,7 @@ def forward_output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.T
     query_offset .. query_offset + n - 1 from the states of all ``n_keys`` keys (scaled as
     :func:`forward_states` scales them; clamped here in place when ``clamp`` is given) and returns den
     [BH, n]."""
-    cfg = pick_config(q.shape[-1], o.shape[-1], q.dtype)
+    cfg = pick_config(q.shape[-1], o.shape[-1], q.dtype, n_feat=geom.n_feat)
     scale = pow2_scale(n_keys)
     if clamp is not None:
         clamp_states(S, clamp, scale)
