@@ -23,8 +23,9 @@ INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0
 
 @pytest.mark.skipif(not INTERPRET, reason="the traffic stage runs the kernels in the Triton interpreter")
 def test_traffic_of_one_program_per_launch(monkeypatch):
-    # 64 tokens (one 64-token block), D = Dv = 16 (one 16-wide tile): no padding anywhere.
-    shape = dict(dtype="bf16", d=16, dv=16, batch=1, heads=2, grid=(8, 8))
+    # 128 tokens (two 64-token state blocks, one 128-token output tile), D = Dv = 16 (one 16-wide tile):
+    # no padding anywhere.
+    shape = dict(dtype="bf16", d=16, dv=16, batch=1, heads=2, grid=(8, 16))
     monkeypatch.setitem(gm.SHAPES, "t", shape)
     launches = gm.stage_traffic(["t"])["t"]
     kernels = [x["kernel"] for x in launches]
@@ -33,12 +34,12 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     flops = sum(x["program_flops"] * math.prod(x["grid"]) for x in fwd)
     # Plus the state pass's z dot: the stacked [F * D, tokens] operand times a 16-wide column block
     # (the token weights in column 0), per head.
-    z_dot = 2 * 2 * 64 * (4 * 16) * 16
-    assert flops == vicinity_forward_flops(1, 2, 64, 64, 16, 16, n_features=4) + z_dot
+    z_dot = 2 * 2 * 128 * (4 * 16) * 16
+    assert flops == vicinity_forward_flops(1, 2, 128, 128, 16, 16, n_features=4) + z_dot
     out = launches[kernels.index("contract_d_kernel")]
-    assert out["program_bytes"]["read:x_ptr"] == 64 * 16 * 2                 # one bf16 q tile
-    assert out["program_bytes"]["write:out_ptr"] == 64 * 16 * 2              # one bf16 o tile
-    assert out["tensor_bytes"]["x_ptr"] >= 2 * 64 * 16 * 2                   # the q tensor (both heads)
+    assert out["program_bytes"]["read:x_ptr"] == 128 * 16 * 2                # one bf16 q tile
+    assert out["program_bytes"]["write:out_ptr"] == 128 * 16 * 2             # one bf16 o tile
+    assert out["tensor_bytes"]["x_ptr"] >= 2 * 128 * 16 * 2                  # the q tensor (both heads)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the traffic stage runs the kernels in the Triton interpreter")
