@@ -31,7 +31,8 @@ REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_dv", "bwd_dk")
 # Head dims that are not multiples of 16 cannot be proven uniform: every tile access is a scalar
 # load / store with its own 64-bit address and mask, which costs registers. Such heads use 32-wide
 # tiles at 8 warps: with 64-wide tiles the D=40 per-token passes spilled up to 232 B under triton 3.6
-# (16-24 B under 3.9), and with 4 warps at 32-wide tiles 8-84 B. (The padding is the same: 40 of 64.)
+# (16-24 B under 3.9), and with 4 warps at 32-wide tiles 8-84 B (D=40, and D=24 under 3.6). (The padding
+# is the same: 40 of 64.) fp32 (32-wide tiles already) keeps 4 warps: it fits there.
 UNALIGNED_TILE = 32
 UNALIGNED_NUM_WARPS = 8
 # The forward output pass reloads every F state tile (from L2) for each token tile: 128 tokens per program
@@ -93,7 +94,7 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         return LaunchConfig(INTERPRET_BLOCK_N, tile, tile, num_warps=1, num_stages=1, dv_num_warps=1)
     cfg = gpu_config(min(head_block(max(d, dv)), max_tile(dtype)))
     unaligned = bool(d % 16 or dv % 16)
-    if unaligned and cfg.block_d > UNALIGNED_TILE:
+    if unaligned and dtype in (torch.float16, torch.bfloat16) and cfg.block_d >= UNALIGNED_TILE:
         cfg = dataclasses.replace(gpu_config(UNALIGNED_TILE), num_warps=UNALIGNED_NUM_WARPS,
                                   dv_num_warps=UNALIGNED_NUM_WARPS)
     if dtype == torch.float32:

@@ -61,6 +61,11 @@ TARGETS = (80, 90)
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (16, 32, 40, 48, 64, 128, 256)
+# Head dims that are not multiples of 16, beside 40 (every layout and stride mode above): the kernels
+# specialise on a head dim only through its divisibility by 16 and the tile it picks, so with these any
+# head dim 1..256 compiles to a kernel the gate builds (8: 16-wide tiles; 24: 32-wide at 4 warps; 56, 72,
+# 200: the unaligned 32-wide tiles at 8 warps, one or several per head).
+ODD_HEAD_DIMS = (8, 24, 56, 72, 200)
 LAYOUTS = ("bhnd", "bnhd")
 STRIDES = ("aligned", "unaligned")
 BASE = LaunchCase()                       # bf16, D = Dv = 64, bhnd, aligned, B2 H2, sum on a 32 x 32 grid
@@ -116,9 +121,9 @@ CLAMP_CASE = LaunchCase(op="vicinity_clamp", extra=(("den_floor", 1.0), ("clamp"
 
 
 def vicinity_matrix(quick: bool) -> list[LaunchCase]:
-    """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry, every
-    geometry at the base dtype / head dim, and the GPU model's shapes (which reach the multi-chunk
-    reduction and the single-chunk path). Quick: three cases covering the three dtypes, both
+    """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry, every dtype x
+    odd head dim (ODD_HEAD_DIMS) contiguous, every geometry at the base dtype / head dim, and the GPU
+    model's shapes (which reach the multi-chunk reduction and the single-chunk path). Quick: three cases covering the three dtypes, both
     layouts, both stride modes, an unaligned head dim and the geometry extremes."""
     if quick:
         return [BASE,
@@ -128,6 +133,7 @@ def vicinity_matrix(quick: bool) -> list[LaunchCase]:
                 CLAMP_CASE]
     cases = [LaunchCase(dtype=t, d=d, dv=d, layout=lay, strides=st)
              for t in DTYPE_NAMES for d in HEAD_DIMS for lay in LAYOUTS for st in STRIDES]
+    cases += [LaunchCase(dtype=t, d=d, dv=d) for t in DTYPE_NAMES for d in ODD_HEAD_DIMS]
     cases += [LaunchCase(**g) for g in GEOMETRIES]
     cases += [LaunchCase(dtype=t, op="vicinity_clamp", extra=CLAMP_CASE.extra) for t in DTYPE_NAMES]
     return cases + list(MODEL_CASES)
