@@ -113,10 +113,10 @@ def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
         for name in names:
             monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
     assert_matches_per_sequence([40, 3, 17], backend="triton", against="torch")
-    # Forward: state pass, one reduction of S and z, output pass. Backward: row weights, dq, state pass,
-    # one reduction of dS and dz, dv, dk.
+    # Forward: state pass, one reduction of S and z, output pass. Backward: dq (with the row weights),
+    # state pass, one reduction of dS and dz, dv, dk.
     assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=2, contract_d_kernel=2,
-                            row_weights_kernel=1, contract_dv_kernel=2)
+                            contract_dv_kernel=2)
 
 
 def test_triton_3d_product_floor_clamp_elu1():

@@ -1,4 +1,4 @@
-"""Backward launcher: row weights, query pass (dq and the state gradients dS, dz), key pass (dk, dv).
+"""Backward launcher: query pass (dq with the row weights, then the state gradients dS, dz), key pass (dk, dv).
 
 With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (README, "The math in short"):
     dq = phi'(q) * sum_m P_m (S_m g + z_m c)
@@ -12,7 +12,7 @@ import triton
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, dot_precision, pick_config, pow2_scale
-from .contract import contract_dv_kernel, row_weights_kernel
+from .contract import ROWS_COMPUTE, ROWS_LOAD, ROWS_NONE, contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
 from .launch import Geometry
 from .varlen import Packing
@@ -62,21 +62,22 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
     B, H, Nq, D = q.shape
     Dv = do.shape[-1]
     cfg = pick_config(D, Dv, q.dtype)
-    acc = dot_precision("bwd_row_weights", q.dtype).acc
     s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
+    if dq is None and not need_states:
+        return None
 
     rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
-    if clamp is None:
-        row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
-            do, o, den, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, *do.stride(), *o.stride(),
-            BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc, **cfg.options("bwd_row_weights"))
-    else:
-        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, acc, eps, den_floor, clamp, s_k,
-                                  query_offset)
+    # The dq pass computes the row weights itself (from dO, o, den) and writes them for the state pass.
+    rows = dict(o=o, den=den, den_floor=den_floor * s_k, eps=eps * s_k)
+    if clamp is not None:
+        do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, eps, den_floor, clamp, s_k, query_offset)
+        rows = {}   # the dq pass reads the clamped backward's rs, rz
+    elif dq is None:
+        _row_weights(do, o, den, rs, rz, cfg, (triton.cdiv(Nq, cfg.block_n), B * H), den_floor * s_k, eps * s_k)
 
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset)
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset, **rows)
     if not need_states:
         return None
     return compute_states(q, do, geom, True, s_q, "bwd_state", rs=rs, rz=rz, tok_offset=query_offset)
@@ -107,29 +108,29 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
     sequence (factor tables: s_k, s_q, s_k / s_q and ones)."""
     H, Tq, D, Dv = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     cfg = pick_config(D, Dv, q.dtype)
-    acc = dot_precision("bwd_row_weights", q.dtype).acc
     s_k, s_q = pack.scales(False), pack.scales(True)
     factors = lambda values: pack.factors(values, den.dtype)  # noqa: E731
     f_k, ones = factors(s_k), factors([1.0] * pack.n_seqs)
     rs = torch.empty(H, Tq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
-    rows = (triton.cdiv(pack.max_length(True), cfg.block_n), pack.n_seqs * H)
-    if clamp is None:
-        row_weights_kernel[rows](
-            do, o, den, rs, rz, H, Tq, Dv, den_floor, eps, *do.stride(), *o.stride(),
-            BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc, **cfg.options("bwd_row_weights"),
-            **varlen_kwargs(pack, f_k))
-    else:
+    row_grid = (triton.cdiv(pack.max_length(True), cfg.block_n), pack.n_seqs * H)
+    # As in backward_queries: the dq pass computes rs, rz (its factor table scales den_floor and eps).
+    rows = dict(o=o, den=den, den_floor=den_floor, eps=eps, factor=f_k)
+    if clamp is not None:
         num = torch.empty(1, H, Tq, Dv, dtype=den.dtype, device=q.device)
         contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None, pack=pack, factor=ones)
         g = torch.empty(1, H, Tq, Dv, dtype=do.dtype, device=q.device)
-        clamped_row_weights_kernel[rows](
+        clamped_row_weights_kernel[row_grid](
             do, num, den, g, rs, rz, H, Tq, Dv, den_floor, eps, clamp[0], clamp[1], 1.0,
-            *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc,
-            **cfg.options("bwd_row_weights"), **varlen_kwargs(pack, f_k))
+            *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv,
+            ACC=dot_precision("bwd_row_weights", q.dtype).acc, **cfg.options("bwd_row_weights"),
+            **varlen_kwargs(pack, f_k))
         do = g
+        rows = dict(factor=ones)
+    elif dq is None:
+        _row_weights(do, o, den, rs, rz, cfg, row_grid, den_floor, eps, pack, f_k)
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, factor=ones)
+        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, **rows)
     if dk is None and dv is None:
         return
     dS, dz = compute_states(q, do, geom, True, 1.0, "bwd_state", rs=rs, rz=rz, pack=pack, factor=factors(s_q))
@@ -147,16 +148,23 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
 
 def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
                  cfg: LaunchConfig, launch: str, tok_offset: int = 0, pack: Packing | None = None,
-                 factor: torch.Tensor | None = None):
+                 factor: torch.Tensor | None = None, o: torch.Tensor | None = None, den: torch.Tensor | None = None,
+                 den_floor: float = 0.0, eps: float = 0.0):
     """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None.
+    With ``o`` and ``den`` (the dq pass: y = dO), rs and rz are computed in the kernel from dO, o, den,
+    den_floor and eps (scaled like den) and written into rs, rz; otherwise they are read from rs, rz.
     ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options. Packed (``pack``):
-    factor[i] multiplies out_scale for sequence i."""
+    factor[i] multiplies den_floor and eps (with ``o``) or out_scale (without) for sequence i."""
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
-    row_weights = rs is not None
-    if not row_weights:
+    if rs is None:
+        mode = ROWS_NONE
         rs = rz = z  # never read
+    else:
+        mode = ROWS_LOAD if o is None else ROWS_COMPUTE
+    if o is None:
+        o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
     block_n = cfg.tokens_per_program(launch)
     if pack is None:
@@ -164,13 +172,24 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     else:
         grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(D, cfg.block_d))
     contract_dv_kernel[grid](
-        x, y, states, z, rs, rz, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
-        *x.stride(), *y.stride(), *out.stride(), **geom.constexprs(is_query), ROW_WEIGHTS=row_weights,
-        BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
+        x, y, states, z, rs, rz, o, den, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
+        den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **geom.constexprs(is_query),
+        ROWS=mode.value, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
         **cfg.options(launch), **varlen_kwargs(pack, factor))
 
 
-def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, acc, eps: float,
+def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: float, eps: float,
+                 pack: Packing | None = None, factor: torch.Tensor | None = None) -> None:
+    """rs = 1 / den, rz = -(dO . o) / den (0 where the floor is active) into rs, rz: the row weights of a
+    backward that wants no dq (the dq pass computes them itself). den_floor, eps scaled like den (packed:
+    times factor[i] for sequence i)."""
+    row_weights_kernel[grid](
+        do, o, den, rs, rz, do.shape[1], do.shape[2], do.shape[-1], den_floor, eps, *do.stride(), *o.stride(),
+        BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=dot_precision("bwd_row_weights", do.dtype).acc,
+        **cfg.options("bwd_row_weights"), **varlen_kwargs(pack, factor))
+
+
+def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, eps: float,
                          den_floor: float, clamp: tuple[float, float], s_k: float,
                          query_offset: int = 0) -> torch.Tensor:
     """The clamped backward's row weights (clamp.py): recomputes the unclamped numerator from the
@@ -183,6 +202,7 @@ def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchCo
     g = torch.empty(B, H, Nq, Dv, dtype=do.dtype, device=q.device)
     clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,
-        *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=acc,
+        *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv,
+        ACC=dot_precision("bwd_row_weights", q.dtype).acc,
         **cfg.options("bwd_row_weights"))
     return g

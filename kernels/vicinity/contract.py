@@ -7,7 +7,10 @@
 ``contract_dv_kernel`` (backward dq and dk):
     out_i = out_scale * phi'(x_i) * (rs_i sum_m P_m(i) M_m y_i + rz_i sum_m P_m(i) z_m)   [D]
     (contract over Dv); dq: x = q, y = dO, rs = 1/den, rz = -(dO.o)/den;  dk: x = k, y = v, rs = rz = 1.
-``row_weights_kernel`` (backward preprocessing): rs = 1/den, rz = -(dO.o)/den (0 where the floor is active).
+    The dq pass computes rs, rz itself (``ROWS_COMPUTE``: dO.o from the dO tiles it reads anyway and o)
+    and writes them for the state pass that follows; the clamped backward's dq loads them (``ROWS_LOAD``).
+``row_weights_kernel`` (backward preprocessing when dq is not wanted): the same rs, rz (0 where the floor
+    is active), from the same helpers (``row_delta``, ``row_weights``).
 States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtype ACC.
 
 VARLEN (packed sequences, varlen.py): B = 1, N is the packed token count of the side the kernel walks,
@@ -145,6 +148,32 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
              mask=mask_n[:, None] & (offs_e[None, :] < DV))
 
 
+# How contract_dv_kernel weights its rows (constexpr ROWS): not at all (dk: rs = rz = 1), with rs, rz
+# loaded (the clamped backward's dq, clamp.py), or with rs, rz computed from dO, o and den in the kernel
+# and written out for the state pass (the dq pass: no separate row-weights launch, dO read once).
+ROWS_NONE = tl.constexpr(0)
+ROWS_LOAD = tl.constexpr(1)
+ROWS_COMPUTE = tl.constexpr(2)
+
+
+@triton.jit
+def row_delta(g, o_base, offs_n, offs_e, mask, son, sod, ACC: tl.constexpr):
+    """dO . o of one Dv tile: g the dO tile [BLOCK_N, BLOCK_DV] (in ACC), o read at o_base (strides son, sod)
+    under ``mask``. Summed over the Dv tiles in order, it is delta = dO . o of each row."""
+    o = tl.load(o_base + offs_n[:, None] * son + offs_e[None, :] * sod, mask=mask, other=0.0).to(ACC)
+    return tl.sum(g * o, axis=1)
+
+
+@triton.jit
+def row_weights(delta, den, den_floor, eps):
+    """(rs, rz) = (1 / den, -delta / den) per row, rz = 0 where the floor is active (den = den_floor + eps:
+    den carries no gradient there; den_floor, eps scaled like den). den_floor may be a scalar tensor
+    (the packed launches' den_floor * factor[seq]): it is broadcast to den's shape here, since the
+    interpreter cannot '&' a loaded scalar's comparison."""
+    rs = 1.0 / den
+    return rs, without_floor_rows(-delta * rs, den, tl.zeros_like(den) + den_floor, eps)
+
+
 @triton.jit
 def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix, s0, s1, s2,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
@@ -168,15 +197,19 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
 
 
 @triton.jit
-def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, s0, s1, s2,
-                      syn, syd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
-                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Adds sum_m P_m(i) y_i M_m^T over one Dv tile to acc [BLOCK_N, BLOCK_D]."""
+def _contract_dv_tile(y_base, m_base, acc, delta, o_base, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
+                      s0, s1, s2, syn, syd, son, sod, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
+                      VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
+                      WITH_DELTA: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Adds sum_m P_m(i) y_i M_m^T over one Dv tile to acc [BLOCK_N, BLOCK_D]; WITH_DELTA, also this
+    tile's y . o (y = dO) to delta [BLOCK_N]. Returns (acc, delta)."""
     offs_e = e0 + tl.arange(0, BLOCK_DV)
     mask_e = offs_e < DV
-    y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd,
-                mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
+    mask_y = mask_n[:, None] & mask_e[None, :]
+    y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd, mask=mask_y, other=0.0).to(ACC)
+    if WITH_DELTA:
+        delta += row_delta(y, o_base, offs_n, offs_e, mask_y, son, sod, ACC)
     if N_FEAT == 1:  # see _contract_d_tile
         for M in tl.static_range(N_FEAT):
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
@@ -187,20 +220,23 @@ def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
                                        n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                        ACC, DOT, PREC)
-    return acc
+    return acc, delta
 
 
 @launch_jit
-def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N, D, DV, n_prefix, s0, s1, s2,
-                       out_scale, sxb, sxh, sxn, sxd, syb, syh, syn, syd, sob, soh, son, sod,
+def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_ptr, out_ptr, H, N, D, DV, n_prefix,
+                       s0, s1, s2, out_scale, den_floor, eps, sxb, sxh, sxn, sxd, syb, syh, syn, syd,
+                       s_ob, s_oh, s_on, s_od, sob, soh, son, sod,
                        N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                        HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
-                       ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                        seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
-    rs, rz [BH, N] ACC when ROW_WEIGHTS (else both 1). VARLEN: grid (cdiv(longest sequence, BLOCK_N),
-    S * H, n_d_tiles); factor[seq] multiplies out_scale."""
+    rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE: y = dO, o [B, H, N, DV] strided
+    (strides s_o*), den [BH, N] ACC, den_floor and eps scaled like den; written by the first D tile), or
+    both 1 (ROWS_NONE). VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
+    multiplies den_floor and eps with ROWS_COMPUTE, else out_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_D
@@ -209,6 +245,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
     m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
     y_base = y_ptr + b * syb + h * syh
+    o_base = o_ptr + b * s_ob + h * s_oh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
@@ -220,33 +257,48 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, out_ptr, H, N
             return
         mask_n = offs_n < n_seq
         y_base = y_ptr + h * syh + start * syn
+        o_base = o_ptr + h * s_oh + start * s_on
         # The other pointers move into the sequence's window (tokens from start, rows h * N + start of
         # the [H, N] buffers) where they are used, not here: held across the loop, they cost registers
         # the kernel parameters do not.
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    delta = tl.zeros((BLOCK_N,), ACC)
     for e0 in range(0, DV, BLOCK_DV):
-        acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
-                                s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
-                                BLOCK_DV, ACC, DOT, PREC)
-    if ROW_WEIGHTS:
+        acc, delta = _contract_dv_tile(y_base, m_base, acc, delta, o_base, offs_n, mask_n, offs_d, mask_d, e0, D,
+                                       DV, n_prefix, s0, s1, s2, syn, syd, s_on, s_od, N_FEAT, N_AXES, VARIANT,
+                                       HAS_PREFIX, IS_QUERY, ROWS == ROWS_COMPUTE, BLOCK_DV, ACC, DOT, PREC)
+    if ROWS != ROWS_NONE:
+        rows = bh * N
         if VARLEN:
-            rs_ptr += h * N + start - bh * N
-            rz_ptr += h * N + start - bh * N
-        rs = tl.load(rs_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
-        rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
+            rows = h * N + start
+        if ROWS == ROWS_COMPUTE:
+            if VARLEN:
+                factor = tl.load(factor_ptr + seq)
+                den_floor = den_floor * factor
+                eps = eps * factor
+            den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
+            rs, rz = row_weights(delta, den, den_floor, eps)
+            # Every D tile computes them (they are needed here); the first one writes them.
+            first = mask_n & ((offs_n * 0 + tl.program_id(2)) == 0)
+            tl.store(rs_ptr + rows + offs_n, rs, mask=first)
+            tl.store(rz_ptr + rows + offs_n, rz, mask=first)
+        else:
+            rs = tl.load(rs_ptr + rows + offs_n, mask=mask_n, other=0.0)
+            rz = tl.load(rz_ptr + rows + offs_n, mask=mask_n, other=0.0)
         acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
         p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
-        if ROW_WEIGHTS:
+        if ROWS != ROWS_NONE:
             p = p * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
         acc += p[:, None] * zm[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
     if VARLEN:
         x_base = x_ptr + h * sxh + start * sxn
-        out_scale = out_scale * tl.load(factor_ptr + bh // H)
+        if ROWS != ROWS_COMPUTE:
+            out_scale = out_scale * tl.load(factor_ptr + bh // H)
     else:
         x_base = x_ptr + b * sxb + h * sxh
     x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(ACC)
@@ -279,8 +331,7 @@ def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_flo
             return
         mask_n = offs_n < n_seq
         factor = tl.load(factor_ptr + seq)
-        # A [BLOCK_N] vector, not a scalar: the interpreter cannot '&' a loaded scalar's comparison.
-        den_floor = tl.zeros((BLOCK_N,), ACC) + den_floor * factor
+        den_floor = den_floor * factor
         eps = eps * factor
         # Base pointers shifted into the sequence's window (see contract_dv_kernel).
         b = b * 0
@@ -295,11 +346,8 @@ def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_flo
         mask = mask_n[:, None] & (offs_e[None, :] < DV)
         g = tl.load(do_ptr + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
                     mask=mask, other=0.0).to(ACC)
-        o = tl.load(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_e[None, :] * sod,
-                    mask=mask, other=0.0).to(ACC)
-        delta += tl.sum(g * o, axis=1)
+        delta += row_delta(g, o_ptr + b * sob + h * soh, offs_n, offs_e, mask, son, sod, ACC)
     den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
-    rs = 1.0 / den
+    rs, rz = row_weights(delta, den, den_floor, eps)
     tl.store(rs_ptr + bh * N + offs_n, rs, mask=mask_n)
-    rz = without_floor_rows(-delta * rs, den, den_floor, eps)
     tl.store(rz_ptr + bh * N + offs_n, rz, mask=mask_n)
