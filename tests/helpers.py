@@ -1,6 +1,7 @@
 """Shared test utilities: random inputs and the tolerance rule (a backend's error against float64 <= 2x the plain computation's in the same dtype, plus a small floor)."""
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -71,3 +72,20 @@ def assert_rule(name: str, got: torch.Tensor, ref: torch.Tensor, plain: torch.Te
     allowed = 2 * plain_err + FLOOR[dtype]
     assert err <= allowed, f"{name}: error {err:.3e} > allowed {allowed:.3e} (plain {dtype} error {plain_err:.3e})"
     return err, allowed
+
+
+def count_launches(monkeypatch, kernels) -> collections.Counter:
+    """Counts the launches (``kernel[grid](...)``) of each kernel in ``kernels`` ((module, name) pairs:
+    the module attribute the launcher calls through) from now on; returns the live Counter by name."""
+    launches = collections.Counter()
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return self.kernel[grid]
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
+    return launches

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_rule, check_against_reference, make_inputs, token_counts
+from helpers import assert_rule, check_against_reference, count_launches, make_inputs, token_counts
 from vicinity_attn import vicinity_attention
 from vicinity_attn.backends.reference import vicinity_weights
 from vicinity_attn.feature_maps import apply_feature_map
@@ -85,6 +85,29 @@ def test_floored_rows_pass_no_gradient_through_the_normaliser(backend):
     torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-13)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("wanted", ["qkv", "kv"])
+def test_triton_row_weights_come_from_the_dq_pass(monkeypatch, wanted):
+    """The dq pass computes the row weights (1/den and -(dO.o)/den, 0 on floored rows) itself: a backward
+    that wants dq launches no separate row-weights kernel; one that does not (q frozen) launches it once.
+    Every wanted gradient matches the reference, with the floor active on about half the rows."""
+    from vicinity_attn.kernels.vicinity import backward
+    grid, kv_grid = (3, 4), (2, 3)
+    q, k, v = make_inputs(1, 1, 12, 6, 8, 5)
+    floor = median_floor(row_sums(q, k, grid, kv_grid, "sum"))
+    inputs = [t for name, t in zip("qkv", (q, k, v)) if name in wanted]
+    for name, t in zip("qkv", (q, k, v)):
+        t.requires_grad_(name in wanted)
+    kw = dict(grid=grid, kv_grid=kv_grid, den_floor=floor, eps=1e-3)
+    ref = vicinity_attention(q, k, v, backend="reference", **kw)
+    do = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, inputs, do)
+    launches = count_launches(monkeypatch, [(backward, "row_weights_kernel")])
+    got = torch.autograd.grad(vicinity_attention(q, k, v, backend="triton", **kw), inputs, do)
+    assert launches["row_weights_kernel"] == (0 if "q" in wanted else 1)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -1,14 +1,13 @@
 """vicinity_attention_varlen: a packed call equals per-sequence vicinity_attention calls on every backend."""
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 
 import pytest
 import torch
 
-from helpers import FLOOR, rel_err
+from helpers import FLOOR, count_launches, rel_err
 from vicinity_attn import vicinity_attention, vicinity_attention_varlen
 from vicinity_attn import varlen_ops
 
@@ -99,19 +98,9 @@ def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
     """1-d sequences of 40, 3 and 17 tokens: under the interpreter a state pass takes chunks of 2 blocks
     of 16 tokens, so the sequences have 2, 1 and 1 chunks. Each pass is one launch for the whole pack."""
     from vicinity_attn.kernels.vicinity import backward, forward
-    launches = collections.Counter()
-
-    class Counting:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launches[self.name] += 1
-            return self.kernel[grid]
-    for module, names in ((forward, ("state_partial_kernel", "chunk_reduce_kernel", "contract_d_kernel")),
-                          (backward, ("contract_dv_kernel", "row_weights_kernel"))):
-        for name in names:
-            monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
+    launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "chunk_reduce_kernel",
+                                                                         "contract_d_kernel")]
+                              + [(backward, name) for name in ("contract_dv_kernel", "row_weights_kernel")])
     assert_matches_per_sequence([40, 3, 17], backend="triton", against="torch")
     # Forward: state pass, one reduction of S and z, output pass. Backward: dq (with the row weights),
     # state pass, one reduction of dS and dz, dv, dk.
