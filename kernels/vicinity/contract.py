@@ -7,8 +7,8 @@
 ``contract_dv_kernel`` (backward dq and dk):
     out_i = out_scale * phi'(x_i) * (rs_i sum_m P_m(i) M_m y_i + rz_i sum_m P_m(i) z_m)   [D]
     (contract over Dv); dq: x = q, y = dO, rs = 1/den, rz = -(dO.o)/den;  dk: x = k, y = v, rs = rz = 1.
-    The dq pass computes rs, rz itself (``ROWS_COMPUTE``: dO.o from the dO tiles it reads anyway and o)
-    and writes them for the state pass that follows; the clamped backward's dq loads them (``ROWS_LOAD``).
+    The dq pass computes rs, rz itself (``ROWS_COMPUTE``: dO.o from dO and o, 1/den) and writes them for
+    the state pass that follows; the clamped backward's dq loads them (``ROWS_LOAD``).
 ``row_weights_kernel`` (backward preprocessing when dq is not wanted): the same rs, rz (0 where the floor
     is active), from the same helpers (``row_delta``, ``row_weights``).
 States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtype ACC.
@@ -157,11 +157,18 @@ ROWS_COMPUTE = tl.constexpr(2)
 
 
 @triton.jit
-def row_delta(g, o_base, offs_n, offs_e, mask, son, sod, ACC: tl.constexpr):
-    """dO . o of one Dv tile: g the dO tile [BLOCK_N, BLOCK_DV] (in ACC), o read at o_base (strides son, sod)
-    under ``mask``. Summed over the Dv tiles in order, it is delta = dO . o of each row."""
-    o = tl.load(o_base + offs_n[:, None] * son + offs_e[None, :] * sod, mask=mask, other=0.0).to(ACC)
-    return tl.sum(g * o, axis=1)
+def row_delta(do_base, o_base, offs_n, mask_n, DV, sgn, sgd, son, sod, BLOCK_N: tl.constexpr,
+              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    """delta = dO . o [BLOCK_N] (ACC) of the rows offs_n (under mask_n), summed over the Dv tiles in order:
+    dO at do_base (strides sgn, sgd), o at o_base (strides son, sod)."""
+    delta = tl.zeros((BLOCK_N,), ACC)
+    for e0 in range(0, DV, BLOCK_DV):
+        offs_e = e0 + tl.arange(0, BLOCK_DV)
+        mask = mask_n[:, None] & (offs_e[None, :] < DV)
+        g = tl.load(do_base + offs_n[:, None] * sgn + offs_e[None, :] * sgd, mask=mask, other=0.0).to(ACC)
+        o = tl.load(o_base + offs_n[:, None] * son + offs_e[None, :] * sod, mask=mask, other=0.0).to(ACC)
+        delta += tl.sum(g * o, axis=1)
+    return delta
 
 
 @triton.jit
@@ -197,19 +204,15 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
 
 
 @triton.jit
-def _contract_dv_tile(y_base, m_base, acc, delta, o_base, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
-                      s0, s1, s2, syn, syd, son, sod, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
-                      VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
-                      WITH_DELTA: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                      PREC: tl.constexpr):
-    """Adds sum_m P_m(i) y_i M_m^T over one Dv tile to acc [BLOCK_N, BLOCK_D]; WITH_DELTA, also this
-    tile's y . o (y = dO) to delta [BLOCK_N]. Returns (acc, delta)."""
+def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, s0, s1, s2,
+                      syn, syd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                      HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Adds sum_m P_m(i) y_i M_m^T over one Dv tile to acc [BLOCK_N, BLOCK_D]."""
     offs_e = e0 + tl.arange(0, BLOCK_DV)
     mask_e = offs_e < DV
-    mask_y = mask_n[:, None] & mask_e[None, :]
-    y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd, mask=mask_y, other=0.0).to(ACC)
-    if WITH_DELTA:
-        delta += row_delta(y, o_base, offs_n, offs_e, mask_y, son, sod, ACC)
+    y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd,
+                mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
     if N_FEAT == 1:  # see _contract_d_tile
         for M in tl.static_range(N_FEAT):
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
@@ -220,7 +223,7 @@ def _contract_dv_tile(y_base, m_base, acc, delta, o_base, offs_n, mask_n, offs_d
             acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
                                        n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                        ACC, DOT, PREC)
-    return acc, delta
+    return acc
 
 
 @launch_jit
@@ -245,7 +248,6 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
     m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
     y_base = y_ptr + b * syb + h * syh
-    o_base = o_ptr + b * s_ob + h * s_oh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
@@ -257,22 +259,28 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
             return
         mask_n = offs_n < n_seq
         y_base = y_ptr + h * syh + start * syn
-        o_base = o_ptr + h * s_oh + start * s_on
         # The other pointers move into the sequence's window (tokens from start, rows h * N + start of
         # the [H, N] buffers) where they are used, not here: held across the loop, they cost registers
         # the kernel parameters do not.
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-    delta = tl.zeros((BLOCK_N,), ACC)
     for e0 in range(0, DV, BLOCK_DV):
-        acc, delta = _contract_dv_tile(y_base, m_base, acc, delta, o_base, offs_n, mask_n, offs_d, mask_d, e0, D,
-                                       DV, n_prefix, s0, s1, s2, syn, syd, s_on, s_od, N_FEAT, N_AXES, VARIANT,
-                                       HAS_PREFIX, IS_QUERY, ROWS == ROWS_COMPUTE, BLOCK_DV, ACC, DOT, PREC)
+        acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
+                                s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                                BLOCK_DV, ACC, DOT, PREC)
     if ROWS != ROWS_NONE:
         rows = bh * N
         if VARLEN:
             rows = h * N + start
         if ROWS == ROWS_COMPUTE:
+            # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from L2):
+            # summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a, fp32 D40
+            # unaligned, 3.9), ptxas spilled 8 B.
+            if VARLEN:
+                o_base = o_ptr + h * s_oh + start * s_on
+            else:
+                o_base = o_ptr + b * s_ob + h * s_oh
+            delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
             if VARLEN:
                 factor = tl.load(factor_ptr + seq)
                 den_floor = den_floor * factor
@@ -340,13 +348,8 @@ def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_flo
         den_ptr += h * N + start - bh * N
         rs_ptr += h * N + start - bh * N
         rz_ptr += h * N + start - bh * N
-    delta = tl.zeros((BLOCK_N,), ACC)
-    for e0 in range(0, DV, BLOCK_DV):
-        offs_e = e0 + tl.arange(0, BLOCK_DV)
-        mask = mask_n[:, None] & (offs_e[None, :] < DV)
-        g = tl.load(do_ptr + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
-                    mask=mask, other=0.0).to(ACC)
-        delta += row_delta(g, o_ptr + b * sob + h * soh, offs_n, offs_e, mask, son, sod, ACC)
+    delta = row_delta(do_ptr + b * sgb + h * sgh, o_ptr + b * sob + h * soh, offs_n, mask_n, DV, sgn, sgd, son, sod,
+                      BLOCK_N, BLOCK_DV, ACC)
     den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
     rs, rz = row_weights(delta, den, den_floor, eps)
     tl.store(rs_ptr + bh * N + offs_n, rs, mask=mask_n)
