@@ -29,8 +29,10 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     monkeypatch.setitem(gm.SHAPES, "t", shape)
     launches = gm.stage_traffic(["t"])["t"]
     kernels = [x["kernel"] for x in launches]
-    assert kernels[:2] == ["state_partial_kernel", "contract_d_kernel"] and "row_weights_kernel" in kernels
-    fwd = launches[:kernels.index("row_weights_kernel")]
+    # The backward starts with the dq pass, which computes the row weights itself (no launch of its own).
+    assert kernels[:3] == ["state_partial_kernel", "contract_d_kernel", "contract_dv_kernel"]
+    assert "row_weights_kernel" not in kernels and gm._first_bwd(launches) == 2
+    fwd = launches[:gm._first_bwd(launches)]
     flops = sum(x["program_flops"] * math.prod(x["grid"]) for x in fwd)
     # Plus the state pass's z dot: the stacked [F * D, tokens] operand times a 16-wide column block
     # (the token weights in column 0), per head.

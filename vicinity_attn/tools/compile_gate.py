@@ -118,15 +118,19 @@ def occupancy(regs: int, smem: int, warps: int, chip: Chip) -> dict:
 
 # The VVT clamp and the L2ViT floor (their extra launches and the clamped output epilogue).
 CLAMP_CASE = LaunchCase(op="vicinity_clamp", extra=(("den_floor", 1.0), ("clamp", (1e-4, 1e4))))
+# No dq wanted: the row weights take their own launch (otherwise the dq pass computes them).
+NO_DQ = (("grads", "kv"),)
 
 
 def vicinity_matrix(quick: bool) -> list[LaunchCase]:
-    """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry, every dtype x
-    odd head dim (ODD_HEAD_DIMS) contiguous, every geometry at the base dtype / head dim, and the GPU
-    model's shapes (which reach the multi-chunk reduction and the single-chunk path). Quick: three cases covering the three dtypes, both
-    layouts, both stride modes, an unaligned head dim and the geometry extremes."""
+    """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry (and without
+    dq, for the row-weights launch: every dtype x head dim x stride mode), every dtype x odd head dim
+    (ODD_HEAD_DIMS) contiguous, every geometry at the base dtype / head dim, and the GPU model's shapes
+    (which reach the multi-chunk reduction and the single-chunk path). Quick: three cases covering the
+    three dtypes, both layouts, both stride modes, an unaligned head dim and the geometry extremes, the
+    clamp, and the base case without dq."""
     if quick:
-        return [BASE,
+        return [BASE, LaunchCase(extra=NO_DQ),
                 LaunchCase(dtype="fp16", d=40, dv=40, layout="bnhd", strides="unaligned", grid=(8, 8, 16),
                            variant="product", feature_map="elu1", n_prefix=1),
                 LaunchCase(dtype="fp32", d=32, dv=32, grid=(1024,), variant="none"),
@@ -134,6 +138,8 @@ def vicinity_matrix(quick: bool) -> list[LaunchCase]:
     cases = [LaunchCase(dtype=t, d=d, dv=d, layout=lay, strides=st)
              for t in DTYPE_NAMES for d in HEAD_DIMS for lay in LAYOUTS for st in STRIDES]
     cases += [LaunchCase(dtype=t, d=d, dv=d) for t in DTYPE_NAMES for d in ODD_HEAD_DIMS]
+    cases += [LaunchCase(dtype=t, d=d, dv=d, strides=st, extra=NO_DQ) for t in DTYPE_NAMES for d in HEAD_DIMS
+              for st in STRIDES]
     cases += [LaunchCase(**g) for g in GEOMETRIES]
     cases += [LaunchCase(dtype=t, op="vicinity_clamp", extra=CLAMP_CASE.extra) for t in DTYPE_NAMES]
     return cases + list(MODEL_CASES)
@@ -184,6 +190,8 @@ def varlen_matrix(quick: bool) -> list[LaunchCase]:
             varlen(dtype="bf16", d=128, dv=128, strides="unaligned", grid=(32, 32)),
             varlen(dtype="fp16", d=64, dv=64, grid=(16, 16, 4), n_prefix=4),
             varlen(dtype="fp32", d=48, dv=48, grid=(24, 40), variant="product"),
+            varlen(extra=NO_DQ),
+            varlen(dtype="fp16", d=40, dv=40, strides="unaligned", extra=NO_DQ),
             LaunchCase(op="vicinity_varlen_clamp", batch=3, extra=CLAMP_CASE.extra)]
 
 

@@ -102,9 +102,18 @@ class Launch:
 # ------------------------------------------------------------------------------------------------
 # Operations: how to run each one's launchers for a case, and the role of each launch.
 
+def _vicinity_grads(extra: dict) -> str:
+    """The inputs a vicinity case wants gradients for (``case.extra`` "grads"): "qkv" (default; backward
+    phase "bwd") or "kv" (phase "bwd_kv": no dq pass, so the row weights take their own launch)."""
+    grads = str(extra.get("grads", "qkv"))
+    assert grads in ("qkv", "kv"), grads
+    return grads
+
+
 def _run_vicinity(case: LaunchCase, phase: Callable[[str], None], fill: Callable | None = None) -> None:
     """The forward and backward launchers; ``case.extra`` may set ``den_floor`` and ``clamp`` (the
-    L2ViT floor and the VVT clamp, which add their own launches: see ``VICINITY_CLAMP_ROLES``)."""
+    L2ViT floor and the VVT clamp, which add their own launches: see ``VICINITY_CLAMP_ROLES``) and
+    ``grads`` (``_vicinity_grads``)."""
     from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
     from ..layout import empty_grads_like, empty_output_like
 
@@ -115,19 +124,20 @@ def _run_vicinity(case: LaunchCase, phase: Callable[[str], None], fill: Callable
     phase("fwd")
     extra = dict(case.extra)
     eps, den_floor, clamp = 1e-4, float(extra.get("den_floor", 0.0)), extra.get("clamp")
+    grads = _vicinity_grads(extra)
     den, S, z = vicinity_forward(q, k, v, o, geom, eps, den_floor, clamp)
-    phase("bwd")
+    phase("bwd" if grads == "qkv" else f"bwd_{grads}")
     do = make_tensor(case, n, case.dv, fill) if case.strides == "unaligned" else empty_output_like(q, case.dv)
     if fill is not None and case.strides != "unaligned":
         do.copy_(fill(do.shape, do.dtype))
-    dq, dk, dv = empty_grads_like((q, k, v), (True, True, True))
+    dq, dk, dv = empty_grads_like((q, k, v), tuple(c in grads for c in "qkv"))
     vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp)
 
 
 def _run_vicinity_varlen(case: LaunchCase, phase: Callable[[str], None], fill: Callable | None = None) -> None:
     """The packed (varlen) launchers on ``case.batch`` sequences: case.grid, then each further one with
     its axes halved (mixed resolutions, as many axes); packed [T, H, E] tensors (layout "bnhd" of one
-    batch entry), with ``case.strides``. ``case.extra`` may set ``den_floor`` and ``clamp``."""
+    batch entry), with ``case.strides``. ``case.extra`` may set ``den_floor``, ``clamp`` and ``grads``."""
     from dataclasses import replace
 
     from ..kernels.vicinity import Geometry, Packing, vicinity_backward, vicinity_forward
@@ -141,10 +151,12 @@ def _run_vicinity_varlen(case: LaunchCase, phase: Callable[[str], None], fill: C
     geom = Geometry.build(grids[0], grids[0], case.variant, case.feature_map, case.n_prefix)
     extra = dict(case.extra)
     eps, den_floor, clamp = 1e-4, float(extra.get("den_floor", 0.0)), extra.get("clamp")
+    grads = _vicinity_grads(extra)
     phase("fwd")
     den, S, z = vicinity_forward(q, k, v, o, geom, eps, den_floor, clamp, pack=pack)
-    phase("bwd")
+    phase("bwd" if grads == "qkv" else f"bwd_{grads}")
     do, dq, dk, dv = (make_tensor(packed, T, e, fill) for e in (case.dv, case.d, case.d, case.dv))
+    dq = dq if "q" in grads else None
     vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp, pack=pack)
 
 
@@ -154,12 +166,17 @@ VICINITY_ROLES = {
     ("fwd", "state_partial_kernel", 0): "fwd_state",
     ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("fwd", "contract_d_kernel", 0): "fwd_output",
-    ("bwd", "row_weights_kernel", 0): "bwd_row_weights",
-    ("bwd", "contract_dv_kernel", 0): "bwd_dq",
+    ("bwd", "contract_dv_kernel", 0): "bwd_dq",       # computes the row weights too
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd", "contract_d_kernel", 0): "bwd_dv",
     ("bwd", "contract_dv_kernel", 1): "bwd_dk",
+    # Without dq (case.extra grads "kv") the row weights take their own launch.
+    ("bwd_kv", "row_weights_kernel", 0): "bwd_row_weights",
+    ("bwd_kv", "state_partial_kernel", 0): "bwd_state",
+    ("bwd_kv", "chunk_reduce_kernel", None): "chunk_reduce",
+    ("bwd_kv", "contract_d_kernel", 0): "bwd_dv",
+    ("bwd_kv", "contract_dv_kernel", 0): "bwd_dk",
 }
 
 # With clamp=(lo, hi) the forward clamps the states in place and the output pass clamps in its
