@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
-from .configs import LaunchConfig, dot_precision, pick_config, pow2_scale
+from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
 from .contract import ROWS_COMPUTE, ROWS_LOAD, ROWS_NONE, contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
 from .launch import Geometry
@@ -127,6 +127,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
             **varlen_kwargs(pack, f_k))
         do = g
         rows = dict(factor=ones)
+        cfg = clamped_packed_config(cfg)
     elif dq is None:
         _row_weights(do, o, den, rs, rz, cfg, row_grid, den_floor, eps, pack, f_k)
     if dq is not None:

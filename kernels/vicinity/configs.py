@@ -114,10 +114,23 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         # bf16 keeps 64.
         tokens = cfg.block_n // (4 if unaligned else 2)
         cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dk", tokens),))
+    elif dtype == torch.bfloat16 and unaligned:
+        # The dq pass of unaligned bf16 heads takes 32 tokens: at 64 the D40 product-3d+prefix variant
+        # spilled 8 B on sm_80 under triton 3.6 (44 B before the dq pass computed its own row weights).
+        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dq", cfg.block_n // 2),))
     if dtype in (torch.float16, torch.bfloat16) and not unaligned and n_feat is not None \
             and n_feat <= WIDE_OUTPUT_MAX_FEATURES:
         cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + (("fwd_output", WIDE_OUTPUT_BLOCK_N),))
     return cfg
+
+
+def clamped_packed_config(cfg: LaunchConfig) -> LaunchConfig:
+    """``cfg`` for a packed backward with the VVT clamp, whose dq pass reads the row weights clamp.py
+    computed: on a GPU that pass takes half the tokens (at 64, bf16 D64 spilled 8 B on sm_80 under
+    triton 3.6; the dq pass that computes its own row weights does not)."""
+    if cfg.max_registers is None:    # the interpreter: nothing to fit
+        return cfg
+    return dataclasses.replace(cfg, block_n_of=cfg.block_n_of + (("bwd_dq", cfg.tokens_per_program("bwd_dq") // 2),))
 
 
 def max_tile(dtype: torch.dtype) -> int:
