@@ -176,8 +176,7 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
         x, y, states, z, rs, rz, o, den, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
         den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **geom.constexprs(is_query),
         ROWS=mode.value, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
-        **cfg.options(launch), **varlen_kwargs(pack, factor),
-        DELTA_FROM_ACC=mode.value == ROWS_COMPUTE.value and grid[2] == 1)
+        **cfg.options(launch), **varlen_kwargs(pack, factor))
 
 
 def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: float, eps: float,

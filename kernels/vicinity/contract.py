@@ -234,13 +234,11 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
                        HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                       seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
-                       DELTA_FROM_ACC: tl.constexpr = False):
+                       seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
     rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE: y = dO, o [B, H, N, DV] strided
     (strides s_o*), den [BH, N] ACC, den_floor and eps scaled like den; written by the first D tile), or
-    both 1 (ROWS_NONE). DELTA_FROM_ACC (ROWS_COMPUTE with one D tile): dO . o from the states, o unread.
-    VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
+    both 1 (ROWS_NONE). VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
     multiplies den_floor and eps with ROWS_COMPUTE, else out_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -275,30 +273,19 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
         if VARLEN:
             rows = h * N + start
         if ROWS == ROWS_COMPUTE:
+            # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from L2):
+            # summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a, fp32 D40
+            # unaligned, 3.9), ptxas spilled 8 B.
+            if VARLEN:
+                o_base = o_ptr + h * s_oh + start * s_on
+            else:
+                o_base = o_ptr + b * s_ob + h * s_oh
+            delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
             if VARLEN:
                 factor = tl.load(factor_ptr + seq)
                 den_floor = den_floor * factor
                 eps = eps * factor
             den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
-            if DELTA_FROM_ACC:
-                # The whole D in this tile: acc = sum_m P_m dO S_m^T, so dO . o = phi(q) . acc / den (o is
-                # num / den, num = sum_m P_m phi(q) S_m): o is not read, dO not read again.
-                if VARLEN:
-                    xq_base = x_ptr + h * sxh + start * sxn
-                else:
-                    xq_base = x_ptr + b * sxb + h * sxh
-                mask_q = mask_n[:, None] & mask_d[None, :]
-                xq = tl.load(xq_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_q, other=0.0)
-                delta = tl.sum(feature_map(xq.to(ACC), mask_q, FMAP) * acc, axis=1) / den
-            else:
-                # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from
-                # L2): summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a,
-                # fp32 D40 unaligned, 3.9), ptxas spilled 8 B.
-                if VARLEN:
-                    o_base = o_ptr + h * s_oh + start * s_on
-                else:
-                    o_base = o_ptr + b * s_ob + h * s_oh
-                delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
             rs, rz = row_weights(delta, den, den_floor, eps)
             # Every D tile computes them (they are needed here); the first one writes them.
             first = mask_n & ((offs_n * 0 + tl.program_id(2)) == 0)
