@@ -33,11 +33,12 @@ def _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn
               n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
               BLOCK_KV: tl.constexpr, N_KV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-              PREC: tl.constexpr, NEED_DS: tl.constexpr):
+              PREC: tl.constexpr, NEED_DS: tl.constexpr, MASK_KEYS: tl.constexpr):
     """p and ds for one [BLOCK_M, BLOCK_N] tile: the forward's probabilities (0 off the mask and on
-    padding) and p * (dO v^T - delta) (only when NEED_DS; else p is returned twice)."""
+    padded query rows; on padded key columns too when MASK_KEYS) and p * (dO v^T - delta) (only when
+    NEED_DS; else p is returned twice)."""
     s, keep = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
-                         tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True)
+                         tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True, MASK_KEYS)
     p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
     if NEED_DS:
         dp = row_dots(do_base, rows, n_queries, sdn, sdd, v_base, cols, n_keys, svn, svd, head_dim_v,
@@ -71,7 +72,7 @@ def knn_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         p, ds = _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
                           n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
-                          BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, True)
+                          BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, True, True)
         k = load_rows(k_base, cols, n_keys, skn, skd, head_dim, BLOCK_D)
         dq = mma(ds, k, dq, DOT, PREC)
     store_rows(dq_ptr + b * sgb + h * sgh, dq * scale, rows, n_queries, sgn, sgd, head_dim, BLOCK_D)
@@ -104,16 +105,25 @@ def knn_dkdv_kernel(
         delta = lse    # a placeholder: without dk, ds is not formed
         if NEED_DK:
             delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
+        # The key rows are this program's own: a padded key's p / ds column reaches only its own dk / dv
+        # row (never stored), so the key mask is left out (MASK_KEYS = False: fewer live registers).
         p, ds = _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
                           n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
-                          BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, NEED_DK)
+                          BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, NEED_DK, False)
         if NEED_DV:
             do = load_rows(do_base, rows, n_queries, sdn, sdd, head_dim_v, BLOCK_DV)
             dv = mma(tl.trans(p), do, dv, DOT, PREC)
         if NEED_DK:
             q = load_rows(q_base, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
             dk = mma(tl.trans(ds), q, dk, DOT, PREC)
+    # The stores address the same rows counted from this program's first key: with the loads' row
+    # indices their masks would be the k / v loads' masks, computed once before the loop and held through
+    # it (ptxas spilled those predicates under triton 3.6).
+    first = pid_n * BLOCK_N
+    own = tl.arange(0, BLOCK_N)
     if NEED_DK:
-        store_rows(dk_ptr + b * skgb + h * skgh, dk * scale, cols, n_keys, skgn, skgd, head_dim, BLOCK_D)
+        store_rows(dk_ptr + b * skgb + h * skgh + first * skgn, dk * scale, own, n_keys - first, skgn, skgd,
+                   head_dim, BLOCK_D)
     if NEED_DV:
-        store_rows(dv_ptr + b * svgb + h * svgh, dv, cols, n_keys, svgn, svgd, head_dim_v, BLOCK_DV)
+        store_rows(dv_ptr + b * svgb + h * svgh + first * svgn, dv, own, n_keys - first, svgn, svgd,
+                   head_dim_v, BLOCK_DV)

@@ -2,6 +2,10 @@
 
 Every pass of one call uses the same (BLOCK_M, BLOCK_N, warps): the mask s >= tau is only exact if
 every pass computes each score with the same dot on the same tile shape as the selection pass did.
+One exception, the dk / dv pass's warps at 256-wide heads (``gpu_dkdv_warps``): there BLOCK_M = 16,
+too few rows for Hopper's warpgroup MMA, so every pass's dots are the same mma.sync instruction
+(HMMA.16816.F32 on sm_80 and sm_90a, read from the SASS) and the warp count only says which warp
+computes which scores, each the same chain of K-steps over the same head-dim chunks.
 The whole head dim is one tile (D, Dv <= 256); the query / key tiles shrink as the head tile grows
 (the backward's dk / dv accumulators and fp32's tf32x3 dots, three products per dot, set the limit;
 the compile gate checks zero spills on sm_80 and sm_90a).
@@ -29,6 +33,7 @@ class KnnConfig:
     chunk: int         # head-dim chunk of the row dots (q.k, dO.v): the K of those tl.dots
     num_warps: int
     num_stages: int
+    dkdv_num_warps: int        # the dk/dv pass: see gpu_dkdv_warps
     dkdv_num_stages: int = 1   # the dk/dv pass holds four [BLOCK_N, head] tiles: no room for prefetch
     # The register cap, stated: left to itself ptxas caps some of these kernels far below 255 (at 32
     # to 80 registers) and spills a few bytes there; the compile gate checks zero spills with it.
@@ -67,11 +72,22 @@ def gpu_blocks(tile: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return 16, 16, (8 if tile == 128 else 4), 1
 
 
+def gpu_dkdv_warps(tile: int, dtype: torch.dtype, num_warps: int) -> int:
+    """Warps of the dk / dv pass on a GPU (the other passes use ``num_warps``): 8 for fp16 / bf16 at
+    256-wide heads, where its [16, 256] dk and dv accumulators fill 4 warps' registers (triton 3.6
+    spilled 8 bytes on sm_80 with 4, unaligned head dims, 16 keys); no other config changes its warps
+    (see the module docstring for why 256 may)."""
+    if dtype in (torch.float16, torch.bfloat16) and tile == 256:
+        return 8
+    return num_warps
+
+
 def gpu_config(d: int, dv: int, dtype: torch.dtype) -> KnnConfig:
     bd, bdv = head_tile(d), head_tile(dv)
-    bm, bn, warps, stages = gpu_blocks(max(bd, bdv), dtype)
+    tile = max(bd, bdv)
+    bm, bn, warps, stages = gpu_blocks(tile, dtype)
     chunk = 64 if dtype in (torch.float16, torch.bfloat16) else 32     # fp32: tf32x3 splits each operand
-    return KnnConfig(bm, bn, bd, bdv, chunk, warps, stages)
+    return KnnConfig(bm, bn, bd, bdv, chunk, warps, stages, gpu_dkdv_warps(tile, dtype, warps))
 
 
 def pick_config(d: int, dv: int, n_keys: int, dtype: torch.dtype) -> KnnConfig:
@@ -80,7 +96,8 @@ def pick_config(d: int, dv: int, n_keys: int, dtype: torch.dtype) -> KnnConfig:
     if interpreting():
         bn = min(INTERPRET_MAX_BLOCK_N, max(MIN_TILE, triton.next_power_of_2(n_keys)))
         bd, bdv = head_tile(d), head_tile(dv)
-        return KnnConfig(INTERPRET_BLOCK_M, bn, bd, bdv, max(bd, bdv), num_warps=1, num_stages=1)
+        return KnnConfig(INTERPRET_BLOCK_M, bn, bd, bdv, max(bd, bdv), num_warps=1, num_stages=1,
+                         dkdv_num_warps=1)
     return gpu_config(d, dv, dtype)
 
 

@@ -33,7 +33,7 @@ def knn_forward_kernel(
     for n0 in range(0, n_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         s, keep = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
-                             tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True)
+                             tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True, True)
         m_new = tl.maximum(m, tl.max(tl.where(keep, s, -float("inf")), axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)

@@ -65,4 +65,5 @@ def knn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         knn_dkdv_kernel[(triton.cdiv(Nk, cfg.block_n), B * H)](
             q, k, v, do, dk_t, dv_t, tau, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
             *dk_t.stride(), *dv_t.stride(), H, Nq, Nk, D, Dv, scale, BLOCK_DV=cfg.block_dv,
-            NEED_DK=dk is not None, NEED_DV=dv is not None, **(common | dict(num_stages=cfg.dkdv_num_stages)))
+            NEED_DK=dk is not None, NEED_DV=dv is not None,
+            **(common | dict(num_warps=cfg.dkdv_num_warps, num_stages=cfg.dkdv_num_stages)))

@@ -35,7 +35,7 @@ def knn_threshold_kernel(
     if ROW_ON_CHIP:
         cols = tl.arange(0, BLOCK_N)
         s, valid = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim,
-                              scale, scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, False)
+                              scale, scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, False, True)
         key = order_key(s, top_bit[:, None])
         for i in range(NBITS):
             cand = answer | (top_bit >> i)
@@ -48,7 +48,8 @@ def knn_threshold_kernel(
             for n0 in range(0, n_keys, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 s, valid = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd,
-                                      head_dim, scale, scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, False)
+                                      head_dim, scale, scale, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC,
+                                      False, True)
                 hit = (order_key(s, top_bit[:, None]) >= cand[:, None]) & valid
                 count += tl.sum(hit.to(tl.int32), axis=1)
             answer = tl.where(count >= topk, cand, answer)

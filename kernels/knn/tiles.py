@@ -42,20 +42,27 @@ def row_dots(a_base, a_rows, n_a, s_an, s_ad, b_base, b_rows, n_b, s_bn, s_bd, d
 @triton.jit
 def score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale, tau,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
-               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CUT: tl.constexpr):
+               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CUT: tl.constexpr,
+               MASK_KEYS: tl.constexpr):
     """(s, keep) for one [BLOCK_M, BLOCK_N] tile of (query rows, key rows), the only place scores and
     their mask are formed:
 
         s    = scale * q[rows] @ k[cols]^T      in ACC, 0 where padded
-        keep = rows < n_queries & cols < n_keys  (the tile's real entries)
+        keep = rows < n_queries                  (the tile's real entries)
+               & cols < n_keys                   when MASK_KEYS
                & s >= tau[:, None]               when CUT (the k-NN mask; tau [BLOCK_M] in ACC)
 
-    The selection pass, which is finding tau, passes CUT = False (its ``tau`` is unused)."""
+    The selection pass, which is finding tau, passes CUT = False (its ``tau`` is unused). A pass whose
+    keys are its own rows of output (the dk / dv pass) may pass MASK_KEYS = False: its padded keys'
+    entries then reach only its padded output rows, which it never stores."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc = row_dots(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, acc,
                    BLOCK_K, N_K, DOT, PREC)
     s = acc * scale
-    keep = (rows[:, None] < n_queries) & (cols[None, :] < n_keys)
+    if MASK_KEYS:
+        keep = (rows[:, None] < n_queries) & (cols[None, :] < n_keys)
+    else:
+        keep = tl.broadcast_to(rows[:, None] < n_queries, (BLOCK_M, BLOCK_N))
     if CUT:
         keep = keep & (s >= tau[:, None])
     return s, keep
