@@ -158,6 +158,17 @@ def test_triton_head_dim_limit():
         knn_attention(q, k, v, 2, backend="triton")
 
 
+def test_gpu_configs_compute_every_score_with_one_instruction():
+    """The mask s >= tau is exact only if every pass computes a score as the selection pass did. A GPU
+    config may give the dk / dv pass other warps than the rest only where no dot can use Hopper's
+    warpgroup MMA (its M, BLOCK_M or BLOCK_N, below 64): every pass then issues the same mma.sync
+    instruction whatever the warps (configs.py); at 64 rows the warp count could change the wgmma form."""
+    from vicinity_attn.kernels.knn import configs
+
+    for dtype, cfg in configs.gpu_configs():
+        assert cfg.dkdv_num_warps == cfg.num_warps or max(cfg.block_m, cfg.block_n) < 64, (dtype, cfg)
+
+
 def test_triton_head_dim_chunks(monkeypatch):
     """The GPU configs split the row dots (q.k, dO.v) into head-dim chunks; the interpreter's config
     does not. Force 16-wide chunks: D = 40 is three chunks (the last one partly padding), Dv = 20 two."""
