@@ -30,6 +30,18 @@ def mul_feature_map_grad(acc, x, FMAP: tl.constexpr):
 
 
 @triton.jit
+def mul_feature_map_grad_of_phi(acc, phi, FMAP: tl.constexpr):
+    """acc * phi'(x) from phi = feature_map(x) instead of x (a kernel that holds phi need not keep x):
+    bitwise what ``mul_feature_map_grad`` gives. relu: phi <= 0 exactly where x <= 0 (NaN passes both).
+    elu1: phi > 1 exactly where phi' = 1 (x > 0; x + 1 rounding to 1 also has phi' = 1), else phi' =
+    exp(x) = phi; NaN x gives NaN phi and a NaN product."""
+    if FMAP == 0:
+        return tl.where(phi <= 0, 0.0, acc)
+    else:
+        return tl.where(phi > 1.0, acc, acc * phi)
+
+
+@triton.jit
 def _round_mantissa(x, DROP: tl.constexpr, TIES_AWAY: tl.constexpr):
     """fp32 x rounded to 23 - DROP mantissa bits (bf16: DROP = 16, tf32: 13) by integer ops (the
     interpreter's fp32 -> bf16 cast truncates): to nearest, ties to even (or away from zero).

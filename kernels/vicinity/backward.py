@@ -1,4 +1,5 @@
-"""Backward launcher: query pass (dq with the row weights, then the state gradients dS, dz), key pass (dk, dv).
+"""Backward launcher: query pass (dq with the row weights, then the state gradients dS, dz), key pass
+(dk and dv in one launch: keys.py).
 
 With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (README, "The math in short"):
     dq = phi'(q) * sum_m P_m (S_m g + z_m c)
@@ -14,6 +15,7 @@ from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
 from .contract import ROWS_COMPUTE, ROWS_LOAD, ROWS_NONE, contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
+from .keys import key_pass_kernel
 from .launch import Geometry
 from .varlen import Packing
 
@@ -95,11 +97,7 @@ def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.T
         n = dS.numel()
         state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0] * s_k, clamp[1] * s_k,
                                                                 BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
-    key_scale = s_k / s_q
-    if dv is not None:
-        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, key_scale, tok_offset=key_offset)
-    if dk is not None:
-        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, key_scale, cfg, "bwd_dk", key_offset)
+    _key_pass(k, v, dS, dz, dk, dv, geom, cfg, s_k / s_q, key_offset)
 
 
 def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps: float, den_floor: float, clamp,
@@ -140,11 +138,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
         state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0], clamp[1], BLOCK=REDUCE_BLOCK,
                                                                 num_warps=REDUCE_WARPS, factor_ptr=f_k,
                                                                 rows_per_seq=n // pack.n_seqs, VARLEN=True)
-    key_scale = factors([a / b for a, b in zip(s_k, s_q)])
-    if dv is not None:
-        contract_d(k, dS, dz, dv, geom, False, cfg, "bwd_dv", None, pack=pack, factor=key_scale)
-    if dk is not None:
-        _contract_dv(k, v, dS, dz, None, None, dk, geom, False, 1.0, cfg, "bwd_dk", pack=pack, factor=key_scale)
+    _key_pass(k, v, dS, dz, dk, dv, geom, cfg, 1.0, pack=pack, factor=factors([a / b for a, b in zip(s_k, s_q)]))
 
 
 def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
@@ -188,6 +182,31 @@ def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: 
         do, o, den, rs, rz, do.shape[1], do.shape[2], do.shape[-1], den_floor, eps, *do.stride(), *o.stride(),
         BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=dot_precision("bwd_row_weights", do.dtype).acc,
         **cfg.options("bwd_row_weights"), **varlen_kwargs(pack, factor))
+
+
+def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale: float, key_offset: int = 0,
+              pack: Packing | None = None, factor: torch.Tensor | None = None) -> None:
+    """dk = key_scale * phi'(k) * sum_m P_m (dS_m v + dz_m) and dv = key_scale * sum_m P_m dS_m^T phi(k)
+    (where not None) in one launch (keys.py); token i of k sits at sequence position ``key_offset + i``.
+    Packed (``pack``): factor[i] multiplies key_scale for sequence i."""
+    prec = dot_precision("bwd_keys", k.dtype)
+    B, H, N, D = k.shape
+    Dv = v.shape[-1]
+    block_n = cfg.tokens_per_program("bwd_keys")
+    d_tiles, dv_tiles = triton.cdiv(D, cfg.block_d), triton.cdiv(Dv, cfg.block_dv)
+    # Program j writes dk's D tile j and dv's Dv tile j: as many programs per token block as the
+    # gradients asked for have tiles.
+    n_programs = max(d_tiles if dk is not None else 1, dv_tiles if dv is not None else 1)
+    rows = B * H if pack is None else pack.n_seqs * H
+    grid = (triton.cdiv(N if pack is None else pack.max_length(False), block_n), rows, n_programs)
+    consts = geom.constexprs(False)
+    del consts["IS_QUERY"]  # the kernel is the key side's
+    key_pass_kernel[grid](
+        k, v, dS, dz, k if dk is None else dk, v if dv is None else dv, H, N, D, Dv, geom.n_prefix - key_offset,
+        *geom.k_sizes, key_scale, *k.stride(), *v.stride(), *(k if dk is None else dk).stride(),
+        *(v if dv is None else dv).stride(), **consts, NEED_DK=dk is not None, NEED_DV=dv is not None,
+        ONE_TILE=max(d_tiles, dv_tiles) == 1, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+        **prec.constexprs(), **cfg.options("bwd_keys"), **varlen_kwargs(pack, factor))
 
 
 def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, eps: float,

@@ -27,7 +27,7 @@ GPU_NUM_STAGES = 2
 # on an 8-warp dq pass, 168 and 8 on a 4-warp fp32 dv pass). With it they take 150-220, as they did
 # before specialisation. The state passes (StateTiles) take the same budget.
 GPU_MAX_REGISTERS = 255
-REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_dv", "bwd_dk")
+REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_keys")
 # Head dims that are not multiples of 16 cannot be proven uniform: every tile access is a scalar
 # load / store with its own 64-bit address and mask, which costs registers. Such heads use 32-wide
 # tiles at 8 warps: with 64-wide tiles the D=40 per-token passes spilled up to 232 B under triton 3.6
@@ -64,7 +64,6 @@ class LaunchConfig:
     block_dv: int
     num_warps: int
     num_stages: int
-    dv_num_warps: int  # the dv launch (contract over D without a denominator): see gpu_config
     max_registers: int | None = None  # ptxas register budget (.maxnreg); None under the interpreter
     block_n_of: tuple = ()  # ((launch, tokens per program), ...) where a launch's BLOCK_N is not block_n: see pick_config
 
@@ -76,8 +75,7 @@ class LaunchConfig:
     def options(self, launch: str) -> dict:
         """The launch options (num_warps, num_stages, maxnreg) of ``launch`` (one of LAUNCHES)."""
         assert launch in LAUNCHES, launch
-        opts = dict(num_warps=self.dv_num_warps if launch == "bwd_dv" else self.num_warps,
-                    num_stages=self.num_stages)
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
         if self.max_registers is not None and launch in REGISTER_BUDGET_LAUNCHES:
             opts["maxnreg"] = self.max_registers
         return opts
@@ -91,12 +89,11 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
     # price of padding the smaller of D / Dv when they differ a lot (rare: VVT uses D == Dv).
     if interpreting():  # no register limit there; fewer, larger programs run faster
         tile = head_block(max(d, dv))
-        return LaunchConfig(INTERPRET_BLOCK_N, tile, tile, num_warps=1, num_stages=1, dv_num_warps=1)
+        return LaunchConfig(INTERPRET_BLOCK_N, tile, tile, num_warps=1, num_stages=1)
     cfg = gpu_config(min(head_block(max(d, dv)), max_tile(dtype)))
     unaligned = bool(d % 16 or dv % 16)
     if unaligned and dtype in (torch.float16, torch.bfloat16) and cfg.block_d >= UNALIGNED_TILE:
-        cfg = dataclasses.replace(gpu_config(UNALIGNED_TILE), num_warps=UNALIGNED_NUM_WARPS,
-                                  dv_num_warps=UNALIGNED_NUM_WARPS)
+        cfg = dataclasses.replace(gpu_config(UNALIGNED_TILE), num_warps=UNALIGNED_NUM_WARPS)
     if dtype == torch.float32:
         # fp32 (tf32x3 dots, 32-bit accesses): no software pipelining. With 2 stages the state passes
         # spilled 8 B on sm_90a (32-wide tiles) and on sm_80 (16-wide, unaligned strides); with 1
@@ -113,7 +110,7 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         # the packed (varlen) launch (8 B under triton 3.9, 16-32 B under 3.6): unaligned heads take 16.
         # bf16 keeps 64.
         tokens = cfg.block_n // (4 if unaligned else 2)
-        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dk", tokens),))
+        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_keys", tokens),))
     elif dtype == torch.bfloat16 and unaligned:
         # The dq pass of unaligned bf16 heads takes 32 tokens: at 64 the D40 product-3d+prefix variant
         # spilled 8 B on sm_80 under triton 3.6 (44 B before the dq pass computed its own row weights).
@@ -152,7 +149,7 @@ def gpu_config(tile: int) -> LaunchConfig:
     (maxnreg) it fits. (Before the register budget, 8 warps let ptxas cap it at 128 and spill.)
     """
     return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), gpu_num_stages(tile),
-                        dv_num_warps=gpu_num_warps(tile), max_registers=GPU_MAX_REGISTERS)
+                        max_registers=GPU_MAX_REGISTERS)
 
 
 def gpu_num_stages(tile: int) -> int:
@@ -266,8 +263,7 @@ def pow2_scale(n: int) -> float:
 
 
 # The launches, by the names the compile gate uses for them.
-LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_dv", "bwd_dk",
-            "chunk_reduce")
+LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_keys", "chunk_reduce")
 # Launches whose dot operands are bounded by the inputs: phi(k) P (|P| <= 1) against v.
 INPUT_RANGE_DOTS = ("fwd_state",)
 

@@ -1,0 +1,180 @@
+"""The backward key pass: dk and dv of a block of keys in one launch.
+
+    dv_j = key_scale * sum_m P_m(j) dS_m^T phi(k_j)                    [Dv]  (contract over D)
+    dk_j = key_scale * phi'(k_j) * sum_m P_m(j) (dS_m v_j + dz_m)       [D]   (contract over Dv)
+
+Both contract the same F state-gradient tiles dS_m [D, Dv] against one token block, so one program
+reads each dS_m tile once for both (the separate dv and dk passes each reloaded all F tiles from L2
+for every token block, and each read k). Head dims wider than one tile: program j of a token block
+computes dk's D tile j and dv's Dv tile j, looping over the other dimension's tiles t; the diagonal
+step t = j comes first and its dS_m tile (rows of D tile j, columns of Dv tile j) serves both, the
+other steps read dS_m[j, t] for dk and dS_m[t, j] for dv. dk's z term (dz_m of D tile j) is added in
+the diagonal step. NEED_DK / NEED_DV: a gradient not asked for is neither computed nor stored.
+
+States dS [BH, F, D, Dv] and dz [BH, F, D] are contiguous in the accumulation dtype ACC (scaled as
+``backward.vicinity_backward`` says: key_scale undoes it). VARLEN (packed sequences, varlen.py): as
+in contract.py, over the key side; factor[seq] multiplies key_scale.
+"""
+import triton
+import triton.language as tl
+
+from ..common import feature_map, mma, mul_feature_map_grad_of_phi
+from ..runtime import launch_jit
+from .positions import position_feature
+from .varlen import sequence_window
+
+
+@triton.jit
+def _load_tile(base, offs_n, mask_n, offs_c, mask_c, sn, sc, ACC: tl.constexpr):
+    """A [BLOCK_N, BLOCK_C] tile of a strided token tensor, in ACC (0 where masked)."""
+    return tl.load(base + offs_n[:, None] * sn + offs_c[None, :] * sc, mask=mask_n[:, None] & mask_c[None, :],
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask, dk_cols, dk_cols_mask,
+                 dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV, n_prefix, s0, s1, s2,
+                 N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                 NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, SHARED: tl.constexpr, Z_TERM: tl.constexpr,
+                 ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Feature M's contribution: acc_dk += P_M (v @ dS_M[dk_rows, dk_cols]^T) (+ P_M dz_M[dk_rows] with
+    Z_TERM), acc_dv += (P_M phi) @ dS_M[dv_rows, dv_cols]. SHARED: both tiles are the same (the caller
+    passes the same offsets) and it is read once.
+
+    The dots keep the precision choices of the passes they replace (contract.py): dv's operand is the
+    product P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32
+    operand, and P_M scales the product (see ``_contract_dv_feature``); bf16 dots take v * P_M.
+    """
+    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, False, ACC)
+    state_base = ds_base + M * D * DV
+    if NEED_DK:
+        state_k = tl.load(state_base + dk_rows[:, None] * DV + dk_cols[None, :],
+                          mask=dk_rows_mask[:, None] & dk_cols_mask[None, :], other=0.0)
+        if DOT == tl.bfloat16 or PREC == "emulate_bf16":
+            acc_dk = mma(v * p[:, None], tl.trans(state_k), acc_dk, DOT, PREC)
+        else:
+            acc_dk = acc_dk + p[:, None] * mma(v, tl.trans(state_k), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT, PREC)
+        if Z_TERM:
+            zm = tl.load(dz_base + M * D + dk_rows, mask=dk_rows_mask, other=0.0)
+            acc_dk += p[:, None] * zm[None, :]
+    if NEED_DV:
+        if SHARED and NEED_DK:
+            state_v = state_k
+        else:
+            state_v = tl.load(state_base + dv_rows[:, None] * DV + dv_cols[None, :],
+                              mask=dv_rows_mask[:, None] & dv_cols_mask[None, :], other=0.0)
+        acc_dv = mma(phi * p[:, None], state_v, acc_dv, DOT, PREC)
+    return acc_dk, acc_dv
+
+
+@triton.jit
+def _key_tile(phi, v, acc_dk, acc_dv, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask, dk_cols, dk_cols_mask,
+              dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV, n_prefix, s0, s1, s2,
+              N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+              NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, SHARED: tl.constexpr, Z_TERM: tl.constexpr,
+              ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """All F features of one tile step (phi: D tile of dv's operand, v: Dv tile of dk's)."""
+    # A real loop over features, not static_range, and not software-pipelined (see _contract_d_tile);
+    # a one-trip loop (F = 1) is written straight.
+    if N_FEAT == 1:
+        for M in tl.static_range(N_FEAT):
+            acc_dk, acc_dv = _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask,
+                                          dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV,
+                                          n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
+                                          SHARED, Z_TERM, ACC, DOT, PREC)
+    else:
+        for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
+            acc_dk, acc_dv = _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask,
+                                          dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV,
+                                          n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
+                                          SHARED, Z_TERM, ACC, DOT, PREC)
+    return acc_dk, acc_dv
+
+
+@launch_jit
+def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n_prefix, s0, s1, s2, key_scale,
+                    skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad, sbb, sbh, sbn, sbd,
+                    N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                    FMAP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, ONE_TILE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+                    DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
+    """Grid (cdiv(N, BLOCK_N), BH, n_programs): k [B, H, N, D], v [B, H, N, DV], dk [B, H, N, D] (strides
+    sa*), dv [B, H, N, DV] (strides sb*), all strided; dk, dv written in their own dtype. Program j of
+    a token block writes dk's D tile j (NEED_DK) and dv's Dv tile j (NEED_DV), so n_programs is the
+    number of tiles of the gradients asked for (the larger when both). ONE_TILE: D <= BLOCK_D and
+    DV <= BLOCK_DV. VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_programs)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    j = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if VARLEN:
+        seq = bh // H
+        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, False)
+        if pid_n * BLOCK_N >= n_seq:
+            return
+        mask_n = offs_n < n_seq
+        k_base = k_ptr + h * skh + start * skn
+        v_base = v_ptr + h * svh + start * svn
+    else:
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
+    ds_base = ds_ptr + bh.to(tl.int64) * N_FEAT * D * DV
+    dz_base = dz_ptr + bh.to(tl.int64) * N_FEAT * D
+    offs_dj = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_ej = j * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_dj = offs_dj < D
+    mask_ej = offs_ej < DV
+
+    acc_dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    acc_dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    # The diagonal step (D tile j, Dv tile j): one dS_m tile for both gradients, and dk's z term.
+    # phi(k) of D tile j is also what dk's phi' is taken from.
+    phi_j = feature_map(_load_tile(k_base, offs_n, mask_n, offs_dj, mask_dj, skn, skd, ACC),
+                        mask_n[:, None] & mask_dj[None, :], FMAP)
+    if NEED_DK:
+        v_j = _load_tile(v_base, offs_n, mask_n, offs_ej, mask_ej, svn, svd, ACC)
+    else:
+        v_j = phi_j  # not read
+    acc_dk, acc_dv = _key_tile(phi_j, v_j, acc_dk, acc_dv, ds_base, dz_base, offs_n, offs_dj, mask_dj, offs_ej,
+                               mask_ej, offs_dj, mask_dj, offs_ej, mask_ej, D, DV, n_prefix, s0, s1, s2, N_FEAT,
+                               N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, True, NEED_DK, ACC, DOT, PREC)
+    if not ONE_TILE:
+        # The other tile steps, from j + 1 round to j - 1 (a fixed order per program: deterministic).
+        n_steps = tl.maximum(tl.cdiv(D, BLOCK_D), tl.cdiv(DV, BLOCK_DV))
+        for step in range(1, n_steps):
+            t = (j + step) % n_steps
+            offs_dt = t * BLOCK_D + tl.arange(0, BLOCK_D)
+            offs_et = t * BLOCK_DV + tl.arange(0, BLOCK_DV)
+            mask_dt = offs_dt < D
+            mask_et = offs_et < DV
+            if NEED_DV:
+                phi_t = feature_map(_load_tile(k_base, offs_n, mask_n, offs_dt, mask_dt, skn, skd, ACC),
+                                    mask_n[:, None] & mask_dt[None, :], FMAP)
+            else:
+                phi_t = phi_j  # not read
+            if NEED_DK:
+                v_t = _load_tile(v_base, offs_n, mask_n, offs_et, mask_et, svn, svd, ACC)
+            else:
+                v_t = v_j  # not read
+            acc_dk, acc_dv = _key_tile(phi_t, v_t, acc_dk, acc_dv, ds_base, dz_base, offs_n, offs_dj, mask_dj,
+                                       offs_et, mask_et, offs_dt, mask_dt, offs_ej, mask_ej, D, DV, n_prefix, s0,
+                                       s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, False, False,
+                                       ACC, DOT, PREC)
+    if VARLEN:
+        # Loaded after the loops: one register less across them.
+        key_scale = key_scale * tl.load(factor_ptr + seq)
+        dk_base = dk_ptr + h * sah + start * san
+        dv_base = dv_ptr + h * sbh + start * sbn
+    else:
+        dk_base = dk_ptr + b * sab + h * sah
+        dv_base = dv_ptr + b * sbb + h * sbh
+    if NEED_DV:
+        tl.store(dv_base + offs_n[:, None] * sbn + offs_ej[None, :] * sbd,
+                 (acc_dv * key_scale).to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_ej[None, :])
+    if NEED_DK:
+        acc_dk = mul_feature_map_grad_of_phi(acc_dk, phi_j, FMAP) * key_scale
+        tl.store(dk_base + offs_n[:, None] * san + offs_dj[None, :] * sad, acc_dk.to(dk_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_dj[None, :])
