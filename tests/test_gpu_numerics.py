@@ -100,7 +100,7 @@ def test_exact_dots_opt_in(monkeypatch):
 def test_gpu_precisions_are_what_the_launchers_use():
     """fp16: tensor-core fp16 only where the operands are bounded by the inputs (forward state
     pass); TF32 (fp32 range) wherever a state or 1/den multiplies. bf16: bf16 throughout."""
-    for launch in ("fwd_output", "bwd_dq", "bwd_state", "bwd_dv", "bwd_dk"):
+    for launch in ("fwd_output", "bwd_dq", "bwd_state", "bwd_keys"):
         assert configs.dot_precision(launch, torch.float16, interpret=False).prec == "tf32"
         assert configs.dot_precision(launch, torch.float16, interpret=False).dot == tl.float32
     assert configs.dot_precision("fwd_state", torch.float16, interpret=False).dot == tl.float16

@@ -100,12 +100,13 @@ def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
     from vicinity_attn.kernels.vicinity import backward, forward
     launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "chunk_reduce_kernel",
                                                                          "contract_d_kernel")]
-                              + [(backward, name) for name in ("contract_dv_kernel", "row_weights_kernel")])
+                              + [(backward, name) for name in ("contract_dv_kernel", "row_weights_kernel",
+                                                               "key_pass_kernel")])
     assert_matches_per_sequence([40, 3, 17], backend="triton", against="torch")
     # Forward: state pass, one reduction of S and z, output pass. Backward: dq (with the row weights),
-    # state pass, one reduction of dS and dz, dv, dk.
-    assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=2, contract_d_kernel=2,
-                            contract_dv_kernel=2)
+    # state pass, one reduction of dS and dz, key pass (dk and dv).
+    assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=2, contract_d_kernel=1,
+                            contract_dv_kernel=1, key_pass_kernel=1)
 
 
 def test_triton_3d_product_floor_clamp_elu1():

@@ -169,14 +169,12 @@ VICINITY_ROLES = {
     ("bwd", "contract_dv_kernel", 0): "bwd_dq",       # computes the row weights too
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
-    ("bwd", "contract_d_kernel", 0): "bwd_dv",
-    ("bwd", "contract_dv_kernel", 1): "bwd_dk",
+    ("bwd", "key_pass_kernel", 0): "bwd_keys",
     # Without dq (case.extra grads "kv") the row weights take their own launch.
     ("bwd_kv", "row_weights_kernel", 0): "bwd_row_weights",
     ("bwd_kv", "state_partial_kernel", 0): "bwd_state",
     ("bwd_kv", "chunk_reduce_kernel", None): "chunk_reduce",
-    ("bwd_kv", "contract_d_kernel", 0): "bwd_dv",
-    ("bwd_kv", "contract_dv_kernel", 0): "bwd_dk",
+    ("bwd_kv", "key_pass_kernel", 0): "bwd_keys",
 }
 
 # With clamp=(lo, hi) the forward clamps the states in place and the output pass clamps in its
@@ -192,8 +190,7 @@ VICINITY_CLAMP_ROLES = {
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd", "state_grad_mask_kernel", 0): "clamp_grad_mask",
-    ("bwd", "contract_d_kernel", 1): "bwd_dv",
-    ("bwd", "contract_dv_kernel", 1): "bwd_dk",
+    ("bwd", "key_pass_kernel", 0): "bwd_keys",
 }
 
 
