@@ -99,22 +99,26 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         # spilled 8 B on sm_90a (32-wide tiles) and on sm_80 (16-wide, unaligned strides); with 1
         # they take fewer registers (216-229 instead of 255) and fewer instructions per iteration.
         cfg = dataclasses.replace(cfg, num_stages=1)
+        tokens = {}
         if unaligned:
             # Already at 32-wide tiles: the per-token passes take 32 tokens instead (at 64, D=40
             # spilled 16 B under triton 3.9 and 48 B under 3.6, on the output and dv passes).
-            cfg = dataclasses.replace(cfg, block_n_of=tuple((launch, cfg.block_n // 2)
-                                                            for launch in REGISTER_BUDGET_LAUNCHES))
-    elif dtype == torch.float16 and cfg.block_n >= 64:
-        # fp16's dk dots take fp32 (TF32) operands (dot_operand_dtype): at 64 tokens per program the
-        # fp16 unaligned D=40 product-3d+prefix variant spilled 24 B on sm_80; 32 tokens fit, but not in
-        # the packed (varlen) launch (8 B under triton 3.9, 16-32 B under 3.6): unaligned heads take 16.
-        # bf16 keeps 64.
-        tokens = cfg.block_n // (4 if unaligned else 2)
-        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_keys", tokens),))
-    elif dtype == torch.bfloat16 and unaligned:
-        # The dq pass of unaligned bf16 heads takes 32 tokens: at 64 the D40 product-3d+prefix variant
-        # spilled 8 B on sm_80 under triton 3.6 (44 B before the dq pass computed its own row weights).
-        cfg = dataclasses.replace(cfg, block_n_of=(("bwd_dq", cfg.block_n // 2),))
+            tokens = {launch: cfg.block_n // 2 for launch in REGISTER_BUDGET_LAUNCHES}
+        # The key pass holds two accumulators and runs two tf32x3 dots per feature: half as many tokens
+        # again (the product-3d+prefix variant spilled 48 B on sm_80 at 64 tokens; unaligned D=40
+        # 184-208 B at 32, on sm_80 and sm_90a).
+        tokens["bwd_keys"] = cfg.block_n // (4 if unaligned else 2)
+        cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
+    elif cfg.block_n >= 64 and (dtype == torch.float16 or unaligned):
+        # The key pass at 32 tokens per program for fp16 (its dots take fp32 (TF32) operands, see
+        # dot_operand_dtype: the D=64 product-3d+prefix variant spilled 72 B on sm_80 at 64) and for
+        # unaligned heads (bf16 D=40 product-3d+prefix: 16 B on sm_80 under triton 3.6). Aligned bf16: 64.
+        tokens = {"bwd_keys": cfg.block_n // 2}
+        if dtype == torch.bfloat16:
+            # The dq pass of unaligned bf16 heads takes 32 tokens: at 64 the D40 product-3d+prefix variant
+            # spilled 8 B on sm_80 under triton 3.6 (44 B before the dq pass computed its own row weights).
+            tokens["bwd_dq"] = cfg.block_n // 2
+        cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
     if dtype in (torch.float16, torch.bfloat16) and not unaligned and n_feat is not None \
             and n_feat <= WIDE_OUTPUT_MAX_FEATURES:
         cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + (("fwd_output", WIDE_OUTPUT_BLOCK_N),))

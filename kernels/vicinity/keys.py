@@ -33,10 +33,11 @@ def _load_tile(base, offs_n, mask_n, offs_c, mask_c, sn, sc, ACC: tl.constexpr):
 
 @triton.jit
 def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask, dk_cols, dk_cols_mask,
-                 dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV, n_prefix, s0, s1, s2,
+                 dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV, n_prefix, s0, s1, s2,
                  N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
                  NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, SHARED: tl.constexpr, Z_TERM: tl.constexpr,
-                 ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                 ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None,
+                 VARLEN: tl.constexpr = False):
     """Feature M's contribution: acc_dk += P_M (v @ dS_M[dk_rows, dk_cols]^T) (+ P_M dz_M[dk_rows] with
     Z_TERM), acc_dv += (P_M phi) @ dS_M[dv_rows, dv_cols]. SHARED: both tiles are the same (the caller
     passes the same offsets) and it is read once.
@@ -45,15 +46,23 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
     product P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32
     operand, and P_M scales the product (see ``_contract_dv_feature``); bf16 dots take v * P_M.
     """
+    if VARLEN:
+        _start, _n, s0, s1, s2 = sequence_window(seq_ptr, tl.program_id(1) // H, False, RELOAD=True)
     p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, False, ACC)
     state_base = ds_base + M * D * DV
     if NEED_DK:
         state_k = tl.load(state_base + dk_rows[:, None] * DV + dk_cols[None, :],
                           mask=dk_rows_mask[:, None] & dk_cols_mask[None, :], other=0.0)
-        if DOT == tl.bfloat16 or PREC == "emulate_bf16":
-            acc_dk = mma(v * p[:, None], tl.trans(state_k), acc_dk, DOT, PREC)
-        else:
-            acc_dk = acc_dk + p[:, None] * mma(v, tl.trans(state_k), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT, PREC)
+        # The dk dot sits in a region of its own: a branch always taken (H >= 1 is a runtime value the
+        # compiler cannot fold). Triton's sm_80 layout choice takes dots of one region that share
+        # operands (the state tile, P_M) for a chain and puts all warps on the token axis, so that every
+        # warp holds both whole state operands in registers: 255 registers and 352-584 B of spills at
+        # 64-wide bf16 tiles, 232-248 registers and none with the branch.
+        if H > 0:
+            if DOT == tl.bfloat16 or PREC == "emulate_bf16":
+                acc_dk = mma(v * p[:, None], tl.trans(state_k), acc_dk, DOT, PREC)
+            else:
+                acc_dk = acc_dk + p[:, None] * mma(v, tl.trans(state_k), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT, PREC)
         if Z_TERM:
             zm = tl.load(dz_base + M * D + dk_rows, mask=dk_rows_mask, other=0.0)
             acc_dk += p[:, None] * zm[None, :]
@@ -69,25 +78,25 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
 
 @triton.jit
 def _key_tile(phi, v, acc_dk, acc_dv, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask, dk_cols, dk_cols_mask,
-              dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV, n_prefix, s0, s1, s2,
+              dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV, n_prefix, s0, s1, s2,
               N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
               NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, SHARED: tl.constexpr, Z_TERM: tl.constexpr,
-              ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+              ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None, VARLEN: tl.constexpr = False):
     """All F features of one tile step (phi: D tile of dv's operand, v: Dv tile of dk's)."""
     # A real loop over features, not static_range, and not software-pipelined (see _contract_d_tile);
     # a one-trip loop (F = 1) is written straight.
     if N_FEAT == 1:
         for M in tl.static_range(N_FEAT):
             acc_dk, acc_dv = _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask,
-                                          dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV,
+                                          dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV,
                                           n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
-                                          SHARED, Z_TERM, ACC, DOT, PREC)
+                                          SHARED, Z_TERM, ACC, DOT, PREC, seq_ptr, VARLEN)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc_dk, acc_dv = _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask,
-                                          dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, D, DV,
+                                          dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV,
                                           n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
-                                          SHARED, Z_TERM, ACC, DOT, PREC)
+                                          SHARED, Z_TERM, ACC, DOT, PREC, seq_ptr, VARLEN)
     return acc_dk, acc_dv
 
 
@@ -112,7 +121,7 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
     mask_n = offs_n < N
     if VARLEN:
         seq = bh // H
-        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, False)
+        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, False)
         if pid_n * BLOCK_N >= n_seq:
             return
         mask_n = offs_n < n_seq
@@ -139,8 +148,9 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
     else:
         v_j = phi_j  # not read
     acc_dk, acc_dv = _key_tile(phi_j, v_j, acc_dk, acc_dv, ds_base, dz_base, offs_n, offs_dj, mask_dj, offs_ej,
-                               mask_ej, offs_dj, mask_dj, offs_ej, mask_ej, D, DV, n_prefix, s0, s1, s2, N_FEAT,
-                               N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, True, NEED_DK, ACC, DOT, PREC)
+                               mask_ej, offs_dj, mask_dj, offs_ej, mask_ej, H, D, DV, n_prefix, s0, s1, s2, N_FEAT,
+                               N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, True, NEED_DK, ACC, DOT, PREC, seq_ptr,
+                               VARLEN)
     if not ONE_TILE:
         # The other tile steps, from j + 1 round to j - 1 (a fixed order per program: deterministic).
         n_steps = tl.maximum(tl.cdiv(D, BLOCK_D), tl.cdiv(DV, BLOCK_DV))
@@ -160,9 +170,9 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
             else:
                 v_t = v_j  # not read
             acc_dk, acc_dv = _key_tile(phi_t, v_t, acc_dk, acc_dv, ds_base, dz_base, offs_n, offs_dj, mask_dj,
-                                       offs_et, mask_et, offs_dt, mask_dt, offs_ej, mask_ej, D, DV, n_prefix, s0,
+                                       offs_et, mask_et, offs_dt, mask_dt, offs_ej, mask_ej, H, D, DV, n_prefix, s0,
                                        s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, False, False,
-                                       ACC, DOT, PREC)
+                                       ACC, DOT, PREC, seq_ptr, VARLEN)
     if VARLEN:
         # Loaded after the loops: one register less across them.
         key_scale = key_scale * tl.load(factor_ptr + seq)
