@@ -1,6 +1,6 @@
 """Per-token kernels that contract tokens against the (small) reduced states.
 
-``contract_d_kernel``  (forward output pass, backward dv):
+``contract_d_kernel``  (forward output pass; without den, the clamped backward's numerator):
     out_i = out_scale * sum_m P_m(i) phi(x_i)^T M_m            [Dv]  (contract over D)
     optionally divided by den_i = max(sum_m P_m(i) phi(x_i).z_m, den_floor) + eps, den written out;
     with CLAMP, the VVT clamps instead: out_i = C(C(num_i) * C(1 / den_i)) (see clamp.py).
@@ -119,7 +119,7 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
                                     s0, s1, s2, sxn, sxd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                     FMAP, WITH_DEN, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, seq_ptr, H, VARLEN)
     if VARLEN:
-        # Loaded after the loop: one register less across it (the dv launch is at the 255 limit on sm_80).
+        # Loaded after the loop: one register less across it (it sat at the 255 limit on sm_80 as the dv pass).
         factor = tl.load(factor_ptr + bh // H)
         if WITH_DEN:
             eps = eps * factor

@@ -99,7 +99,7 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     when eps is given (then den [BH, N] is returned; eps, den_floor scaled like the states). With
     ``clamp`` (and eps), out = C(C(num) C(1/den)) on the values unscaled by ``state_scale`` (clamp.py).
     x [B, H, N, D], out [B, H, N, Dv] strided; token i of x sits at sequence position ``tok_offset + i``.
-    ``launch`` ("fwd_output" / "bwd_dv") picks the dot precision and launch options. Packed (``pack``):
+    ``launch`` ("fwd_output") picks the dot precision and launch options. Packed (``pack``):
     den is [H, T]; factor[i] multiplies eps, den_floor and state_scale (with eps) or out_scale
     (without) for sequence i."""
     prec = dot_precision(launch, x.dtype)

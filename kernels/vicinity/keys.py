@@ -45,6 +45,8 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
     The dots keep the precision choices of the passes they replace (contract.py): dv's operand is the
     product P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32
     operand, and P_M scales the product (see ``_contract_dv_feature``); bf16 dots take v * P_M.
+    VARLEN: the grid sizes are read from the sequence table here, per feature, not held in registers
+    across the loops (held, the fp32 D=48 packed launch spilled 8 B on sm_90a).
     """
     if VARLEN:
         _start, _n, s0, s1, s2 = sequence_window(seq_ptr, tl.program_id(1) // H, False, RELOAD=True)
@@ -62,7 +64,7 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
             if DOT == tl.bfloat16 or PREC == "emulate_bf16":
                 acc_dk = mma(v * p[:, None], tl.trans(state_k), acc_dk, DOT, PREC)
             else:
-                acc_dk = acc_dk + p[:, None] * mma(v, tl.trans(state_k), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT, PREC)
+                acc_dk += p[:, None] * mma(v, tl.trans(state_k), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT, PREC)
         if Z_TERM:
             zm = tl.load(dz_base + M * D + dk_rows, mask=dk_rows_mask, other=0.0)
             acc_dk += p[:, None] * zm[None, :]
