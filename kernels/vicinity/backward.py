@@ -13,7 +13,7 @@ import triton
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
-from .contract import ROWS_COMPUTE, ROWS_LOAD, ROWS_NONE, contract_dv_kernel, row_weights_kernel
+from .contract import ROWS_COMPUTE, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
 from .keys import key_pass_kernel
 from .launch import Geometry
@@ -145,19 +145,15 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
                  cfg: LaunchConfig, launch: str, tok_offset: int = 0, pack: Packing | None = None,
                  factor: torch.Tensor | None = None, o: torch.Tensor | None = None, den: torch.Tensor | None = None,
                  den_floor: float = 0.0, eps: float = 0.0):
-    """out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m); rs = rz = 1 when None.
-    With ``o`` and ``den`` (the dq pass: y = dO), rs and rz are computed in the kernel from dO, o, den,
-    den_floor and eps (scaled like den) and written into rs, rz; otherwise they are read from rs, rz.
-    ``launch`` ("bwd_dq" / "bwd_dk") picks the dot precision and launch options. Packed (``pack``):
+    """The dq pass: out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m), y = dO.
+    With ``o`` and ``den``, rs and rz are computed in the kernel from dO, o, den, den_floor and eps (scaled
+    like den) and written into rs, rz; otherwise (the clamped backward) they are read from rs, rz.
+    ``launch`` ("bwd_dq") picks the dot precision and launch options. Packed (``pack``):
     factor[i] multiplies den_floor and eps (with ``o``) or out_scale (without) for sequence i."""
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
-    if rs is None:
-        mode = ROWS_NONE
-        rs = rz = z  # never read
-    else:
-        mode = ROWS_LOAD if o is None else ROWS_COMPUTE
+    mode = ROWS_LOAD if o is None else ROWS_COMPUTE
     if o is None:
         o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes

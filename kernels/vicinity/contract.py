@@ -4,9 +4,9 @@
     out_i = out_scale * sum_m P_m(i) phi(x_i)^T M_m            [Dv]  (contract over D)
     optionally divided by den_i = max(sum_m P_m(i) phi(x_i).z_m, den_floor) + eps, den written out;
     with CLAMP, the VVT clamps instead: out_i = C(C(num_i) * C(1 / den_i)) (see clamp.py).
-``contract_dv_kernel`` (backward dq and dk):
+``contract_dv_kernel`` (backward dq; dk and dv come from the key pass, keys.py):
     out_i = out_scale * phi'(x_i) * (rs_i sum_m P_m(i) M_m y_i + rz_i sum_m P_m(i) z_m)   [D]
-    (contract over Dv); dq: x = q, y = dO, rs = 1/den, rz = -(dO.o)/den;  dk: x = k, y = v, rs = rz = 1.
+    (contract over Dv) with x = q, y = dO, rs = 1/den, rz = -(dO.o)/den.
     The dq pass computes rs, rz itself (``ROWS_COMPUTE``: dO.o from dO and o, 1/den) and writes them for
     the state pass that follows; the clamped backward's dq loads them (``ROWS_LOAD``).
 ``row_weights_kernel`` (backward preprocessing when dq is not wanted): the same rs, rz (0 where the floor
@@ -148,10 +148,9 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
              mask=mask_n[:, None] & (offs_e[None, :] < DV))
 
 
-# How contract_dv_kernel weights its rows (constexpr ROWS): not at all (dk: rs = rz = 1), with rs, rz
-# loaded (the clamped backward's dq, clamp.py), or with rs, rz computed from dO, o and den in the kernel
-# and written out for the state pass (the dq pass: no separate row-weights launch, dO read once).
-ROWS_NONE = tl.constexpr(0)
+# How contract_dv_kernel (the dq pass) gets its row weights (constexpr ROWS): loaded (the clamped
+# backward's dq, clamp.py), or computed from dO, o and den in the kernel and written out for the state
+# pass (no separate row-weights launch, dO read once).
 ROWS_LOAD = tl.constexpr(1)
 ROWS_COMPUTE = tl.constexpr(2)
 
@@ -188,7 +187,7 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
                          DOT: tl.constexpr, PREC: tl.constexpr):
     """acc += P_M * (y @ M_M[d tile, dv tile]^T).
 
-    With TF32 dots (fp16 and fp32 inputs) P_M scales the product, not the operand y: y (dO or v) is
+    With TF32 dots (fp16 and fp32 inputs) P_M scales the product, not the operand y: y (dO) is
     an input, exact as a TF32 operand, while y * P_M would be rounded. With dO constant along a row
     that rounding error is the same for the whole row, and dq = phi' (S g + z c) cancels its two
     terms: the rounded S g against the exact fp32 z c gave errors ~30x the inputs' rounding (fp16,
@@ -237,8 +236,8 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
                        seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
     rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE: y = dO, o [B, H, N, DV] strided
-    (strides s_o*), den [BH, N] ACC, den_floor and eps scaled like den; written by the first D tile), or
-    both 1 (ROWS_NONE). VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
+    (strides s_o*), den [BH, N] ACC, den_floor and eps scaled like den; written by the first D tile).
+    VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
     multiplies den_floor and eps with ROWS_COMPUTE, else out_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -268,38 +267,36 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
         acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
                                 s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                                 BLOCK_DV, ACC, DOT, PREC)
-    if ROWS != ROWS_NONE:
-        rows = bh * N
+    rows = bh * N
+    if VARLEN:
+        rows = h * N + start
+    if ROWS == ROWS_COMPUTE:
+        # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from L2):
+        # summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a, fp32 D40
+        # unaligned, 3.9), ptxas spilled 8 B.
         if VARLEN:
-            rows = h * N + start
-        if ROWS == ROWS_COMPUTE:
-            # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from L2):
-            # summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a, fp32 D40
-            # unaligned, 3.9), ptxas spilled 8 B.
-            if VARLEN:
-                o_base = o_ptr + h * s_oh + start * s_on
-            else:
-                o_base = o_ptr + b * s_ob + h * s_oh
-            delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
-            if VARLEN:
-                factor = tl.load(factor_ptr + seq)
-                den_floor = den_floor * factor
-                eps = eps * factor
-            den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
-            rs, rz = row_weights(delta, den, den_floor, eps)
-            # Every D tile computes them (they are needed here); the first one writes them.
-            first = mask_n & ((offs_n * 0 + tl.program_id(2)) == 0)
-            tl.store(rs_ptr + rows + offs_n, rs, mask=first)
-            tl.store(rz_ptr + rows + offs_n, rz, mask=first)
+            o_base = o_ptr + h * s_oh + start * s_on
         else:
-            rs = tl.load(rs_ptr + rows + offs_n, mask=mask_n, other=0.0)
-            rz = tl.load(rz_ptr + rows + offs_n, mask=mask_n, other=0.0)
-        acc = acc * rs[:, None]
+            o_base = o_ptr + b * s_ob + h * s_oh
+        delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
+        if VARLEN:
+            factor = tl.load(factor_ptr + seq)
+            den_floor = den_floor * factor
+            eps = eps * factor
+        den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
+        rs, rz = row_weights(delta, den, den_floor, eps)
+        # Every D tile computes them (they are needed here); the first one writes them.
+        first = mask_n & ((offs_n * 0 + tl.program_id(2)) == 0)
+        tl.store(rs_ptr + rows + offs_n, rs, mask=first)
+        tl.store(rz_ptr + rows + offs_n, rz, mask=first)
+    else:
+        rs = tl.load(rs_ptr + rows + offs_n, mask=mask_n, other=0.0)
+        rz = tl.load(rz_ptr + rows + offs_n, mask=mask_n, other=0.0)
+    acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
         p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
-        if ROWS != ROWS_NONE:
-            p = p * rz
+        p = p * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
         acc += p[:, None] * zm[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
