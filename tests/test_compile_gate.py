@@ -116,10 +116,11 @@ def _ins(addr, op, target=None, loc=("k.py", 1)):
 
 def test_loops_from_backward_branches_and_tile_attribution():
     code = [_ins(0, "MOV"), _ins(16, "LDG.E.U16", loc=("k.py", 10)), _ins(32, "HMMA.16816.F32.BF16"),
-            _ins(48, "LDG.E", loc=("k.py", 11)), _ins(64, "BRA", target=16), _ins(80, "STG.E.128"),
+            _ins(48, "LDG.E", loc=("k.py", 11)), _ins(56, "LDG.E.STRONG.SYS", loc=("k.py", 10)),
+            _ins(64, "BRA", target=16), _ins(80, "STG.E.128"),
             _ins(96, "EXIT"), _ins(112, "BRA", target=112)]
     loops = [lp for lp in find_loops(code) if len(lp.instrs) > 1]
-    assert [(lp.start, lp.end, len(lp.instrs)) for lp in loops] == [(16, 64, 4)]
+    assert [(lp.start, lp.end, len(lp.instrs)) for lp in loops] == [(16, 64, 5)]
     ttgir = ('%1 = tt.load %0 : tensor<64x64x!tt.ptr<bf16>, #blocked> loc(#loc3)\n'
              '%2 = tt.load %9 : tensor<64x!tt.ptr<f32>, #blocked1> loc(#loc4)\n'
              '#loc1 = loc("/x/k.py":10:8)\n#loc2 = loc("/x/k.py":11:8)\n#loc9 = loc("/x/k.py":40:1)\n'
@@ -127,8 +128,10 @@ def test_loops_from_backward_branches_and_tile_attribution():
     tiles = tile_lines(ttgir)
     assert tiles == {("k.py", 10): 2, ("k.py", 11): 1}
     s = memory_summary(loops[0].instrs, tiles)
-    assert s["narrow_tile_accesses"] == ["LDG.E.U16@k.py:10"]          # the 1-d fp32 vector is not judged
-    assert s["loads"] == {"16": 1, "32": 1} and s["tensor_core"] == 1
+    # the 1-d fp32 vector is not judged, nor the volatile scalar on the tile's line
+    assert s["narrow_tile_accesses"] == ["LDG.E.U16@k.py:10"]
+    assert "LDG.E.STRONG.SYS@k.py:10" in s["narrow_accesses"]
+    assert s["loads"] == {"16": 1, "32": 2} and s["tensor_core"] == 1
 
 
 def test_occupancy_against_chip_limits():

@@ -194,7 +194,10 @@ def memory_summary(instrs: list[Instr], tiles: dict) -> dict:
                 out["load_bits"] += width
             if width < 64 and fam in GLOBAL_LOADS + GLOBAL_STORES + ("LDGSTS",):
                 where = f"{ins.loc[0]}:{ins.loc[1]}"
-                if tiles.get(ins.loc, 0) >= 2:
+                # A volatile load (.STRONG.SYS) is never a tile's: the kernels load only scalars volatile
+                # (the packed calls' sequence table), and ptxas's line table can put those on the line of
+                # a neighbouring tile load.
+                if tiles.get(ins.loc, 0) >= 2 and ".STRONG.SYS" not in ins.opcode:
                     out["narrow_tile_accesses"].append(f"{ins.opcode}@{where}")
                 out["narrow_accesses"].append(f"{ins.opcode}@{where}")
         elif fam in GLOBAL_ATOMICS:
