@@ -13,7 +13,7 @@ import triton
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
-from .contract import ROWS_COMPUTE, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
+from .contract import ROWS_COMPUTE, ROWS_FROM_ACC, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
 from .keys import key_pass_kernel
 from .launch import Geometry
@@ -63,7 +63,7 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
     ``need_states``, else None."""
     B, H, Nq, D = q.shape
     Dv = do.shape[-1]
-    cfg = pick_config(D, Dv, q.dtype)
+    cfg = pick_config(D, Dv, q.dtype, n_feat=geom.n_feat)
     s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
     if dq is None and not need_states:
         return None
@@ -153,7 +153,8 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
     prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
-    mode = ROWS_LOAD if o is None else ROWS_COMPUTE
+    # One D tile holds all of phi(q) . acc: dO . o comes from the kernel's accumulator, o is not read.
+    mode = ROWS_LOAD if o is None else ROWS_FROM_ACC if D <= cfg.block_d else ROWS_COMPUTE
     if o is None:
         o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes

@@ -35,12 +35,14 @@ REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_keys")
 # is the same: 40 of 64.) fp32 (32-wide tiles already) keeps 4 warps: it fits there.
 UNALIGNED_TILE = 32
 UNALIGNED_NUM_WARPS = 8
-# The forward output pass reloads every F state tile (from L2) for each token tile: 128 tokens per program
-# halve that traffic (modelled at (b), B1 H4 224x224 D64 bf16: 50 -> 31 us). 16-bit inputs with head dims
-# that are multiples of 16 and at most 8 features only: at F = 10 (3-d product + prefix) it spilled 16 B on
-# sm_80 under triton 3.6 (255 registers), and TF32 / unaligned tiles take more registers already.
-WIDE_OUTPUT_BLOCK_N = 128
-WIDE_OUTPUT_MAX_FEATURES = 8
+# The forward output pass and the dq pass reload every F state tile (from L2) for each token tile: 128
+# tokens per program halve that traffic (modelled at (b), B1 H4 224x224 D64 bf16: output pass 50 -> 31 us).
+# 16-bit inputs with head dims that are multiples of 16 and at most 8 features only: at F = 10 (3-d product
+# + prefix) the output pass spilled 16 B on sm_80 under triton 3.6 (255 registers), and TF32 / unaligned
+# tiles take more registers already. (The key pass holds two accumulators: it stays at 64.)
+WIDE_BLOCK_N = 128
+WIDE_MAX_FEATURES = 8
+WIDE_LAUNCHES = ("fwd_output", "bwd_dq")
 # State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
 # hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
 # blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
@@ -83,8 +85,8 @@ class LaunchConfig:
 
 def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) -> LaunchConfig:
     """The config for head dims d (q/k), dv (v) and input dtype; serves GPU and interpreter alike.
-    ``n_feat``: the number of position features F, where the caller knows it (the forward output pass
-    takes more tokens per program for few features; None: as for many)."""
+    ``n_feat``: the number of position features F, where the caller knows it (the forward output and
+    dq passes take more tokens per program for few features; None: as for many)."""
     # One tile for both head dims: few GPU configs in all (the compile gate builds each), at the
     # price of padding the smaller of D / Dv when they differ a lot (rare: VVT uses D == Dv).
     if interpreting():  # no register limit there; fewer, larger programs run faster
@@ -120,8 +122,9 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
             tokens["bwd_dq"] = cfg.block_n // 2
         cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
     if dtype in (torch.float16, torch.bfloat16) and not unaligned and n_feat is not None \
-            and n_feat <= WIDE_OUTPUT_MAX_FEATURES:
-        cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + (("fwd_output", WIDE_OUTPUT_BLOCK_N),))
+            and n_feat <= WIDE_MAX_FEATURES:
+        cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + tuple((launch, WIDE_BLOCK_N)
+                                                                         for launch in WIDE_LAUNCHES))
     return cfg
 
 

@@ -7,8 +7,9 @@
 ``contract_dv_kernel`` (backward dq; dk and dv come from the key pass, keys.py):
     out_i = out_scale * phi'(x_i) * (rs_i sum_m P_m(i) M_m y_i + rz_i sum_m P_m(i) z_m)   [D]
     (contract over Dv) with x = q, y = dO, rs = 1/den, rz = -(dO.o)/den.
-    The dq pass computes rs, rz itself (``ROWS_COMPUTE``: dO.o from dO and o, 1/den) and writes them for
-    the state pass that follows; the clamped backward's dq loads them (``ROWS_LOAD``).
+    The dq pass computes rs, rz itself (1/den and dO.o: ``ROWS_FROM_ACC`` from its accumulator when D
+    fits one tile, ``ROWS_COMPUTE`` from dO and o otherwise) and writes them for the state pass that
+    follows; the clamped backward's dq loads them (``ROWS_LOAD``).
 ``row_weights_kernel`` (backward preprocessing when dq is not wanted): the same rs, rz (0 where the floor
     is active), from the same helpers (``row_delta``, ``row_weights``).
 States M [BH, F, D, Dv] and z [BH, F, D] are contiguous in the accumulation dtype ACC.
@@ -21,10 +22,10 @@ multiplies the scaled constants (eps, den_floor, the state scale) or the output 
 import triton
 import triton.language as tl
 
-from ..common import feature_map, mma, mul_feature_map_grad
+from ..common import feature_map, mma, mul_feature_map_grad, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .clamp import abs_clamp, without_floor_rows
-from .positions import position_feature
+from .positions import position_axes, position_feature, select_position_feature
 from .varlen import sequence_window
 
 
@@ -149,10 +150,13 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
 
 
 # How contract_dv_kernel (the dq pass) gets its row weights (constexpr ROWS): loaded (the clamped
-# backward's dq, clamp.py), or computed from dO, o and den in the kernel and written out for the state
-# pass (no separate row-weights launch, dO read once).
+# backward's dq, clamp.py), or computed in the kernel and written out for the state pass (no separate
+# row-weights launch). ROWS_COMPUTE takes dO . o from dO and o; ROWS_FROM_ACC (the head dim D in one
+# tile) from the kernel's own accumulator, without reading o or dO again:
+#     dO_i . o_i = sum_m P_m(i) phi(q_i) . (S_m dO_i) / den_i = phi(q_i) . acc_i / den_i.
 ROWS_LOAD = tl.constexpr(1)
 ROWS_COMPUTE = tl.constexpr(2)
+ROWS_FROM_ACC = tl.constexpr(3)
 
 
 @triton.jit
@@ -181,7 +185,7 @@ def row_weights(delta, den, den_floor, eps):
 
 
 @triton.jit
-def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV, n_prefix, s0, s1, s2,
+def _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
@@ -193,7 +197,7 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
     terms: the rounded S g against the exact fp32 z c gave errors ~30x the inputs' rounding (fp16,
     positive inputs). bf16 dots keep the product in the operand: the extra fp32 tile spills on sm_80.
     """
-    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+    p = _select(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :],
                     mask=mask_d[:, None] & mask_e[None, :], other=0.0)
     if DOT == tl.bfloat16 or PREC == "emulate_bf16":
@@ -203,7 +207,15 @@ def _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask
 
 
 @triton.jit
-def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix, s0, s1, s2,
+def _select(axes, M, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+            IS_QUERY: tl.constexpr, ACC: tl.constexpr):
+    """Position feature M from the tuple ``position_axes`` returned."""
+    return select_position_feature(axes[0], axes[1], axes[2], axes[3], axes[4], axes[5], axes[6], M, N_FEAT, N_AXES,
+                                   VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+
+
+@triton.jit
+def _contract_dv_tile(y_base, m_base, acc, axes, offs_n, mask_n, offs_d, mask_d, e0, D, DV,
                       syn, syd, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                       HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_DV: tl.constexpr,
                       ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
@@ -214,14 +226,12 @@ def _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
     if N_FEAT == 1:  # see _contract_d_tile
         for M in tl.static_range(N_FEAT):
-            acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
-                                       n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
-                                       ACC, DOT, PREC)
+            acc = _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                       N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
-            acc = _contract_dv_feature(y, acc, M, m_base, offs_n, offs_d, mask_d, offs_e, mask_e, D, DV,
-                                       n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
-                                       ACC, DOT, PREC)
+            acc = _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                       N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
     return acc
 
 
@@ -235,10 +245,11 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
                        BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                        seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
-    rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE: y = dO, o [B, H, N, DV] strided
-    (strides s_o*), den [BH, N] ACC, den_floor and eps scaled like den; written by the first D tile).
+    rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE / ROWS_FROM_ACC: y = dO, den
+    [BH, N] ACC, den_floor and eps scaled like den; ROWS_COMPUTE also reads o [B, H, N, DV] strided
+    (strides s_o*); written by the first D tile). ROWS_FROM_ACC needs D <= BLOCK_D.
     VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
-    multiplies den_floor and eps with ROWS_COMPUTE, else out_scale."""
+    multiplies den_floor and eps when the row weights are computed here, else out_scale."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_D
@@ -262,28 +273,41 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
         # the [H, N] buffers) where they are used, not here: held across the loop, they cost registers
         # the kernel parameters do not.
 
+    # Every feature is picked from the same per-axis cos / sin: computed once per program (per feature,
+    # each of the F features re-evaluated its axes' polynomials for every row a thread holds).
+    axes = position_axes(offs_n, n_prefix, s0, s1, s2, N_AXES, VARIANT, HAS_PREFIX, ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for e0 in range(0, DV, BLOCK_DV):
-        acc = _contract_dv_tile(y_base, m_base, acc, offs_n, mask_n, offs_d, mask_d, e0, D, DV, n_prefix,
-                                s0, s1, s2, syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
-                                BLOCK_DV, ACC, DOT, PREC)
+        acc = _contract_dv_tile(y_base, m_base, acc, axes, offs_n, mask_n, offs_d, mask_d, e0, D, DV,
+                                syn, syd, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, BLOCK_DV, ACC, DOT, PREC)
     rows = bh * N
     if VARLEN:
         rows = h * N + start
-    if ROWS == ROWS_COMPUTE:
-        # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from L2):
-        # summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a, fp32 D40
-        # unaligned, 3.9), ptxas spilled 8 B.
-        if VARLEN:
-            o_base = o_ptr + h * s_oh + start * s_on
+        x_base = x_ptr + h * sxh + start * sxn
+    else:
+        x_base = x_ptr + b * sxb + h * sxh
+    mask = mask_n[:, None] & mask_d[None, :]
+    if ROWS == ROWS_FROM_ACC:
+        phi = feature_map(tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask,
+                                  other=0.0).to(ACC), mask, FMAP)
+    if ROWS == ROWS_COMPUTE or ROWS == ROWS_FROM_ACC:
+        if ROWS == ROWS_FROM_ACC:
+            den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
+            delta = tl.sum(phi * acc, axis=1) / den
         else:
-            o_base = o_ptr + b * s_ob + h * s_oh
-        delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
+            # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from
+            # L2): summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a,
+            # fp32 D40 unaligned, 3.9), ptxas spilled 8 B.
+            if VARLEN:
+                o_base = o_ptr + h * s_oh + start * s_on
+            else:
+                o_base = o_ptr + b * s_ob + h * s_oh
+            delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
+            den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
         if VARLEN:
             factor = tl.load(factor_ptr + seq)
             den_floor = den_floor * factor
             eps = eps * factor
-        den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
         rs, rz = row_weights(delta, den, den_floor, eps)
         # Every D tile computes them (they are needed here); the first one writes them.
         first = mask_n & ((offs_n * 0 + tl.program_id(2)) == 0)
@@ -295,19 +319,16 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
     acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
-        p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
-        p = p * rz
+        p = _select(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
         acc += p[:, None] * zm[None, :]
-    mask = mask_n[:, None] & mask_d[None, :]
-    if VARLEN:
-        x_base = x_ptr + h * sxh + start * sxn
-        if ROWS != ROWS_COMPUTE:
-            out_scale = out_scale * tl.load(factor_ptr + bh // H)
+    if VARLEN and ROWS == ROWS_LOAD:
+        out_scale = out_scale * tl.load(factor_ptr + bh // H)
+    if ROWS == ROWS_FROM_ACC:
+        acc = mul_feature_map_grad_of_phi(acc, phi, FMAP) * out_scale
     else:
-        x_base = x_ptr + b * sxb + h * sxh
-    x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(ACC)
-    acc = mul_feature_map_grad(acc, x, FMAP) * out_scale
+        x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(ACC)
+        acc = mul_feature_map_grad(acc, x, FMAP) * out_scale
     if VARLEN:
         out_base = out_ptr + h * soh + start * son
     else:

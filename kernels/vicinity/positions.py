@@ -85,6 +85,66 @@ def _axis_cos_sin(g, s0, s1, s2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: t
 
 
 @triton.jit
+def position_axes(tok, n_prefix, s0, s1, s2, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                  HAS_PREFIX: tl.constexpr, DTYPE: tl.constexpr):
+    """The per-axis values every feature of the tokens ``tok`` is picked from: (cos theta_a, sin theta_a)
+    for the axes a = 0, 1, 2 ((1, 0) beyond N_AXES and for the "none" variant) and whether the token is
+    a grid token (True everywhere without prefix tokens). A kernel that walks the F features of one
+    token block computes these once and calls :func:`select_position_feature` per feature.
+    Arguments as in :func:`position_feature`."""
+    g = tok - n_prefix
+    is_grid = g >= 0
+    if HAS_PREFIX:
+        g = tl.maximum(g, 0)
+    if VARIANT == 0:
+        c0, n0 = _axis_cos_sin(g, s0, s1, s2, 3, N_AXES, DTYPE)
+        c1, n1 = c0, n0
+        c2, n2 = c0, n0
+    else:
+        c0, n0 = _axis_cos_sin(g, s0, s1, s2, 0, N_AXES, DTYPE)
+        c1, n1 = _axis_cos_sin(g, s0, s1, s2, 1, N_AXES, DTYPE)
+        c2, n2 = _axis_cos_sin(g, s0, s1, s2, 2, N_AXES, DTYPE)
+    return c0, n0, c1, n1, c2, n2, is_grid
+
+
+@triton.jit
+def select_position_feature(c0, n0, c1, n1, c2, n2, is_grid, m, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
+                            VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
+                            DTYPE: tl.constexpr):
+    """Feature m [BLOCK] DTYPE from :func:`position_axes`' values (selects and at most two products)."""
+    BASE: tl.constexpr = N_FEAT - 2 * HAS_PREFIX
+    one = tl.full(c0.shape, 1.0, DTYPE)
+    if VARIANT == 0:
+        val = one
+    elif VARIANT == 1:
+        # m = 2 a + (1 for sin)
+        val = tl.where(m % 2 == 1, n0, c0)
+        if N_AXES > 1:
+            val = tl.where(m // 2 == 1, tl.where(m % 2 == 1, n1, c1), val)
+        if N_AXES > 2:
+            val = tl.where(m // 2 == 2, tl.where(m % 2 == 1, n2, c2), val)
+    else:
+        # bit (N_AXES - 1 - a) of m picks sin for axis a
+        val = tl.where((m >> (N_AXES - 1)) % 2 == 1, n0, c0)
+        if N_AXES > 1:
+            val = val * tl.where((m >> (N_AXES - 2)) % 2 == 1, n1, c1)
+        if N_AXES > 2:
+            val = val * tl.where(m % 2 == 1, n2, c2)
+    if HAS_PREFIX:
+        zero = tl.zeros(c0.shape, DTYPE)
+        val = tl.where(is_grid, val, zero)
+        # query: [.., 1, 0] for grid tokens, [0.., 1, 1] for prefix; key: [.., 0, 1] / [0.., 1, 0]
+        if IS_QUERY:
+            tail0 = one
+            tail1 = tl.where(is_grid, zero, one)
+        else:
+            tail0 = tl.where(is_grid, zero, one)
+            tail1 = tl.where(is_grid, one, zero)
+        val = tl.where(m == BASE, tail0, tl.where(m == BASE + 1, tail1, val))
+    return val
+
+
+@triton.jit
 def position_feature(tok, m, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
                      VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
                      DTYPE: tl.constexpr):
@@ -97,44 +157,9 @@ def position_feature(tok, m, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES:
     m may be a runtime int (a loop counter) or a constexpr. Each axis' cos / sin is evaluated once
     and the feature picked with selects, so a runtime m costs N_AXES polynomial pairs, not F.
     """
-    g = tok - n_prefix
-    if HAS_PREFIX:
-        is_grid = g >= 0
-        g = tl.maximum(g, 0)
-    BASE: tl.constexpr = N_FEAT - 2 * HAS_PREFIX
-    one = tl.full(tok.shape, 1.0, DTYPE)
-    if VARIANT == 0:
-        val = one
-    else:
-        c0, n0 = _axis_cos_sin(g, s0, s1, s2, 0, N_AXES, DTYPE)
-        c1, n1 = _axis_cos_sin(g, s0, s1, s2, 1, N_AXES, DTYPE)
-        c2, n2 = _axis_cos_sin(g, s0, s1, s2, 2, N_AXES, DTYPE)
-        if VARIANT == 1:
-            # m = 2 a + (1 for sin)
-            val = tl.where(m % 2 == 1, n0, c0)
-            if N_AXES > 1:
-                val = tl.where(m // 2 == 1, tl.where(m % 2 == 1, n1, c1), val)
-            if N_AXES > 2:
-                val = tl.where(m // 2 == 2, tl.where(m % 2 == 1, n2, c2), val)
-        else:
-            # bit (N_AXES - 1 - a) of m picks sin for axis a
-            val = tl.where((m >> (N_AXES - 1)) % 2 == 1, n0, c0)
-            if N_AXES > 1:
-                val = val * tl.where((m >> (N_AXES - 2)) % 2 == 1, n1, c1)
-            if N_AXES > 2:
-                val = val * tl.where(m % 2 == 1, n2, c2)
-    if HAS_PREFIX:
-        zero = tl.zeros(tok.shape, DTYPE)
-        val = tl.where(is_grid, val, zero)
-        # query: [.., 1, 0] for grid tokens, [0.., 1, 1] for prefix; key: [.., 0, 1] / [0.., 1, 0]
-        if IS_QUERY:
-            tail0 = one
-            tail1 = tl.where(is_grid, zero, one)
-        else:
-            tail0 = tl.where(is_grid, zero, one)
-            tail1 = tl.where(is_grid, one, zero)
-        val = tl.where(m == BASE, tail0, tl.where(m == BASE + 1, tail1, val))
-    return val
+    c0, n0, c1, n1, c2, n2, is_grid = position_axes(tok, n_prefix, s0, s1, s2, N_AXES, VARIANT, HAS_PREFIX, DTYPE)
+    return select_position_feature(c0, n0, c1, n1, c2, n2, is_grid, m, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                                   IS_QUERY, DTYPE)
 
 
 @triton.jit
