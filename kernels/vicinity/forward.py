@@ -33,10 +33,12 @@ def varlen_kwargs(pack: Packing | None, factor: torch.Tensor | None) -> dict:
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
                    launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
-                   factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   factor: torch.Tensor | None = None,
+                   s_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
-    x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
+    x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype;
+    S in ``s_dtype`` when given (rounded once, from the ACC sums, when it is written).
     Token t of x sits at position ``tok_offset + t`` of its sequence (a shard of a longer sequence:
     context parallelism); P is that position's feature.
     ``launch`` ("fwd_state" / "bwd_state") picks the dot precision. One program computes all F states
@@ -53,7 +55,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     lead = B * H if pack is None else pack.n_seqs * H
     plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), tiles.block_n, lead * n_tiles)
     n_s, n_z = lead * F * D * Dv, lead * F * D
-    S = torch.empty(lead, F, D, Dv, dtype=acc_dtype, device=x.device)
+    S = torch.empty(lead, F, D, Dv, dtype=s_dtype or acc_dtype, device=x.device)
     z = torch.empty(lead, F, D, dtype=acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
     # would compute, so the result is bitwise the same), and the reduction is skipped. Several: the

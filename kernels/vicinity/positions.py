@@ -48,10 +48,27 @@ def cos_sin_quarter(theta):
 
     Angles here never leave [0, pi/2), so no range reduction is needed: libdevice's cos/sin carry a
     large-argument slow path with a local-memory array (stack), which would blur the compile gate's
-    zero-stack (= zero-spill) check. Truncation error < 1e-17 on |x| <= pi/4, i.e. exact to the dtype.
+    zero-stack (= zero-spill) check. Truncation error on |x| <= pi/4: < 1e-17 in fp64; in fp32, terms
+    to x^9 (sin) and x^10 (cos), < 2e-9, below fp32's rounding (6e-8), in Horner form (one FMA a term:
+    every kernel evaluates this for each token row a thread holds, once per axis).
     """
     x = theta - 0.7853981633974483
     x2 = x * x
+    if theta.dtype == tl.float64:
+        c, s = _cos_sin_taylor_fp64(x, x2)
+    else:
+        s = x * (1.0 + x2 * (-1.0 / 6.0 + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362880.0)))))
+        c = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0
+                                                                            + x2 * (-1.0 / 3628800.0)))))
+    # cos(pi/4 + x) = (cos x - sin x) / sqrt 2,  sin(pi/4 + x) = (cos x + sin x) / sqrt 2.
+    # sin 0 exactly 0 (c + s leaves rounding noise there): the states of coordinate-0 tokens are then
+    # exact zeros, as in the authors' code, which the VVT clamp would otherwise blow up to +-min_mag.
+    return (c - s) * 0.7071067811865476, tl.where(theta == 0, 0.0, (c + s) * 0.7071067811865476)
+
+
+@triton.jit
+def _cos_sin_taylor_fp64(x, x2):
+    """(cos x, sin x) for |x| <= pi/4 to fp64 accuracy (terms to x^17 / x^18, nested)."""
     s = 1.0 - x2 * (1.0 / 272.0)
     s = 1.0 - x2 * (1.0 / 210.0) * s
     s = 1.0 - x2 * (1.0 / 156.0) * s
@@ -69,10 +86,7 @@ def cos_sin_quarter(theta):
     c = 1.0 - x2 * (1.0 / 30.0) * c
     c = 1.0 - x2 * (1.0 / 12.0) * c
     c = 1.0 - x2 * 0.5 * c
-    # cos(pi/4 + x) = (cos x - sin x) / sqrt 2,  sin(pi/4 + x) = (cos x + sin x) / sqrt 2.
-    # sin 0 exactly 0 (c + s leaves rounding noise there): the states of coordinate-0 tokens are then
-    # exact zeros, as in the authors' code, which the VVT clamp would otherwise blow up to +-min_mag.
-    return (c - s) * 0.7071067811865476, tl.where(theta == 0, 0.0, (c + s) * 0.7071067811865476)
+    return c, s
 
 
 @triton.jit
