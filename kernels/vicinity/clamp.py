@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..runtime import launch_jit
-from .varlen import sequence_window
+from .varlen import token_block
 
 
 @triton.jit
@@ -83,19 +83,12 @@ def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H,
     scaled unclamped numerator s_k n_pre; den [BH, N] ACC (scaled). Writes g / s_k into g [B, H, N, DV]
     (strides so*, dO's dtype), rs = 1 and rz = c / s_k [BH, N] ACC (module docstring). VARLEN (over the
     queries): n [H, N, DV], factor[seq] multiplies den_floor, eps and state_scale."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    bh, b, h, offs_n, mask_n, start, active, _s0, _s1, _s2 = token_block(H, N, 1, 1, 1, seq_ptr, BLOCK_N, True,
+                                                                         VARLEN)
     if VARLEN:
-        seq = bh // H
-        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, True)
-        if pid_n * BLOCK_N >= n_seq:
+        if not active:
             return
-        mask_n = offs_n < n_seq
-        factor = tl.load(factor_ptr + seq)
+        factor = tl.load(factor_ptr + bh // H)
         # A [BLOCK_N] vector, not a scalar: the interpreter cannot '&' a loaded scalar's comparison.
         den_floor = tl.zeros((BLOCK_N,), ACC) + den_floor * factor
         eps = eps * factor

@@ -26,7 +26,7 @@ from ..common import feature_map, mma, mul_feature_map_grad, mul_feature_map_gra
 from ..runtime import launch_jit
 from .clamp import abs_clamp, without_floor_rows
 from .positions import position_axes, position_feature, select_position_feature
-from .varlen import sequence_window
+from .varlen import sequence_window, token_block
 
 
 @triton.jit
@@ -93,25 +93,19 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
     (written in out's dtype); den [BH, N] ACC (written when WITH_DEN, by the first Dv tile).
     VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_dv_tiles); factor[seq] multiplies eps,
     den_floor and state_scale with WITH_DEN, else out_scale."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # Packed: the grid sizes are read per feature (``_contract_d_feature``), not from here.
+    bh, b, h, offs_n, mask_n, start, active, _s0, _s1, _s2 = token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N,
+                                                                         IS_QUERY, VARLEN)
     e0 = tl.program_id(2) * BLOCK_DV
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     x_base = x_ptr + b * sxb + h * sxh
     m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
     out_base = out_ptr + b * sob + h * soh
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     if VARLEN:
-        seq = bh // H
-        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, IS_QUERY)
-        if pid_n * BLOCK_N >= n_seq:
+        if not active:
             return
         x_base = x_ptr + h * sxh + start * sxn
         out_base = out_ptr + h * soh + start * son
-        mask_n = offs_n < n_seq
 
     acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     den = tl.zeros((BLOCK_N,), ACC)
@@ -137,7 +131,9 @@ def contract_d_kernel(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_pref
             inv_den = abs_clamp(state_scale / den, clamp_lo, clamp_hi)
             acc = abs_clamp(num * inv_den[:, None], clamp_lo, clamp_hi)
         else:
-            acc = acc / den[:, None]
+            # One division per row, not per element (a full-precision fp32 division is ~10 instructions;
+            # per element it was 150 of the output pass's 1200 a program at bf16 D64, 128 tokens).
+            acc = acc * (1.0 / den)[:, None]
         if VARLEN:
             den_row = den_ptr + h * N + start
         else:
@@ -250,24 +246,17 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
     (strides s_o*); written by the first D tile). ROWS_FROM_ACC needs D <= BLOCK_D.
     VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
     multiplies den_floor and eps when the row weights are computed here, else out_scale."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, b, h, offs_n, mask_n, start, active, s0, s1, s2 = token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N, IS_QUERY,
+                                                                      VARLEN)
     d0 = tl.program_id(2) * BLOCK_D
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
     y_base = y_ptr + b * syb + h * syh
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
     mask_d = offs_d < D
     if VARLEN:
-        seq = bh // H
-        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, IS_QUERY)
-        if pid_n * BLOCK_N >= n_seq:
+        if not active:
             return
-        mask_n = offs_n < n_seq
         y_base = y_ptr + h * syh + start * syn
         # The other pointers move into the sequence's window (tokens from start, rows h * N + start of
         # the [H, N] buffers) where they are used, not here: held across the loop, they cost registers
@@ -305,7 +294,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
             delta = row_delta(y_base, o_base, offs_n, mask_n, DV, syn, syd, s_on, s_od, BLOCK_N, BLOCK_DV, ACC)
             den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
         if VARLEN:
-            factor = tl.load(factor_ptr + seq)
+            factor = tl.load(factor_ptr + bh // H)
             den_floor = den_floor * factor
             eps = eps * factor
         rs, rz = row_weights(delta, den, den_floor, eps)
@@ -344,19 +333,12 @@ def row_weights_kernel(do_ptr, o_ptr, den_ptr, rs_ptr, rz_ptr, H, N, DV, den_flo
     """rs_i = 1 / den_i, rz_i = -(dO_i . o_i) / den_i (0 where den_i = den_floor + eps: the floor is active
     and den carries no gradient; den_floor, eps scaled like den). Grid (cdiv(N, BLOCK_N), BH). dO, o [B, H, N, DV]
     strided; den, rs, rz [BH, N] ACC. VARLEN (over the queries): factor[seq] multiplies den_floor and eps."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    bh, b, h, offs_n, mask_n, start, active, _s0, _s1, _s2 = token_block(H, N, 1, 1, 1, seq_ptr, BLOCK_N, True,
+                                                                         VARLEN)
     if VARLEN:
-        seq = bh // H
-        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, True)
-        if pid_n * BLOCK_N >= n_seq:
+        if not active:
             return
-        mask_n = offs_n < n_seq
-        factor = tl.load(factor_ptr + seq)
+        factor = tl.load(factor_ptr + bh // H)
         den_floor = den_floor * factor
         eps = eps * factor
         # Base pointers shifted into the sequence's window (see contract_dv_kernel).

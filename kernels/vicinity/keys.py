@@ -21,7 +21,7 @@ import triton.language as tl
 from ..common import feature_map, mma, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .positions import position_feature
-from .varlen import sequence_window
+from .varlen import sequence_window, token_block
 
 
 @triton.jit
@@ -114,19 +114,13 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
     a token block writes dk's D tile j (NEED_DK) and dv's Dv tile j (NEED_DV), so n_programs is the
     number of tiles of the gradients asked for (the larger when both). ONE_TILE: D <= BLOCK_D and
     DV <= BLOCK_DV. VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_programs)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # Packed: the grid sizes are read per feature (``_key_feature``), not from here.
+    bh, b, h, offs_n, mask_n, start, active, _s0, _s1, _s2 = token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N, False,
+                                                                         VARLEN)
     j = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     if VARLEN:
-        seq = bh // H
-        start, n_seq, _s0, _s1, _s2 = sequence_window(seq_ptr, seq, False)
-        if pid_n * BLOCK_N >= n_seq:
+        if not active:
             return
-        mask_n = offs_n < n_seq
         k_base = k_ptr + h * skh + start * skn
         v_base = v_ptr + h * svh + start * svn
     else:
@@ -177,7 +171,7 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
                                        ACC, DOT, PREC, seq_ptr, VARLEN)
     if VARLEN:
         # Loaded after the loops: one register less across them.
-        key_scale = key_scale * tl.load(factor_ptr + seq)
+        key_scale = key_scale * tl.load(factor_ptr + bh // H)
         dk_base = dk_ptr + h * sah + start * san
         dv_base = dv_ptr + h * sbh + start * sbn
     else:

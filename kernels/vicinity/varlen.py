@@ -43,6 +43,25 @@ def sequence_window(seq_ptr, seq, IS_QUERY: tl.constexpr, RELOAD: tl.constexpr =
             tl.load(entry + 3, volatile=RELOAD), tl.load(entry + 4, volatile=RELOAD))
 
 
+@triton.jit
+def token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N: tl.constexpr, IS_QUERY: tl.constexpr, VARLEN: tl.constexpr):
+    """Where a per-token kernel's program works, from its program ids (axis 0: token block, axis 1: bh):
+    (bh, b, h, offs_n, mask_n, start, active, s0, s1, s2). Dense: batch b and head h (int64) of bh, tokens
+    offs_n (mask_n: < N) from start 0, the grid sizes as given, active True. Packed (VARLEN): sequence
+    bh // H's window: tokens relative to its start, mask_n < its length, its grid sizes (b = bh // H);
+    active False when the block lies past the sequence's end: the caller returns at once."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = 0
+    n_seq = N
+    if VARLEN:
+        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, bh // H, IS_QUERY)
+    return bh, b, h, offs_n, offs_n < n_seq, start, pid_n * BLOCK_N < n_seq, s0, s1, s2
+
+
 @dataclass(frozen=True)
 class Packing:
     """The host side of a packed call: lengths and grids per sequence, and the table on the device.
