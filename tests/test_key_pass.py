@@ -40,35 +40,3 @@ def test_backward_launches_one_key_pass(monkeypatch, wanted, D, Dv):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_key_states_dtype_is_the_key_pass_dot_operand(monkeypatch):
-    """On a GPU, bf16 inputs get dS in bf16 (what the key pass's bf16 dots take); TF32 dots (fp16, fp32
-    inputs) and fp64 keep the accumulation dtype, and so does the interpreter's emulated dot."""
-    from vicinity_attn.kernels.vicinity.backward import key_states_dtype
-    assert key_states_dtype(torch.bfloat16) is None   # the interpreter: fp32 operands, rounded in the dot
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert key_states_dtype(torch.bfloat16) == torch.bfloat16
-    for dtype in (torch.float16, torch.float32, torch.float64):
-        assert key_states_dtype(dtype) is None
-
-
-@pytest.mark.parametrize("grid", [(3, 4), (9, 11)])   # one state chunk (no reduction), several chunks
-def test_state_gradients_written_in_a_narrower_dtype(grid):
-    """backward_queries with states_dtype writes dS rounded once from the accumulated fp32 values (by
-    the store's cast, in the partial kernel for one chunk, in the reduction for several): bitwise the
-    fp32 dS cast to bf16. The interpreter's cast truncates; a GPU's rounds to nearest, which is what
-    the key pass's dot does to an fp32 dS operand. dz stays in fp32, unchanged."""
-    from vicinity_attn.kernels.vicinity import Geometry, backward_queries, vicinity_forward
-    geom = Geometry.build(grid, grid, "sum", "relu", 1)
-    n = 1 + grid[0] * grid[1]
-    q, k, v = make_inputs(2, 2, n, n, 24, 20, dtype=torch.float32)
-    o = torch.empty_like(q[..., :20])
-    den, S, z = vicinity_forward(q, k, v, o, geom, 1e-4)
-    do = torch.randn_like(o)
-    args = (do, q, o, den, S, z, None, geom, 1e-4, 0.0, None, n, n)
-    dS, dz = backward_queries(*args)
-    dS16, dz16 = backward_queries(*args, states_dtype=torch.bfloat16)
-    assert dS.dtype == torch.float32 and dS16.dtype == torch.bfloat16 and dz16.dtype == torch.float32
-    truncated = (dS.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
-    assert torch.equal(dS16, truncated) or torch.equal(dS16, dS.to(torch.bfloat16))
-    assert not torch.equal(dS16.float(), dS)          # rounded: fresh random inputs leave low bits set
-    assert torch.equal(dz16, dz)

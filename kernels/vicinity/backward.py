@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
-from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
+from .configs import (LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale,
+                      state_operand_dtype)
 from .contract import ROWS_COMPUTE, ROWS_FROM_ACC, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
 from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
 from .keys import key_pass_kernel
@@ -48,24 +48,32 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp, pack)
         return
     Nq, Nk = q.shape[2], k.shape[2]
+    need_states = dk is not None or dv is not None
+    dS_op = _operand_copy(S, q.dtype, clamp) if need_states else None
     states = backward_queries(do, q, o, den, S, z, dq, geom, eps, den_floor, clamp, Nq, Nk,
-                              need_states=dk is not None or dv is not None,
-                              states_dtype=None if clamp is not None else key_states_dtype(q.dtype))
+                              need_states=need_states, ds_copy=dS_op)
     if states is not None:
-        backward_keys(k, v, S, *states, dk, dv, geom, clamp, Nq, Nk)
+        dS, dz = states
+        backward_keys(k, v, S, dS if dS_op is None else dS_op, dz, dk, dv, geom, clamp, Nq, Nk)
+
+
+def _operand_copy(S: torch.Tensor, dtype: torch.dtype, clamp: tuple[float, float] | None) -> torch.Tensor | None:
+    """An empty tensor shaped like S for dS in the key pass's dot operand dtype, when that is 16-bit (bf16
+    inputs on a GPU) and no clamp mask changes dS between the passes; else None."""
+    op_dtype = state_operand_dtype("bwd_keys", dtype)
+    return None if op_dtype is None or clamp is not None else torch.empty(S.shape, dtype=op_dtype, device=S.device)
 
 
 def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
                      z: torch.Tensor, dq: torch.Tensor | None, geom: Geometry, eps: float, den_floor: float,
                      clamp: tuple[float, float] | None, n_queries: int, n_keys: int, query_offset: int = 0,
                      need_states: bool = True,
-                     states_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     ds_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The query pass: fills dq (unless None) for the queries q [B, H, n, D] at sequence positions
     query_offset .. query_offset + n - 1 of ``n_queries`` (keys: ``n_keys``), and returns their state
     gradients (dS [BH, F, D, Dv], dz [BH, F, D], scaled as :func:`vicinity_backward` says) when
-    ``need_states``, else None. dS is in the accumulation dtype, or in ``states_dtype`` when given
-    (``key_states_dtype``: for a key pass that follows directly, no clamp mask or sum over ranks
-    between)."""
+    ``need_states``, else None. ``ds_copy``: dS is also written into it (see ``compute_states``), for a key
+    pass that reads it in its dot operand dtype."""
     B, H, Nq, D = q.shape
     Dv = do.shape[-1]
     cfg = pick_config(D, Dv, q.dtype, n_feat=geom.n_feat)
@@ -88,16 +96,7 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
     if not need_states:
         return None
     return compute_states(q, do, geom, True, s_q, "bwd_state", rs=rs, rz=rz, tok_offset=query_offset,
-                          s_dtype=states_dtype)
-
-
-def key_states_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype the key pass's dots take dS in, for inputs of ``dtype``, when it is 16-bit (bf16 inputs
-    on a GPU), else None. The state pass then writes dS in it: rounded once as it is written, it is
-    bitwise the operand the key pass would round the fp32 dS to, and the key pass reads every dS tile
-    (once per token block, from L2) in half the bytes, with no conversion."""
-    dot = dot_precision("bwd_keys", dtype).dot
-    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(dot)
+                          s_copy=ds_copy)
 
 
 def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.Tensor, dz: torch.Tensor,
@@ -147,14 +146,16 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
         _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, **rows)
     if dk is None and dv is None:
         return
+    dS_op = _operand_copy(S, q.dtype, clamp)
     dS, dz = compute_states(q, do, geom, True, 1.0, "bwd_state", rs=rs, rz=rz, pack=pack, factor=factors(s_q),
-                            s_dtype=None if clamp is not None else key_states_dtype(q.dtype))
+                            s_copy=dS_op)
     if clamp is not None:
         n = dS.numel()
         state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0], clamp[1], BLOCK=REDUCE_BLOCK,
                                                                 num_warps=REDUCE_WARPS, factor_ptr=f_k,
                                                                 rows_per_seq=n // pack.n_seqs, VARLEN=True)
-    _key_pass(k, v, dS, dz, dk, dv, geom, cfg, 1.0, pack=pack, factor=factors([a / b for a, b in zip(s_k, s_q)]))
+    _key_pass(k, v, dS if dS_op is None else dS_op, dz, dk, dv, geom, cfg, 1.0, pack=pack,
+              factor=factors([a / b for a, b in zip(s_k, s_q)]))
 
 
 def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,

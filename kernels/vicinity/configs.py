@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from ..runtime import Precision, interpreting, pick_precision
 
@@ -288,6 +289,17 @@ def dot_operand_dtype(launch: str, dtype: torch.dtype) -> torch.dtype:
     if dtype == torch.float16 and launch not in INPUT_RANGE_DOTS:
         return torch.float32
     return dtype
+
+
+def state_operand_dtype(launch: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype ``launch``'s dots take the states (S, or dS for the key pass) in, for inputs of ``dtype``,
+    when it is 16-bit (bf16 inputs on a GPU; the interpreter's emulated dots take fp32), else None.
+
+    The launch that writes the states then also writes a copy in it (``compute_states``' s_copy): rounded
+    once, as the dot would round each fp32 tile, so bitwise the same operand; the per-token pass reads
+    every state tile (once per token block, from L2) in half the bytes and converts nothing."""
+    dot = dot_precision(launch, dtype).dot
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(dot)
 
 
 def dot_precision(launch: str, dtype: torch.dtype, interpret: bool | None = None) -> Precision:

@@ -11,7 +11,8 @@ import triton
 
 from ..runtime import Precision
 from .clamp import state_clamp_kernel
-from .configs import ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale, state_tiles
+from .configs import (ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale, state_operand_dtype,
+                      state_tiles)
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
@@ -34,11 +35,12 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
                    launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
                    factor: torch.Tensor | None = None,
-                   s_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   s_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
-    x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype;
-    S in ``s_dtype`` when given (rounded once, from the ACC sums, when it is written).
+    x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
+    ``s_copy`` (shaped like S, another dtype: see ``state_operand_dtype``): S is also written into it,
+    rounded once from the ACC values by the kernel that writes S.
     Token t of x sits at position ``tok_offset + t`` of its sequence (a shard of a longer sequence:
     context parallelism); P is that position's feature.
     ``launch`` ("fwd_state" / "bwd_state") picks the dot precision. One program computes all F states
@@ -55,7 +57,9 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     lead = B * H if pack is None else pack.n_seqs * H
     plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), tiles.block_n, lead * n_tiles)
     n_s, n_z = lead * F * D * Dv, lead * F * D
-    S = torch.empty(lead, F, D, Dv, dtype=s_dtype or acc_dtype, device=x.device)
+    S = torch.empty(lead, F, D, Dv, dtype=acc_dtype, device=x.device)
+    assert s_copy is None or (s_copy.shape == S.shape and s_copy.is_contiguous())
+    copy = {} if s_copy is None else dict(s_copy_ptr=s_copy, COPY=True)
     z = torch.empty(lead, F, D, dtype=acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
     # would compute, so the result is bitwise the same), and the reduction is skipped. Several: the
@@ -79,7 +83,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
         scale if single or pack is not None else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query),
         ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
         **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
-        **tiles.options(), **packed)
+        **tiles.options(), **packed, **(copy if single else {}))
     if single:
         return S, z
     reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=n_s // pack.n_seqs,
@@ -87,7 +91,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     chunk_reduce_kernel[(triton.cdiv(n_s + n_z, REDUCE_BLOCK),)](parts, S, z, n_s, n_s + n_z, plan.n_chunks,
                                                                1.0 if pack is not None else scale,
                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
-                                                               **reduce_packed)
+                                                               **reduce_packed, **copy)
     return S, z
 
 
@@ -108,7 +112,7 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
     B, H, N, D = x.shape
     Dv = out.shape[-1]
     with_den = eps is not None
-    den = torch.empty(B * H, N, dtype=states.dtype, device=x.device) if with_den else states
+    den = torch.empty(B * H, N, dtype=z.dtype, device=x.device) if with_den else z   # z: ACC (states may be a copy)
     sizes = geom.q_sizes if is_query else geom.k_sizes
     block_n = cfg.tokens_per_program(launch)
     if pack is None:
@@ -143,35 +147,46 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
     if pack is not None:
         return _packed_forward(q, k, v, o, geom, eps, den_floor, clamp, pack)
-    S, z = forward_states(k, v, geom)
-    den = forward_output(q, S, z, o, geom, eps, den_floor, clamp, n_keys=k.shape[2])
+    S_op = _operand_copy(q, geom, k.shape[0] * k.shape[1], v.shape[-1], clamp)
+    S, z = forward_states(k, v, geom, s_copy=S_op)
+    den = forward_output(q, S, z, o, geom, eps, den_floor, clamp, n_keys=k.shape[2], S_operand=S_op)
     return den, S, z
 
 
+def _operand_copy(q: torch.Tensor, geom: Geometry, lead: int, Dv: int,
+                  clamp: tuple[float, float] | None) -> torch.Tensor | None:
+    """An empty [lead, F, D, Dv] tensor for the forward states in the output pass's dot operand dtype, when
+    that is 16-bit (bf16 inputs on a GPU) and no clamp changes S after the state pass; else None."""
+    dtype = state_operand_dtype("fwd_output", q.dtype)
+    if dtype is None or clamp is not None:
+        return None
+    return torch.empty(lead, geom.n_feat, q.shape[-1], Dv, dtype=dtype, device=q.device)
+
+
 def forward_states(k: torch.Tensor, v: torch.Tensor, geom: Geometry, n_keys: int | None = None,
-                   key_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_offset: int = 0, s_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The state pass: (S [BH, F, D, Dv], z [BH, F, D]) over the keys k [B, H, n, D], v [B, H, n, Dv],
     which sit at positions key_offset .. key_offset + n - 1 of a sequence of ``n_keys`` keys (default:
     k is the whole sequence). Scaled by 2^-ceil(log2 n_keys): shards of one sequence share that scale,
-    so their states add up to the whole sequence's."""
+    so their states add up to the whole sequence's. ``s_copy``: see :func:`compute_states`."""
     assert k.shape[-1] <= 256 and v.shape[-1] <= 256
     scale = pow2_scale(k.shape[2] if n_keys is None else n_keys)
-    return compute_states(k, v, geom, False, scale, "fwd_state", tok_offset=key_offset)
+    return compute_states(k, v, geom, False, scale, "fwd_state", tok_offset=key_offset, s_copy=s_copy)
 
 
 def forward_output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.Tensor, geom: Geometry, eps: float,
                    den_floor: float, clamp: tuple[float, float] | None, n_keys: int,
-                   query_offset: int = 0) -> torch.Tensor:
+                   query_offset: int = 0, S_operand: torch.Tensor | None = None) -> torch.Tensor:
     """The output pass: fills o [B, H, n, Dv] for the queries q [B, H, n, D] at sequence positions
     query_offset .. query_offset + n - 1 from the states of all ``n_keys`` keys (scaled as
     :func:`forward_states` scales them; clamped here in place when ``clamp`` is given) and returns den
-    [BH, n]."""
+    [BH, n]. ``S_operand``: S in the output pass's dot operand dtype (no clamp), read instead of S."""
     cfg = pick_config(q.shape[-1], o.shape[-1], q.dtype, n_feat=geom.n_feat)
     scale = pow2_scale(n_keys)
     if clamp is not None:
         clamp_states(S, clamp, scale)
-    return contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps * scale, den_floor=den_floor * scale, clamp=clamp,
-                      state_scale=scale, tok_offset=query_offset)
+    return contract_d(q, S if S_operand is None else S_operand, z, o, geom, True, cfg, "fwd_output", eps * scale,
+                      den_floor=den_floor * scale, clamp=clamp, state_scale=scale, tok_offset=query_offset)
 
 
 def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, clamp,
@@ -180,11 +195,12 @@ def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, cl
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
     cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
     s_k = pack.factors(pack.scales(False), _acc_torch_dtype(dot_precision("fwd_state", q.dtype)))
-    S, z = compute_states(k, v, geom, False, 1.0, "fwd_state", pack=pack, factor=s_k)
+    S_op = _operand_copy(q, geom, pack.n_seqs * q.shape[1], v.shape[-1], clamp)
+    S, z = compute_states(k, v, geom, False, 1.0, "fwd_state", pack=pack, factor=s_k, s_copy=S_op)
     if clamp is not None:
         clamp_states(S, clamp, 1.0, pack, s_k)
-    den = contract_d(q, S, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor, clamp=clamp, pack=pack,
-                     factor=s_k)
+    den = contract_d(q, S if S_op is None else S_op, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor,
+                     clamp=clamp, pack=pack, factor=s_k)
     return den, S, z
 
 

@@ -97,7 +97,8 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
                          ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                          PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, seq_ptr=None,
-                         chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
+                         chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False, s_copy_ptr=None,
+                         COPY: tl.constexpr = False):
     """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks).
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
@@ -108,6 +109,8 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
 
     VARLEN: B = 1, N the packed token count, BH = S * H (sequence, head); the window comes from seq
     [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks.
+    COPY (one chunk: the partials are the states): S is also written to s_copy ([BH, N_FEAT, D, DV], its
+    own dtype: a dot operand copy, see ``compute_states``).
     """
     n_d_tiles = tl.cdiv(D, BLOCK_D)
     n_e_tiles = tl.cdiv(DV, BLOCK_DV)
@@ -153,9 +156,11 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     offs_m = offs_r // BLOCK_D
     offs_rd = d0 + offs_r % BLOCK_D
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    s_ptrs = s_part_ptr + (first_row + offs_m[:, None]) * D * DV + offs_rd[:, None] * DV + offs_e[None, :]
-    tl.store(s_ptrs, s_acc * scale,
-             mask=((offs_m < N_FEAT) & (offs_rd < D))[:, None] & (offs_e[None, :] < DV))
+    offs_s = (first_row + offs_m[:, None]) * D * DV + offs_rd[:, None] * DV + offs_e[None, :]
+    mask_s = ((offs_m < N_FEAT) & (offs_rd < D))[:, None] & (offs_e[None, :] < DV)
+    tl.store(s_part_ptr + offs_s, s_acc * scale, mask=mask_s)
+    if COPY:
+        tl.store(s_copy_ptr + offs_s, s_acc * scale, mask=mask_s)
     # z (column 0 of the z tile) does not depend on the Dv tile: the first Dv tile writes it.
     z_rows = tl.sum(tl.where(tl.arange(0, Z_COLS)[None, :] == 0, z_acc, 0.0), axis=1)
     tl.store(z_part_ptr + (first_row + offs_m) * D + offs_rd, z_rows * scale,
@@ -164,14 +169,15 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
 
 @launch_jit
 def chunk_reduce_kernel(part_ptr, s_ptr, z_ptr, n_s, n_rows, n_chunks, scale, BLOCK: tl.constexpr, chunks_ptr=None,
-                        rows_per_seq=None, z_rows_per_seq=None, VARLEN: tl.constexpr = False):
+                        rows_per_seq=None, z_rows_per_seq=None, VARLEN: tl.constexpr = False, s_copy_ptr=None,
+                        COPY: tl.constexpr = False):
     """Row r of [S | z] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
 
     part [n_chunks, n_rows] (each chunk's S partial, n_s values, then its z partial); S [n_s] and z
     [n_rows - n_s], all ACC dtype (fp32 / fp64). Grid (cdiv(n_rows, BLOCK),).
     VARLEN: row r < n_s (of S) belongs to sequence r // rows_per_seq, a row of z to sequence
     (r - n_s) // z_rows_per_seq; sequence seq has chunks[seq] chunks (the partials of the others were
-    never written).
+    never written). COPY: S is also written to s_copy [n_s] (its own dtype: a dot operand copy).
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
@@ -189,4 +195,6 @@ def chunk_reduce_kernel(part_ptr, s_ptr, z_ptr, n_s, n_rows, n_chunks, scale, BL
             acc += tl.load(ptrs, mask=mask, other=0.0)
     acc = acc * scale
     tl.store(s_ptr + offs, acc, mask=mask & in_s)
+    if COPY:
+        tl.store(s_copy_ptr + offs, acc, mask=mask & in_s)
     tl.store(z_ptr + (offs - n_s), acc, mask=mask & (offs >= n_s))

@@ -1,0 +1,101 @@
+"""Copies of the states in a per-token pass's dot operand dtype (``compute_states``' s_copy): the forward's
+S for the output pass and the backward's dS for the key pass, made on a GPU for bf16 inputs."""
+import pytest
+import torch
+
+from helpers import make_inputs, rel_err
+from test_varlen import pack
+from vicinity_attn import vicinity_attention, vicinity_attention_varlen
+
+pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                reason="CPU tensors with backend='triton' need the interpreter")
+
+
+def test_state_operand_dtype_is_the_dot_operand(monkeypatch):
+    """On a GPU, bf16 inputs get bf16 copies of S (output pass) and dS (key pass), what their bf16 dots
+    take; TF32 dots (fp16, fp32 inputs) and fp64 read the fp32 / fp64 states, and so does the
+    interpreter's emulated dot (fp32 operands, rounded in the dot)."""
+    from vicinity_attn.kernels.vicinity.configs import state_operand_dtype
+    for launch in ("fwd_output", "bwd_keys"):
+        assert state_operand_dtype(launch, torch.bfloat16) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for launch in ("fwd_output", "bwd_keys"):
+        assert state_operand_dtype(launch, torch.bfloat16) == torch.bfloat16
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            assert state_operand_dtype(launch, dtype) is None
+
+
+def _rounded_once(x: torch.Tensor, copy: torch.Tensor) -> bool:
+    """copy is x cast to bf16, by truncation (the interpreter's cast) or to nearest (a GPU's, and the dot's)."""
+    truncated = (x.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return torch.equal(copy, truncated) or torch.equal(copy, x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (9, 11)])   # one state chunk (no reduction), several chunks
+def test_state_copies_are_the_states_rounded_once(grid):
+    """The forward's S and the backward's dS copies (``s_copy``, written by the partial kernel for one
+    chunk, by the reduction for several) are the fp32 states rounded to bf16 once, and writing them
+    changes nothing else."""
+    from vicinity_attn.kernels.vicinity import Geometry, backward_queries, forward_states
+    geom = Geometry.build(grid, grid, "sum", "relu", 1)
+    n = 1 + grid[0] * grid[1]
+    q, k, v = make_inputs(2, 2, n, n, 24, 20, dtype=torch.float32)
+    S, z = forward_states(k, v, geom)
+    S_copy = torch.empty(S.shape, dtype=torch.bfloat16)
+    S2, z2 = forward_states(k, v, geom, s_copy=S_copy)
+    assert torch.equal(S2, S) and torch.equal(z2, z) and _rounded_once(S, S_copy)
+    assert not torch.equal(S_copy.float(), S)          # rounded: fresh random inputs leave low bits set
+
+    from vicinity_attn.kernels.vicinity import forward_output
+    o = torch.empty(2, 2, n, 20)
+    den = forward_output(q, S, z, o, geom, 1e-4, 0.0, None, n_keys=n)
+    do = torch.randn_like(o)
+    args = (do, q, o, den, S, z, None, geom, 1e-4, 0.0, None, n, n)
+    dS, dz = backward_queries(*args)
+    dS_copy = torch.empty(dS.shape, dtype=torch.bfloat16)
+    dS2, dz2 = backward_queries(*args, ds_copy=dS_copy)
+    assert torch.equal(dS2, dS) and torch.equal(dz2, dz) and _rounded_once(dS, dS_copy)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_inputs_read_the_copies(monkeypatch, packed):
+    """bf16 inputs as on a GPU (the copies forced on under the interpreter, whose emulated dots take fp32
+    operands): the output pass reads S's copy and the key pass dS's, and o, dk, dv are those of the
+    fp32 states up to the copies' rounding (the interpreter's cast truncates where a GPU's rounds to
+    nearest as the dot does: close, not bitwise)."""
+    from vicinity_attn.kernels.vicinity import backward, forward
+    seen = []
+
+    def forced(launch, dtype):
+        return torch.bfloat16
+
+    def recording(module, name, arg):
+        original = getattr(module, name)
+
+        def record(*args, **kwargs):
+            seen.append((name, args[arg].dtype))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, record)
+
+    def run():
+        if packed:
+            grids = [(3, 4), (5, 6)]
+            q, k, v, cu_q, cu_k = pack(grids, prefix=1, D=16, Dv=16, dtype=torch.bfloat16)
+            out = vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, backend="triton", num_prefix_tokens=1)
+        else:
+            q, k, v = make_inputs(2, 2, 61, 61, 16, 16, dtype=torch.bfloat16)
+            out = vicinity_attention(q, k, v, (6, 10), backend="triton", num_prefix_tokens=1)
+        return [out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))]
+
+    torch.manual_seed(0)
+    plain = run()
+    monkeypatch.setattr(forward, "state_operand_dtype", forced)
+    monkeypatch.setattr(backward, "state_operand_dtype", forced)
+    recording(forward, "contract_d", 1)
+    recording(backward, "_key_pass", 2)
+    torch.manual_seed(0)
+    copies = run()
+    assert ("contract_d", torch.bfloat16) in seen and ("_key_pass", torch.bfloat16) in seen
+    for name, got, want in zip(("out", "dk", "dv"), copies[:1] + copies[2:], plain[:1] + plain[2:]):
+        assert 0 < rel_err(got, want) <= 2e-2, name
+    assert torch.equal(copies[1], plain[1])   # the dq pass reads the forward's fp32 S (saved), no copy
