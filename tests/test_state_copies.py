@@ -89,8 +89,7 @@ def test_bf16_inputs_read_the_copies(monkeypatch, packed):
 
     torch.manual_seed(0)
     plain = run()
-    monkeypatch.setattr(forward, "state_operand_dtype", forced)
-    monkeypatch.setattr(backward, "state_operand_dtype", forced)
+    monkeypatch.setattr(forward, "state_operand_dtype", forced)   # operand_copy, both directions
     recording(forward, "contract_d", 1)
     recording(backward, "_key_pass", 2)
     torch.manual_seed(0)

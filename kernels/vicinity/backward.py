@@ -12,10 +12,9 @@ import torch
 import triton
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
-from .configs import (LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale,
-                      state_operand_dtype)
+from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
 from .contract import ROWS_COMPUTE, ROWS_FROM_ACC, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
-from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, varlen_kwargs
+from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, operand_copy, varlen_kwargs
 from .keys import key_pass_kernel
 from .launch import Geometry
 from .varlen import Packing
@@ -49,19 +48,13 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         return
     Nq, Nk = q.shape[2], k.shape[2]
     need_states = dk is not None or dv is not None
-    dS_op = _operand_copy(S, q.dtype, clamp) if need_states else None
+    dS_op = operand_copy("bwd_keys", q.dtype, S.shape, S.device, clamp) if need_states else None
     states = backward_queries(do, q, o, den, S, z, dq, geom, eps, den_floor, clamp, Nq, Nk,
                               need_states=need_states, ds_copy=dS_op)
     if states is not None:
         dS, dz = states
         backward_keys(k, v, S, dS if dS_op is None else dS_op, dz, dk, dv, geom, clamp, Nq, Nk)
 
-
-def _operand_copy(S: torch.Tensor, dtype: torch.dtype, clamp: tuple[float, float] | None) -> torch.Tensor | None:
-    """An empty tensor shaped like S for dS in the key pass's dot operand dtype, when that is 16-bit (bf16
-    inputs on a GPU) and no clamp mask changes dS between the passes; else None."""
-    op_dtype = state_operand_dtype("bwd_keys", dtype)
-    return None if op_dtype is None or clamp is not None else torch.empty(S.shape, dtype=op_dtype, device=S.device)
 
 
 def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
@@ -146,7 +139,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
         _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, **rows)
     if dk is None and dv is None:
         return
-    dS_op = _operand_copy(S, q.dtype, clamp)
+    dS_op = operand_copy("bwd_keys", q.dtype, S.shape, S.device, clamp)
     dS, dz = compute_states(q, do, geom, True, 1.0, "bwd_state", rs=rs, rz=rz, pack=pack, factor=factors(s_q),
                             s_copy=dS_op)
     if clamp is not None:

@@ -193,21 +193,13 @@ def _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e
     terms: the rounded S g against the exact fp32 z c gave errors ~30x the inputs' rounding (fp16,
     positive inputs). bf16 dots keep the product in the operand: the extra fp32 tile spills on sm_80.
     """
-    p = _select(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+    p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :],
                     mask=mask_d[:, None] & mask_e[None, :], other=0.0)
     if DOT == tl.bfloat16 or PREC == "emulate_bf16":
         return mma(y * p[:, None], tl.trans(state), acc, DOT, PREC)
     else:
         return acc + p[:, None] * mma(y, tl.trans(state), tl.zeros(acc.shape, acc.dtype), DOT, PREC)
-
-
-@triton.jit
-def _select(axes, M, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
-            IS_QUERY: tl.constexpr, ACC: tl.constexpr):
-    """Position feature M from the tuple ``position_axes`` returned."""
-    return select_position_feature(axes[0], axes[1], axes[2], axes[3], axes[4], axes[5], axes[6], M, N_FEAT, N_AXES,
-                                   VARIANT, HAS_PREFIX, IS_QUERY, ACC)
 
 
 @triton.jit
@@ -308,7 +300,7 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
     acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
-        p = _select(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
+        p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
         acc += p[:, None] * zm[None, :]
     if VARLEN and ROWS == ROWS_LOAD:

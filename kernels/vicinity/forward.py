@@ -147,20 +147,23 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     assert q.dim() == k.dim() == v.dim() == o.dim() == 4
     if pack is not None:
         return _packed_forward(q, k, v, o, geom, eps, den_floor, clamp, pack)
-    S_op = _operand_copy(q, geom, k.shape[0] * k.shape[1], v.shape[-1], clamp)
+    S_op = operand_copy("fwd_output", q.dtype, (k.shape[0] * k.shape[1], geom.n_feat, q.shape[-1], v.shape[-1]),
+                        q.device, clamp)
     S, z = forward_states(k, v, geom, s_copy=S_op)
     den = forward_output(q, S, z, o, geom, eps, den_floor, clamp, n_keys=k.shape[2], S_operand=S_op)
     return den, S, z
 
 
-def _operand_copy(q: torch.Tensor, geom: Geometry, lead: int, Dv: int,
-                  clamp: tuple[float, float] | None) -> torch.Tensor | None:
-    """An empty [lead, F, D, Dv] tensor for the forward states in the output pass's dot operand dtype, when
-    that is 16-bit (bf16 inputs on a GPU) and no clamp changes S after the state pass; else None."""
-    dtype = state_operand_dtype("fwd_output", q.dtype)
-    if dtype is None or clamp is not None:
+def operand_copy(launch: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device,
+                 clamp: tuple[float, float] | None) -> torch.Tensor | None:
+    """An empty tensor of ``shape`` ([BH, F, D, Dv]) for states in ``launch``'s dot operand dtype, for
+    inputs of ``dtype``: the output pass's S or the key pass's dS, when that dtype is 16-bit (bf16 inputs
+    on a GPU, see ``state_operand_dtype``) and no clamp changes the states after they are written (the
+    forward's S clamp, the backward's dS mask); else None."""
+    op_dtype = state_operand_dtype(launch, dtype)
+    if op_dtype is None or clamp is not None:
         return None
-    return torch.empty(lead, geom.n_feat, q.shape[-1], Dv, dtype=dtype, device=q.device)
+    return torch.empty(shape, dtype=op_dtype, device=device)
 
 
 def forward_states(k: torch.Tensor, v: torch.Tensor, geom: Geometry, n_keys: int | None = None,
@@ -195,7 +198,8 @@ def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, cl
     assert q.shape[-1] <= 256 and v.shape[-1] <= 256
     cfg = pick_config(q.shape[-1], v.shape[-1], q.dtype)
     s_k = pack.factors(pack.scales(False), _acc_torch_dtype(dot_precision("fwd_state", q.dtype)))
-    S_op = _operand_copy(q, geom, pack.n_seqs * q.shape[1], v.shape[-1], clamp)
+    S_op = operand_copy("fwd_output", q.dtype, (pack.n_seqs * q.shape[1], geom.n_feat, q.shape[-1], v.shape[-1]),
+                        q.device, clamp)
     S, z = compute_states(k, v, geom, False, 1.0, "fwd_state", pack=pack, factor=s_k, s_copy=S_op)
     if clamp is not None:
         clamp_states(S, clamp, 1.0, pack, s_k)

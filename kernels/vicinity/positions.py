@@ -122,10 +122,11 @@ def position_axes(tok, n_prefix, s0, s1, s2, N_AXES: tl.constexpr, VARIANT: tl.c
 
 
 @triton.jit
-def select_position_feature(c0, n0, c1, n1, c2, n2, is_grid, m, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
-                            VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
-                            DTYPE: tl.constexpr):
-    """Feature m [BLOCK] DTYPE from :func:`position_axes`' values (selects and at most two products)."""
+def select_position_feature(axes, m, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                            HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, DTYPE: tl.constexpr):
+    """Feature m [BLOCK] DTYPE from the tuple :func:`position_axes` returned (selects and at most two
+    products)."""
+    c0, n0, c1, n1, c2, n2, is_grid = axes
     BASE: tl.constexpr = N_FEAT - 2 * HAS_PREFIX
     one = tl.full(c0.shape, 1.0, DTYPE)
     if VARIANT == 0:
@@ -171,9 +172,8 @@ def position_feature(tok, m, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES:
     m may be a runtime int (a loop counter) or a constexpr. Each axis' cos / sin is evaluated once
     and the feature picked with selects, so a runtime m costs N_AXES polynomial pairs, not F.
     """
-    c0, n0, c1, n1, c2, n2, is_grid = position_axes(tok, n_prefix, s0, s1, s2, N_AXES, VARIANT, HAS_PREFIX, DTYPE)
-    return select_position_feature(c0, n0, c1, n1, c2, n2, is_grid, m, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                                   IS_QUERY, DTYPE)
+    return select_position_feature(position_axes(tok, n_prefix, s0, s1, s2, N_AXES, VARIANT, HAS_PREFIX, DTYPE), m,
+                                   N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, DTYPE)
 
 
 @triton.jit
