@@ -60,7 +60,7 @@ def test_state_copies_are_the_states_rounded_once(grid):
 @pytest.mark.parametrize("packed", [False, True])
 def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     """bf16 inputs as on a GPU (the copies forced on under the interpreter, whose emulated dots take fp32
-    operands): the output pass reads S's copy and the key pass dS's, and o, dk, dv are those of the
+    operands; head dims on 64-wide tiles, the only ones that get copies): the output pass reads S's copy and the key pass dS's, and o, dk, dv are those of the
     fp32 states up to the copies' rounding (the interpreter's cast truncates where a GPU's rounds to
     nearest as the dot does: close, not bitwise)."""
     from vicinity_attn.kernels.vicinity import backward, forward
@@ -80,10 +80,10 @@ def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     def run():
         if packed:
             grids = [(3, 4), (5, 6)]
-            q, k, v, cu_q, cu_k = pack(grids, prefix=1, D=16, Dv=16, dtype=torch.bfloat16)
+            q, k, v, cu_q, cu_k = pack(grids, prefix=1, D=40, Dv=40, dtype=torch.bfloat16)
             out = vicinity_attention_varlen(q, k, v, cu_q, cu_k, grids, backend="triton", num_prefix_tokens=1)
         else:
-            q, k, v = make_inputs(2, 2, 61, 61, 16, 16, dtype=torch.bfloat16)
+            q, k, v = make_inputs(2, 2, 61, 61, 40, 40, dtype=torch.bfloat16)
             out = vicinity_attention(q, k, v, (6, 10), backend="triton", num_prefix_tokens=1)
         return [out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))]
 

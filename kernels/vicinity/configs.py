@@ -38,12 +38,13 @@ UNALIGNED_TILE = 32
 UNALIGNED_NUM_WARPS = 8
 # The forward output pass and the dq pass reload every F state tile (from L2) for each token tile: 128
 # tokens per program halve that traffic (modelled at (b), B1 H4 224x224 D64 bf16: output pass 50 -> 31 us).
-# 16-bit inputs with head dims that are multiples of 16 and at most 8 features only: at F = 10 (3-d product
-# + prefix) the output pass spilled 16 B on sm_80 under triton 3.6 (255 registers), and TF32 / unaligned
-# tiles take more registers already. (The key pass holds two accumulators: it stays at 64.)
+# 16-bit inputs with head dims that are multiples of 16 and few features only (launch -> at most F): at
+# F = 10 (3-d product + prefix) the output pass spilled 16 B on sm_80 under triton 3.6 (255 registers);
+# the dq pass (at 255 on sm_80 already at 64 tokens) spilled 8-24 B with F = 4..8 in some variants
+# (1-d + prefix on sm_80, 3-d sum + prefix on sm_90a, triton 3.9). TF32 / unaligned tiles take more
+# registers already. (The key pass holds two accumulators: it stays at 64.)
 WIDE_BLOCK_N = 128
-WIDE_MAX_FEATURES = 8
-WIDE_LAUNCHES = ("fwd_output", "bwd_dq")
+WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4}
 # State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
 # hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
 # blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
@@ -122,10 +123,13 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
             # spilled 8 B on sm_80 under triton 3.6 (44 B before the dq pass computed its own row weights).
             tokens["bwd_dq"] = cfg.block_n // 2
         cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
-    if dtype in (torch.float16, torch.bfloat16) and not unaligned and n_feat is not None \
-            and n_feat <= WIDE_MAX_FEATURES:
-        cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + tuple((launch, WIDE_BLOCK_N)
-                                                                         for launch in WIDE_LAUNCHES))
+    if dtype in (torch.float16, torch.bfloat16) and not unaligned and n_feat is not None:
+        tokens = {launch: WIDE_BLOCK_N for launch, most in WIDE_MAX_FEATURES.items() if n_feat <= most}
+        if n_feat > WIDE_MAX_FEATURES["fwd_output"]:
+            # The dq pass holds the per-axis position values (all three axes of a 3-d product) across its
+            # feature loop: at F = 10 and 64 tokens it spilled 8 B on sm_80 under triton 3.6.
+            tokens["bwd_dq"] = cfg.block_n // 2
+        cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + tuple(tokens.items()))
     return cfg
 
 

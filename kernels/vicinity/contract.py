@@ -22,7 +22,7 @@ multiplies the scaled constants (eps, den_floor, the state scale) or the output 
 import triton
 import triton.language as tl
 
-from ..common import feature_map, mma, mul_feature_map_grad, mul_feature_map_grad_of_phi
+from ..common import feature_map, mma, mul_feature_map_grad
 from ..runtime import launch_jit
 from .clamp import abs_clamp, without_floor_rows
 from .positions import position_axes, position_feature, select_position_feature
@@ -269,12 +269,13 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
         x_base = x_ptr + b * sxb + h * sxh
     mask = mask_n[:, None] & mask_d[None, :]
     if ROWS == ROWS_FROM_ACC:
-        phi = feature_map(tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask,
-                                  other=0.0).to(ACC), mask, FMAP)
+        # q in its own dtype until phi' is applied: half the registers of phi in ACC (the dq pass sits at
+        # the 255-register limit on sm_80).
+        x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0)
     if ROWS == ROWS_COMPUTE or ROWS == ROWS_FROM_ACC:
         if ROWS == ROWS_FROM_ACC:
             den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
-            delta = tl.sum(phi * acc, axis=1) / den
+            delta = tl.sum(feature_map(x.to(ACC), mask, FMAP) * acc, axis=1) / den
         else:
             # After the main loop, as its own loop over the Dv tiles (their dO tiles come again, from
             # L2): summed inside the main loop (sm_80, bf16 D128 packed, 3.9) or before it (sm_90a,
@@ -305,11 +306,9 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
         acc += p[:, None] * zm[None, :]
     if VARLEN and ROWS == ROWS_LOAD:
         out_scale = out_scale * tl.load(factor_ptr + bh // H)
-    if ROWS == ROWS_FROM_ACC:
-        acc = mul_feature_map_grad_of_phi(acc, phi, FMAP) * out_scale
-    else:
-        x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(ACC)
-        acc = mul_feature_map_grad(acc, x, FMAP) * out_scale
+    if ROWS != ROWS_FROM_ACC:
+        x = tl.load(x_base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0)
+    acc = mul_feature_map_grad(acc, x.to(ACC), FMAP) * out_scale
     if VARLEN:
         out_base = out_ptr + h * soh + start * son
     else:

@@ -11,8 +11,8 @@ import triton
 
 from ..runtime import Precision
 from .clamp import state_clamp_kernel
-from .configs import (ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale, state_operand_dtype,
-                      state_tiles)
+from .configs import (HEAD_BLOCKS, ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale,
+                      state_operand_dtype, state_tiles)
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .state import chunk_reduce_kernel, state_partial_kernel
@@ -159,9 +159,12 @@ def operand_copy(launch: str, dtype: torch.dtype, shape: tuple[int, ...], device
     """An empty tensor of ``shape`` ([BH, F, D, Dv]) for states in ``launch``'s dot operand dtype, for
     inputs of ``dtype``: the output pass's S or the key pass's dS, when that dtype is 16-bit (bf16 inputs
     on a GPU, see ``state_operand_dtype``) and no clamp changes the states after they are written (the
-    forward's S clamp, the backward's dS mask); else None."""
+    forward's S clamp, the backward's dS mask); else None. Only for 64-wide head tiles: the L2 reads it
+    halves matter there, and at 16 / 32-wide tiles the bf16 tile rows (32 / 64 bytes) were loaded in
+    32-bit pieces (output and key passes, D = 16) and the 4-warp D = 32 output pass spilled 8-52 B on
+    sm_90a."""
     op_dtype = state_operand_dtype(launch, dtype)
-    if op_dtype is None or clamp is not None:
+    if op_dtype is None or clamp is not None or pick_config(shape[2], shape[3], dtype).block_d < HEAD_BLOCKS[-1]:
         return None
     return torch.empty(shape, dtype=op_dtype, device=device)
 
