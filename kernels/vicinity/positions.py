@@ -17,29 +17,35 @@ HALF_PI = tl.constexpr(1.5707963267948966)
 
 @triton.jit
 def axis_angle(g, s0, s1, s2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: tl.constexpr):
-    """theta_A = (pi/2) * coord_A / size_A for grid-token indices g (int tensor, row-major, >= 0)."""
+    """theta_A = (pi/2) * coord_A / size_A for grid-token indices g (int tensor, row-major, >= 0).
+
+    Per row a thread holds, so kept cheap: g >= 0 and the sizes > 0, so the coordinates come from an
+    unsigned division (no sign fix-ups), and the angle is c * ((pi/2) / size), one multiply a row with the
+    scalar factor computed once (an IEEE division per row was ~10 instructions). Within 2 ulp of the
+    PyTorch side's (c * pi/2) / size."""
     if N_AXES == 1:
         c = g
         s = s0
-    elif N_AXES == 2:
-        if A == 0:
-            c = g // s1
-            s = s0
-        else:
-            c = g % s1
-            s = s1
     else:
-        if A == 0:
-            c = g // (s1 * s2)
-            s = s0
-        elif A == 1:
-            c = (g // s2) % s1
-            s = s1
+        gu = g.to(tl.uint32)
+        if N_AXES == 2:
+            if A == 0:
+                c = gu // s1.to(tl.uint32)
+                s = s0
+            else:
+                c = gu % s1.to(tl.uint32)
+                s = s1
         else:
-            c = g % s2
-            s = s2
-    # Same operation order as the PyTorch side: (c * pi/2) / size.
-    return (c.to(DTYPE) * HALF_PI) / s.to(DTYPE)
+            if A == 0:
+                c = gu // (s1 * s2).to(tl.uint32)
+                s = s0
+            elif A == 1:
+                c = (gu // s2.to(tl.uint32)) % s1.to(tl.uint32)
+                s = s1
+            else:
+                c = gu % s2.to(tl.uint32)
+                s = s2
+    return c.to(DTYPE) * (HALF_PI / s.to(DTYPE))
 
 
 @triton.jit
