@@ -38,5 +38,3 @@ def test_backward_launches_one_key_pass(monkeypatch, wanted, D, Dv):
     assert launches == expected
     for got, want in zip(grads, torch.autograd.grad(ref, inputs, do), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-

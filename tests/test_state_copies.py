@@ -60,9 +60,9 @@ def test_state_copies_are_the_states_rounded_once(grid):
 @pytest.mark.parametrize("packed", [False, True])
 def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     """bf16 inputs as on a GPU (the copies forced on under the interpreter, whose emulated dots take fp32
-    operands; head dims on 64-wide tiles, the only ones that get copies): the output pass reads S's copy and the key pass dS's, and o, dk, dv are those of the
-    fp32 states up to the copies' rounding (the interpreter's cast truncates where a GPU's rounds to
-    nearest as the dot does: close, not bitwise)."""
+    operands; head dims on 64-wide tiles, the only ones that get copies): the output pass reads S's copy
+    and the key pass dS's, and o, dk, dv are those of the fp32 states up to the copies' rounding (the
+    interpreter's cast truncates where a GPU's rounds to nearest as the dot does: close, not bitwise)."""
     from vicinity_attn.kernels.vicinity import backward, forward
     seen = []
 
