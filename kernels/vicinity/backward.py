@@ -56,7 +56,6 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         backward_keys(k, v, S, dS if dS_op is None else dS_op, dz, dk, dv, geom, clamp, Nq, Nk)
 
 
-
 def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
                      z: torch.Tensor, dq: torch.Tensor | None, geom: Geometry, eps: float, den_floor: float,
                      clamp: tuple[float, float] | None, n_queries: int, n_keys: int, query_offset: int = 0,
