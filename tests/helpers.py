@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 
 import torch
@@ -89,3 +90,19 @@ def count_launches(monkeypatch, kernels) -> collections.Counter:
     for module, name in kernels:
         monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
     return launches
+
+
+def cu_seqlens(lengths):
+    """int32 [S + 1] offsets of sequences of ``lengths`` packed one after another."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def pack(grids, kv_grids=None, prefix=0, H=2, D=4, Dv=3, dtype=torch.float64, requires_grad=True):
+    """Random packed q, k, v for sequences of ``grids`` / ``kv_grids`` and their cu_seqlens."""
+    kv_grids = kv_grids or grids
+    nq = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in grids]
+    nk = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in kv_grids]
+
+    def one(n, d):
+        return torch.randn(n, H, d, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    return one(sum(nq), D), one(sum(nk), D), one(sum(nk), Dv), cu_seqlens(nq), cu_seqlens(nk)

@@ -3,8 +3,7 @@ S for the output pass and the backward's dS for the key pass, made on a GPU for 
 import pytest
 import torch
 
-from helpers import make_inputs, rel_err
-from test_varlen import pack
+from helpers import make_inputs, pack, rel_err
 from vicinity_attn import vicinity_attention, vicinity_attention_varlen
 
 pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),

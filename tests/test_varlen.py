@@ -1,30 +1,12 @@
 """vicinity_attention_varlen: a packed call equals per-sequence vicinity_attention calls on every backend."""
 from __future__ import annotations
 
-import itertools
-import math
-
 import pytest
 import torch
 
-from helpers import FLOOR, count_launches, rel_err
+from helpers import FLOOR, count_launches, pack, rel_err
 from vicinity_attn import vicinity_attention, vicinity_attention_varlen
 from vicinity_attn import varlen_ops
-
-
-def cu_seqlens(lengths):
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-
-
-def pack(grids, kv_grids=None, prefix=0, H=2, D=4, Dv=3, dtype=torch.float64, requires_grad=True):
-    """Random packed q, k, v for sequences of ``grids`` / ``kv_grids`` and their cu_seqlens."""
-    kv_grids = kv_grids or grids
-    nq = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in grids]
-    nk = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in kv_grids]
-
-    def one(n, d):
-        return torch.randn(n, H, d, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-    return one(sum(nq), D), one(sum(nk), D), one(sum(nk), Dv), cu_seqlens(nq), cu_seqlens(nk)
 
 
 def per_sequence(q, k, v, cu_q, cu_k, grids, kv_grids=None, **kw):
