@@ -42,6 +42,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def target_arch() -> int | None:
+    """The compute capability (80 for sm_80, 90 for sm_90a, ...) of the GPU that launches go to: Triton's
+    active driver's target, i.e. the current CUDA device (the launch capture's stand-in while the
+    compile gate captures for an arch). None under the interpreter or where no driver is active (the
+    GPU model's traffic run): callers then take the newest arch's plan."""
+    if interpreting():
+        return None
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except RuntimeError:   # no GPU driver (a CPU-only machine)
+        return None
+    return target.arch if isinstance(target.arch, int) else None
+
+
 def _squeeze_scalars(interpreter) -> None:
     """Lets the kernels' loops with runtime bounds (``range(0, blocks_per_chunk)``, ``range(0, D, ...)``)
     run in the interpreter of triton < 3.7 with numpy 2.

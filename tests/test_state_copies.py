@@ -24,6 +24,24 @@ def test_state_operand_dtype_is_the_dot_operand(monkeypatch):
             assert state_operand_dtype(launch, dtype) is None
 
 
+def test_saved_state_dtype(monkeypatch):
+    """The forward saves S in bf16 exactly where it makes the output pass's copy (bf16 on a GPU, 64-wide
+    head tiles, no clamp), and the op's fake says so: the dq dots of the backward take bf16 operands."""
+    from vicinity_attn.backends.triton_backend import saved_state_dtype
+    from vicinity_attn.kernels.vicinity.forward import operand_copy
+    q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16, device="meta")
+    assert saved_state_dtype(q, q, None) == torch.float32      # the interpreter: no copies
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for D in (16, 40, 64, 128):
+            for clamp in (None, (1e-4, 1e4)):
+                x = torch.empty(1, 1, 4, D, dtype=dtype, device="meta")
+                copy = operand_copy("fwd_output", dtype, (1, 4, D, D), torch.device("meta"), clamp)
+                want = torch.float64 if dtype == torch.float64 else torch.float32 if copy is None else copy.dtype
+                assert saved_state_dtype(x, x, clamp) == want, (dtype, D, clamp)
+    assert saved_state_dtype(q, q, None) == torch.bfloat16
+
+
 def _rounded_once(x: torch.Tensor, copy: torch.Tensor) -> bool:
     """copy is x cast to bf16, by truncation (the interpreter's cast) or to nearest (a GPU's, and the dot's)."""
     truncated = (x.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
@@ -60,8 +78,9 @@ def test_state_copies_are_the_states_rounded_once(grid):
 def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     """bf16 inputs as on a GPU (the copies forced on under the interpreter, whose emulated dots take fp32
     operands; head dims on 64-wide tiles, the only ones that get copies): the output pass reads S's copy
-    and the key pass dS's, and o, dk, dv are those of the fp32 states up to the copies' rounding (the
-    interpreter's cast truncates where a GPU's rounds to nearest as the dot does: close, not bitwise)."""
+    and the key pass dS's, the backward gets S's copy (saved for it), and o, dq, dk, dv are those of the
+    fp32 states up to the copies' rounding (the interpreter's cast truncates where a GPU's rounds to
+    nearest as the dot does: close, not bitwise)."""
     from vicinity_attn.kernels.vicinity import backward, forward
     seen = []
 
@@ -91,9 +110,11 @@ def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     monkeypatch.setattr(forward, "state_operand_dtype", forced)   # operand_copy, both directions
     recording(forward, "contract_d", 1)
     recording(backward, "_key_pass", 2)
+    # The backward's S is the forward's copy (saved_state_dtype): the dq dots' operand.
+    recording(backward, "_contract_dv", 2) if packed else recording(backward, "backward_queries", 4)
     torch.manual_seed(0)
     copies = run()
     assert ("contract_d", torch.bfloat16) in seen and ("_key_pass", torch.bfloat16) in seen
-    for name, got, want in zip(("out", "dk", "dv"), copies[:1] + copies[2:], plain[:1] + plain[2:]):
+    assert (("_contract_dv", torch.bfloat16) if packed else ("backward_queries", torch.bfloat16)) in seen
+    for name, got, want in zip(("out", "dq", "dk", "dv"), copies, plain):
         assert 0 < rel_err(got, want) <= 2e-2, name
-    assert torch.equal(copies[1], plain[1])   # the dq pass reads the forward's fp32 S (saved), no copy

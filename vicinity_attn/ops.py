@@ -85,14 +85,15 @@ def _empty_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if g is None else g
 
 
-def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple,
+                  s_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fake (o, den, S, z) of a forward op: o like the real output; den [*lead, Nq], S [*lead, *state, Dv]
-    and z [*lead, *state] in the compute dtype."""
+    and z [*lead, *state] in the compute dtype (S in ``s_dtype`` when given)."""
     Nq, Dv = q.shape[2], v.shape[-1]
     dtype = compute_dtype(q.dtype)
     return (empty_output_like(q, Dv),
             q.new_empty((*lead, Nq), dtype=dtype),
-            q.new_empty((*lead, *state, Dv), dtype=dtype),
+            q.new_empty((*lead, *state, Dv), dtype=s_dtype or dtype),
             q.new_empty((*lead, *state), dtype=dtype))
 
 
@@ -130,7 +131,8 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
     def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp):
         B, H, _, D = q.shape
         F = feature_count(len(grid), variant, num_prefix_tokens > 0)
-        return _fake_forward(q, v, *state_layout(B, H, F, D))
+        s_dtype = _backend_module(backend).saved_state_dtype(q, v, clamp) if backend == "triton" else None
+        return _fake_forward(q, v, *state_layout(B, H, F, D), s_dtype)
 
     @torch.library.custom_op(f"{NAMESPACE}::{backend}_backward", mutates_args=(), device_types=None)
     def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,

@@ -123,8 +123,9 @@ def _(q, k, v, grids, kv_grids, n_axes, variant, feature_map, eps, num_prefix_to
     S = len(grids) // n_axes
     F = feature_count(n_axes, variant, num_prefix_tokens > 0)
     dtype = compute_dtype(q.dtype)
-    return (q.new_empty(Tq, H, Dv), q.new_empty((H, Tq), dtype=dtype), q.new_empty((S * H, F, D, Dv), dtype=dtype),
-            q.new_empty((S * H, F, D), dtype=dtype))
+    from .backends.triton_backend import saved_state_dtype
+    return (q.new_empty(Tq, H, Dv), q.new_empty((H, Tq), dtype=dtype),
+            q.new_empty((S * H, F, D, Dv), dtype=saved_state_dtype(q, v, clamp)), q.new_empty((S * H, F, D), dtype=dtype))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::triton_varlen_backward", mutates_args=(), device_types=None)

@@ -1,9 +1,9 @@
 """Vicinity attention kernels: a state pass over the keys, an output pass over the queries, and the
 backward passes (DESIGN of the math: the package docs)."""
 from .backward import backward_keys, backward_queries, vicinity_backward
-from .forward import forward_output, forward_states, vicinity_forward
+from .forward import forward_output, forward_states, saved_state_dtype, vicinity_forward
 from .launch import Geometry
 from .varlen import Packing
 
 __all__ = ["vicinity_forward", "vicinity_backward", "forward_states", "forward_output", "backward_queries",
-           "backward_keys", "Geometry", "Packing"]
+           "backward_keys", "saved_state_dtype", "Geometry", "Packing"]

@@ -1,4 +1,5 @@
-"""Backward launcher: query pass (dq with the row weights, then the state gradients dS, dz), key pass
+"""Backward launcher: query pass (dq and the state gradients dS, dz: one launch where the head dims fit
+one state tile, queries.py; else the dq pass with the row weights, then the state pass), key pass
 (dk and dv in one launch: keys.py).
 
 With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (README, "The math in short"):
@@ -14,7 +15,8 @@ import triton
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
 from .contract import ROWS_COMPUTE, ROWS_FROM_ACC, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
-from .forward import REDUCE_BLOCK, REDUCE_WARPS, compute_states, contract_d, operand_copy, varlen_kwargs
+from .forward import (REDUCE_BLOCK, REDUCE_WARPS, QueryGradient, compute_states, contract_d, fused_query_pass,
+                      operand_copy, varlen_kwargs)
 from .keys import key_pass_kernel
 from .launch import Geometry
 from .varlen import Packing
@@ -73,6 +75,10 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
     if dq is None and not need_states:
         return None
 
+    if dq is not None and need_states and clamp is None and fused_query_pass(D, Dv, q.dtype, geom.n_feat):
+        # One launch (queries.py): q and dO read once, the row weights never written.
+        grad = QueryGradient(dq, S, z, den, den_floor * s_k, eps * s_k)
+        return compute_states(q, do, geom, True, s_q, "bwd_state", tok_offset=query_offset, s_copy=ds_copy, dq=grad)
     rs = torch.empty(B * H, Nq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
     # The dq pass computes the row weights itself (from dO, o, den) and writes them for the state pass.

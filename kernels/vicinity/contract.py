@@ -181,7 +181,7 @@ def row_weights(delta, den, den_floor, eps):
 
 
 @triton.jit
-def _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
+def contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
                          N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                          HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
@@ -212,14 +212,36 @@ def _contract_dv_tile(y_base, m_base, acc, axes, offs_n, mask_n, offs_d, mask_d,
     mask_e = offs_e < DV
     y = tl.load(y_base + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(ACC)
+    return contract_dv_features(y, acc, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV, N_FEAT, N_AXES, VARIANT,
+                                HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+
+
+@triton.jit
+def contract_dv_features(y, acc, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV, N_FEAT: tl.constexpr,
+                         N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                         IS_QUERY: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_D] += sum_m P_m y M_m[d tile, dv tile]^T for the y [BLOCK_N, BLOCK_DV] tile (ACC)."""
     if N_FEAT == 1:  # see _contract_d_tile
         for M in tl.static_range(N_FEAT):
-            acc = _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
-                                       N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+            acc = contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                      N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
-            acc = _contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
-                                       N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+            acc = contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                      N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+    return acc
+
+
+@triton.jit
+def weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
+                  VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr):
+    """rs_i acc_i + rz_i sum_m P_m(i) z_m[d tile]: dq before phi' (acc = sum_m P_m S_m dO, z at z_base)."""
+    acc = acc * rs[:, None]
+    # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
+    for M in tl.static_range(N_FEAT):
+        p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
+        zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
+        acc += p[:, None] * zm[None, :]
     return acc
 
 
@@ -298,12 +320,8 @@ def contract_dv_kernel(x_ptr, y_ptr, m_ptr, z_ptr, rs_ptr, rz_ptr, o_ptr, den_pt
     else:
         rs = tl.load(rs_ptr + rows + offs_n, mask=mask_n, other=0.0)
         rz = tl.load(rz_ptr + rows + offs_n, mask=mask_n, other=0.0)
-    acc = acc * rs[:, None]
-    # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
-    for M in tl.static_range(N_FEAT):
-        p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
-        zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
-        acc += p[:, None] * zm[None, :]
+    acc = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+                        ACC)
     if VARLEN and ROWS == ROWS_LOAD:
         out_scale = out_scale * tl.load(factor_ptr + bh // H)
     if ROWS != ROWS_FROM_ACC:

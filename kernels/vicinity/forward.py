@@ -6,20 +6,24 @@ scales are per sequence (``factor`` tables) instead of one float.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
-from ..runtime import Precision
+from ..runtime import Precision, target_arch
 from .clamp import state_clamp_kernel
 from .configs import (HEAD_BLOCKS, ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale,
                       state_operand_dtype, state_tiles)
 from .contract import contract_d_kernel
 from .launch import Geometry
+from .queries import query_pass_kernel
 from .state import chunk_reduce_kernel, state_partial_kernel
 from .varlen import Packing
 
 REDUCE_BLOCK = 1024
 REDUCE_WARPS = 4
+FUSED_QUERY_MIN_ARCH = 90
 
 
 def _acc_torch_dtype(prec: Precision) -> torch.dtype:
@@ -31,11 +35,38 @@ def varlen_kwargs(pack: Packing | None, factor: torch.Tensor | None) -> dict:
     return {} if pack is None else dict(seq_ptr=pack.table, factor_ptr=factor, VARLEN=True)
 
 
+@dataclass(frozen=True)
+class QueryGradient:
+    """What the fused query pass (queries.py) needs besides q and dO: dq [B, H, N, D] to fill, the
+    forward's S [BH, F, D, Dv] and z [BH, F, D], den [BH, N], and den_floor, eps scaled like den."""
+
+    out: torch.Tensor
+    S: torch.Tensor
+    z: torch.Tensor
+    den: torch.Tensor
+    den_floor: float
+    eps: float
+
+
+def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
+    """Whether the backward's query pass runs as one launch (dq and the state gradients: queries.py) for
+    head dims D (q) and Dv (dO), inputs of ``dtype`` and F = n_feat: when both head dims fit one tile of
+    the state pass, whose dot precision the dq dots share, on sm_90 and newer (and the interpreter).
+    On sm_80 the fused program holds the stacked dS accumulator beside the dq tile past its 255
+    registers (bf16 D64, F = 4: 40-92 B of spills), so there the two passes stay separate."""
+    arch = target_arch()
+    if arch is not None and arch < FUSED_QUERY_MIN_ARCH:
+        return False
+    tiles = state_tiles(n_feat, D, Dv, dtype, "bwd_state")
+    return (D <= tiles.block_d and Dv <= tiles.block_dv
+            and dot_precision("bwd_state", dtype) == dot_precision("bwd_dq", dtype))
+
+
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
                    launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
-                   factor: torch.Tensor | None = None,
-                   s_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   factor: torch.Tensor | None = None, s_copy: torch.Tensor | None = None,
+                   dq: QueryGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
@@ -46,6 +77,9 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     ``launch`` ("fwd_state" / "bwd_state") picks the dot precision. One program computes all F states
     of its (chunk, head, D tile, Dv tile). Packed (``pack``): BH = S * H, rs, rz [H, T], and sequence
     i's states are scaled by scale * factor[i].
+    ``dq`` (the backward over the queries, x = q, y = dO, dense calls whose head dims fit one state tile:
+    ``fused_query_pass``): the programs also compute dq and the row weights themselves (queries.py), and
+    rs, rz are not given.
     """
     prec = dot_precision(launch, x.dtype)
     acc_dtype = _acc_torch_dtype(prec)
@@ -77,13 +111,22 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
         chunks = pack.chunk_counts(is_query, tiles.block_n, plan.blocks_per_chunk)
         packed = dict(varlen_kwargs(pack, factor), chunks_ptr=chunks)
     f_pad = triton.next_power_of_2(F)
-    state_partial_kernel[(lead * n_tiles, plan.n_chunks)](
-        x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
-        n_s + n_z,
-        scale if single or pack is not None else 1.0, *x.stride(), *y.stride(), **geom.constexprs(is_query),
-        ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
-        **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
-        **tiles.options(), **packed, **(copy if single else {}))
+    part_scale = scale if single or pack is not None else 1.0
+    if dq is not None:
+        assert pack is None and n_tiles == 1 and not row_weights
+        query_pass_kernel[(lead, plan.n_chunks)](
+            x, y, dq.S, dq.z, dq.den, dq.out, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes,
+            plan.blocks_per_chunk, n_s + n_z, part_scale, dq.den_floor, dq.eps, *x.stride(), *y.stride(),
+            *dq.out.stride(), **geom.constexprs(is_query), BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+            BLOCK_DV=tiles.block_dv, **prec.constexprs(), F_PAD=f_pad, Z_COLS=16, **tiles.options(),
+            **(copy if single else {}))
+    else:
+        state_partial_kernel[(lead * n_tiles, plan.n_chunks)](
+            x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
+            n_s + n_z, part_scale, *x.stride(), *y.stride(), **geom.constexprs(is_query),
+            ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
+            **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
+            **tiles.options(), **packed, **(copy if single else {}))
     if single:
         return S, z
     reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=n_s // pack.n_seqs,
@@ -136,7 +179,7 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
 
     S, z and den are stored scaled by s = 2^-ceil(log2 Nk) (eps too), which leaves o unchanged and
     keeps them O(1): fp16 tensor-core operands built from them cannot overflow however long the
-    sequence. They are in fp32 (fp64 for fp64 inputs). den = max(sum, den_floor) + eps (den_floor scaled
+    sequence. They are in fp32 (fp64 for fp64 inputs), S in bf16 where :func:`saved_state_dtype` says. den = max(sum, den_floor) + eps (den_floor scaled
     too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
     The two passes are :func:`forward_states` and :func:`forward_output` (context parallelism sums
     the states of every rank's keys between them).
@@ -151,7 +194,22 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                         q.device, clamp)
     S, z = forward_states(k, v, geom, s_copy=S_op)
     den = forward_output(q, S, z, o, geom, eps, den_floor, clamp, n_keys=k.shape[2], S_operand=S_op)
-    return den, S, z
+    return den, S if S_op is None else S_op, z
+
+
+def saved_state_dtype(dtype: torch.dtype, D: int, Dv: int, clamp: tuple[float, float] | None,
+                      acc_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the S that :func:`vicinity_forward` returns for inputs of ``dtype``, head dims D, Dv
+    (``acc_dtype``: the accumulation dtype of its other states). Where the forward makes a copy of S in
+    the output pass's dot operand dtype (``operand_copy``: bf16 inputs on a GPU, 64-wide head tiles, no
+    clamp), it returns that copy: the backward uses S only as the dq dots' operand, which rounds it
+    to the same dtype (``state_operand_dtype`` of "bwd_dq" is the same), and only the clamped backward,
+    which gets no copy, reads S otherwise. Half the bytes saved, and the dq pass reads half from L2."""
+    op_dtype = state_operand_dtype("fwd_output", dtype)
+    if op_dtype is None or clamp is not None or pick_config(D, Dv, dtype).block_d < HEAD_BLOCKS[-1]:
+        return acc_dtype
+    assert state_operand_dtype("bwd_dq", dtype) == op_dtype
+    return op_dtype
 
 
 def operand_copy(launch: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device,
@@ -208,7 +266,7 @@ def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, cl
         clamp_states(S, clamp, 1.0, pack, s_k)
     den = contract_d(q, S if S_op is None else S_op, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor,
                      clamp=clamp, pack=pack, factor=s_k)
-    return den, S, z
+    return den, S if S_op is None else S_op, z   # see saved_state_dtype
 
 
 def clamp_states(S: torch.Tensor, clamp: tuple[float, float], scale: float, pack: Packing | None = None,

@@ -44,7 +44,7 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
 
     The dots keep the precision choices of the passes they replace (contract.py): dv's operand is the
     product P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32
-    operand, and P_M scales the product (see ``_contract_dv_feature``); bf16 dots take v * P_M.
+    operand, and P_M scales the product (see ``contract.contract_dv_feature``); bf16 dots take v * P_M.
     VARLEN: the grid sizes are read from the sequence table here, per feature, not held in registers
     across the loops (held, the fp32 D=48 packed launch spilled 8 B on sm_90a).
     """

@@ -31,7 +31,7 @@ from .varlen import sequence_window
 
 
 @triton.jit
-def _feature_columns(offs_n, n_prefix, s0, s1, s2, COLS: tl.constexpr, N_FEAT: tl.constexpr,
+def feature_columns(offs_n, n_prefix, s0, s1, s2, COLS: tl.constexpr, N_FEAT: tl.constexpr,
                      N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
                      IS_QUERY: tl.constexpr, ACC: tl.constexpr):
     """[BLOCK_N, COLS] position features of the tokens offs_n: column m is P_m (0 for m >= N_FEAT)."""
@@ -64,11 +64,10 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n
     y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
                 mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
     a = feature_map(x, mask_x, FMAP)
-    p = _feature_columns(offs_n, n_prefix, s0, s1, s2, F_PAD, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+    p = feature_columns(offs_n, n_prefix, s0, s1, s2, F_PAD, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                          IS_QUERY, ACC)
     # z's column: z_m = sum_n stacked[n, m] * w_n with w = 1 (forward) or rz / rs (backward, where the
     # stacked operand carries rs), so z comes from the same rounded operand as S.
-    cols = tl.arange(0, Z_COLS)[None, :]
     if ROW_WEIGHTS:
         if VARLEN:
             rs = tl.load(rs_ptr + row0 + offs_n, mask=mask_n, other=0.0)
@@ -78,10 +77,19 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n
             rz = tl.load(rz_ptr + bh * N + offs_n, mask=mask_n, other=0.0)
         a = a * rs[:, None]
         w = tl.where(mask_n, rz / tl.where(mask_n, rs, 1.0), 0.0)
-        ones = tl.where(cols == 0, w[:, None], 0.0)
     else:
-        ones = tl.where(cols == 0, tl.where(mask_n, 1.0, 0.0)[:, None], 0.0)
-    # The F position-weighted copies of a, side by side: column m * BLOCK_D + d is P_m a[:, d].
+        w = tl.where(mask_n, 1.0, 0.0)
+    return accumulate_states(a, y, p, w, s_acc, z_acc, F_PAD, Z_COLS, BLOCK_N, BLOCK_D, DOT, PREC)
+
+
+@triton.jit
+def accumulate_states(a, y, p, w, s_acc, z_acc, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """s_acc += the stacked [F_PAD * BLOCK_D, BLOCK_N] operand (column m * BLOCK_D + d of its transpose:
+    p[:, m] a[:, d]) times y [BLOCK_N, BLOCK_DV]; z_acc += the same operand times the column block whose
+    first column is the token weight w [BLOCK_N] (0 for masked tokens) and the rest zeros."""
+    cols = tl.arange(0, Z_COLS)[None, :]
+    ones = tl.where(cols == 0, w[:, None], 0.0)
     stacked = tl.trans(tl.reshape(a[:, None, :] * p[:, :, None], (BLOCK_N, F_PAD * BLOCK_D)))
     s_acc = mma(stacked, y, s_acc, DOT, PREC)
     z_acc = mma(stacked, ones, z_acc, DOT, PREC)
@@ -148,22 +156,34 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
                                     ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq, row0,
                                     VARLEN)
 
-    s_part_ptr += chunk.to(tl.int64) * part_stride
-    z_part_ptr += chunk.to(tl.int64) * part_stride
+    store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_stride, bh, d0, e0, e_tile, D, DV, scale,
+                         N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
+
+
+@triton.jit
+def store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_stride, bh, d0, e0, e_tile, D, DV, scale,
+                         N_FEAT: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, s_copy_ptr, COPY: tl.constexpr):
+    """Writes scale * the stacked accumulators of ``accumulate_states`` as chunk ``chunk``'s partials: S
+    [BH, N_FEAT, D, DV] at s_part + chunk * part_stride, z [BH, N_FEAT, D] at z_part + chunk * part_stride
+    (z by the first Dv tile); COPY: S also to s_copy (its own dtype)."""
+    # 64-bit offsets of this bh's states once; int32 ones within them (one register an element, not two).
     first_row = bh.to(tl.int64) * N_FEAT  # index of this bh's state m = 0
+    s_part_ptr += chunk.to(tl.int64) * part_stride + first_row * D * DV
+    z_part_ptr += chunk.to(tl.int64) * part_stride + first_row * D
     # Stacked row r holds feature r // BLOCK_D, head row d0 + r % BLOCK_D.
     offs_r = tl.arange(0, F_PAD * BLOCK_D)
     offs_m = offs_r // BLOCK_D
     offs_rd = d0 + offs_r % BLOCK_D
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    offs_s = (first_row + offs_m[:, None]) * D * DV + offs_rd[:, None] * DV + offs_e[None, :]
+    offs_s = offs_m[:, None] * (D * DV) + offs_rd[:, None] * DV + offs_e[None, :]
     mask_s = ((offs_m < N_FEAT) & (offs_rd < D))[:, None] & (offs_e[None, :] < DV)
     tl.store(s_part_ptr + offs_s, s_acc * scale, mask=mask_s)
     if COPY:
-        tl.store(s_copy_ptr + offs_s, s_acc * scale, mask=mask_s)
+        tl.store(s_copy_ptr + first_row * D * DV + offs_s, s_acc * scale, mask=mask_s)
     # z (column 0 of the z tile) does not depend on the Dv tile: the first Dv tile writes it.
     z_rows = tl.sum(tl.where(tl.arange(0, Z_COLS)[None, :] == 0, z_acc, 0.0), axis=1)
-    tl.store(z_part_ptr + (first_row + offs_m) * D + offs_rd, z_rows * scale,
+    tl.store(z_part_ptr + offs_m * D + offs_rd, z_rows * scale,
              mask=(offs_m < N_FEAT) & (offs_rd < D) & ((offs_r * 0 + e_tile) == 0))
 
 

@@ -14,7 +14,8 @@ import torch
 
 from ..kernels.runtime import interpreting
 from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
-from ..layout import empty_grads_like, empty_output_like
+from ..kernels.vicinity import saved_state_dtype as kernel_saved_state_dtype
+from ..layout import compute_dtype, empty_grads_like, empty_output_like
 from ..spec import VicinitySpec
 
 MAX_HEAD_DIM = 256
@@ -61,6 +62,15 @@ def check_token_offsets(t: torch.Tensor, name: str) -> None:
                          f"(shape {tuple(t.shape)}, strides {t.stride()})")
 
 
+def saved_state_dtype(q: torch.Tensor, v: torch.Tensor, clamp) -> torch.dtype:
+    """The dtype of the S :func:`forward` returns for q, v (any layout: the head dims are the last axis)
+    and the spec's ``clamp`` (empty / None: no clamp): float32 (float64 for float64 inputs), or bfloat16
+    where the kernels keep S as the bf16 operand of the backward's dq dots (bf16 on a GPU, 64-wide
+    head tiles, no clamp: ``kernels.vicinity.saved_state_dtype``)."""
+    return kernel_saved_state_dtype(q.dtype, q.shape[-1], v.shape[-1], tuple(clamp) if clamp else None,
+                                    compute_dtype(q.dtype))
+
+
 def _on_device(t: torch.Tensor):
     """Launches go to t's GPU, whichever is current (a no-op for CPU tensors in the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -74,7 +84,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, den, S, z) of the fused kernels: o [B, H, Nq, Dv] in q's dtype and memory order; den
     [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D] stored scaled by a power of two (see
-    ``kernels/forward.py``), in float32 (float64 for float64 inputs). The body of the custom
+    ``kernels/forward.py``), in float32 (float64 for float64 inputs; S in bfloat16 where
+    :func:`saved_state_dtype` says). The body of the custom
     op of :mod:`vicinity_attn.ops`, which also carries the autograd formula."""
     check_triton_inputs(q, k, v)
     o = empty_output_like(q, v.shape[-1])

@@ -256,8 +256,8 @@ def collect_jobs(cases: list[LaunchCase], archs=TARGETS) -> tuple[list[Job], dic
     plan = {}
     for case in cases:
         entries = []
-        for launch in capture(case, archs):
-            for arch in archs:
+        for arch, launches in capture(case, archs).items():
+            for launch in launches:
                 sig, consts, attrs, opts = launch.spec[arch]
                 job = Job(launch.module, launch.kernel, arch, sig, consts, attrs, opts)
                 if job.key not in jobs:

@@ -166,6 +166,7 @@ VICINITY_ROLES = {
     ("fwd", "state_partial_kernel", 0): "fwd_state",
     ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("fwd", "contract_d_kernel", 0): "fwd_output",
+    ("bwd", "query_pass_kernel", 0): "bwd_queries",   # dq and the state gradients in one launch
     ("bwd", "contract_dv_kernel", 0): "bwd_dq",       # computes the row weights too
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
@@ -307,31 +308,30 @@ def _intercept(arch: int, on_launch: Callable, on_spec: Callable):
         triton_driver._active = previous
 
 
-def capture(case: LaunchCase, archs: tuple = (80, 90)) -> list[Launch]:
-    """The launches of one forward + backward call of ``case``, with Triton's specialisation per arch."""
+def capture(case: LaunchCase, archs: tuple = (80, 90)) -> dict[int, list[Launch]]:
+    """The launches of one forward + backward call of ``case`` per arch (the launchers may plan
+    differently per target: ``kernels.runtime.target_arch``), each with Triton's specialisation."""
     from ..kernels.runtime import interpreting
     assert not interpreting(), "launch capture needs TRITON_INTERPRET unset (interpreted kernels do not specialise)"
     op = OPERATIONS[case.op]
-    launches: list[Launch] = []
-    for i, arch in enumerate(archs):
-        state = {"phase": "", "counts": {}, "n": 0}
+    plans: dict[int, list[Launch]] = {}
+    for arch in archs:
+        launches: list[Launch] = []
+        state = {"phase": "", "counts": {}}
 
         def phase(name):
             state["phase"], state["counts"] = name, {}
 
         def on_launch(fn, grid, args, kwargs):
-            if i == 0:
-                name = fn.fn.__name__
-                occ = state["counts"].get(name, 0)
-                state["counts"][name] = occ + 1
-                launches.append(Launch(_role(op.roles, state["phase"], name, occ), fn, tuple(grid), args, kwargs))
-            state["current"] = launches[state["n"]]
-            state["n"] += 1
+            name = fn.fn.__name__
+            occ = state["counts"].get(name, 0)
+            state["counts"][name] = occ + 1
+            launches.append(Launch(_role(op.roles, state["phase"], name, occ), fn, tuple(grid), args, kwargs))
 
         def on_spec(signature, constexprs, attrs, options):
-            state["current"].spec[arch] = (signature, constexprs, attrs, options)
+            launches[-1].spec[arch] = (signature, constexprs, attrs, options)
 
         with _intercept(arch, on_launch, on_spec):
             op.run(case, phase)
-        assert state["n"] == len(launches), "the launchers launched differently for another target"
-    return launches
+        plans[arch] = launches
+    return plans

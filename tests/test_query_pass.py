@@ -1,0 +1,80 @@
+"""The fused backward query pass (kernels/vicinity/queries.py): dq and the state gradients in one launch,
+against the two separate passes it replaces (the dq pass, then the state pass) on the same inputs, and
+the rule that picks it (``forward.fused_query_pass``). Accuracy against the float64 reference is what
+the rest of the suite checks: dense one-tile heads take this pass there."""
+import pytest
+import torch
+
+from helpers import rel_err
+
+pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                reason="CPU tensors with backend='triton' need the interpreter")
+
+CASES = [  # D, Dv, grid, variant, prefix tokens, feature map
+    (32, 32, (7, 9), "sum", 0, "relu"),
+    (16, 24, (5, 4, 3), "product", 1, "elu1"),
+    (40, 40, (37,), "sum", 2, "relu"),
+    (8, 8, (6, 6), "none", 0, "elu1"),
+]
+
+
+def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatch):
+    """(dq, dk, dv, kernels launched) of the kernels' backward, with the fused query pass or without."""
+    from vicinity_attn.kernels.vicinity import (Geometry, backward, queries, state, vicinity_backward,
+                                                vicinity_forward)
+    N = prefix + int(torch.tensor(grid).prod())
+    g = torch.Generator().manual_seed(1)
+    B, H = 2, 2
+    q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
+    v, do = (torch.randn(B, H, N, Dv, generator=g).to(dtype) for _ in range(2))
+    o = torch.empty(B, H, N, Dv, dtype=dtype)
+    geom = Geometry.build(grid, grid, variant, fmap, prefix)
+    den, S, z = vicinity_forward(q, k, v, o, geom, 1e-4)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    launched = []
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(backward, "fused_query_pass", lambda *args: False)
+        for module, name in ((queries, "query_pass_kernel"), (state, "state_partial_kernel")):
+            kernel = getattr(module, name)
+            m.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(_name) or _run(*a, **kw))
+        vicinity_backward(do, q, k, v, o, den, S, z, *grads, geom, 1e-4)
+    return (*grads, launched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"D{c[0]}-{c[1]}-{c[3]}{len(c[2])}d-p{c[4]}-{c[5]}")
+def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
+    """Same helpers in the same order: dq, dk, dv agree with the separate passes' (bitwise in all but
+    rare elements, where the dq dots' tile shapes differ: the state pass's tiles are the fused pass's).
+    The fused launch replaced the state pass (which now runs only without the fusion)."""
+    from vicinity_attn.kernels.vicinity import Geometry, forward
+    D, Dv, grid, variant, prefix, fmap = case
+    applies = forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
+    # With 4-byte dot operands (fp16's TF32 dots, fp32, fp64) the state tiles are narrower: only smaller
+    # heads fit one (test_fused_query_pass_rule checks that some do).
+    assert applies or dtype != torch.bfloat16, "the case misses the fused pass"
+    *fused, ran_fused = _backward(True, dtype, *case, monkeypatch)
+    *separate, ran_separate = _backward(False, dtype, *case, monkeypatch)
+    assert ran_fused == ["query_pass_kernel" if applies else "state_partial_kernel"]
+    assert ran_separate == ["state_partial_kernel"]
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6}.get(dtype, 1e-2)
+    for name, a, b in zip(("dq", "dk", "dv"), fused, separate):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= tol, name
+        assert (a != b).float().mean().item() <= 0.01, name
+
+
+def test_fused_query_pass_rule(monkeypatch):
+    """One state tile per head dim and sm_90 or newer (or the interpreter): fused. sm_80 (the fused
+    program spills there), or head dims past one tile: the separate passes."""
+    from vicinity_attn.kernels.vicinity import forward
+    assert forward.fused_query_pass(64, 64, torch.bfloat16, 4)
+    assert not forward.fused_query_pass(128, 64, torch.bfloat16, 4)
+    assert not forward.fused_query_pass(64, 128, torch.float32, 4)
+    for dtype in (torch.float16, torch.float32, torch.float64):   # 4-byte operands: small heads fuse
+        assert forward.fused_query_pass(8, 8, dtype, 4) and not forward.fused_query_pass(64, 64, dtype, 4)
+    monkeypatch.setattr(forward, "target_arch", lambda: 80)
+    assert not forward.fused_query_pass(64, 64, torch.bfloat16, 4)
+    monkeypatch.setattr(forward, "target_arch", lambda: 90)
+    assert forward.fused_query_pass(64, 64, torch.bfloat16, 4)
