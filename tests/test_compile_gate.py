@@ -32,7 +32,8 @@ def test_quick_gate_core_verdict(quick_report):
     kernels = kernels_of(report, "vicinity")
     assert len(kernels) >= 30, log[-3000:]
     roles = {r for k in kernels for r in k["roles"]}
-    assert {"fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_keys",
+    # bwd_queries: the fused query pass (sm_90a plans); bwd_dq + bwd_state: the separate ones (sm_80).
+    assert {"fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_queries", "bwd_keys",
             "chunk_reduce"} <= roles
     bad = [f"{k['kernel']} {k['arch']} {k['cases']}: {k['verdicts']['core']}" for k in kernels if k["verdicts"]["core"]]
     assert not bad, "\n".join(bad)

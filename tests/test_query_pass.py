@@ -10,11 +10,11 @@ from helpers import rel_err
 pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                 reason="CPU tensors with backend='triton' need the interpreter")
 
-CASES = [  # D, Dv, grid, variant, prefix tokens, feature map
+CASES = [  # D, Dv, grid, variant, prefix tokens, feature map (head dims: multiples of 16, see the rule)
     (32, 32, (7, 9), "sum", 0, "relu"),
-    (16, 24, (5, 4, 3), "product", 1, "elu1"),
-    (40, 40, (37,), "sum", 2, "relu"),
-    (8, 8, (6, 6), "none", 0, "elu1"),
+    (16, 32, (5, 4, 3), "product", 1, "elu1"),
+    (48, 48, (37,), "sum", 2, "relu"),
+    (16, 16, (6, 6), "none", 0, "elu1"),
 ]
 
 
@@ -51,8 +51,8 @@ def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
     from vicinity_attn.kernels.vicinity import Geometry, forward
     D, Dv, grid, variant, prefix, fmap = case
     applies = forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
-    # With 4-byte dot operands (fp16's TF32 dots, fp32, fp64) the state tiles are narrower: only smaller
-    # heads fit one (test_fused_query_pass_rule checks that some do).
+    # fp32 keeps the separate passes; with 4-byte dot operands (fp16's TF32 dots, fp64) the state tiles
+    # are narrower, so only smaller heads fit one (test_fused_query_pass_rule checks that some do).
     assert applies or dtype != torch.bfloat16, "the case misses the fused pass"
     *fused, ran_fused = _backward(True, dtype, *case, monkeypatch)
     *separate, ran_separate = _backward(False, dtype, *case, monkeypatch)
@@ -66,14 +66,16 @@ def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
 
 
 def test_fused_query_pass_rule(monkeypatch):
-    """One state tile per head dim and sm_90 or newer (or the interpreter): fused. sm_80 (the fused
-    program spills there), or head dims past one tile: the separate passes."""
+    """Head dims that are multiples of 16 and fit one state tile, not fp32, sm_90 or newer (or the
+    interpreter): fused. Otherwise the separate passes (where the compile gate saw the fused program
+    spill, or load its states in narrow pieces)."""
     from vicinity_attn.kernels.vicinity import forward
-    assert forward.fused_query_pass(64, 64, torch.bfloat16, 4)
+    assert forward.fused_query_pass(64, 64, torch.bfloat16, 4) and forward.fused_query_pass(32, 16, torch.bfloat16, 10)
     assert not forward.fused_query_pass(128, 64, torch.bfloat16, 4)
-    assert not forward.fused_query_pass(64, 128, torch.float32, 4)
-    for dtype in (torch.float16, torch.float32, torch.float64):   # 4-byte operands: small heads fuse
-        assert forward.fused_query_pass(8, 8, dtype, 4) and not forward.fused_query_pass(64, 64, dtype, 4)
+    assert not forward.fused_query_pass(40, 40, torch.bfloat16, 4) and not forward.fused_query_pass(64, 24, torch.bfloat16, 4)
+    for dtype in (torch.float16, torch.float64):   # 4-byte dot operands: smaller heads fuse
+        assert forward.fused_query_pass(16, 16, dtype, 4) and not forward.fused_query_pass(64, 64, dtype, 4)
+    assert not forward.fused_query_pass(16, 16, torch.float32, 4)
     monkeypatch.setattr(forward, "target_arch", lambda: 80)
     assert not forward.fused_query_pass(64, 64, torch.bfloat16, 4)
     monkeypatch.setattr(forward, "target_arch", lambda: 90)

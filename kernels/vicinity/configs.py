@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import Precision, interpreting, pick_precision
+from ..runtime import Precision, interpreting, pick_precision, target_arch
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -129,6 +129,12 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
             # The dq pass holds the per-axis position values (all three axes of a 3-d product) across its
             # feature loop: at F = 10 and 64 tokens it spilled 8 B on sm_80 under triton 3.6.
             tokens["bwd_dq"] = cfg.block_n // 2
+        arch = target_arch()
+        if dtype == torch.bfloat16 and cfg.block_d == HEAD_BLOCKS[-1] and arch is not None and arch < 90:
+            # sm_80 (no fused query pass there): the dq pass reads the forward's bf16 S (saved_state_dtype)
+            # at 64 tokens, the S bytes per token that 128 tokens read in fp32; at 128 the 1-d + prefix
+            # variants (F = 4) spilled 8 B under triton 3.9.
+            tokens.pop("bwd_dq", None)
         cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + tuple(tokens.items()))
     return cfg
 

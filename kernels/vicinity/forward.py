@@ -13,8 +13,8 @@ import triton
 
 from ..runtime import Precision, target_arch
 from .clamp import state_clamp_kernel
-from .configs import (HEAD_BLOCKS, ChunkPlan, LaunchConfig, chunk_plan, dot_precision, pick_config, pow2_scale,
-                      state_operand_dtype, state_tiles)
+from .configs import (HEAD_BLOCKS, ChunkPlan, LaunchConfig, StateTiles, chunk_plan, dot_precision, pick_config,
+                      pow2_scale, state_operand_dtype, state_tiles)
 from .contract import contract_d_kernel
 from .launch import Geometry
 from .queries import query_pass_kernel
@@ -50,16 +50,30 @@ class QueryGradient:
 
 def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
     """Whether the backward's query pass runs as one launch (dq and the state gradients: queries.py) for
-    head dims D (q) and Dv (dO), inputs of ``dtype`` and F = n_feat: when both head dims fit one tile of
-    the state pass, whose dot precision the dq dots share, on sm_90 and newer (and the interpreter).
-    On sm_80 the fused program holds the stacked dS accumulator beside the dq tile past its 255
-    registers (bf16 D64, F = 4: 40-92 B of spills), so there the two passes stay separate."""
+    head dims D (q) and Dv (dO), inputs of ``dtype`` and F = n_feat: on sm_90 and newer (and in the
+    interpreter), for head dims that are multiples of 16 and fit one tile of the state pass (whose dot
+    precision the dq dots share), and not for fp32 inputs. Everything else keeps the dq pass and the
+    state pass, because the fused program holds the stacked dS accumulator beside the dq tile (compile
+    gate, sm_90a unless said): on sm_80 it spilled 40-92 B (bf16 D64, F = 4); with unaligned head dims
+    (scalar tile accesses) 200-708 B (bf16 D24, D40); fp32 (TF32x3 state tiles: one tile only for
+    D <= 16) loaded its states in 32-bit pieces (D16)."""
     arch = target_arch()
     if arch is not None and arch < FUSED_QUERY_MIN_ARCH:
+        return False
+    if dtype == torch.float32 or D % 16 or Dv % 16:
         return False
     tiles = state_tiles(n_feat, D, Dv, dtype, "bwd_state")
     return (D <= tiles.block_d and Dv <= tiles.block_dv
             and dot_precision("bwd_state", dtype) == dot_precision("bwd_dq", dtype))
+
+
+def fused_query_options(tiles: StateTiles) -> dict:
+    """Launch options of the fused query pass: the state pass's, with 8 warps at 64-wide head tiles (at
+    4, which the state pass takes for F <= 2, bf16 D64 F = 2 spilled 80 B on sm_90a)."""
+    opts = tiles.options()
+    if tiles.block_d >= HEAD_BLOCKS[-1]:
+        opts["num_warps"] = max(opts["num_warps"], 8)
+    return opts
 
 
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
@@ -118,7 +132,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
             x, y, dq.S, dq.z, dq.den, dq.out, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes,
             plan.blocks_per_chunk, n_s + n_z, part_scale, dq.den_floor, dq.eps, *x.stride(), *y.stride(),
             *dq.out.stride(), **geom.constexprs(is_query), BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
-            BLOCK_DV=tiles.block_dv, **prec.constexprs(), F_PAD=f_pad, Z_COLS=16, **tiles.options(),
+            BLOCK_DV=tiles.block_dv, **prec.constexprs(), F_PAD=f_pad, Z_COLS=16, **fused_query_options(tiles),
             **(copy if single else {}))
     else:
         state_partial_kernel[(lead * n_tiles, plan.n_chunks)](

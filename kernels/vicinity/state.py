@@ -167,23 +167,22 @@ def store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_strid
     """Writes scale * the stacked accumulators of ``accumulate_states`` as chunk ``chunk``'s partials: S
     [BH, N_FEAT, D, DV] at s_part + chunk * part_stride, z [BH, N_FEAT, D] at z_part + chunk * part_stride
     (z by the first Dv tile); COPY: S also to s_copy (its own dtype)."""
-    # 64-bit offsets of this bh's states once; int32 ones within them (one register an element, not two).
+    s_part_ptr += chunk.to(tl.int64) * part_stride
+    z_part_ptr += chunk.to(tl.int64) * part_stride
     first_row = bh.to(tl.int64) * N_FEAT  # index of this bh's state m = 0
-    s_part_ptr += chunk.to(tl.int64) * part_stride + first_row * D * DV
-    z_part_ptr += chunk.to(tl.int64) * part_stride + first_row * D
     # Stacked row r holds feature r // BLOCK_D, head row d0 + r % BLOCK_D.
     offs_r = tl.arange(0, F_PAD * BLOCK_D)
     offs_m = offs_r // BLOCK_D
     offs_rd = d0 + offs_r % BLOCK_D
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    offs_s = offs_m[:, None] * (D * DV) + offs_rd[:, None] * DV + offs_e[None, :]
+    offs_s = (first_row + offs_m[:, None]) * D * DV + offs_rd[:, None] * DV + offs_e[None, :]
     mask_s = ((offs_m < N_FEAT) & (offs_rd < D))[:, None] & (offs_e[None, :] < DV)
     tl.store(s_part_ptr + offs_s, s_acc * scale, mask=mask_s)
     if COPY:
-        tl.store(s_copy_ptr + first_row * D * DV + offs_s, s_acc * scale, mask=mask_s)
+        tl.store(s_copy_ptr + offs_s, s_acc * scale, mask=mask_s)
     # z (column 0 of the z tile) does not depend on the Dv tile: the first Dv tile writes it.
     z_rows = tl.sum(tl.where(tl.arange(0, Z_COLS)[None, :] == 0, z_acc, 0.0), axis=1)
-    tl.store(z_part_ptr + offs_m * D + offs_rd, z_rows * scale,
+    tl.store(z_part_ptr + (first_row + offs_m) * D + offs_rd, z_rows * scale,
              mask=(offs_m < N_FEAT) & (offs_rd < D) & ((offs_r * 0 + e_tile) == 0))
 
 
