@@ -103,7 +103,7 @@ def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.T
     """The key pass: fills dk, dv (where not None) for the keys k [B, H, n, D], v [B, H, n, Dv] at
     sequence positions key_offset .. key_offset + n - 1, from the state gradients of all ``n_queries``
     queries (dS masked here in place where the clamped S was clamped)."""
-    cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype)
+    cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype, n_feat=geom.n_feat)
     s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
     if clamp is not None:
         n = dS.numel()

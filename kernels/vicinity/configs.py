@@ -42,9 +42,10 @@ UNALIGNED_NUM_WARPS = 8
 # F = 10 (3-d product + prefix) the output pass spilled 16 B on sm_80 under triton 3.6 (255 registers);
 # the dq pass (at 255 on sm_80 already at 64 tokens) spilled 8-24 B with F = 4..8 in some variants
 # (1-d + prefix on sm_80, 3-d sum + prefix on sm_90a, triton 3.9). TF32 / unaligned tiles take more
-# registers already. (The key pass holds two accumulators: it stays at 64.)
+# registers already. The key pass (two accumulators) takes 128 for bf16 on sm_90+ only (252 registers
+# on sm_90a; on sm_80 it spilled, see pick_config).
 WIDE_BLOCK_N = 128
-WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4}
+WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
 # State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
 # hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
 # blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
@@ -129,12 +130,17 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
             # The dq pass holds the per-axis position values (all three axes of a 3-d product) across its
             # feature loop: at F = 10 and 64 tokens it spilled 8 B on sm_80 under triton 3.6.
             tokens["bwd_dq"] = cfg.block_n // 2
+        if dtype == torch.float16:
+            tokens.pop("bwd_keys", None)   # TF32 dots: see above
         arch = target_arch()
-        if dtype == torch.bfloat16 and cfg.block_d == HEAD_BLOCKS[-1] and arch is not None and arch < 90:
-            # sm_80 (no fused query pass there): the dq pass reads the forward's bf16 S (saved_state_dtype)
-            # at 64 tokens, the S bytes per token that 128 tokens read in fp32; at 128 the 1-d + prefix
-            # variants (F = 4) spilled 8 B under triton 3.9.
-            tokens.pop("bwd_dq", None)
+        if arch is not None and arch < 90:
+            # sm_80: the key pass stays at 64 tokens (at 128: 24 B of spills at bf16 D32, 40 B at D64 1-d +
+            # prefix, triton 3.9). The dq pass (no fused query pass there) reads the forward's bf16 S
+            # (saved_state_dtype) at 64 tokens, the S bytes per token that 128 tokens read in fp32; at 128
+            # the 1-d + prefix variants (F = 4) spilled 8 B under triton 3.9.
+            tokens.pop("bwd_keys", None)
+            if dtype == torch.bfloat16 and cfg.block_d == HEAD_BLOCKS[-1]:
+                tokens.pop("bwd_dq", None)
         cfg = dataclasses.replace(cfg, block_n_of=cfg.block_n_of + tuple(tokens.items()))
     return cfg
 
