@@ -193,8 +193,8 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
 
     S, z and den are stored scaled by s = 2^-ceil(log2 Nk) (eps too), which leaves o unchanged and
     keeps them O(1): fp16 tensor-core operands built from them cannot overflow however long the
-    sequence. They are in fp32 (fp64 for fp64 inputs), S in bf16 where :func:`saved_state_dtype` says. den = max(sum, den_floor) + eps (den_floor scaled
-    too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
+    sequence. They are in fp32 (fp64 for fp64 inputs; S in bf16 where :func:`saved_state_dtype` says).
+    den = max(sum, den_floor) + eps (den_floor scaled too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
     The two passes are :func:`forward_states` and :func:`forward_output` (context parallelism sums
     the states of every rank's keys between them).
 
@@ -219,8 +219,8 @@ def saved_state_dtype(dtype: torch.dtype, D: int, Dv: int, clamp: tuple[float, f
     clamp), it returns that copy: the backward uses S only as the dq dots' operand, which rounds it
     to the same dtype (``state_operand_dtype`` of "bwd_dq" is the same), and only the clamped backward,
     which gets no copy, reads S otherwise. Half the bytes saved, and the dq pass reads half from L2."""
-    op_dtype = state_operand_dtype("fwd_output", dtype)
-    if op_dtype is None or clamp is not None or pick_config(D, Dv, dtype).block_d < HEAD_BLOCKS[-1]:
+    op_dtype = _copy_dtype("fwd_output", dtype, D, Dv, clamp)
+    if op_dtype is None:
         return acc_dtype
     assert state_operand_dtype("bwd_dq", dtype) == op_dtype
     return op_dtype
@@ -235,10 +235,17 @@ def operand_copy(launch: str, dtype: torch.dtype, shape: tuple[int, ...], device
     halves matter there, and at 16 / 32-wide tiles the bf16 tile rows (32 / 64 bytes) were loaded in
     32-bit pieces (output and key passes, D = 16) and the 4-warp D = 32 output pass spilled 8-52 B on
     sm_90a."""
+    op_dtype = _copy_dtype(launch, dtype, shape[2], shape[3], clamp)
+    return None if op_dtype is None else torch.empty(shape, dtype=op_dtype, device=device)
+
+
+def _copy_dtype(launch: str, dtype: torch.dtype, D: int, Dv: int,
+                clamp: tuple[float, float] | None) -> torch.dtype | None:
+    """The dtype of ``operand_copy``'s copy for head dims D, Dv, or None where no copy is made."""
     op_dtype = state_operand_dtype(launch, dtype)
-    if op_dtype is None or clamp is not None or pick_config(shape[2], shape[3], dtype).block_d < HEAD_BLOCKS[-1]:
+    if op_dtype is None or clamp is not None or pick_config(D, Dv, dtype).block_d < HEAD_BLOCKS[-1]:
         return None
-    return torch.empty(shape, dtype=op_dtype, device=device)
+    return op_dtype
 
 
 def forward_states(k: torch.Tensor, v: torch.Tensor, geom: Geometry, n_keys: int | None = None,
