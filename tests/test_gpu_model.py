@@ -29,9 +29,14 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     monkeypatch.setitem(gm.SHAPES, "t", shape)
     launches = gm.stage_traffic(["t"])["t"]
     kernels = [x["kernel"] for x in launches]
-    # The backward starts with the dq pass, which computes the row weights itself (no launch of its own).
-    assert kernels[:3] == ["state_partial_kernel", "contract_d_kernel", "contract_dv_kernel"]
-    assert "row_weights_kernel" not in kernels and gm._first_bwd(launches) == 2
+    # The backward starts with the fused query pass (dq and the state gradients: the model plans for
+    # an sm_90 GPU), which computes the row weights itself (no launch of its own), then the key pass.
+    assert kernels == ["state_partial_kernel", "contract_d_kernel", "query_pass_kernel", "key_pass_kernel"]
+    assert gm._first_bwd(launches) == 2
+    query = launches[2]
+    assert query["program_bytes"]["read:q_ptr"] == 128 * 16 * 2             # q, once: both token blocks
+    assert query["program_bytes"]["read:do_ptr"] == 128 * 16 * 2            # dO, once
+    assert query["program_bytes"]["write:dq_ptr"] == 128 * 16 * 2           # dq
     fwd = launches[:gm._first_bwd(launches)]
     flops = sum(x["program_flops"] * math.prod(x["grid"]) for x in fwd)
     # Plus the state pass's z dot: the stacked [F * D, tokens] operand times a 16-wide column block
