@@ -42,8 +42,8 @@ UNALIGNED_NUM_WARPS = 8
 # F = 10 (3-d product + prefix) the output pass spilled 16 B on sm_80 under triton 3.6 (255 registers);
 # the dq pass (at 255 on sm_80 already at 64 tokens) spilled 8-24 B with F = 4..8 in some variants
 # (1-d + prefix on sm_80, 3-d sum + prefix on sm_90a, triton 3.9). TF32 / unaligned tiles take more
-# registers already. The key pass (two accumulators) takes 128 for bf16 on sm_90+ only (252 registers
-# on sm_90a; on sm_80 it spilled, see pick_config).
+# registers already. The key pass (two accumulators) takes 128 for bf16 heads of one tile on sm_90+ only
+# (252 registers on sm_90a; elsewhere it spilled, see pick_config).
 WIDE_BLOCK_N = 128
 WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
 # State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
@@ -130,8 +130,10 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
             # The dq pass holds the per-axis position values (all three axes of a 3-d product) across its
             # feature loop: at F = 10 and 64 tokens it spilled 8 B on sm_80 under triton 3.6.
             tokens["bwd_dq"] = cfg.block_n // 2
-        if dtype == torch.float16:
-            tokens.pop("bwd_keys", None)   # TF32 dots: see above
+        if dtype == torch.float16 or max(d, dv) > cfg.block_d:
+            # fp16: TF32 dots (see above). Heads past one tile (the key pass loops over the other tiles):
+            # bf16 D128 / D256 spilled 24-32 B on sm_90a under triton 3.6 at 128 tokens.
+            tokens.pop("bwd_keys", None)
         arch = target_arch()
         if arch is not None and arch < 90:
             # sm_80: the key pass stays at 64 tokens (at 128: 24 B of spills at bf16 D32, 40 B at D64 1-d +
