@@ -182,9 +182,9 @@ def row_weights(delta, den, den_floor, eps):
 
 @triton.jit
 def contract_dv_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
-                         N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
-                         HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
-                         DOT: tl.constexpr, PREC: tl.constexpr):
+                        N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+                        HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr,
+                        DOT: tl.constexpr, PREC: tl.constexpr):
     """acc += P_M * (y @ M_M[d tile, dv tile]^T).
 
     With TF32 dots (fp16 and fp32 inputs) P_M scales the product, not the operand y: y (dO) is

@@ -14,7 +14,6 @@ BLOCK_D, DV <= BLOCK_DV): dq contracts over all of Dv and dS needs every (D, Dv)
 keep the separate passes (backward.py decides). Every value is computed by the same helpers, in the
 same order, as by the separate passes: dq, dS and dz are bitwise theirs.
 """
-import triton
 import triton.language as tl
 
 from ..common import feature_map, mul_feature_map_grad

@@ -32,8 +32,8 @@ from .varlen import sequence_window
 
 @triton.jit
 def feature_columns(offs_n, n_prefix, s0, s1, s2, COLS: tl.constexpr, N_FEAT: tl.constexpr,
-                     N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                     IS_QUERY: tl.constexpr, ACC: tl.constexpr):
+                    N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                    IS_QUERY: tl.constexpr, ACC: tl.constexpr):
     """[BLOCK_N, COLS] position features of the tokens offs_n: column m is P_m (0 for m >= N_FEAT)."""
     feat = tl.arange(0, COLS)[None, :]
     p = position_feature(offs_n[:, None], feat, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
@@ -65,7 +65,7 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n
                 mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
     a = feature_map(x, mask_x, FMAP)
     p = feature_columns(offs_n, n_prefix, s0, s1, s2, F_PAD, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                         IS_QUERY, ACC)
+                        IS_QUERY, ACC)
     # z's column: z_m = sum_n stacked[n, m] * w_n with w = 1 (forward) or rz / rs (backward, where the
     # stacked operand carries rs), so z comes from the same rounded operand as S.
     if ROW_WEIGHTS:
