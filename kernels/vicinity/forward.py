@@ -194,7 +194,8 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     S, z and den are stored scaled by s = 2^-ceil(log2 Nk) (eps too), which leaves o unchanged and
     keeps them O(1): fp16 tensor-core operands built from them cannot overflow however long the
     sequence. They are in fp32 (fp64 for fp64 inputs; S in bf16 where :func:`saved_state_dtype` says).
-    den = max(sum, den_floor) + eps (den_floor scaled too). With ``clamp`` = (lo, hi) the VVT clamps apply (clamp.py): S is stored clamped.
+    den = max(sum, den_floor) + eps (den_floor scaled too). With ``clamp`` = (lo, hi) the VVT clamps apply
+    (clamp.py): S is stored clamped.
     The two passes are :func:`forward_states` and :func:`forward_output` (context parallelism sums
     the states of every rank's keys between them).
 
