@@ -46,27 +46,32 @@ def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatc
     return (*grads, launched)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"D{c[0]}-{c[1]}-{c[3]}{len(c[2])}d-p{c[4]}-{c[5]}")
+# The (dtype, case) pairs the fused pass takes: all bf16 cases; fp16 (TF32 dots) and fp64 (4-byte dot
+# operands: narrower state tiles) only where one state tile holds the heads. fp32 never fuses (the rule).
+FUSED = [(dtype, case) for dtype in (torch.float64, torch.bfloat16, torch.float16) for case in CASES
+         if dtype == torch.bfloat16 or case[0] != 48]
+
+
+@pytest.mark.parametrize("dtype,case", FUSED,
+                         ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype) else
+                         f"D{x[0]}-{x[1]}-{x[3]}{len(x[2])}d-p{x[4]}-{x[5]}")
 def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
-    """Same helpers in the same order: dq, dk, dv agree with the separate passes' (bitwise in all but
-    rare elements, where the dq dots' tile shapes differ: the state pass's tiles are the fused pass's).
-    The fused launch replaced the state pass (which now runs only without the fusion)."""
+    """Same helpers in the same order: dq, dk, dv are the separate passes' (fp64: bitwise; 16-bit: all
+    but rare dq elements, one rounding step apart, where the dq dots take the state pass's tiles), and
+    the fused launch replaced the state pass."""
     from vicinity_attn.kernels.vicinity import Geometry, forward
     D, Dv, grid, variant, prefix, fmap = case
-    applies = forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
-    # fp32 keeps the separate passes; with 4-byte dot operands (fp16's TF32 dots, fp64) the state tiles
-    # are narrower, so only smaller heads fit one (test_fused_query_pass_rule checks that some do).
-    assert applies or dtype != torch.bfloat16, "the case misses the fused pass"
+    assert forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
     *fused, ran_fused = _backward(True, dtype, *case, monkeypatch)
     *separate, ran_separate = _backward(False, dtype, *case, monkeypatch)
-    assert ran_fused == ["query_pass_kernel" if applies else "state_partial_kernel"]
-    assert ran_separate == ["state_partial_kernel"]
-    tol = {torch.float64: 1e-14, torch.float32: 1e-6}.get(dtype, 1e-2)
+    assert ran_fused == ["query_pass_kernel"] and ran_separate == ["state_partial_kernel"]
     for name, a, b in zip(("dq", "dk", "dv"), fused, separate):
         assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) <= tol, name
-        assert (a != b).float().mean().item() <= 0.01, name
+        if dtype == torch.float64 or name != "dq":
+            assert torch.equal(a, b), name
+        else:
+            # Measured: at most 2.7e-4 of max |dq| in 0.03 % of the elements (fp16, D16 / Dv32).
+            assert rel_err(a, b) <= 1e-3 and (a != b).float().mean().item() <= 1e-3, name
 
 
 def test_fused_query_pass_rule(monkeypatch):
