@@ -12,6 +12,6 @@ Run ``python -m bench --help`` from the repository root. Modules, one job each:
 - :mod:`bench.runner`    sweeps cases x providers x modes into rows, skipping with a reason;
 - :mod:`bench.report`    stdout table, JSON, log-log plot;
 - :mod:`bench.targets`   the torch backend's CPU performance targets, measured in one run;
-- :mod:`bench.model`     a whole VVT-tiny-shaped backbone: training-step time and peak memory against resolution;
+- :mod:`bench.backbone`     a whole VVT-tiny-shaped backbone: training-step time and peak memory against resolution;
 - :mod:`bench.cli`       the command line.
 """

@@ -11,12 +11,12 @@ reference numerically and the comparison is about speed only.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from vicinity_attn.feature_maps import apply_feature_map
-from vicinity_attn.positions import expand_features, position_features
+from vicinity_attn.common.feature_maps import apply_feature_map
+from vicinity_attn.common.positions import expand_features, position_features
 
 
 def authors_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

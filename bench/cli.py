@@ -3,17 +3,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from vicinity_attn.positions import VARIANTS
+from vicinity_attn.common.positions import VARIANTS
 
 from .cases import DTYPES, PRESETS, build_cases, parse_grids
-from .model import (ATTENTIONS, DEPTHS, EMBED_DIMS, MLP_RATIOS, NUM_HEADS, RESOLUTIONS as MODEL_RESOLUTIONS, SR_RATIO,
-                    format_model_table, growth_exponent, run_model_sweep, write_model_plot)
 from .env import OtherCpuUse, environment, matmul_rate
 from .flops import FLOP_FORMULA_TEXT, MODES
+from .backbone import (
+    ATTENTIONS,
+    DEPTHS,
+    EMBED_DIMS,
+    MLP_RATIOS,
+    NUM_HEADS,
+    SR_RATIO,
+    format_model_table,
+    growth_exponent,
+    run_model_sweep,
+    write_model_plot,
+)
+from .backbone import RESOLUTIONS as MODEL_RESOLUTIONS
 from .providers import DEFAULT_PROVIDERS, PROVIDERS, default_providers
 from .report import NOISY_SPREAD, format_table, write_json, write_plot
 from .runner import SweepConfig, run_sweep
@@ -111,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-call-seconds", type=_positive(float),
                    help="skip calls estimated longer (default 10; quick: 120, so that all its cells are measured)")
     p.add_argument("--budget-seconds", type=_positive(float), help="CPU timing budget per row (default 1; quick 0.3)")
-    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads, also in --model's workers (default: torch's choice; the "
-                   "torch backend uses fewer threads for small calls and when other processes hold cores)")
+    p.add_argument("--threads", type=_positive(int),
+                   help="torch.set_num_threads, also in --model's workers (default: torch's choice; the "
+                        "torch backend uses fewer threads for small calls and when other processes hold cores)")
     p.add_argument("--resolutions", type=_resolutions_arg,
-                   help=f"--model: input resolutions, multiples of 32 (default {','.join(map(str, MODEL_RESOLUTIONS))})")
+                   help="--model: input resolutions, multiples of 32 "
+                        f"(default {','.join(map(str, MODEL_RESOLUTIONS))})")
     p.add_argument("--attentions", help=f"--model: comma-separated, from {','.join(ATTENTIONS)} (default all)")
     p.add_argument("--max-step-seconds", type=_positive(float),
                    help="--model: skip resolutions whose training step is estimated longer (default 60)")

@@ -4,7 +4,7 @@
     python -m bench.cp_model --json out.json
     python -m bench.cp_model --resolutions 224 1024 --gpus 8 64   # the README's table
 
-Shapes are those of :mod:`bench.model` (stage dims 96 / 160 / 320 / 512, heads 1 / 2 / 5 / 8, depth 2,
+Shapes are those of :mod:`bench.backbone` (stage dims 96 / 160 / 320 / 512, heads 1 / 2 / 5 / 8, depth 2,
 sr_ratio 2, MLP ratios 8 / 8 / 4 / 4; stage s runs on a (R / 2^(s+2))^2 grid for an R x R image),
 variant "sum" on a 2-d grid (F = 4 position features), one image per data-parallel replica.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .model import DEPTHS, EMBED_DIMS, MLP_RATIOS, NUM_HEADS, SR_RATIO
+from .backbone import DEPTHS, EMBED_DIMS, MLP_RATIOS, NUM_HEADS, SR_RATIO
 
 N_FEATURES = 4                  # variant "sum", 2-d grid, no prefix tokens
 STATE_BYTES = 4                 # fp32 states

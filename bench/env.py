@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from vicinity_attn.backends.cpu_threads import machine_busy_seconds as _busy_cpu_seconds
-from vicinity_attn.backends.cpu_threads import own_cpu_seconds as _own_cpu_seconds
+from vicinity_attn.vicinity.cpu_threads import machine_busy_seconds as _busy_cpu_seconds
+from vicinity_attn.vicinity.cpu_threads import own_cpu_seconds as _own_cpu_seconds
 
 from .timing import Timing, median_time
 
@@ -86,7 +86,7 @@ class OtherCpuUse:
     def __init__(self) -> None:
         self.cores: float | None = None
 
-    def __enter__(self) -> "OtherCpuUse":
+    def __enter__(self) -> OtherCpuUse:
         self._start = (_busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter())
         return self
 

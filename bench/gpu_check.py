@@ -7,7 +7,7 @@ peak memory, and the GPU model's prediction beside every measurement.
 
 Writes ``gpu-check.json`` and ``gpu-check.png`` into ``--out-dir`` (default bench/results/):
 
-1. ``pytest tests`` with ``TRITON_INTERPRET=0``: tests/test_triton_backend.py runs on the CUDA device
+1. ``pytest tests`` with ``TRITON_INTERPRET=0``: tests/vicinity/test_triton_backend.py runs on the CUDA device
    (tests/conftest.py); the summary line and exit status go into the JSON.
 2. For the GPU model's shapes (bench/gpu_model.py, bf16) and fwd / fwdbwd: median time with
    ``triton.testing.do_bench`` of the triton backend and of FlashAttention (flash_attn when it

@@ -7,7 +7,7 @@ Nothing here is typed in per kernel. For each shape (``SHAPES``, bf16: vicinity 
 attention at the bench's k-NN shapes) and direction:
 
 1. Launch plan (child process, interpreter off): the launchers run on CPU tensors of the real shape and
-   Triton's own launch path records every launch (``vicinity_attn.tools.launch_capture``): kernel,
+   Triton's own launch path records every launch (``tools.launch_capture``): kernel,
    grid, arguments, specialisation. The compile gate's functions compile each for sm_90a and read
    its SASS: instructions outside / inside the main loop, tensor-core FLOPs per main-loop
    iteration, warps, CTAs per SM.
@@ -54,7 +54,7 @@ H100_SXM = dict(
     launch_overhead_s=2.5e-6,     # per kernel launch in a stream (latency of back-to-back small launches)
 )
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
-FA2_FRACTION = 0.35               # FlashAttention-2 reaches ~35 % of the H100 dense peak (FA2 paper / FA3 paper's FA2 runs)
+FA2_FRACTION = 0.35               # FlashAttention-2: ~35 % of the H100 dense peak (FA2 paper / FA3 paper's FA2 runs)
 FA2_LAUNCHES = dict(fwd=1, bwd=3)  # forward; backward = dO.o preprocess, main kernel, dq conversion
 
 
@@ -84,7 +84,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "g
 
 
 def _case(name: str):
-    from vicinity_attn.tools.launch_capture import LaunchCase
+    from tools.launch_capture import LaunchCase
     return LaunchCase(**SHAPES[name])
 
 
@@ -92,8 +92,8 @@ def _case(name: str):
 # Stage 1: launch plan + SASS (interpreter off)
 
 def stage_plan(names: list[str]) -> dict:
-    from vicinity_attn.tools.compile_gate import collect_jobs, compile_job
-    from vicinity_attn.tools.sass import cta_mma_flops
+    from tools.compile_gate import collect_jobs, compile_job
+    from tools.sass import cta_mma_flops
 
     out = {}
     for name in names:
@@ -126,7 +126,7 @@ def stage_traffic(names: list[str]) -> dict:
 
     import vicinity_attn.kernels.knn  # noqa: F401
     import vicinity_attn.kernels.vicinity  # noqa: F401  (built as interpreted functions: TRITON_INTERPRET=1 here)
-    from vicinity_attn.tools.launch_capture import OPERATIONS
+    from tools.launch_capture import OPERATIONS
 
     builder_cls = type(interp.interpreter_builder)
     state = dict(full=None, ranges=None, counts=None)
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         for direction in ("fwd", "fwdbwd"):
             e = entry[direction]
             print(f"({name}) {entry['title']:<40} {direction:<6} modelled {e['modelled_us']:8.1f} us  "
-                  f"(I/O floor {e['io_floor_us']:6.1f}: {e['vs_io_floor']:4.2f}x; kernels' HBM {e['hbm_floor_us']:7.1f}, "
+                  f"(I/O floor {e['io_floor_us']:6.1f}: {e['vs_io_floor']:4.2f}x; "
+                  f"kernels' HBM {e['hbm_floor_us']:7.1f}, "
                   f"issue {e['issue_floor_us']:7.1f}, {e['launches']} launches)  "
                   f"FA2 model {e['fa2_modelled_us']:8.1f} us   [MODEL]")
     print(f"wrote {args.out}")

@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                    threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=str(device),
                    timing=timing_method(device) if device.type == "cuda" else
                    "CPU: the providers' steps timed in alternation (bench.timing.interleaved_medians), one "
-                   "untimed warm-up each, median per provider; garbage collector paused", command="python -m bench.knn " + " ".join(sys.argv[1:]
-                                                                                       if argv is None else argv))
+                   "untimed warm-up each, median per provider; garbage collector paused",
+        command="python -m bench.knn " + " ".join(sys.argv[1:] if argv is None else argv))
         with open(args.json, "w") as fh:
             json.dump(dict(env=env, dtype=args.dtype, results=results, targets=targets), fh, indent=1)
     return 0 if targets is None or (targets["peak_ok"] and targets["time_ok"]) else 1

@@ -18,14 +18,14 @@ flash_attn convention), so that no transpose is ever timed.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import vicinity_attn
-from vicinity_attn.positions import feature_count
+from vicinity_attn.common.positions import feature_count
 
 from .authors import authors_vicinity_attention
 from .cases import Case

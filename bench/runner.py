@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -138,7 +138,8 @@ def _run_provider(case: Case, provider: Provider, config: SweepConfig, history: 
                     saved = saved_tensor_bytes(lambda: provider.fn(q, k, v))
                 fn = mode_callable(provider, mode, q, k, v)
                 timing = median_time(fn, config.device, budget_s=config.budget_s)
-                row.update(median_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3, flops_per_s=flops / timing.median_s,
+                row.update(median_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3,
+                           flops_per_s=flops / timing.median_s,
                            samples=timing.samples, rel_iqr=timing.rel_iqr, q1_ms=timing.q1_s * 1e3,
                            q3_ms=timing.q3_s * 1e3, noisy=timing.rel_iqr > NOISY_SPREAD,
                            saved_bytes=saved[0], saved_tensors=saved[1],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -123,8 +123,10 @@ def measure_targets(device: torch.device, *, budget_s: float = 2.0, progress: bo
         "case": case.to_dict(), "dtype": "float32",
         "matmul_flops_per_s": rate, "forward_flops": fwd_flops, "floor_ms": floor_s * 1e3,
         "fwdbwd_flops": mode_flops(fwd_flops, "linear", "fwdbwd"),
-        "torch_fwd_ms": t_fwd * 1e3, "torch_fwd_page_faults_per_call": faults_fwd, "torch_fwdbwd_ms": t_fb * 1e3, "authors_fwdbwd_ms": t_auth * 1e3,
-        "flash_fwdbwd_ms": t_flash * 1e3, "torch_fwdbwd_ms_beside_flash": t_fb_f * 1e3, "saved_bytes_torch": saved_torch, "saved_bytes_flash": saved_flash,
+        "torch_fwd_ms": t_fwd * 1e3, "torch_fwd_page_faults_per_call": faults_fwd, "torch_fwdbwd_ms": t_fb * 1e3,
+        "authors_fwdbwd_ms": t_auth * 1e3, "flash_fwdbwd_ms": t_flash * 1e3,
+        "torch_fwdbwd_ms_beside_flash": t_fb_f * 1e3,
+        "saved_bytes_torch": saved_torch, "saved_bytes_flash": saved_flash,
         "scaling": {"n": ns, "fwdbwd_ms": [t * 1e3 for t in times], "exponent": exponent},
         "targets": results,
     }

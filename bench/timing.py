@@ -5,13 +5,13 @@ import contextlib
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-CPU_METHOD = ("CPU: one warm-up call (a timed sample only when it takes 1 s or more), then the median of repeated timed calls "
-              "(time.perf_counter; calls under 2 ms are timed in batches; garbage collector paused)")
+CPU_METHOD = ("CPU: one warm-up call (a timed sample only when it takes 1 s or more), then the median of repeated "
+              "timed calls (time.perf_counter; calls under 2 ms are timed in batches; garbage collector paused)")
 GPU_METHOD = "GPU: median of triton.testing.do_bench(warmup=25 ms, rep=100 ms, return_mode='all')"
 
 
@@ -63,7 +63,8 @@ def cpu_median(fn: Callable[[], object], *, budget_s: float = 1.0, min_samples: 
     The first call is a warm-up (allocator, thread pool, lazy imports) and is not counted (unless it
     took LONG_CALL_S or more, where such one-off costs vanish in the noise); its
     time (or, for short calls, that of a second call) sets how many samples fit into ``budget_s``
-    (at least ``min_samples``). Very short calls are repeated inside one sample so that timer resolution and loop overhead do not count.
+    (at least ``min_samples``). Very short calls are repeated inside one sample so that timer resolution and
+    loop overhead do not count.
     """
     t0 = time.perf_counter()
     fn()

@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -34,7 +34,7 @@ repo, extra = sys.argv[1], sys.argv[2]
 found = lambda m: importlib.util.find_spec(m) is not None
 missing = [m for m in ("torch", "triton") if not found(m)]
 spec = importlib.util.find_spec("vicinity_attn")
-mods = {"test": ["pytest", "pytest_benchmark", "numpy", "matplotlib"], "bench": ["matplotlib", "pytest_benchmark", "numpy"]}[extra]
+mods = {"test": ["pytest", "pytest_benchmark", "numpy", "matplotlib", "ruff"], "bench": ["matplotlib", "pytest_benchmark", "numpy"]}[extra]
 if (spec is None or not os.path.realpath(spec.origin).startswith(os.path.realpath(repo) + os.sep)
         or not all(found(m) for m in mods)):
     missing.append("package")

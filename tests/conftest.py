@@ -6,7 +6,7 @@ here, at conftest import time, before any test module (or the package) imports t
 already in the environment wins (e.g. TRITON_INTERPRET=0 on a real GPU machine).
 
 On a GPU run (TRITON_INTERPRET=0 and a CUDA device; ``python -m bench.gpu_check`` does this)
-tests/test_triton_backend.py puts its tensors on the CUDA device. Tests elsewhere that hand CPU
+tests/vicinity/test_triton_backend.py puts its tensors on the CUDA device. Tests elsewhere that hand CPU
 tensors to backend="triton" cannot run without the interpreter and are skipped there, with that
 reason; everything else runs as on a CPU.
 """
@@ -18,14 +18,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 GPU_RUN = os.environ["TRITON_INTERPRET"] in ("", "0") and torch.cuda.is_available()
-DEVICE_AWARE_MODULES = ("test_triton_backend",)   # these pick the CUDA device themselves on a GPU run
+DEVICE_AWARE_MODULES = ("tests.vicinity.test_triton_backend",)   # these pick the CUDA device themselves on a GPU run
 
 
 def pytest_collection_modifyitems(config, items):
     if not GPU_RUN:
         return
     skip = pytest.mark.skip(reason="CPU tensors with backend='triton' need the interpreter; on this GPU run the "
-                                   "triton backend is tested on the device by tests/test_triton_backend.py")
+                                   "triton backend is tested on the device by tests/vicinity/test_triton_backend.py")
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         uses_triton = params.get("backend") == "triton" or "triton" in getattr(item, "originalname", item.name)

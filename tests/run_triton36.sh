@@ -35,7 +35,7 @@ PYEOF
 # realistic case (fp16, sigma 0.03), and the k-NN triton tests (kernels, autograd modes; ~20 s):
 # ~3.5 min in all on 2 cores. Arguments replace the default.
 if [ "$#" -eq 0 ]; then
-    set -- tests/test_triton_backend.py tests/test_gpu_numerics.py tests/test_knn.py tests/test_knn_autograd_modes.py \
+    set -- tests/vicinity/test_triton_backend.py tests/vicinity/test_gpu_numerics.py tests/knn/test_backends.py tests/knn/test_autograd_modes.py \
         -k "not knn and (not realistic_scales or 0.03-fp16) or knn and triton"
 fi
 "$venv_py" -m pytest -q -p no:cacheprovider "$@"

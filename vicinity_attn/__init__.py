@@ -1,15 +1,17 @@
 """vicinity_attn: linear-complexity vicinity attention for vision models (Triton + PyTorch)."""
-from .functional import resolve_backend, triton_available, vicinity_attention, vicinity_attention_varlen
+from . import _checkout  # noqa: F401  (maps kernels/ when run from a checkout, before anything imports them)
+from .common.positions import feature_count, position_features
+from .common.spec import VicinitySpec
+from .functional import knn_attention, resolve_backend, triton_available, vicinity_attention, vicinity_attention_varlen
 from .modules import VicinityAttention
-from .positions import feature_count, position_features
-from .backends.scratch import clear_cpu_scratch, cpu_scratch_bytes, cpu_scratch_limit, set_cpu_scratch_limit
-from .spec import VicinitySpec
+from .vicinity.scratch import clear_cpu_scratch, cpu_scratch_bytes, cpu_scratch_limit, set_cpu_scratch_limit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "vicinity_attention",
     "vicinity_attention_varlen",
+    "knn_attention",
     "VicinityAttention",
     "resolve_backend",
     "triton_available",
@@ -21,7 +23,3 @@ __all__ = [
     "cpu_scratch_bytes",
     "clear_cpu_scratch",
 ]
-
-from .functional import knn_attention  # noqa: E402
-
-__all__ += ["knn_attention"]

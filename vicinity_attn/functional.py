@@ -1,22 +1,23 @@
 """The public functional API and backend dispatch."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .backends.knn_reference import reference_knn_attention
-from .knn_ops import custom_op_knn_attention
-from .ops import autocast_disabled, autocast_inputs, custom_op_attention
-from .spec import VicinitySpec
-from .validation import check_group, check_token_offsets, validate_call, validate_knn_call, validate_varlen_call
-from .varlen_ops import varlen_attention
+from .common.custom_ops import autocast_disabled, autocast_inputs
+from .common.spec import VicinitySpec
+from .common.validation import check_group, check_token_offsets, validate_call, validate_knn_call, validate_varlen_call
+from .knn.ops import custom_op_knn_attention
+from .knn.reference import reference_knn_attention
+from .vicinity.ops import custom_op_attention
+from .vicinity.varlen import varlen_attention
 
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (kernels present and triton importable)."""
     try:
-        from .backends import triton_backend  # noqa: F401
+        from .vicinity import triton_backend  # noqa: F401
     except ImportError:
         return False
     return True
@@ -37,11 +38,11 @@ def _run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     """o [B, H, Nq, Dv] from the backend ``name``: the reference directly (plain autograd), the linear
     backends through their custom ops (:mod:`.ops`), which torch.compile traces without a graph break."""
     if name == "reference":
-        from .backends.reference import reference_vicinity_attention
+        from .vicinity.reference import reference_vicinity_attention
         return reference_vicinity_attention(q, k, v, spec)
     if name == "triton" and not triton_available():
         try:
-            from .backends import triton_backend  # noqa: F401
+            from .vicinity import triton_backend  # noqa: F401
         except ImportError as exc:
             raise RuntimeError(f"backend='triton' is not available: {exc}") from exc
     if name not in ("torch", "triton"):
@@ -98,7 +99,7 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             one all-gather of the shard lengths and one all-reduce of the states (F x D x Dv + F x D
             per head) forward, one all-reduce of their gradients backward; every rank of the group
             must make the call (and its backward). Backends "torch" and "triton"
-            (:mod:`vicinity_attn.context_parallel`; README, "Context parallelism").
+            (:mod:`vicinity_attn.vicinity.context_parallel`; README, "Context parallelism").
         token_offsets: with ``group``, optionally this rank's (q offset, k offset) in the whole
             sequence, when the caller knows them: the call then skips the length exchange (and the
             check that all ranks' shards add up to the grids; each shard is still checked to lie
@@ -108,7 +109,7 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device (under
         ``torch.autocast`` for q's device: the autocast dtype, unless q is float64).
         Differentiable with respect to q, k and v for every backend. The "torch" and "triton"
-        backends run as ``torch.library`` custom ops (:mod:`vicinity_attn.ops`), so
+        backends run as ``torch.library`` custom ops (:mod:`vicinity_attn.vicinity.ops`), so
         ``torch.compile(fullgraph=True)`` traces through them.
     """
     q4, k4, v4, spec = validate_call(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,
@@ -134,7 +135,7 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _context_parallel(name: str, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, spec: VicinitySpec, group,
                       layout: str, token_offsets: tuple[int, int] | None) -> torch.Tensor:
     """``vicinity_attention`` with ``group``: this rank's rows of the whole sequence's output."""
-    from .context_parallel import context_parallel_attention
+    from .vicinity.context_parallel import context_parallel_attention
     check_group(group, name)
     if token_offsets is not None:
         token_offsets = check_token_offsets(token_offsets, q4.shape[2], k4.shape[2], spec)
@@ -184,7 +185,7 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp)
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "triton" and not triton_available():
-        from .backends import triton_backend  # noqa: F401  (raises the ImportError's reason)
+        from .vicinity import triton_backend  # noqa: F401  (raises the ImportError's reason)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[1] == 0:
         # No heads: nothing to compute, but keep the graph so autograd still works.
@@ -235,7 +236,7 @@ def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, 
                 out = reference_knn_attention(q4, k4, v4, topk, scale)
             else:
                 if name == "triton" and not knn_triton_available():
-                    from .backends import knn_triton  # noqa: F401  (raises the ImportError's reason)
+                    from .knn import triton_backend as knn_triton  # noqa: F401  (raises the ImportError's reason)
                 out = custom_op_knn_attention(name, q4, k4, v4, topk, scale)
     return out.transpose(1, 2) if layout == "bnhd" else out
 
@@ -243,7 +244,7 @@ def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, 
 def knn_triton_available() -> bool:
     """True when the k-NN triton backend can be imported."""
     try:
-        from .backends import knn_triton  # noqa: F401
+        from .knn import triton_backend as knn_triton  # noqa: F401
     except ImportError:
         return False
     return True

@@ -4,11 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common.feature_maps import FEATURE_MAPS
+from .common.positions import VARIANTS
+from .common.validation import (
+    BACKENDS,
+    check_layer_input,
+    check_normaliser,
+    check_option,
+    check_positive_int,
+    check_prefix,
+    check_sr_shards,
+)
 from .functional import vicinity_attention
-from .validation import (BACKENDS, check_layer_input, check_normaliser, check_option, check_positive_int,
-                         check_prefix, check_sr_shards)
-from .feature_maps import FEATURE_MAPS
-from .positions import VARIANTS
 
 
 def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, sr: nn.Conv2d,
@@ -133,7 +140,7 @@ class VicinityAttention(nn.Module):
     def _local_prefix_tokens(self, x: torch.Tensor, H: int, W: int) -> int:
         """Under context parallelism with sr_ratio > 1: the prefix tokens in this rank's shard, after
         checking that every rank's grid tokens are whole blocks of sr_ratio rows (one all-gather)."""
-        from .context_parallel import gather_lengths
+        from .vicinity.context_parallel import gather_lengths
         lengths = [r[0] for r in gather_lengths([x.shape[1]], self.group, x)]
         check_sr_shards(lengths, self.num_prefix_tokens, H, W, self.sr_ratio)
         offset = sum(lengths[:torch.distributed.get_rank(self.group)])

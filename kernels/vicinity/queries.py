@@ -13,7 +13,7 @@ read q and dO twice and wrote / read rs, rz in between. The partials go out as s
 BLOCK_D, DV <= BLOCK_DV): dq contracts over all of Dv and dS needs every (D, Dv) tile, so wider heads
 keep the separate passes (backward.py decides). Every value is computed by the same helpers, in the
 same order, as by the separate passes; the dq dots take the state pass's tiles here, so a rare dq
-element may round differently (tests/test_query_pass.py bounds how many).
+element may round differently (tests/vicinity/test_query_pass.py bounds how many).
 """
 import triton.language as tl
 

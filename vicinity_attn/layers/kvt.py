@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backends.knn_reference import knn_probabilities
+from ..common.validation import BACKENDS, check_option, check_positive_int, check_topk
 from ..functional import knn_attention
-from ..validation import BACKENDS, check_option, check_positive_int, check_topk
+from ..knn.reference import knn_probabilities
 
 
 class KNNAttention(nn.Module):

@@ -24,13 +24,13 @@ computes k^T v first and has no attention matrix to drop from).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..common.validation import BACKENDS, check_layer_input, check_option, check_positive_int
 from ..functional import vicinity_attention
-from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int
 
 DEN_FLOOR = 100.0   # their torch.clamp(q @ k_sum, 1e2)
 

@@ -51,10 +51,10 @@ import math
 import torch
 from torch import nn
 
-from ..backends.reference import abs_clamp as reference_abs_clamp
+from ..common.validation import BACKENDS, check_layer_input, check_option, check_positive_int, check_sr_shards
 from ..functional import vicinity_attention
 from ..modules import spatial_reduction
-from ..validation import BACKENDS, check_layer_input, check_option, check_positive_int, check_sr_shards
+from ..vicinity.reference import abs_clamp as reference_abs_clamp
 
 CLAMP_MIN = 1e-4
 CLAMP_MAX = 1e4
@@ -170,7 +170,7 @@ class VicinityVisionAttention(nn.Module):
         d = C // heads // self.fr
         # SE gate from the layer input: mean over tokens, bottleneck MLP, sigmoid -> [B, 1, C].
         if sharded:   # the whole sequence's mean: local sums added over the group
-            from ..context_parallel import all_reduce_sum
+            from ..vicinity.context_parallel import all_reduce_sum
             pooled = all_reduce_sum(x.sum(1) / (H * W), self.group)
         else:
             pooled = self.se_pool(x.transpose(1, 2)).view(B, C)
@@ -178,7 +178,7 @@ class VicinityVisionAttention(nn.Module):
         kv_input, kv_grid = x, (H, W)
         if self.sr_ratio > 1:
             if sharded:
-                from ..context_parallel import gather_lengths
+                from ..vicinity.context_parallel import gather_lengths
                 check_sr_shards([r[0] for r in gather_lengths([N], self.group, x)], 0, H, W, self.sr_ratio)
             kv_input, kv_grid = spatial_reduction(x, H, W, self.sr_ratio, self.sr, self.norm, sharded=sharded)
         Nk = kv_input.shape[1]

@@ -1,0 +1,151 @@
+"""Context parallelism: one sequence's tokens split over the ranks of a ``torch.distributed`` group.
+
+Every rank holds a contiguous shard of the queries and a contiguous shard of the keys / values (shards
+in rank order, any lengths, queries and keys cut at different places; prefix tokens are the first
+tokens of the whole sequence). Vicinity attention's whole cross-token state is F x D x Dv + F x D
+numbers per head, so a call costs
+
+    forward:   local states S, z over the local keys -> ONE all-reduce (sum) of S and z (one buffer)
+               -> local outputs from the summed states (floor, eps and clamp act on the sums)
+    backward:  local dq and the local queries' share of dS, dz -> ONE all-reduce (sum)
+               -> local dk, dv from the summed dS, dz
+
+plus one small all-gather of the shard lengths per call (two integers per rank), from which every rank
+takes its global token offsets (the position features are the whole sequence's), unless the caller
+passes them (``token_offsets``: no exchange, and no check that the shards add up; on NCCL the exchange
+also reads the lengths back to the host, a synchronisation per call). Outputs and
+gradients equal the single-process call's up to the order of floating-point sums.
+
+Every rank of the group must make the same calls in the same order, and run backward whenever one
+does (as with DistributedDataParallel): the backward always takes part in its all-reduce, whichever
+gradients this rank needs. Determinism: the summed states are those of the group's all-reduce; the
+backends here add a rank's tokens in a fixed order, so results are run-to-run reproducible exactly
+when the all-reduce is. With gloo on CPU and a fixed world size the tests see every call repeat
+bitwise and the summed states bitwise identical on every rank; NCCL was not tried (its summation
+order may depend on the algorithm and protocol it picks). Not bitwise equal to the single-process
+call: that sums all tokens in one order, these per shard and then over ranks.
+
+Not traced by torch.compile (a graph break) and not under torch.func transforms: the collectives run
+eagerly inside an ``autograd.Function``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..common.spec import TokenShard, VicinitySpec
+from ..common.validation import check_shard_counts
+
+
+def _pieces(backend: str):
+    """The backend module with ``states`` / ``output`` / ``query_backward`` / ``key_backward``."""
+    if backend == "torch":
+        from . import torch_shards
+        return torch_shards
+    if backend == "triton":
+        from . import triton_shards
+        return triton_shards
+    raise ValueError(f"backend={backend!r} does not support context parallelism (group=...): use 'torch', "
+                     "'triton' or 'auto'")
+
+
+def _collective_device(group, like: torch.Tensor) -> torch.device:
+    """Where the small length exchange runs: CUDA for NCCL (which takes only CUDA tensors), else CPU."""
+    if dist.get_backend(group) == "nccl":
+        return like.device if like.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_lengths(lengths: list[int], group, like: torch.Tensor) -> list[list[int]]:
+    """Every rank's ``lengths`` (a few ints, the same count on every rank), in group-rank order: one
+    small all-gather."""
+    device = _collective_device(group, like)
+    mine = torch.tensor(lengths, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.stack(gathered).tolist()
+
+
+def exchange_shards(n_queries: int, n_keys: int, group, like: torch.Tensor) -> tuple[TokenShard, list[list[int]]]:
+    """One all-gather of every rank's (queries, keys) shard lengths: this rank's :class:`TokenShard` and
+    the table [[n_q, n_k] per rank] in group-rank order."""
+    table = gather_lengths([n_queries, n_keys], group, like)
+    before = table[:dist.get_rank(group)]
+    shard = TokenShard(q_offset=sum(r[0] for r in before), k_offset=sum(r[1] for r in before),
+                       n_queries=sum(r[0] for r in table), n_keys=sum(r[1] for r in table))
+    return shard, table
+
+
+def all_reduce_states(S: torch.Tensor, z: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, z) summed over the group's ranks, in ONE all-reduce of a buffer holding both."""
+    buffer = torch.cat([S.reshape(-1), z.reshape(-1)])
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer[:S.numel()].view(S.shape), buffer[S.numel():].view(z.shape)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over the group's ranks of x (every rank gets y); the gradient of a sum that every rank
+    uses is the sum of the ranks' gradients: backward all-reduces too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        ctx.group = group
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy.clone()
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)
+        return dx, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of x over the group's ranks, differentiable (e.g. the VVT layer's SE-gate token mean)."""
+    return _AllReduceSum.apply(x, group)
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    """o of the local queries; backward: dq, dk, dv of the local tokens (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pieces, spec: VicinitySpec, shard: TokenShard, group):
+        S, z = pieces.states(k, v, spec, shard)
+        S, z = all_reduce_states(S, z, group)
+        o, den, S = pieces.output(q, S, z, spec, shard)
+        ctx.save_for_backward(q, k, v, o, den, S, z)
+        ctx.pieces, ctx.spec, ctx.shard, ctx.group = pieces, spec, shard, group
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, den, S, z = ctx.saved_tensors
+        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        dq, dS, dz = ctx.pieces.query_backward(do, q, o, den, S, z, ctx.spec, ctx.shard, need_dq)
+        dS, dz = all_reduce_states(dS, dz, ctx.group)   # every rank takes part, whatever it needs
+        dk, dv = ctx.pieces.key_backward(k, v, S, dS, dz, ctx.spec, ctx.shard, need_dk, need_dv)
+        return dq, dk, dv, None, None, None, None
+
+
+def context_parallel_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               spec: VicinitySpec, group, token_offsets: tuple[int, int] | None = None) -> torch.Tensor:
+    """o [B, H, n_q, Dv] of this rank's queries: q [B, H, n_q, D], k [B, H, n_k, D], v [B, H, n_k, Dv]
+    are this rank's shards of a sequence that ``spec`` describes whole; ``backend`` is "torch" or
+    "triton" (validated by the caller, ``vicinity_attention(..., group=...)``). ``token_offsets``:
+    this rank's (query, key) offsets as the caller knows them (validated by the caller), which spares
+    the length exchange; None exchanges and checks the lengths. Differentiable."""
+    pieces = _pieces(backend)
+    if backend == "triton":
+        from .triton_backend import check_triton_inputs
+        check_triton_inputs(q, k, v)
+    if token_offsets is None:
+        shard, table = exchange_shards(q.shape[2], k.shape[2], group, q)
+        check_shard_counts(table, spec)
+    else:
+        P = spec.num_prefix_tokens
+        shard = TokenShard(q_offset=token_offsets[0], k_offset=token_offsets[1],
+                           n_queries=P + math.prod(spec.grid), n_keys=P + math.prod(spec.kv_grid))
+    return _ContextParallelAttention.apply(q, k, v, pieces, spec, shard, group)

@@ -1,0 +1,80 @@
+"""The quadratic reference: the definition of vicinity attention, written as directly as possible.
+
+It builds the full Nq x Nk weight matrix from the angles (not from the position features, so it
+checks them too) and computes in the inputs' own dtype. In float64 it is the oracle every other
+backend is tested against; in a low precision it is "the plain PyTorch computation in that dtype"
+of the tolerance rule. Memory is O(B H Nq Nk): small N only.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..common.feature_maps import apply_feature_map
+from ..common.positions import expand_features, grid_angles, position_features
+from ..common.spec import VicinitySpec
+
+
+def vicinity_weights(spec: VicinitySpec, *, dtype: torch.dtype = torch.float64,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """The [Nq, Nk] matrix w(i, j) of the README's "The math in short", prefix rows and columns set to 1."""
+    theta_q = grid_angles(spec.grid, device=device)      # [Nq_grid, n_axes]
+    theta_k = grid_angles(spec.kv_grid, device=device)   # [Nk_grid, n_axes]
+    diff = theta_q[:, None, :] - theta_k[None, :, :]     # [Nq_grid, Nk_grid, n_axes]
+    if spec.variant == "sum":
+        w = torch.cos(diff).sum(-1)
+    elif spec.variant == "product":
+        w = torch.cos(diff).prod(-1)
+    else:
+        w = torch.ones(diff.shape[:2], dtype=torch.float64, device=device)
+    p = spec.num_prefix_tokens
+    if p:
+        full = torch.ones(p + w.shape[0], p + w.shape[1], dtype=torch.float64, device=device)
+        full[p:, p:] = w
+        w = full
+    return w.to(dtype)
+
+
+def abs_clamp(t: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
+    """|t| clamped into [clamp[0], clamp[1]], sign kept, zeros stay 0 (the VVT authors' ``abs_clamp``,
+    out of place; autograd gives 0 where |t| is outside the range and at t = 0)."""
+    return t.abs().clamp(*clamp) * t.sign()
+
+
+def _normaliser(row_sums: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+    """den = max(row_sums, den_floor) + eps (no clamp op at all when there is no floor)."""
+    if spec.den_floor > 0:
+        row_sums = row_sums.clamp_min(spec.den_floor)
+    return row_sums + spec.eps
+
+
+def reference_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 spec: VicinitySpec) -> torch.Tensor:
+    """o_i = sum_j phi(q_i).phi(k_j) w(i,j) v_j / (max(sum_j phi(q_i).phi(k_j) w(i,j), den_floor) + eps).
+
+    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv] (any strides) -> o [B, H, Nq, Dv], in q's
+    dtype, computed in that dtype with plain autograd.
+    """
+    if spec.clamp is not None:
+        return _clamped_feature_form(q, k, v, spec)
+    phi_q = apply_feature_map(q, spec.feature_map)
+    phi_k = apply_feature_map(k, spec.feature_map)
+    scores = phi_q @ phi_k.transpose(-1, -2)                       # [B, H, Nq, Nk]
+    weighted = scores * vicinity_weights(spec, dtype=q.dtype, device=q.device)
+    numerator = weighted @ v
+    denominator = _normaliser(weighted.sum(-1, keepdim=True), spec)
+    return numerator / denominator
+
+
+def _clamped_feature_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+    """The clamped computation in the authors' feature form (their VVT ``forward``):
+    S = C(K_x^T V), r = C(1 / den), num = C(Q_x S), o = C(num * r), C = abs_clamp; den as without clamp."""
+    kw = dict(num_prefix_tokens=spec.num_prefix_tokens, dtype=q.dtype, device=q.device)
+    pos_q = position_features(spec.grid, spec.variant, side="query", **kw)
+    pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)
+    xq = expand_features(apply_feature_map(q, spec.feature_map), pos_q)       # [B, H, Nq, F*D]
+    xk = expand_features(apply_feature_map(k, spec.feature_map), pos_k)       # [B, H, Nk, F*D]
+    states = abs_clamp(xk.transpose(-1, -2) @ v, spec.clamp)                   # [B, H, F*D, Dv]
+    row_sums = (xq * xk.sum(dim=2, keepdim=True)).sum(-1, keepdim=True)        # [B, H, Nq, 1]
+    inv_den = abs_clamp(1.0 / _normaliser(row_sums, spec), spec.clamp)
+    numerator = abs_clamp(xq @ states, spec.clamp)
+    return abs_clamp(numerator * inv_den, spec.clamp)

@@ -1,0 +1,112 @@
+"""The triton backend: the fused kernels in ``vicinity_attn.kernels``, differentiable through the
+custom op of :mod:`vicinity_attn.vicinity.ops` (this module never imports the op back).
+
+Forward saves q, k, v, o, den (one float per query token) and the reduced states S, z (F x D x Dv per
+head), the same order of memory as FlashAttention saves; nothing N x N and no F*D-wide expanded
+features exist at any point. CUDA tensors run on the GPU; CPU tensors run only in the Triton
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
+from ..common.spec import VicinitySpec
+from ..kernels.runtime import interpreting
+from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
+from ..kernels.vicinity import saved_state_dtype as kernel_saved_state_dtype
+
+MAX_HEAD_DIM = 256
+
+
+def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Errors for calls the kernels cannot run: head dims above 256, float64 on CUDA, CPU tensors
+    outside the interpreter, sizes past the kernels' int32 offsets."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got D = {D} for q/k")
+    if Dv > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got Dv = {Dv} for v")
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    if B * H >= 2 ** 16:
+        raise ValueError(f"backend='triton' supports batch * heads < 65536 (a CUDA grid axis), got "
+                         f"B * H = {B * H}")
+    # Within one (batch, head) the kernels index tokens with int32 offsets (cheaper address math).
+    if B * H * max(Nq, Nk) >= 2 ** 31:
+        raise ValueError(f"backend='triton': B * H * max(Nq, Nk) = {B * H * max(Nq, Nk)} is too large for the "
+                         "kernels' int32 offsets into the per-token buffers (den and row weights)")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_token_offsets(t, name)
+    if q.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError("backend='triton' needs CUDA tensors; CPU tensors run only in the Triton "
+                               "interpreter (set TRITON_INTERPRET=1 before importing triton), or use "
+                               "backend='torch'")
+    elif q.device.type not in ("cuda", "meta"):   # meta: shapes only, answered by the op's fake
+        raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}")
+    elif q.device.type == "cuda" and q.dtype == torch.float64:
+        # fp64 kernels are neither built by the compile gate nor run anywhere: refuse rather than guess.
+        raise TypeError("backend='triton' does not run float64 on CUDA (use backend='torch', which "
+                        "backend='auto' picks for float64); float64 runs on triton only in the interpreter")
+
+
+def check_token_offsets(t: torch.Tensor, name: str) -> None:
+    """Every tensor the kernels index ([B, H, N, D] view: q, k, v, o, dO, dq, dk, dv) is addressed as
+    int64 batch / head offsets plus int32 offsets within one (batch, head): those must fit in int32."""
+    span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+    if span >= 2 ** 31:
+        raise ValueError(f"backend='triton': {name} is too large for the kernels' int32 token offsets "
+                         f"(shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+def saved_state_dtype(q: torch.Tensor, v: torch.Tensor, clamp) -> torch.dtype:
+    """The dtype of the S :func:`forward` returns for q, v (any layout: the head dims are the last axis)
+    and the spec's ``clamp`` (empty / None: no clamp): float32 (float64 for float64 inputs), or bfloat16
+    where the kernels keep S as the bf16 operand of the backward's dq dots (bf16 on a GPU, 64-wide
+    head tiles, no clamp: ``kernels.vicinity.saved_state_dtype``)."""
+    return kernel_saved_state_dtype(q.dtype, q.shape[-1], v.shape[-1], tuple(clamp) if clamp else None,
+                                    compute_dtype(q.dtype))
+
+
+def _on_device(t: torch.Tensor):
+    """Launches go to t's GPU, whichever is current (a no-op for CPU tensors in the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _geometry(spec: VicinitySpec) -> Geometry:
+    return Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, den, S, z) of the fused kernels: o [B, H, Nq, Dv] in q's dtype and memory order; den
+    [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D] stored scaled by a power of two (see
+    ``kernels/forward.py``), in float32 (float64 for float64 inputs; S in bfloat16 where
+    :func:`saved_state_dtype` says). The body of the custom
+    op of :mod:`vicinity_attn.vicinity.ops`, which also carries the autograd formula."""
+    check_triton_inputs(q, k, v)
+    o = empty_output_like(q, v.shape[-1])
+    check_token_offsets(o, "the output o")
+    with _on_device(q):
+        den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
+    return o, den, S, z
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
+             needs: tuple[bool, bool, bool] = (True, True, True),
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
+    kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
+    dq, dk, dv = empty_grads_like((q, k, v), needs)
+    for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
+        if t is not None:
+            check_token_offsets(t, name)
+    with _on_device(q):
+        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor,
+                          spec.clamp)
+    return dq, dk, dv
+
