@@ -9,9 +9,6 @@ import torch
 
 from vicinity_attn.common.positions import VARIANTS
 
-from .cases import DTYPES, PRESETS, build_cases, parse_grids
-from .env import OtherCpuUse, environment, matmul_rate
-from .flops import FLOP_FORMULA_TEXT, MODES
 from .backbone import (
     ATTENTIONS,
     DEPTHS,
@@ -25,6 +22,9 @@ from .backbone import (
     write_model_plot,
 )
 from .backbone import RESOLUTIONS as MODEL_RESOLUTIONS
+from .cases import DTYPES, PRESETS, build_cases, parse_grids
+from .env import OtherCpuUse, environment, matmul_rate
+from .flops import FLOP_FORMULA_TEXT, MODES
 from .providers import DEFAULT_PROVIDERS, PROVIDERS, default_providers
 from .report import NOISY_SPREAD, format_table, write_json, write_plot
 from .runner import SweepConfig, run_sweep

@@ -229,8 +229,8 @@ def test_model_sweep_skips_beyond_the_step_limit(monkeypatch):
         scale = (res / 224) ** (4 if attention == "softmax" else 2)
         return {"step_s": 1.0 * scale, "cpu_step_s": 0.9 * scale, "peak_bytes": 1e8 * (res / 224) ** 2}
 
-    monkeypatch.setattr(model_mod, "_run_worker", fake_worker)
-    monkeypatch.setattr(model_mod, "_available_bytes", lambda device: 1e12)
+    monkeypatch.setattr(backbone_mod, "_run_worker", fake_worker)
+    monkeypatch.setattr(backbone_mod, "_available_bytes", lambda device: 1e12)
     rows = backbone_mod.run_model_sweep(["vicinity", "softmax", "authors"], [224, 320, 448, 640], "cpu",
                                      max_step_s=10.0, progress=False)
     by = {(r["attention"], r["resolution"]): r for r in rows}
