@@ -31,7 +31,7 @@ from .runner import SweepConfig, run_sweep
 from .timing import timing_method
 
 # How long `--quick` takes; the README says the same.
-QUICK_RUN_TIME = "1-2 minutes on an idle 2-core CPU, about 6 while other processes keep 1.8 of its 2 cores busy"
+QUICK_RUN_TIME = "1-2 minutes on an idle 2-core CPU"
 
 EPILOG = f"""
 providers: vicinity (the best backend for the device: the Triton kernels on a GPU, the pure-PyTorch

@@ -1,7 +1,7 @@
 """A GPU time model of the Triton kernels, computed from their launch plan and their SASS (a MODEL).
 
-    python -m bench.gpu_model                      # writes bench/results/gpu-model.json, rewrites README's section
-    python -m bench.gpu_model --out x.json --no-readme
+    python -m bench.gpu_model                      # writes bench/results/gpu-model.json and docs/gpu-model.md's table
+    python -m bench.gpu_model --out x.json --no-doc
 
 Nothing here is typed in per kernel. For each shape (``SHAPES``, bf16: vicinity attention, and k-NN
 attention at the bench's k-NN shapes) and direction:
@@ -358,7 +358,8 @@ def build(names: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=RESULTS, help="JSON output (default bench/results/gpu-model.json)")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's GPU model section")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="do not rewrite the generated section of docs/gpu-model.md")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     parser.add_argument("--stage", choices=("plan", "traffic"), help=argparse.SUPPRESS)
     parser.add_argument("--stage-out", help=argparse.SUPPRESS)
@@ -382,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"issue {e['issue_floor_us']:7.1f}, {e['launches']} launches)  "
                   f"FA2 model {e['fa2_modelled_us']:8.1f} us   [MODEL]")
     print(f"wrote {args.out}")
-    if not args.no_readme:
-        from .gpu_readme import rewrite_readme
-        print(f"rewrote {rewrite_readme(model)}")
+    if not args.no_doc:
+        from .gpu_model_doc import rewrite_doc
+        print(f"rewrote {rewrite_doc(model)}")
     return 0
 
 

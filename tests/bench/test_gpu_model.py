@@ -1,5 +1,5 @@
 """The GPU model (bench/gpu_model.py): traffic counted by running one program per launch in the
-interpreter, checked against the FLOP formula and tile sizes; the time arithmetic; the README section."""
+interpreter, checked against the FLOP formula and tile sizes; the time arithmetic; the generated docs section."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 import bench.gpu_model as gm  # noqa: E402
 from bench.flops import vicinity_forward_flops  # noqa: E402
-from bench.gpu_readme import BEGIN, END, rewrite_readme  # noqa: E402
+from bench.gpu_model_doc import BEGIN, END, rewrite_doc  # noqa: E402
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -120,14 +120,14 @@ def test_readme_section_is_generated_between_markers(tmp_path):
                  shapes={"a": dict(title="tiny", fwd=entry, fwdbwd=entry)})
     readme = tmp_path / "README.md"
     readme.write_text(f"# t\nbefore\n{BEGIN}\nold text\n{END}\nafter\n")
-    rewrite_readme(model, str(readme))
+    rewrite_doc(model, str(readme))
     text = readme.read_text()
     assert "old text" not in text and text.startswith("# t\nbefore\n") and text.endswith(f"{END}\nafter\n")
     table = [line for line in text.splitlines() if line.startswith("| (a)")]
     assert len(table) == 2 and all(line.count("(model)") == 5 and "| 2.00x (model) |" in line for line in table)
     readme.write_text("no markers")
     with pytest.raises(RuntimeError, match="markers"):
-        rewrite_readme(model, str(readme))
+        rewrite_doc(model, str(readme))
 
 
 def test_readme_knn_rows_say_what_fa2_is_and_the_selection_share(tmp_path):
@@ -139,5 +139,5 @@ def test_readme_knn_rows_say_what_fa2_is_and_the_selection_share(tmp_path):
                  shapes={"k": dict(title="k-NN tiny", op="knn", fwd=entry, fwdbwd=entry)})
     readme = tmp_path / "README.md"
     readme.write_text(f"{BEGIN}\n{END}\n")
-    text = open(rewrite_readme(model, str(readme))).read()
+    text = open(rewrite_doc(model, str(readme))).read()
     assert "(k) 75%" in text and "topk = N" in text

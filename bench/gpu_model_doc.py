@@ -1,6 +1,6 @@
-"""Rewrites README.md's GPU model section (between the markers below) from bench/results/gpu-model.json.
+"""Rewrites the generated section of docs/gpu-model.md (between the markers below) from gpu-model.json.
 
-    python -m bench.gpu_readme            # after python -m bench.gpu_model (which calls this itself)
+    python -m bench.gpu_model_doc            # after python -m bench.gpu_model (which calls this itself)
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _select_share(entry: dict) -> float:
     return sum(k["modelled_us"] for k in fwd["kernels"] if k["role"] == "knn_select") / fwd["modelled_us"]
 
 
-def rewrite_readme(model: dict, readme: str = os.path.join(ROOT, "README.md")) -> str:
+def rewrite_doc(model: dict, readme: str = os.path.join(ROOT, "docs", "gpu-model.md")) -> str:
     """Replace the text between BEGIN and END in ``readme`` with :func:`render`; returns the path."""
     with open(readme) as f:
         text = f.read()
@@ -95,7 +95,7 @@ def rewrite_readme(model: dict, readme: str = os.path.join(ROOT, "README.md")) -
 def main(argv: list[str] | None = None) -> int:
     path = (argv or sys.argv[1:] or [os.path.join(ROOT, "bench", "results", "gpu-model.json")])[0]
     with open(path) as f:
-        print(rewrite_readme(json.load(f)))
+        print(rewrite_doc(json.load(f)))
     return 0
 
 
