@@ -6,7 +6,7 @@ an fp32 dot there would hide what a tensor core does to its operands. By default
 the kernels (``kernels/common.py`` ``mma``) to *emulate* the GPU dot: round both operands as the GPU
 would (fp16 / bf16 conversion, TF32 = 10 mantissa bits, TF32x3 as its big + small split), then an
 exact fp32 dot with fp32 accumulation. ``VICINITY_ATTN_EXACT_DOTS=1`` (read at every launch) opts out:
-every dot then runs in exact fp32 (fp64 for fp64 inputs), the interpreter's old behaviour.
+every dot then runs in exact fp32 (fp64 for fp64 inputs), as the interpreter computes it unemulated.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ EXACT_DOTS_ENV = "VICINITY_ATTN_EXACT_DOTS"
 # real launch infers it: head dims D / DV and the strides get Triton's "divisible by 16" and "== 1"
 # facts, which is what lets the compiler prove the column masks uniform and vectorise the loads and
 # stores (128-bit, async copies) instead of issuing scalar 16-bit accesses.
-RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "s0", "s1", "s2", "blocks_per_chunk", "n_rows", "n_chunks"})
+RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "grid_0", "grid_1", "grid_2", "blocks_per_chunk", "n_rows", "n_chunks"})
 
 
 def launch_jit(fn):
@@ -140,7 +140,7 @@ class Precision:
     def constexprs(self) -> dict:
         return dict(ACC=self.acc, DOT=self.dot, PREC=self.prec)
 
-    def emulated(self) -> "Precision":
+    def emulated(self) -> Precision:
         """The interpreter's stand-in for this GPU precision: fp32 operands rounded as the GPU would."""
         mode = EMULATED.get((self.dot, self.prec))
         return self if mode is None else Precision(self.acc, tl.float32, mode)

@@ -166,9 +166,9 @@ def _run_vicinity_varlen(case: LaunchCase, phase: Callable[[str], None], fill: C
 VICINITY_ROLES = {
     ("fwd", "state_partial_kernel", 0): "fwd_state",
     ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
-    ("fwd", "contract_d_kernel", 0): "fwd_output",
+    ("fwd", "output_pass_kernel", 0): "fwd_output",
     ("bwd", "query_pass_kernel", 0): "bwd_queries",   # dq and the state gradients in one launch
-    ("bwd", "contract_dv_kernel", 0): "bwd_dq",       # computes the row weights too
+    ("bwd", "dq_pass_kernel", 0): "bwd_dq",       # computes the row weights too
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd", "key_pass_kernel", 0): "bwd_keys",
@@ -185,10 +185,10 @@ VICINITY_CLAMP_ROLES = {
     ("fwd", "state_partial_kernel", 0): "fwd_state",
     ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("fwd", "state_clamp_kernel", 0): "clamp_states",
-    ("fwd", "contract_d_kernel", 0): "fwd_output_clamp",
-    ("bwd", "contract_d_kernel", 0): "bwd_numerator",
+    ("fwd", "output_pass_kernel", 0): "fwd_output_clamp",
+    ("bwd", "output_pass_kernel", 0): "bwd_numerator",
     ("bwd", "clamped_row_weights_kernel", 0): "bwd_row_weights_clamp",
-    ("bwd", "contract_dv_kernel", 0): "bwd_dq",
+    ("bwd", "dq_pass_kernel", 0): "bwd_dq",
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd", "state_grad_mask_kernel", 0): "clamp_grad_mask",

@@ -16,20 +16,30 @@ from .tiles import load_rows, row_dots, score_tile, store_rows
 
 
 @triton.jit
-def row_delta_kernel(do_ptr, o_ptr, delta_ptr, sdb, sdh, sdn, sdd, sob, soh, son, sod,
-                     n_heads, n_queries, head_dim_v,
-                     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+def row_delta_kernel(
+    # pointers: dO, o; output delta
+    do_ptr, o_ptr, delta_ptr,
+    # sizes
+    n_heads, n_queries, head_dim_v,
+    # strides
+    stride_do_b, stride_do_h, stride_do_n, stride_do_d, stride_o_b, stride_o_h, stride_o_n, stride_o_d,
+    # constexprs: tiles, accumulation dtype
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):
     """grid (cdiv(Nq, BLOCK_M), B * H): delta [B*H, Nq] = rowsum(dO * o) in ACC."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    do = load_rows(do_ptr + b * sdb + h * sdh, rows, n_queries, sdn, sdd, head_dim_v, BLOCK_DV).to(ACC)
-    o = load_rows(o_ptr + b * sob + h * soh, rows, n_queries, son, sod, head_dim_v, BLOCK_DV).to(ACC)
+    do = load_rows(do_ptr + b * stride_do_b + h * stride_do_h, rows, n_queries, stride_do_n, stride_do_d, head_dim_v,
+                   BLOCK_DV).to(ACC)
+    o = load_rows(o_ptr + b * stride_o_b + h * stride_o_h, rows, n_queries, stride_o_n, stride_o_d, head_dim_v,
+                  BLOCK_DV).to(ACC)
     tl.store(delta_ptr + bh.to(tl.int64) * n_queries + rows, tl.sum(do * o, axis=1), mask=rows < n_queries)
 
 
 @triton.jit
-def _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
+def _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_base, stride_v_n, stride_v_d,
+              do_base, stride_do_n, stride_do_d, rows, cols,
               n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
               BLOCK_KV: tl.constexpr, N_KV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
@@ -37,21 +47,28 @@ def _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn
     """p and ds for one [BLOCK_M, BLOCK_N] tile: the forward's probabilities (0 off the mask and on
     padded query rows; on padded key columns too when MASK_KEYS) and p * (dO v^T - delta) (only when
     NEED_DS; else p is returned twice)."""
-    s, keep = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
-                         tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True, MASK_KEYS)
+    s, keep = score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n,
+                         stride_k_d, head_dim, scale, tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True,
+                         MASK_KEYS)
     p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
     if NEED_DS:
-        dp = row_dots(do_base, rows, n_queries, sdn, sdd, v_base, cols, n_keys, svn, svd, head_dim_v,
-                      tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), BLOCK_KV, N_KV, DOT, PREC)
+        dp = row_dots(do_base, rows, n_queries, stride_do_n, stride_do_d, v_base, cols, n_keys, stride_v_n,
+                      stride_v_d, head_dim_v, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), BLOCK_KV, N_KV, DOT, PREC)
         return p, p * (dp - delta[:, None])
     return p, p
 
 
 @triton.jit
 def knn_dq_kernel(
+    # pointers: q, k, v, dO; output dq; per-row state tau, lse, delta
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, tau_ptr, lse_ptr, delta_ptr,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+    # sizes and the score scale
     n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
+    # strides
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_n, stride_v_d, stride_do_b, stride_do_h, stride_do_n, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
+    # constexprs: tiles, row-dot chunks, dot precision
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     N_K: tl.constexpr, BLOCK_KV: tl.constexpr, N_KV: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -65,25 +82,33 @@ def knn_dq_kernel(
     tau = tl.load(tau_ptr + stat_off, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
-    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    do_base = do_ptr + b * sdb + h * sdh
+    q_base, k_base = q_ptr + b * stride_q_b + h * stride_q_h, k_ptr + b * stride_k_b + h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
+    do_base = do_ptr + b * stride_do_b + h * stride_do_h
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for n0 in range(0, n_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        p, ds = _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
+        p, ds = _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_base, stride_v_n,
+                          stride_v_d, do_base, stride_do_n, stride_do_d, rows, cols,
                           n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
                           BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, True, True)
-        k = load_rows(k_base, cols, n_keys, skn, skd, head_dim, BLOCK_D)
+        k = load_rows(k_base, cols, n_keys, stride_k_n, stride_k_d, head_dim, BLOCK_D)
         dq = mma(ds, k, dq, DOT, PREC)
-    store_rows(dq_ptr + b * sgb + h * sgh, dq * scale, rows, n_queries, sgn, sgd, head_dim, BLOCK_D)
+    store_rows(dq_ptr + b * stride_dq_b + h * stride_dq_h, dq * scale, rows, n_queries, stride_dq_n, stride_dq_d,
+               head_dim, BLOCK_D)
 
 
 @triton.jit
 def knn_dkdv_kernel(
+    # pointers: q, k, v, dO; outputs dk, dv; per-row state tau, lse, delta
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, tau_ptr, lse_ptr, delta_ptr,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-    skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+    # sizes and the score scale
     n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
+    # strides
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_n, stride_v_d, stride_do_b, stride_do_h, stride_do_n, stride_do_d,
+    stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d, stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
+    # constexprs: tiles, row-dot chunks, dot precision, gradients wanted
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_K: tl.constexpr, N_K: tl.constexpr, BLOCK_KV: tl.constexpr, N_KV: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
@@ -92,8 +117,9 @@ def knn_dkdv_kernel(
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    do_base = do_ptr + b * sdb + h * sdh
+    q_base, k_base = q_ptr + b * stride_q_b + h * stride_q_h, k_ptr + b * stride_k_b + h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
+    do_base = do_ptr + b * stride_do_b + h * stride_do_h
     stat_base = bh.to(tl.int64) * n_queries
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=ACC)
@@ -107,23 +133,24 @@ def knn_dkdv_kernel(
             delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
         # The key rows are this program's own: a padded key's p / ds column reaches only its own dk / dv
         # row (never stored), so the key mask is left out (MASK_KEYS = False: fewer live registers).
-        p, ds = _p_and_ds(q_base, sqn, sqd, k_base, skn, skd, v_base, svn, svd, do_base, sdn, sdd, rows, cols,
+        p, ds = _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_base, stride_v_n,
+                          stride_v_d, do_base, stride_do_n, stride_do_d, rows, cols,
                           n_queries, n_keys, head_dim, head_dim_v, scale, tau, lse, delta,
                           BLOCK_M, BLOCK_N, BLOCK_K, N_K, BLOCK_KV, N_KV, ACC, DOT, PREC, NEED_DK, False)
         if NEED_DV:
-            do = load_rows(do_base, rows, n_queries, sdn, sdd, head_dim_v, BLOCK_DV)
+            do = load_rows(do_base, rows, n_queries, stride_do_n, stride_do_d, head_dim_v, BLOCK_DV)
             dv = mma(tl.trans(p), do, dv, DOT, PREC)
         if NEED_DK:
-            q = load_rows(q_base, rows, n_queries, sqn, sqd, head_dim, BLOCK_D)
+            q = load_rows(q_base, rows, n_queries, stride_q_n, stride_q_d, head_dim, BLOCK_D)
             dk = mma(tl.trans(ds), q, dk, DOT, PREC)
     # The stores address the same rows counted from this program's first key: with the loads' row
     # indices their masks would be the k / v loads' masks, computed once before the loop and held through
-    # it (ptxas spilled those predicates under triton 3.6).
+    # it, which makes ptxas spill those predicates.
     first = pid_n * BLOCK_N
     own = tl.arange(0, BLOCK_N)
     if NEED_DK:
-        store_rows(dk_ptr + b * skgb + h * skgh + first * skgn, dk * scale, own, n_keys - first, skgn, skgd,
-                   head_dim, BLOCK_D)
+        store_rows(dk_ptr + b * stride_dk_b + h * stride_dk_h + first * stride_dk_n, dk * scale, own,
+                   n_keys - first, stride_dk_n, stride_dk_d, head_dim, BLOCK_D)
     if NEED_DV:
-        store_rows(dv_ptr + b * svgb + h * svgh + first * svgn, dv, own, n_keys - first, svgn, svgd,
-                   head_dim_v, BLOCK_DV)
+        store_rows(dv_ptr + b * stride_dv_b + h * stride_dv_h + first * stride_dv_n, dv, own, n_keys - first,
+                   stride_dv_n, stride_dv_d, head_dim_v, BLOCK_DV)

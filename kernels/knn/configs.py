@@ -74,8 +74,8 @@ def gpu_blocks(tile: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def gpu_dkdv_warps(tile: int, dtype: torch.dtype, num_warps: int) -> int:
     """Warps of the dk / dv pass on a GPU (the other passes use ``num_warps``): 8 for fp16 / bf16 at
-    256-wide heads, where its [16, 256] dk and dv accumulators fill 4 warps' registers (triton 3.6
-    spilled 8 bytes on sm_80 with 4, unaligned head dims, 16 keys); no other config changes its warps
+    256-wide heads, where its [16, 256] dk and dv accumulators fill 4 warps' registers (with 4 it
+    spills); no other config changes its warps
     (see the module docstring for why 256 may)."""
     if dtype in (torch.float16, torch.bfloat16) and tile == 256:
         return 8

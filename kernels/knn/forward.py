@@ -13,9 +13,14 @@ from .tiles import load_rows, score_tile, store_rows
 
 @triton.jit
 def knn_forward_kernel(
+    # pointers: q, k, v; output o; per-row state tau (in), lse (out)
     q_ptr, k_ptr, v_ptr, o_ptr, tau_ptr, lse_ptr,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    # sizes and the score scale
     n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
+    # strides
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_n, stride_v_d, stride_o_b, stride_o_h, stride_o_n, stride_o_d,
+    # constexprs: tiles, row-dot chunks, dot precision
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
     BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -26,21 +31,24 @@ def knn_forward_kernel(
     row_ok = rows < n_queries
     stat_off = bh.to(tl.int64) * n_queries + rows
     tau = tl.load(tau_ptr + stat_off, mask=row_ok, other=0.0)
-    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    q_base, k_base = q_ptr + b * stride_q_b + h * stride_q_h, k_ptr + b * stride_k_b + h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
     m = tau
     l = tl.zeros((BLOCK_M,), dtype=ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=ACC)
     for n0 in range(0, n_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s, keep = score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale,
-                             tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True, True)
+        s, keep = score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n,
+                             stride_k_d, head_dim, scale, tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True,
+                             True)
         m_new = tl.maximum(m, tl.max(tl.where(keep, s, -float("inf")), axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)
         l = l * alpha + tl.sum(p, axis=1)
-        v = load_rows(v_base, cols, n_keys, svn, svd, head_dim_v, BLOCK_DV)
+        v = load_rows(v_base, cols, n_keys, stride_v_n, stride_v_d, head_dim_v, BLOCK_DV)
         acc = mma(p, v, acc * alpha[:, None], DOT, PREC)
         m = m_new
     l = tl.where(row_ok, l, 1.0)
-    store_rows(o_ptr + b * sob + h * soh, acc / l[:, None], rows, n_queries, son, sod, head_dim_v, BLOCK_DV)
+    store_rows(o_ptr + b * stride_o_b + h * stride_o_h, acc / l[:, None], rows, n_queries, stride_o_n, stride_o_d,
+               head_dim_v, BLOCK_DV)
     tl.store(lse_ptr + stat_off, m + tl.log(l), mask=row_ok)

@@ -27,20 +27,23 @@ def store_rows(base_ptr, x, rows, n_rows, stride_n, stride_d, n_cols, BLOCK_COLS
 
 
 @triton.jit
-def row_dots(a_base, a_rows, n_a, s_an, s_ad, b_base, b_rows, n_b, s_bn, s_bd, dim, acc,
+def row_dots(a_base, a_rows, n_a, stride_a_n, stride_a_d, b_base, b_rows, n_b, stride_b_n, stride_b_d, dim, acc,
              BLOCK_K: tl.constexpr, N_K: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """acc + a[a_rows, :dim] @ b[b_rows, :dim]^T, over the head dim in N_K chunks of BLOCK_K loaded
     here: a full-width operand tile would sit whole in every warp's registers (the head dim is the
     dots' K), which for head dims up to 256 (and fp32's tf32x3 operand splits) does not fit."""
     for c in range(N_K):
-        a = load_rows(a_base + c * BLOCK_K * s_ad, a_rows, n_a, s_an, s_ad, dim - c * BLOCK_K, BLOCK_K)
-        b = load_rows(b_base + c * BLOCK_K * s_bd, b_rows, n_b, s_bn, s_bd, dim - c * BLOCK_K, BLOCK_K)
+        a = load_rows(a_base + c * BLOCK_K * stride_a_d, a_rows, n_a, stride_a_n, stride_a_d, dim - c * BLOCK_K,
+                      BLOCK_K)
+        b = load_rows(b_base + c * BLOCK_K * stride_b_d, b_rows, n_b, stride_b_n, stride_b_d, dim - c * BLOCK_K,
+                      BLOCK_K)
         acc = mma(a, tl.trans(b), acc, DOT, PREC)
     return acc
 
 
 @triton.jit
-def score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, scale, tau,
+def score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n, stride_k_d,
+               head_dim, scale, tau,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
                ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CUT: tl.constexpr,
                MASK_KEYS: tl.constexpr):
@@ -56,8 +59,8 @@ def score_tile(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd
     keys are its own rows of output (the dk / dv pass) may pass MASK_KEYS = False: its padded keys'
     entries then reach only its padded output rows, which it never stores."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc = row_dots(q_base, rows, n_queries, sqn, sqd, k_base, cols, n_keys, skn, skd, head_dim, acc,
-                   BLOCK_K, N_K, DOT, PREC)
+    acc = row_dots(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n, stride_k_d,
+                   head_dim, acc, BLOCK_K, N_K, DOT, PREC)
     s = acc * scale
     if MASK_KEYS:
         keep = (rows[:, None] < n_queries) & (cols[None, :] < n_keys)

@@ -5,7 +5,7 @@
 
 Forward: the states S are clamped in place between the state pass and the output pass
 (``state_clamp_kernel``); the output kernel clamps the numerator, 1/den and the output in its
-epilogue (``contract.py``). Backward (``clamped_row_weights_kernel``), with n_pre the unclamped
+epilogue (``output.py``). Backward (``clamped_row_weights_kernel``), with n_pre the unclamped
 numerator recomputed from the clamped states, r_pre = 1/den, n = C(n_pre), r = C(r_pre), u = n r:
     dU = dO C'(u),   g = dU r C'(n_pre),   c = -(dU . n) C'(r_pre) r_pre^2   (0 where the floor is active)
 replace g = dO/den and c = -(dO.o)/den of the unclamped backward, and dS is masked by C'(S)
@@ -75,16 +75,24 @@ def state_grad_mask_kernel(ds_ptr, s_ptr, n_rows, lo, hi, BLOCK: tl.constexpr, f
 
 
 @launch_jit
-def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H, N, DV, den_floor, eps, lo, hi,
-                               state_scale, sgb, sgh, sgn, sgd, sob, soh, son, sod,
-                               BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
-                               seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
-    """Grid (cdiv(N, BLOCK_N), BH). dO [B, H, N, DV] strided (strides sg*); n [BH, N, DV] contiguous ACC, the
-    scaled unclamped numerator s_k n_pre; den [BH, N] ACC (scaled). Writes g / s_k into g [B, H, N, DV]
-    (strides so*, dO's dtype), rs = 1 and rz = c / s_k [BH, N] ACC (module docstring). VARLEN (over the
+def clamped_row_weights_kernel(
+    # pointers: dO, the unclamped numerator n, den; outputs g, row weights rs / rz
+    do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr,
+    # sizes (H, N: runtime, never specialised) and scalars
+    H, N, DV, den_floor, eps, lo, hi, state_scale,
+    # strides
+    stride_do_b, stride_do_h, stride_do_n, stride_do_d, stride_g_b, stride_g_h, stride_g_n, stride_g_d,
+    # constexprs: tiles, accumulation dtype
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+    # packed (varlen) launches only: the sequence table and the per-sequence factors
+    seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
+):
+    """Grid (cdiv(N, BLOCK_N), BH). dO [B, H, N, DV] strided; n [BH, N, DV] contiguous ACC, the scaled
+    unclamped numerator s_k n_pre; den [BH, N] ACC (scaled). Writes g / s_k into g [B, H, N, DV] (strided,
+    dO's dtype), rs = 1 and rz = c / s_k [BH, N] ACC (module docstring). VARLEN (over the
     queries): n [H, N, DV], factor[seq] multiplies den_floor, eps and state_scale."""
-    bh, b, h, offs_n, mask_n, start, active, _s0, _s1, _s2 = token_block(H, N, 1, 1, 1, seq_ptr, BLOCK_N, True,
-                                                                         VARLEN)
+    bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
+        H, N, 1, 1, 1, seq_ptr, BLOCK_N, True, VARLEN)
     if VARLEN:
         if not active:
             return
@@ -97,8 +105,8 @@ def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H,
         # bh * N * DV) lands in the sequence's window (rows h * N + start of the [H, N] buffers).
         b = b * 0
         shift = h * N + start - bh * N
-        do_ptr += start * sgn
-        g_ptr += start * son
+        do_ptr += start * stride_do_n
+        g_ptr += start * stride_g_n
         den_ptr += shift
         rs_ptr += shift
         rz_ptr += shift
@@ -112,15 +120,15 @@ def clamped_row_weights_kernel(do_ptr, n_ptr, den_ptr, g_ptr, rs_ptr, rz_ptr, H,
     for e0 in range(0, DV, BLOCK_DV):
         offs_e = e0 + tl.arange(0, BLOCK_DV)
         mask = mask_n[:, None] & (offs_e[None, :] < DV)
-        do = tl.load(do_ptr + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
-                     mask=mask, other=0.0).to(ACC)
+        do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_n[:, None] * stride_do_n
+                     + offs_e[None, :] * stride_do_d, mask=mask, other=0.0).to(ACC)
         n_pre = tl.load(n_base + offs_n[:, None] * DV + offs_e[None, :], mask=mask, other=0.0) * inv_scale
         n = abs_clamp(n_pre, lo, hi)
         du = do * clamp_passes(n * r[:, None], lo, hi)
         dr += tl.sum(du * n, axis=1)
         g = du * r[:, None] * clamp_passes(n_pre, lo, hi) * inv_scale
-        tl.store(g_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_e[None, :] * sod,
-                 g.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_ptr + b * stride_g_b + h * stride_g_h + offs_n[:, None] * stride_g_n
+                 + offs_e[None, :] * stride_g_d, g.to(g_ptr.dtype.element_ty), mask=mask)
     c = -dr * clamp_passes(r_pre, lo, hi) * r_pre * r_pre * inv_scale
     c = without_floor_rows(c, den, den_floor, eps)
     tl.store(rs_ptr + bh * N + offs_n, tl.full((BLOCK_N,), 1.0, ACC), mask=mask_n)

@@ -23,27 +23,21 @@ INTERPRET_BLOCK_N = 16
 GPU_NUM_WARPS = 4
 GPU_NUM_STAGES = 2
 # An explicit .maxnreg of 255 (the hardware limit) for the per-token passes: left without one, ptxas
-# sometimes settles on fewer registers than they need and spills (sm_80, once the head dims
-# specialise: 128 registers and 28 spill bytes on 8-warp bf16 output passes of 1-d grids, 128 and 8
-# on an 8-warp dq pass, 168 and 8 on a 4-warp fp32 dv pass). With it they take 150-220, as they did
-# before specialisation. The state passes (StateTiles) take the same budget.
+# sometimes settles on fewer registers than they need and spills. The state passes (StateTiles) take
+# the same budget.
 GPU_MAX_REGISTERS = 255
 REGISTER_BUDGET_LAUNCHES = ("fwd_output", "bwd_dq", "bwd_keys")
 # Head dims that are not multiples of 16 cannot be proven uniform: every tile access is a scalar
 # load / store with its own 64-bit address and mask, which costs registers. Such heads use 32-wide
-# tiles at 8 warps: with 64-wide tiles the D=40 per-token passes spilled up to 232 B under triton 3.6
-# (16-24 B under 3.9), and with 4 warps at 32-wide tiles 8-84 B (D=40, and D=24 under 3.6). (The padding
-# is the same: 40 of 64.) fp32 (32-wide tiles already) keeps 4 warps: it fits there.
+# tiles at 8 warps, the one shape where their per-token passes do not spill (D=40 pads to 64 either
+# way). fp32 (32-wide tiles already) keeps 4 warps: it fits there.
 UNALIGNED_TILE = 32
 UNALIGNED_NUM_WARPS = 8
 # The forward output pass and the dq pass reload every F state tile (from L2) for each token tile: 128
-# tokens per program halve that traffic (modelled at (b), B1 H4 224x224 D64 bf16: output pass 50 -> 31 us).
-# 16-bit inputs with head dims that are multiples of 16 and few features only (launch -> at most F): at
-# F = 10 (3-d product + prefix) the output pass spilled 16 B on sm_80 under triton 3.6 (255 registers);
-# the dq pass (at 255 on sm_80 already at 64 tokens) spilled 8-24 B with F = 4..8 in some variants
-# (1-d + prefix on sm_80, 3-d sum + prefix on sm_90a, triton 3.9). TF32 / unaligned tiles take more
-# registers already. The key pass (two accumulators) takes 128 for bf16 heads of one tile on sm_90+ only
-# (252 registers on sm_90a; elsewhere it spilled, see pick_config).
+# tokens per program halve that traffic. Only for 16-bit inputs with head dims that are multiples of 16
+# and few features (launch -> at most F): with more features, TF32 or unaligned tiles the wider
+# programs spill. The key pass (two accumulators) takes 128 for bf16 heads of one tile on sm_90+ only
+# (elsewhere it spills, see pick_config).
 WIDE_BLOCK_N = 128
 WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
 # State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
@@ -70,7 +64,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     max_registers: int | None = None  # ptxas register budget (.maxnreg); None under the interpreter
-    block_n_of: tuple = ()  # ((launch, tokens per program), ...) where a launch's BLOCK_N is not block_n: see pick_config
+    block_n_of: tuple = ()  # ((launch, tokens per program), ...): BLOCK_N where not block_n (pick_config)
 
     def tokens_per_program(self, launch: str) -> int:
         """BLOCK_N of ``launch`` (one of LAUNCHES): ``block_n`` unless ``block_n_of`` names the launch."""
@@ -100,46 +94,40 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
     if unaligned and dtype in (torch.float16, torch.bfloat16) and cfg.block_d >= UNALIGNED_TILE:
         cfg = dataclasses.replace(gpu_config(UNALIGNED_TILE), num_warps=UNALIGNED_NUM_WARPS)
     if dtype == torch.float32:
-        # fp32 (tf32x3 dots, 32-bit accesses): no software pipelining. With 2 stages the state passes
-        # spilled 8 B on sm_90a (32-wide tiles) and on sm_80 (16-wide, unaligned strides); with 1
-        # they take fewer registers (216-229 instead of 255) and fewer instructions per iteration.
+        # fp32 (tf32x3 dots, 32-bit accesses): no software pipelining; pipelined, the state passes
+        # spill, and with 1 stage they take fewer registers and fewer instructions per iteration.
         cfg = dataclasses.replace(cfg, num_stages=1)
         tokens = {}
         if unaligned:
-            # Already at 32-wide tiles: the per-token passes take 32 tokens instead (at 64, D=40
-            # spilled 16 B under triton 3.9 and 48 B under 3.6, on the output and dv passes).
+            # Already at 32-wide tiles: the per-token passes take 32 tokens instead (at 64 they spill).
             tokens = {launch: cfg.block_n // 2 for launch in REGISTER_BUDGET_LAUNCHES}
         # The key pass holds two accumulators and runs two tf32x3 dots per feature: half as many tokens
-        # again (the product-3d+prefix variant spilled 48 B on sm_80 at 64 tokens; unaligned D=40
-        # 184-208 B at 32, on sm_80 and sm_90a).
+        # again (a quarter for unaligned heads), where it fits without spills.
         tokens["bwd_keys"] = cfg.block_n // (4 if unaligned else 2)
         cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
     elif cfg.block_n >= 64 and (dtype == torch.float16 or unaligned):
         # The key pass at 32 tokens per program for fp16 (its dots take fp32 (TF32) operands, see
-        # dot_operand_dtype: the D=64 product-3d+prefix variant spilled 72 B on sm_80 at 64) and for
-        # unaligned heads (bf16 D=40 product-3d+prefix: 16 B on sm_80 under triton 3.6). Aligned bf16: 64.
+        # dot_operand_dtype) and for unaligned heads: at 64 they spill. Aligned bf16: 64.
         tokens = {"bwd_keys": cfg.block_n // 2}
         if dtype == torch.bfloat16:
-            # The dq pass of unaligned bf16 heads takes 32 tokens: at 64 the D40 product-3d+prefix variant
-            # spilled 8 B on sm_80 under triton 3.6 (44 B before the dq pass computed its own row weights).
+            # The dq pass of unaligned bf16 heads takes 32 tokens: at 64 it spills on sm_80.
             tokens["bwd_dq"] = cfg.block_n // 2
         cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
     if dtype in (torch.float16, torch.bfloat16) and not unaligned and n_feat is not None:
         tokens = {launch: WIDE_BLOCK_N for launch, most in WIDE_MAX_FEATURES.items() if n_feat <= most}
         if n_feat > WIDE_MAX_FEATURES["fwd_output"]:
             # The dq pass holds the per-axis position values (all three axes of a 3-d product) across its
-            # feature loop: at F = 10 and 64 tokens it spilled 8 B on sm_80 under triton 3.6.
+            # feature loop: with that many features it takes half the tokens, or it spills.
             tokens["bwd_dq"] = cfg.block_n // 2
         if dtype == torch.float16 or max(d, dv) > cfg.block_d:
             # fp16: TF32 dots (see above). Heads past one tile (the key pass loops over the other tiles):
-            # bf16 D128 / D256 spilled 24-32 B on sm_90a under triton 3.6 at 128 tokens.
+            # at 128 tokens it spills.
             tokens.pop("bwd_keys", None)
         arch = target_arch()
         if arch is not None and arch < 90:
-            # sm_80: the key pass stays at 64 tokens (at 128: 24 B of spills at bf16 D32, 40 B at D64 1-d +
-            # prefix, triton 3.9). The dq pass (no fused query pass there) reads the forward's bf16 S
-            # (saved_state_dtype) at 64 tokens, the S bytes per token that 128 tokens read in fp32; at 128
-            # the 1-d + prefix variants (F = 4) spilled 8 B under triton 3.9.
+            # sm_80: the key pass stays at 64 tokens (at 128 it spills). The dq pass (no fused query pass
+            # there) reads the forward's bf16 S (saved_state_dtype) at 64 tokens, the S bytes per token
+            # that 128 tokens read in fp32, and at 128 it spills.
             tokens.pop("bwd_keys", None)
             if dtype == torch.bfloat16 and cfg.block_d == HEAD_BLOCKS[-1]:
                 tokens.pop("bwd_dq", None)
@@ -149,8 +137,8 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
 
 def clamped_packed_config(cfg: LaunchConfig) -> LaunchConfig:
     """``cfg`` for a packed backward with the VVT clamp, whose dq pass reads the row weights clamp.py
-    computed: on a GPU that pass takes half the tokens (at 64, bf16 D64 spilled 8 B on sm_80 under
-    triton 3.6; the dq pass that computes its own row weights does not)."""
+    computed: on a GPU that pass takes half the tokens (at the full count it spills on sm_80; the dq
+    pass that computes its own row weights does not)."""
     if cfg.max_registers is None:    # the interpreter: nothing to fit
         return cfg
     return dataclasses.replace(cfg, block_n_of=cfg.block_n_of + (("bwd_dq", cfg.tokens_per_program("bwd_dq") // 2),))
@@ -170,9 +158,8 @@ def gpu_tiles(dtype: torch.dtype) -> list[int]:
 def gpu_config(tile: int) -> LaunchConfig:
     """The GPU launch config for a head tile.
 
-    The dv kernel takes the same warps as the others: with 4 at 64-wide tiles, the fp16 (TF32 dots)
-    unaligned D=40 product-3d+prefix variant spilled 368-388 B; with 8 and the 255-register budget
-    (maxnreg) it fits. (Before the register budget, 8 warps let ptxas cap it at 128 and spill.)
+    Every per-token pass takes the same warps: with 4 at 64-wide tiles the widest variants spill; with
+    8 and the 255-register budget (maxnreg) they fit.
     """
     return LaunchConfig(GPU_BLOCK_N, tile, tile, gpu_num_warps(tile), gpu_num_stages(tile),
                         max_registers=GPU_MAX_REGISTERS)
@@ -195,11 +182,11 @@ def gpu_num_warps(tile: int) -> int:
 # [F_PAD * block_d, block_dv] (F_PAD: F rounded up to a power of two) and builds the stacked dot operand
 # [block_n, F_PAD * block_d] every token block. Both are capped at STATE_ELEMENTS elements (64 fp32
 # registers a thread at 8 warps) for 16-bit dot operands, half that for TF32 operands (twice the
-# bytes) and an eighth for TF32x3 (fp32 inputs: the operand is also split in two, and ptxas spilled
-# 36-72 B at a quarter); larger F take narrower tiles, then fewer tokens per block.
+# bytes) and an eighth for TF32x3 (fp32 inputs: the operand is also split in two, and a quarter
+# spills); larger F take narrower tiles, then fewer tokens per block.
 STATE_ELEMENTS = 16384
-# 8 warps when the stacked operand / accumulator exceed 16 KB of operands (TF32 operands at 4 warps and
-# 8192 elements: 255 registers and 40-396 B of spills; 16-bit ones at 8192 elements, 4 warps: 150-194).
+# 8 warps when the stacked operand / accumulator exceed 16 KB of operands (at 4 warps, TF32 operands of
+# 8192 elements spill; 16-bit ones fit).
 STATE_SMALL_BYTES = 16384
 
 
@@ -217,8 +204,7 @@ class StateTiles:
     def options(self) -> dict:
         opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
         if self.max_registers is not None:
-            # Without a budget ptxas sometimes settles on 128 registers and spills (8-16 B on sm_80:
-            # 4-warp fp32 D16 unaligned, bf16 D64 "none"); with it, no spills.
+            # Without a budget ptxas sometimes settles on 128 registers and spills; with it, no spills.
             opts["maxnreg"] = self.max_registers
         return opts
 
@@ -233,8 +219,7 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
     else:
         block_d = min(head_block(d), max_tile(dtype))
         block_dv = min(head_block(dv), max_tile(dtype))
-        # fp32 inputs (TF32x3: operands split in two): 32 tokens a block; at 64 the 4-warp F = 1, D = 32
-        # packed variant spilled 8 B.
+        # fp32 inputs (TF32x3: operands split in two): 32 tokens a block; at 64 some packed variants spill.
         block_n = GPU_BLOCK_N // 2 if dtype == torch.float32 else GPU_BLOCK_N
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
     limit = STATE_ELEMENTS * 2 // operand_bytes
@@ -252,8 +237,7 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
             break
     if interpreting():
         return StateTiles(block_n, block_d, block_dv, num_warps=1, num_stages=1)
-    # fp32 inputs: 8 warps and 2 stages (TF32x3 spilled 12-36 B on sm_90a under triton 3.6 at 4 warps,
-    # 20-28 B at 8 warps with 3 stages).
+    # fp32 inputs: 8 warps and 2 stages (TF32x3 spills at 4 warps, and at 8 warps with 3 stages).
     big = f_pad * block_d * max(block_dv, block_n) * operand_bytes > STATE_SMALL_BYTES or dtype == torch.float32
     stages = 2 if dtype == torch.float32 else 3
     return StateTiles(block_n, block_d, block_dv, 8 if big else 4, num_stages=stages, max_registers=GPU_MAX_REGISTERS)

@@ -4,16 +4,16 @@
     dk_j = key_scale * phi'(k_j) * sum_m P_m(j) (dS_m v_j + dz_m)       [D]   (contract over Dv)
 
 Both contract the same F state-gradient tiles dS_m [D, Dv] against one token block, so one program
-reads each dS_m tile once for both (the separate dv and dk passes each reloaded all F tiles from L2
-for every token block, and each read k). Head dims wider than one tile: program j of a token block
+reads each dS_m tile once for both (rather than a dv and a dk pass each reloading all F tiles from
+L2 for every token block, and each reading k). Head dims wider than one tile: program j of a token block
 computes dk's D tile j and dv's Dv tile j, looping over the other dimension's tiles t; the diagonal
 step t = j comes first and its dS_m tile (rows of D tile j, columns of Dv tile j) serves both, the
 other steps read dS_m[j, t] for dk and dS_m[t, j] for dv. dk's z term (dz_m of D tile j) is added in
 the diagonal step. NEED_DK / NEED_DV: a gradient not asked for is neither computed nor stored.
 
 States dS [BH, F, D, Dv] and dz [BH, F, D] are contiguous in the accumulation dtype ACC (scaled as
-``backward.vicinity_backward`` says: key_scale undoes it). VARLEN (packed sequences, varlen.py): as
-in contract.py, over the key side; factor[seq] multiplies key_scale.
+``launch_backward.vicinity_backward`` says: key_scale undoes it). VARLEN (packed sequences, varlen.py):
+as in output.py, over the key side; factor[seq] multiplies key_scale.
 """
 import triton
 import triton.language as tl
@@ -25,15 +25,15 @@ from .varlen import sequence_window, token_block
 
 
 @triton.jit
-def _load_tile(base, offs_n, mask_n, offs_c, mask_c, sn, sc, ACC: tl.constexpr):
+def _load_tile(base, offs_n, mask_n, offs_c, mask_c, stride_n, stride_c, ACC: tl.constexpr):
     """A [BLOCK_N, BLOCK_C] tile of a strided token tensor, in ACC (0 where masked)."""
-    return tl.load(base + offs_n[:, None] * sn + offs_c[None, :] * sc, mask=mask_n[:, None] & mask_c[None, :],
-                   other=0.0).to(ACC)
+    return tl.load(base + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c,
+                   mask=mask_n[:, None] & mask_c[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
 def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask, dk_cols, dk_cols_mask,
-                 dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV, n_prefix, s0, s1, s2,
+                 dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV, n_prefix, grid_0, grid_1, grid_2,
                  N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
                  NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, SHARED: tl.constexpr, Z_TERM: tl.constexpr,
                  ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None,
@@ -42,15 +42,16 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
     Z_TERM), acc_dv += (P_M phi) @ dS_M[dv_rows, dv_cols]. SHARED: both tiles are the same (the caller
     passes the same offsets) and it is read once.
 
-    The dots keep the precision choices of the passes they replace (contract.py): dv's operand is the
-    product P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32
-    operand, and P_M scales the product (see ``contract.contract_dv_feature``); bf16 dots take v * P_M.
+    The dots make the precision choices of the output and dq passes: dv's operand is the product
+    P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32 operand, and
+    P_M scales the product (see ``queries.dq_feature``); bf16 dots take v * P_M.
     VARLEN: the grid sizes are read from the sequence table here, per feature, not held in registers
-    across the loops (held, the fp32 D=48 packed launch spilled 8 B on sm_90a).
+    across the loops (held, they make the packed launches spill).
     """
     if VARLEN:
-        _start, _n, s0, s1, s2 = sequence_window(seq_ptr, tl.program_id(1) // H, False, RELOAD=True)
-    p = position_feature(offs_n, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, False, ACC)
+        _start, _n, grid_0, grid_1, grid_2 = sequence_window(seq_ptr, tl.program_id(1) // H, False, RELOAD=True)
+    p = position_feature(offs_n, M, n_prefix, grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, False,
+                         ACC)
     state_base = ds_base + M * D * DV
     if NEED_DK:
         state_k = tl.load(state_base + dk_rows[:, None] * DV + dk_cols[None, :],
@@ -58,8 +59,7 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
         # The dk dot sits in a region of its own: a branch always taken (H >= 1 is a runtime value the
         # compiler cannot fold). Triton's sm_80 layout choice takes dots of one region that share
         # operands (the state tile, P_M) for a chain and puts all warps on the token axis, so that every
-        # warp holds both whole state operands in registers: 255 registers and 352-584 B of spills at
-        # 64-wide bf16 tiles, 232-248 registers and none with the branch.
+        # warp holds both whole state operands in registers and spills.
         if H > 0:
             if DOT == tl.bfloat16 or PREC == "emulate_bf16":
                 acc_dk = mma(v * p[:, None], tl.trans(state_k), acc_dk, DOT, PREC)
@@ -80,52 +80,62 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
 
 @triton.jit
 def _key_tile(phi, v, acc_dk, acc_dv, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask, dk_cols, dk_cols_mask,
-              dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV, n_prefix, s0, s1, s2,
+              dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV, n_prefix, grid_0, grid_1, grid_2,
               N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
               NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, SHARED: tl.constexpr, Z_TERM: tl.constexpr,
               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None, VARLEN: tl.constexpr = False):
     """All F features of one tile step (phi: D tile of dv's operand, v: Dv tile of dk's)."""
-    # A real loop over features, not static_range, and not software-pipelined (see _contract_d_tile);
+    # A real loop over features, not static_range, and not software-pipelined (see output.py's _output_tile);
     # a one-trip loop (F = 1) is written straight.
     if N_FEAT == 1:
         for M in tl.static_range(N_FEAT):
             acc_dk, acc_dv = _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask,
                                           dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV,
-                                          n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
-                                          SHARED, Z_TERM, ACC, DOT, PREC, seq_ptr, VARLEN)
+                                          n_prefix, grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                                          NEED_DK, NEED_DV, SHARED, Z_TERM, ACC, DOT, PREC, seq_ptr, VARLEN)
     else:
         for M in tl.range(N_FEAT, loop_unroll_factor=1, num_stages=1):
             acc_dk, acc_dv = _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, dk_rows_mask,
                                           dk_cols, dk_cols_mask, dv_rows, dv_rows_mask, dv_cols, dv_cols_mask, H, D, DV,
-                                          n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
-                                          SHARED, Z_TERM, ACC, DOT, PREC, seq_ptr, VARLEN)
+                                          n_prefix, grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                                          NEED_DK, NEED_DV, SHARED, Z_TERM, ACC, DOT, PREC, seq_ptr, VARLEN)
     return acc_dk, acc_dv
 
 
 @launch_jit
-def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n_prefix, s0, s1, s2, key_scale,
-                    skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad, sbb, sbh, sbn, sbd,
-                    N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                    FMAP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, ONE_TILE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
-                    DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False):
-    """Grid (cdiv(N, BLOCK_N), BH, n_programs): k [B, H, N, D], v [B, H, N, DV], dk [B, H, N, D] (strides
-    sa*), dv [B, H, N, DV] (strides sb*), all strided; dk, dv written in their own dtype. Program j of
+def key_pass_kernel(
+    # pointers: k, v, the state gradients dS and dz; outputs dk and dv
+    k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr,
+    # sizes (H, N, grid_*: runtime, never specialised) and scalars
+    H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, key_scale,
+    # strides
+    stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h, stride_v_n, stride_v_d,
+    stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d, stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
+    # constexprs: geometry, gradients wanted, tiles, dot precision
+    N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    FMAP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
+    # packed (varlen) launches only: the sequence table and the per-sequence factors
+    seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
+):
+    """Grid (cdiv(N, BLOCK_N), BH, n_programs): k [B, H, N, D], v [B, H, N, DV], dk [B, H, N, D], dv
+    [B, H, N, DV], all strided; dk, dv written in their own dtype. Program j of
     a token block writes dk's D tile j (NEED_DK) and dv's Dv tile j (NEED_DV), so n_programs is the
     number of tiles of the gradients asked for (the larger when both). ONE_TILE: D <= BLOCK_D and
     DV <= BLOCK_DV. VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_programs)."""
     # Packed: the grid sizes are read per feature (``_key_feature``), not from here.
-    bh, b, h, offs_n, mask_n, start, active, _s0, _s1, _s2 = token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N, False,
-                                                                         VARLEN)
+    bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
+        H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, False, VARLEN)
     j = tl.program_id(2)
     if VARLEN:
         if not active:
             return
-        k_base = k_ptr + h * skh + start * skn
-        v_base = v_ptr + h * svh + start * svn
+        k_base = k_ptr + h * stride_k_h + start * stride_k_n
+        v_base = v_ptr + h * stride_v_h + start * stride_v_n
     else:
-        k_base = k_ptr + b * skb + h * skh
-        v_base = v_ptr + b * svb + h * svh
+        k_base = k_ptr + b * stride_k_b + h * stride_k_h
+        v_base = v_ptr + b * stride_v_b + h * stride_v_h
     ds_base = ds_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     dz_base = dz_ptr + bh.to(tl.int64) * N_FEAT * D
     offs_dj = j * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -137,16 +147,16 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
     acc_dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     # The diagonal step (D tile j, Dv tile j): one dS_m tile for both gradients, and dk's z term.
     # phi(k) of D tile j is also what dk's phi' is taken from.
-    phi_j = feature_map(_load_tile(k_base, offs_n, mask_n, offs_dj, mask_dj, skn, skd, ACC),
+    phi_j = feature_map(_load_tile(k_base, offs_n, mask_n, offs_dj, mask_dj, stride_k_n, stride_k_d, ACC),
                         mask_n[:, None] & mask_dj[None, :], FMAP)
     if NEED_DK:
-        v_j = _load_tile(v_base, offs_n, mask_n, offs_ej, mask_ej, svn, svd, ACC)
+        v_j = _load_tile(v_base, offs_n, mask_n, offs_ej, mask_ej, stride_v_n, stride_v_d, ACC)
     else:
         v_j = phi_j  # not read
     acc_dk, acc_dv = _key_tile(phi_j, v_j, acc_dk, acc_dv, ds_base, dz_base, offs_n, offs_dj, mask_dj, offs_ej,
-                               mask_ej, offs_dj, mask_dj, offs_ej, mask_ej, H, D, DV, n_prefix, s0, s1, s2, N_FEAT,
-                               N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, True, NEED_DK, ACC, DOT, PREC, seq_ptr,
-                               VARLEN)
+                               mask_ej, offs_dj, mask_dj, offs_ej, mask_ej, H, D, DV, n_prefix, grid_0, grid_1, grid_2,
+                               N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, True, NEED_DK, ACC, DOT, PREC,
+                               seq_ptr, VARLEN)
     if not ONE_TILE:
         # The other tile steps, from j + 1 round to j - 1 (a fixed order per program: deterministic).
         n_steps = tl.maximum(tl.cdiv(D, BLOCK_D), tl.cdiv(DV, BLOCK_DV))
@@ -157,30 +167,30 @@ def key_pass_kernel(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n
             mask_dt = offs_dt < D
             mask_et = offs_et < DV
             if NEED_DV:
-                phi_t = feature_map(_load_tile(k_base, offs_n, mask_n, offs_dt, mask_dt, skn, skd, ACC),
-                                    mask_n[:, None] & mask_dt[None, :], FMAP)
+                phi_t = feature_map(_load_tile(k_base, offs_n, mask_n, offs_dt, mask_dt, stride_k_n, stride_k_d,
+                                               ACC), mask_n[:, None] & mask_dt[None, :], FMAP)
             else:
                 phi_t = phi_j  # not read
             if NEED_DK:
-                v_t = _load_tile(v_base, offs_n, mask_n, offs_et, mask_et, svn, svd, ACC)
+                v_t = _load_tile(v_base, offs_n, mask_n, offs_et, mask_et, stride_v_n, stride_v_d, ACC)
             else:
                 v_t = v_j  # not read
             acc_dk, acc_dv = _key_tile(phi_t, v_t, acc_dk, acc_dv, ds_base, dz_base, offs_n, offs_dj, mask_dj,
-                                       offs_et, mask_et, offs_dt, mask_dt, offs_ej, mask_ej, H, D, DV, n_prefix, s0,
-                                       s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV, False, False,
-                                       ACC, DOT, PREC, seq_ptr, VARLEN)
+                                       offs_et, mask_et, offs_dt, mask_dt, offs_ej, mask_ej, H, D, DV, n_prefix,
+                                       grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, NEED_DK, NEED_DV,
+                                       False, False, ACC, DOT, PREC, seq_ptr, VARLEN)
     if VARLEN:
         # Loaded after the loops: one register less across them.
         key_scale = key_scale * tl.load(factor_ptr + bh // H)
-        dk_base = dk_ptr + h * sah + start * san
-        dv_base = dv_ptr + h * sbh + start * sbn
+        dk_base = dk_ptr + h * stride_dk_h + start * stride_dk_n
+        dv_base = dv_ptr + h * stride_dv_h + start * stride_dv_n
     else:
-        dk_base = dk_ptr + b * sab + h * sah
-        dv_base = dv_ptr + b * sbb + h * sbh
+        dk_base = dk_ptr + b * stride_dk_b + h * stride_dk_h
+        dv_base = dv_ptr + b * stride_dv_b + h * stride_dv_h
     if NEED_DV:
-        tl.store(dv_base + offs_n[:, None] * sbn + offs_ej[None, :] * sbd,
+        tl.store(dv_base + offs_n[:, None] * stride_dv_n + offs_ej[None, :] * stride_dv_d,
                  (acc_dv * key_scale).to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_ej[None, :])
     if NEED_DK:
         acc_dk = mul_feature_map_grad_of_phi(acc_dk, phi_j, FMAP) * key_scale
-        tl.store(dk_base + offs_n[:, None] * san + offs_dj[None, :] * sad, acc_dk.to(dk_ptr.dtype.element_ty),
-                 mask=mask_n[:, None] & mask_dj[None, :])
+        tl.store(dk_base + offs_n[:, None] * stride_dk_n + offs_dj[None, :] * stride_dk_d,
+                 acc_dk.to(dk_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dj[None, :])

@@ -16,35 +16,35 @@ HALF_PI = tl.constexpr(1.5707963267948966)
 
 
 @triton.jit
-def axis_angle(g, s0, s1, s2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: tl.constexpr):
+def axis_angle(g, grid_0, grid_1, grid_2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: tl.constexpr):
     """theta_A = (pi/2) * coord_A / size_A for grid-token indices g (int tensor, row-major, >= 0).
 
     Per row a thread holds, so kept cheap: g >= 0 and the sizes > 0, so the coordinates come from an
     unsigned division (no sign fix-ups), and the angle is c * ((pi/2) / size), one multiply a row with the
-    scalar factor computed once (an IEEE division per row was ~10 instructions). Within 2 ulp of the
+    scalar factor computed once (an IEEE division per row is ~10 instructions). Within 2 ulp of the
     PyTorch side's (c * pi/2) / size."""
     if N_AXES == 1:
         c = g
-        s = s0
+        s = grid_0
     else:
         gu = g.to(tl.uint32)
         if N_AXES == 2:
             if A == 0:
-                c = gu // s1.to(tl.uint32)
-                s = s0
+                c = gu // grid_1.to(tl.uint32)
+                s = grid_0
             else:
-                c = gu % s1.to(tl.uint32)
-                s = s1
+                c = gu % grid_1.to(tl.uint32)
+                s = grid_1
         else:
             if A == 0:
-                c = gu // (s1 * s2).to(tl.uint32)
-                s = s0
+                c = gu // (grid_1 * grid_2).to(tl.uint32)
+                s = grid_0
             elif A == 1:
-                c = (gu // s2.to(tl.uint32)) % s1.to(tl.uint32)
-                s = s1
+                c = (gu // grid_2.to(tl.uint32)) % grid_1.to(tl.uint32)
+                s = grid_1
             else:
-                c = gu % s2.to(tl.uint32)
-                s = s2
+                c = gu % grid_2.to(tl.uint32)
+                s = grid_2
     return c.to(DTYPE) * (HALF_PI / s.to(DTYPE))
 
 
@@ -96,16 +96,16 @@ def _cos_sin_taylor_fp64(x, x2):
 
 
 @triton.jit
-def _axis_cos_sin(g, s0, s1, s2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: tl.constexpr):
+def _axis_cos_sin(g, grid_0, grid_1, grid_2, A: tl.constexpr, N_AXES: tl.constexpr, DTYPE: tl.constexpr):
     """(cos theta_A, sin theta_A) of grid tokens g; (1, 0) for axes beyond N_AXES (never selected)."""
     if A < N_AXES:
-        return cos_sin_quarter(axis_angle(g, s0, s1, s2, A, N_AXES, DTYPE))
+        return cos_sin_quarter(axis_angle(g, grid_0, grid_1, grid_2, A, N_AXES, DTYPE))
     else:
         return tl.full(g.shape, 1.0, DTYPE), tl.zeros(g.shape, DTYPE)
 
 
 @triton.jit
-def position_axes(tok, n_prefix, s0, s1, s2, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+def position_axes(tok, n_prefix, grid_0, grid_1, grid_2, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
                   HAS_PREFIX: tl.constexpr, DTYPE: tl.constexpr):
     """The per-axis values every feature of the tokens ``tok`` is picked from: (cos theta_a, sin theta_a)
     for the axes a = 0, 1, 2 ((1, 0) beyond N_AXES and for the "none" variant) and whether the token is
@@ -117,13 +117,13 @@ def position_axes(tok, n_prefix, s0, s1, s2, N_AXES: tl.constexpr, VARIANT: tl.c
     if HAS_PREFIX:
         g = tl.maximum(g, 0)
     if VARIANT == 0:
-        c0, n0 = _axis_cos_sin(g, s0, s1, s2, 3, N_AXES, DTYPE)
+        c0, n0 = _axis_cos_sin(g, grid_0, grid_1, grid_2, 3, N_AXES, DTYPE)
         c1, n1 = c0, n0
         c2, n2 = c0, n0
     else:
-        c0, n0 = _axis_cos_sin(g, s0, s1, s2, 0, N_AXES, DTYPE)
-        c1, n1 = _axis_cos_sin(g, s0, s1, s2, 1, N_AXES, DTYPE)
-        c2, n2 = _axis_cos_sin(g, s0, s1, s2, 2, N_AXES, DTYPE)
+        c0, n0 = _axis_cos_sin(g, grid_0, grid_1, grid_2, 0, N_AXES, DTYPE)
+        c1, n1 = _axis_cos_sin(g, grid_0, grid_1, grid_2, 1, N_AXES, DTYPE)
+        c2, n2 = _axis_cos_sin(g, grid_0, grid_1, grid_2, 2, N_AXES, DTYPE)
     return c0, n0, c1, n1, c2, n2, is_grid
 
 
@@ -166,7 +166,7 @@ def select_position_feature(axes, m, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
 
 
 @triton.jit
-def position_feature(tok, m, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
+def position_feature(tok, m, n_prefix, grid_0, grid_1, grid_2, N_FEAT: tl.constexpr, N_AXES: tl.constexpr,
                      VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr,
                      DTYPE: tl.constexpr):
     """Feature m of the tokens ``tok`` ([BLOCK] int32 indices into the launch's tokens) -> [BLOCK] DTYPE.
@@ -178,23 +178,23 @@ def position_feature(tok, m, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr, N_AXES:
     m may be a runtime int (a loop counter) or a constexpr. Each axis' cos / sin is evaluated once
     and the feature picked with selects, so a runtime m costs N_AXES polynomial pairs, not F.
     """
-    return select_position_feature(position_axes(tok, n_prefix, s0, s1, s2, N_AXES, VARIANT, HAS_PREFIX, DTYPE), m,
-                                   N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, DTYPE)
+    axes = position_axes(tok, n_prefix, grid_0, grid_1, grid_2, N_AXES, VARIANT, HAS_PREFIX, DTYPE)
+    return select_position_feature(axes, m, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, DTYPE)
 
 
 @triton.jit
-def _position_features_kernel(out_ptr, N, n_prefix, s0, s1, s2, N_FEAT: tl.constexpr,
+def _position_features_kernel(out_ptr, N, n_prefix, grid_0, grid_1, grid_2, N_FEAT: tl.constexpr,
                               N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
                               IS_QUERY: tl.constexpr, BLOCK: tl.constexpr):
     """Test helper: writes the [N, N_FEAT] features (used only to check the jit helpers)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     for M in tl.static_range(N_FEAT):
-        p = position_feature(offs, M, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+        p = position_feature(offs, M, n_prefix, grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                              out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs * N_FEAT + M, p, mask=mask)
     m_dyn = tl.program_id(1)
-    p = position_feature(offs, m_dyn, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
+    p = position_feature(offs, m_dyn, n_prefix, grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
                          out_ptr.dtype.element_ty)
     # Second half of the buffer: the runtime-m path, one column per program along axis 1.
     tl.store(out_ptr + N * N_FEAT + offs * N_FEAT + m_dyn, p, mask=mask)

@@ -14,8 +14,8 @@ a [BLOCK_N, Z_COLS] column block whose first column is the token weight (1, or r
 backward) and the rest zeros (Z_COLS = 16, the smallest dot operand): a second, narrow tensor-core
 dot instead of a cross-warp reduction per token block, and z rounded exactly as S is.
 The programs write their partials (S and z of a chunk side by side); one reduction launch then sums
-them over chunks in index order, so results are bitwise reproducible without atomics. With a single chunk the partial kernel applies
-the scale and writes the states directly, and no reduction runs.
+them over chunks in index order, so results are bitwise reproducible without atomics. With a single
+chunk the partial kernel applies the scale and writes the states directly, and no reduction runs.
 
 VARLEN (packed sequences, see varlen.py): a program's bh is (sequence, head); it reads its sequence's
 window, scales by its sequence's factor (always: the reduction then only sums), and a chunk past its
@@ -31,19 +31,19 @@ from .varlen import sequence_window
 
 
 @triton.jit
-def feature_columns(offs_n, n_prefix, s0, s1, s2, COLS: tl.constexpr, N_FEAT: tl.constexpr,
+def feature_columns(offs_n, n_prefix, grid_0, grid_1, grid_2, COLS: tl.constexpr, N_FEAT: tl.constexpr,
                     N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
                     IS_QUERY: tl.constexpr, ACC: tl.constexpr):
     """[BLOCK_N, COLS] position features of the tokens offs_n: column m is P_m (0 for m >= N_FEAT)."""
     feat = tl.arange(0, COLS)[None, :]
-    p = position_feature(offs_n[:, None], feat, n_prefix, s0, s1, s2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+    p = position_feature(offs_n[:, None], feat, n_prefix, grid_0, grid_1, grid_2, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                          IS_QUERY, ACC)
     return tl.where(feat < N_FEAT, p, 0.0)
 
 
 @triton.jit
-def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n_prefix, s0, s1, s2,
-                 d0, e0, sxn, sxd, syn, syd,
+def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n_prefix, grid_0, grid_1, grid_2,
+                 d0, e0, stride_x_n, stride_x_d, stride_y_n, stride_y_d,
                  N_FEAT: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, N_AXES: tl.constexpr,
                  VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
                  ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -60,11 +60,12 @@ def _state_block(x_ptr, y_ptr, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n
     else:
         mask_n = offs_n < N
     mask_x = mask_n[:, None] & (offs_d[None, :] < D)
-    x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask_x, other=0.0).to(ACC)
-    y = tl.load(y_ptr + offs_n[:, None] * syn + offs_e[None, :] * syd,
+    x = tl.load(x_ptr + offs_n[:, None] * stride_x_n + offs_d[None, :] * stride_x_d, mask=mask_x,
+                other=0.0).to(ACC)
+    y = tl.load(y_ptr + offs_n[:, None] * stride_y_n + offs_e[None, :] * stride_y_d,
                 mask=mask_n[:, None] & (offs_e[None, :] < DV), other=0.0)
     a = feature_map(x, mask_x, FMAP)
-    p = feature_columns(offs_n, n_prefix, s0, s1, s2, F_PAD, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+    p = feature_columns(offs_n, n_prefix, grid_0, grid_1, grid_2, F_PAD, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                         IS_QUERY, ACC)
     # z's column: z_m = sum_n stacked[n, m] * w_n with w = 1 (forward) or rz / rs (backward, where the
     # stacked operand carries rs), so z comes from the same rounded operand as S.
@@ -97,16 +98,23 @@ def accumulate_states(a, y, p, w, s_acc, z_acc, F_PAD: tl.constexpr, Z_COLS: tl.
 
 
 @launch_jit
-def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
-                         H, N, D, DV, n_prefix, s0, s1, s2, blocks_per_chunk, part_stride, scale,
-                         sxb, sxh, sxn, sxd, syb, syh, syn, syd,
-                         N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
-                         HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
-                         ROW_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                         PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, seq_ptr=None,
-                         chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False, s_copy_ptr=None,
-                         COPY: tl.constexpr = False):
+def state_partial_kernel(
+    # pointers: tokens x and y, row weights rs / rz; outputs: the S and z chunk partials
+    x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
+    # sizes (H, N, grid_*, blocks_per_chunk: runtime, never specialised) and scalars
+    H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, blocks_per_chunk, part_stride, scale,
+    # strides
+    stride_x_b, stride_x_h, stride_x_n, stride_x_d, stride_y_b, stride_y_h, stride_y_n, stride_y_d,
+    # constexprs: geometry, row weights, tiles, dot precision, stacked-state shape
+    N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    IS_QUERY: tl.constexpr, FMAP: tl.constexpr, ROW_WEIGHTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr,
+    # packed (varlen) launches only: the sequence table, chunk counts and factors per sequence
+    seq_ptr=None, chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
+    # single-chunk launches only: a copy of S in its dot operand dtype
+    s_copy_ptr=None, COPY: tl.constexpr = False,
+):
     """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks).
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
@@ -129,8 +137,8 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     bh = pid // (n_e_tiles * n_d_tiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    x_base = x_ptr + b * sxb + h * sxh
-    y_base = y_ptr + b * syb + h * syh
+    x_base = x_ptr + b * stride_x_b + h * stride_x_h
+    y_base = y_ptr + b * stride_y_b + h * stride_y_h
     d0 = d_tile * BLOCK_D
     e0 = e_tile * BLOCK_DV
     n_seq = N
@@ -139,10 +147,10 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
         seq = bh // H
         if chunk >= tl.load(chunks_ptr + seq):
             return
-        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, seq, IS_QUERY)
+        start, n_seq, grid_0, grid_1, grid_2 = sequence_window(seq_ptr, seq, IS_QUERY)
         h = bh % H
-        x_base = x_ptr + h.to(tl.int64) * sxh + start * sxn
-        y_base = y_ptr + h.to(tl.int64) * syh + start * syn
+        x_base = x_ptr + h.to(tl.int64) * stride_x_h + start * stride_x_n
+        y_base = y_ptr + h.to(tl.int64) * stride_y_h + start * stride_y_n
         row0 = h * N + start
         scale = scale * tl.load(factor_ptr + seq)
 
@@ -151,10 +159,10 @@ def state_partial_kernel(x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
     first = chunk * blocks_per_chunk
     for blk in range(first, first + blocks_per_chunk):
         s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, blk * BLOCK_N,
-                                    N, D, DV, n_prefix, s0, s1, s2, d0, e0, sxn, sxd, syn, syd,
-                                    N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, FMAP,
-                                    ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq, row0,
-                                    VARLEN)
+                                    N, D, DV, n_prefix, grid_0, grid_1, grid_2, d0, e0, stride_x_n, stride_x_d,
+                                    stride_y_n, stride_y_d, N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX,
+                                    IS_QUERY, FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq,
+                                    row0, VARLEN)
 
     store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_stride, bh, d0, e0, e_tile, D, DV, scale,
                          N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
@@ -187,9 +195,18 @@ def store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_strid
 
 
 @launch_jit
-def chunk_reduce_kernel(part_ptr, s_ptr, z_ptr, n_s, n_rows, n_chunks, scale, BLOCK: tl.constexpr, chunks_ptr=None,
-                        rows_per_seq=None, z_rows_per_seq=None, VARLEN: tl.constexpr = False, s_copy_ptr=None,
-                        COPY: tl.constexpr = False):
+def chunk_reduce_kernel(
+    # pointers: the chunk partials; outputs S and z
+    part_ptr, s_ptr, z_ptr,
+    # sizes (n_rows, n_chunks: runtime, never specialised) and scalars
+    n_s, n_rows, n_chunks, scale,
+    # constexprs: block size
+    BLOCK: tl.constexpr,
+    # packed (varlen) launches only: chunk counts per sequence and rows per sequence
+    chunks_ptr=None, rows_per_seq=None, z_rows_per_seq=None, VARLEN: tl.constexpr = False,
+    # a copy of S in its dot operand dtype
+    s_copy_ptr=None, COPY: tl.constexpr = False,
+):
     """Row r of [S | z] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
 
     part [n_chunks, n_rows] (each chunk's S partial, n_s values, then its z partial); S [n_s] and z

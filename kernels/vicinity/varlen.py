@@ -32,8 +32,8 @@ KEY_COLS = tl.constexpr(5)     # the key side's columns start here
 
 @triton.jit
 def sequence_window(seq_ptr, seq, IS_QUERY: tl.constexpr, RELOAD: tl.constexpr = False):
-    """(start, length, s0, s1, s2) of sequence ``seq`` on the query or the key side (int32: the launchers
-    check that every token offset within the pack fits). RELOAD: volatile loads, which the compiler
+    """(start, length, grid_0, grid_1, grid_2) of sequence ``seq`` on the query or the key side (int32: the
+    launchers check that every token offset within the pack fits). RELOAD: volatile loads, which the compiler
     does not hoist out of a loop (a re-read inside a loop then costs no registers across it)."""
     if IS_QUERY:
         entry = seq_ptr + seq * SEQ_COLS
@@ -44,10 +44,11 @@ def sequence_window(seq_ptr, seq, IS_QUERY: tl.constexpr, RELOAD: tl.constexpr =
 
 
 @triton.jit
-def token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N: tl.constexpr, IS_QUERY: tl.constexpr, VARLEN: tl.constexpr):
+def token_block(H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N: tl.constexpr, IS_QUERY: tl.constexpr,
+                VARLEN: tl.constexpr):
     """Where a per-token kernel's program works, from its program ids (axis 0: token block, axis 1: bh):
-    (bh, b, h, offs_n, mask_n, start, active, s0, s1, s2). Dense: batch b and head h (int64) of bh, tokens
-    offs_n (mask_n: < N) from start 0, the grid sizes as given, active True. Packed (VARLEN): sequence
+    (bh, b, h, offs_n, mask_n, start, active, grid_0, grid_1, grid_2). Dense: batch b and head h (int64) of
+    bh, tokens offs_n (mask_n: < N) from start 0, the grid sizes as given, active True. Packed (VARLEN): sequence
     bh // H's window: tokens relative to its start, mask_n < its length, its grid sizes (b = bh // H);
     active False when the block lies past the sequence's end: the caller returns at once."""
     pid_n = tl.program_id(0)
@@ -58,8 +59,8 @@ def token_block(H, N, s0, s1, s2, seq_ptr, BLOCK_N: tl.constexpr, IS_QUERY: tl.c
     start = 0
     n_seq = N
     if VARLEN:
-        start, n_seq, s0, s1, s2 = sequence_window(seq_ptr, bh // H, IS_QUERY)
-    return bh, b, h, offs_n, offs_n < n_seq, start, pid_n * BLOCK_N < n_seq, s0, s1, s2
+        start, n_seq, grid_0, grid_1, grid_2 = sequence_window(seq_ptr, bh // H, IS_QUERY)
+    return bh, b, h, offs_n, offs_n < n_seq, start, pid_n * BLOCK_N < n_seq, grid_0, grid_1, grid_2
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Packing:
         return self._tables[key]
 
     @classmethod
-    def build(cls, grids, kv_grids, n_prefix: int, device: torch.device) -> "Packing":
+    def build(cls, grids, kv_grids, n_prefix: int, device: torch.device) -> Packing:
         pad = lambda g: tuple(g) + (1,) * (3 - len(g))  # noqa: E731
         q_len = tuple(n_prefix + math.prod(g) for g in grids)
         k_len = tuple(n_prefix + math.prod(g) for g in kv_grids)

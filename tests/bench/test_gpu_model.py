@@ -28,7 +28,7 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     kernels = [x["kernel"] for x in launches]
     # The backward starts with the fused query pass (dq and the state gradients: the model plans for
     # an sm_90 GPU), which computes the row weights itself (no launch of its own), then the key pass.
-    assert kernels == ["state_partial_kernel", "contract_d_kernel", "query_pass_kernel", "key_pass_kernel"]
+    assert kernels == ["state_partial_kernel", "output_pass_kernel", "query_pass_kernel", "key_pass_kernel"]
     assert gm._first_bwd(launches) == 2
     query = launches[2]
     assert query["program_bytes"]["read:q_ptr"] == 128 * 16 * 2             # q, once: both token blocks
@@ -40,7 +40,7 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     # (the token weights in column 0), per head.
     z_dot = 2 * 2 * 128 * (4 * 16) * 16
     assert flops == vicinity_forward_flops(1, 2, 128, 128, 16, 16, n_features=4) + z_dot
-    out = launches[kernels.index("contract_d_kernel")]
+    out = launches[kernels.index("output_pass_kernel")]
     assert out["program_bytes"]["read:x_ptr"] == 128 * 16 * 2                # one bf16 q tile
     assert out["program_bytes"]["write:out_ptr"] == 128 * 16 * 2             # one bf16 o tile
     assert out["tensor_bytes"]["x_ptr"] >= 2 * 128 * 16 * 2                  # the q tensor (both heads)

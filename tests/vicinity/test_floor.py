@@ -92,7 +92,7 @@ def test_triton_row_weights_come_from_the_dq_pass(monkeypatch, wanted):
     """The dq pass computes the row weights (1/den and -(dO.o)/den, 0 on floored rows) itself: a backward
     that wants dq launches no separate row-weights kernel; one that does not (q frozen) launches it once.
     Every wanted gradient matches the reference, with the floor active on about half the rows."""
-    from vicinity_attn.kernels.vicinity import backward
+    from vicinity_attn.kernels.vicinity import launch_backward as backward
     grid, kv_grid = (3, 4), (2, 3)
     q, k, v = make_inputs(1, 1, 12, 6, 8, 5)
     floor = median_floor(row_sums(q, k, grid, kv_grid, "sum"))

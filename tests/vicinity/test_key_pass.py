@@ -14,10 +14,11 @@ pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET",
 def test_backward_launches_one_key_pass(monkeypatch, wanted, D, Dv):
     """Dense call, one 16-token block (under the interpreter: one state chunk, no reductions). dk only
     and dv only at head dims of two 64-wide tiles on the side they contract over (the tile loop)."""
-    from vicinity_attn.kernels.vicinity import backward, forward
+    from vicinity_attn.kernels.vicinity import launch_backward as backward
+    from vicinity_attn.kernels.vicinity import launch_forward as forward
     launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "chunk_reduce_kernel",
-                                                                         "contract_d_kernel")]
-                              + [(backward, name) for name in ("contract_dv_kernel", "row_weights_kernel",
+                                                                         "output_pass_kernel")]
+                              + [(backward, name) for name in ("dq_pass_kernel", "row_weights_kernel",
                                                                "key_pass_kernel")])
     grid, kv_grid = (3, 3), (3, 4)
     nq, nk = token_counts(grid, kv_grid, 1)
@@ -34,7 +35,7 @@ def test_backward_launches_one_key_pass(monkeypatch, wanted, D, Dv):
     # dq with the row weights (without dq: the row weights alone), the state-gradient pass, then dk and
     # dv in one key pass.
     expected = dict(state_partial_kernel=1, key_pass_kernel=1)
-    expected["contract_dv_kernel" if "q" in wanted else "row_weights_kernel"] = 1
+    expected["dq_pass_kernel" if "q" in wanted else "row_weights_kernel"] = 1
     assert launches == expected
     for got, want in zip(grads, torch.autograd.grad(ref, inputs, do), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -20,7 +20,8 @@ CASES = [  # D, Dv, grid, variant, prefix tokens, feature map (head dims: multip
 
 def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatch):
     """(dq, dk, dv, kernels launched) of the kernels' backward, with the fused query pass or without."""
-    from vicinity_attn.kernels.vicinity import Geometry, backward, queries, state, vicinity_backward, vicinity_forward
+    from vicinity_attn.kernels.vicinity import Geometry, queries, state, vicinity_backward, vicinity_forward
+    from vicinity_attn.kernels.vicinity import launch_backward as backward
     N = prefix + int(torch.tensor(grid).prod())
     g = torch.Generator().manual_seed(1)
     B, H = 2, 2
@@ -58,7 +59,8 @@ def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
     """Same helpers in the same order: dq, dk, dv are the separate passes' (fp64: bitwise; 16-bit: all
     but rare dq elements, one rounding step apart, where the dq dots take the state pass's tiles), and
     the fused launch replaced the state pass."""
-    from vicinity_attn.kernels.vicinity import Geometry, forward
+    from vicinity_attn.kernels.vicinity import Geometry
+    from vicinity_attn.kernels.vicinity import launch_forward as forward
     D, Dv, grid, variant, prefix, fmap = case
     assert forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
     *fused, ran_fused = _backward(True, dtype, *case, monkeypatch)
@@ -77,7 +79,7 @@ def test_fused_query_pass_rule(monkeypatch):
     """Head dims that are multiples of 16 and fit one state tile, not fp32, sm_90 or newer (or the
     interpreter): fused. Otherwise the separate passes (where the compile gate saw the fused program
     spill, or load its states in narrow pieces)."""
-    from vicinity_attn.kernels.vicinity import forward
+    from vicinity_attn.kernels.vicinity import launch_forward as forward
     assert forward.fused_query_pass(64, 64, torch.bfloat16, 4) and forward.fused_query_pass(32, 16, torch.bfloat16, 10)
     assert not forward.fused_query_pass(128, 64, torch.bfloat16, 4)
     assert not forward.fused_query_pass(40, 40, torch.bfloat16, 4)

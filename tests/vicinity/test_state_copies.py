@@ -27,7 +27,7 @@ def test_state_operand_dtype_is_the_dot_operand(monkeypatch):
 def test_saved_state_dtype(monkeypatch):
     """The forward saves S in bf16 exactly where it makes the output pass's copy (bf16 on a GPU, 64-wide
     head tiles, no clamp), and the op's fake says so: the dq dots of the backward take bf16 operands."""
-    from vicinity_attn.kernels.vicinity.forward import operand_copy
+    from vicinity_attn.kernels.vicinity.launch_forward import operand_copy
     from vicinity_attn.vicinity.triton_backend import saved_state_dtype
     q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16, device="meta")
     assert saved_state_dtype(q, q, None) == torch.float32      # the interpreter: no copies
@@ -81,7 +81,8 @@ def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     and the key pass dS's, the backward gets S's copy (saved for it), and o, dq, dk, dv are those of the
     fp32 states up to the copies' rounding (the interpreter's cast truncates where a GPU's rounds to
     nearest as the dot does: close, not bitwise)."""
-    from vicinity_attn.kernels.vicinity import backward, forward
+    from vicinity_attn.kernels.vicinity import launch_backward as backward
+    from vicinity_attn.kernels.vicinity import launch_forward as forward
     seen = []
 
     def forced(launch, dtype):
@@ -108,13 +109,13 @@ def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     torch.manual_seed(0)
     plain = run()
     monkeypatch.setattr(forward, "state_operand_dtype", forced)   # operand_copy, both directions
-    recording(forward, "contract_d", 1)
+    recording(forward, "output_pass", 1)
     recording(backward, "_key_pass", 2)
     # The backward's S is the forward's copy (saved_state_dtype): the dq dots' operand.
-    recording(backward, "_contract_dv", 2) if packed else recording(backward, "backward_queries", 4)
+    recording(backward, "_dq_pass", 2) if packed else recording(backward, "backward_queries", 4)
     torch.manual_seed(0)
     copies = run()
-    assert ("contract_d", torch.bfloat16) in seen and ("_key_pass", torch.bfloat16) in seen
-    assert (("_contract_dv", torch.bfloat16) if packed else ("backward_queries", torch.bfloat16)) in seen
+    assert ("output_pass", torch.bfloat16) in seen and ("_key_pass", torch.bfloat16) in seen
+    assert (("_dq_pass", torch.bfloat16) if packed else ("backward_queries", torch.bfloat16)) in seen
     for name, got, want in zip(("out", "dq", "dk", "dv"), copies, plain):
         assert 0 < rel_err(got, want) <= 2e-2, name

@@ -40,7 +40,7 @@ def run_case(grid, kv_grid=None, *, D=16, Dv=24, B=1, H=2, dtype=torch.float64, 
 def test_position_feature_helper_matches_position_features(grid, dtype):
     import triton
 
-    from vicinity_attn.kernels.vicinity.launch import VARIANT_CODES, feature_count
+    from vicinity_attn.kernels.vicinity.geometry import VARIANT_CODES, feature_count
     from vicinity_attn.kernels.vicinity.positions import _position_features_kernel
 
     tol = 1e-14 if dtype == torch.float64 else 1e-6

@@ -79,16 +79,17 @@ def test_triton_matches_per_sequence_mixed_2d_cross_prefix(monkeypatch):
 def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
     """1-d sequences of 40, 3 and 17 tokens: under the interpreter a state pass takes chunks of 2 blocks
     of 16 tokens, so the sequences have 2, 1 and 1 chunks. Each pass is one launch for the whole pack."""
-    from vicinity_attn.kernels.vicinity import backward, forward
+    from vicinity_attn.kernels.vicinity import launch_backward as backward
+    from vicinity_attn.kernels.vicinity import launch_forward as forward
     launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "chunk_reduce_kernel",
-                                                                         "contract_d_kernel")]
-                              + [(backward, name) for name in ("contract_dv_kernel", "row_weights_kernel",
+                                                                         "output_pass_kernel")]
+                              + [(backward, name) for name in ("dq_pass_kernel", "row_weights_kernel",
                                                                "key_pass_kernel")])
     assert_matches_per_sequence([40, 3, 17], backend="triton", against="torch")
     # Forward: state pass, one reduction of S and z, output pass. Backward: dq (with the row weights),
     # state pass, one reduction of dS and dz, key pass (dk and dv).
-    assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=2, contract_d_kernel=1,
-                            contract_dv_kernel=1, key_pass_kernel=1)
+    assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=2, output_pass_kernel=1,
+                            dq_pass_kernel=1, key_pass_kernel=1)
 
 
 def test_triton_3d_product_floor_clamp_elu1():

@@ -8,7 +8,7 @@ where the shard starts (``tok_offset``), so the position features are the whole 
 
 States are [B*H, F, D, Dv] and [B*H, F, D], stored scaled by 2^-ceil(log2 Nk) with Nk the *whole*
 sequence's key count (state gradients by 2^-ceil(log2 Nq) / 2^-ceil(log2 Nk), see
-``kernels/vicinity/backward.py``): every rank uses the same scale, so the shards' states add up to
+``kernels/vicinity/launch_backward.py``): every rank uses the same scale, so the shards' states add up to
 the whole sequence's. A shard with no tokens launches nothing.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
 from ..common.spec import TokenShard, VicinitySpec
 from ..kernels.vicinity import backward_keys, backward_queries, forward_output, forward_states
-from ..kernels.vicinity.launch import feature_count
+from ..kernels.vicinity.geometry import feature_count
 from .triton_backend import _geometry, _on_device, check_token_offsets
 
 

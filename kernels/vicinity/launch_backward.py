@@ -14,11 +14,19 @@ import triton
 
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
-from .contract import ROWS_COMPUTE, ROWS_FROM_ACC, ROWS_LOAD, contract_dv_kernel, row_weights_kernel
-from .forward import (REDUCE_BLOCK, REDUCE_WARPS, QueryGradient, compute_states, contract_d, fused_query_pass,
-                      operand_copy, varlen_kwargs)
+from .geometry import Geometry
 from .keys import key_pass_kernel
-from .launch import Geometry
+from .launch_forward import (
+    REDUCE_BLOCK,
+    REDUCE_WARPS,
+    QueryGradient,
+    compute_states,
+    fused_query_pass,
+    operand_copy,
+    output_pass,
+    varlen_kwargs,
+)
+from .queries import ROWS_COMPUTE, ROWS_FROM_ACC, ROWS_LOAD, dq_pass_kernel, row_weights_kernel
 from .varlen import Packing
 
 
@@ -90,7 +98,7 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
         _row_weights(do, o, den, rs, rz, cfg, (triton.cdiv(Nq, cfg.block_n), B * H), den_floor * s_k, eps * s_k)
 
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset, **rows)
+        _dq_pass(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset, **rows)
     if not need_states:
         return None
     return compute_states(q, do, geom, True, s_q, "bwd_state", rs=rs, rz=rz, tok_offset=query_offset,
@@ -128,7 +136,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
     rows = dict(o=o, den=den, den_floor=den_floor, eps=eps, factor=f_k)
     if clamp is not None:
         num = torch.empty(1, H, Tq, Dv, dtype=den.dtype, device=q.device)
-        contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None, pack=pack, factor=ones)
+        output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, pack=pack, factor=ones)
         g = torch.empty(1, H, Tq, Dv, dtype=do.dtype, device=q.device)
         clamped_row_weights_kernel[row_grid](
             do, num, den, g, rs, rz, H, Tq, Dv, den_floor, eps, clamp[0], clamp[1], 1.0,
@@ -141,7 +149,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
     elif dq is None:
         _row_weights(do, o, den, rs, rz, cfg, row_grid, den_floor, eps, pack, f_k)
     if dq is not None:
-        _contract_dv(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, **rows)
+        _dq_pass(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", pack=pack, **rows)
     if dk is None and dv is None:
         return
     dS_op = operand_copy("bwd_keys", q.dtype, S.shape, S.device, clamp)
@@ -156,7 +164,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
               factor=factors([a / b for a, b in zip(s_k, s_q)]))
 
 
-def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
+def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
                  cfg: LaunchConfig, launch: str, tok_offset: int = 0, pack: Packing | None = None,
                  factor: torch.Tensor | None = None, o: torch.Tensor | None = None, den: torch.Tensor | None = None,
                  den_floor: float = 0.0, eps: float = 0.0):
@@ -178,7 +186,7 @@ def _contract_dv(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, o
         grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
     else:
         grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(D, cfg.block_d))
-    contract_dv_kernel[grid](
+    dq_pass_kernel[grid](
         x, y, states, z, rs, rz, o, den, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
         den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **geom.constexprs(is_query),
         ROWS=mode.value, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
@@ -230,7 +238,7 @@ def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchCo
     B, H, Nq, _ = q.shape
     Dv = do.shape[-1]
     num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
-    contract_d(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset)
+    output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset)
     g = torch.empty(B, H, Nq, Dv, dtype=do.dtype, device=q.device)
     clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,

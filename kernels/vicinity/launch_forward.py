@@ -13,10 +13,20 @@ import triton
 
 from ..runtime import Precision, target_arch
 from .clamp import state_clamp_kernel
-from .configs import (HEAD_BLOCKS, ChunkPlan, LaunchConfig, StateTiles, chunk_plan, dot_precision, pick_config,
-                      pow2_scale, state_operand_dtype, state_tiles)
-from .contract import contract_d_kernel
-from .launch import Geometry
+from .configs import (
+    HEAD_BLOCKS,
+    ChunkPlan,
+    LaunchConfig,
+    StateTiles,
+    chunk_plan,
+    dot_precision,
+    pick_config,
+    pow2_scale,
+    state_operand_dtype,
+    state_tiles,
+)
+from .geometry import Geometry
+from .output import output_pass_kernel
 from .queries import query_pass_kernel
 from .state import chunk_reduce_kernel, state_partial_kernel
 from .varlen import Packing
@@ -53,10 +63,9 @@ def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
     head dims D (q) and Dv (dO), inputs of ``dtype`` and F = n_feat: on sm_90 and newer (and in the
     interpreter), for head dims that are multiples of 16 and fit one tile of the state pass (whose dot
     precision the dq dots share), and not for fp32 inputs. Everything else keeps the dq pass and the
-    state pass, because the fused program holds the stacked dS accumulator beside the dq tile (compile
-    gate, sm_90a unless said): on sm_80 it spilled 40-92 B (bf16 D64, F = 4); with unaligned head dims
-    (scalar tile accesses) 200-708 B (bf16 D24, D40); fp32 (TF32x3 state tiles: one tile only for
-    D <= 16) loaded its states in 32-bit pieces (D16)."""
+    state pass, because the fused program holds the stacked dS accumulator beside the dq tile: on sm_80
+    and with unaligned head dims (scalar tile accesses) it spills, and fp32 (TF32x3 state tiles: one tile
+    only for D <= 16) loads its states in 32-bit pieces."""
     arch = target_arch()
     if arch is not None and arch < FUSED_QUERY_MIN_ARCH:
         return False
@@ -69,7 +78,7 @@ def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
 
 def fused_query_options(tiles: StateTiles) -> dict:
     """Launch options of the fused query pass: the state pass's, with 8 warps at 64-wide head tiles (at
-    4, which the state pass takes for F <= 2, bf16 D64 F = 2 spilled 80 B on sm_90a)."""
+    4, which the state pass takes for F <= 2, it spills)."""
     opts = tiles.options()
     if tiles.block_d >= HEAD_BLOCKS[-1]:
         opts["num_warps"] = max(opts["num_warps"], 8)
@@ -152,7 +161,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     return S, z
 
 
-def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
+def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
                is_query: bool, cfg: LaunchConfig, launch: str, eps: float | None,
                out_scale: float = 1.0, den_floor: float = 0.0,
                clamp: tuple[float, float] | None = None, state_scale: float = 1.0,
@@ -176,7 +185,7 @@ def contract_d(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torc
         grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
     else:
         grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(Dv, cfg.block_dv))
-    contract_d_kernel[grid](
+    output_pass_kernel[grid](
         x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0, out_scale,
         den_floor, *(clamp or (0.0, 0.0)), state_scale,
         *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
@@ -233,9 +242,7 @@ def operand_copy(launch: str, dtype: torch.dtype, shape: tuple[int, ...], device
     inputs of ``dtype``: the output pass's S or the key pass's dS, when that dtype is 16-bit (bf16 inputs
     on a GPU, see ``state_operand_dtype``) and no clamp changes the states after they are written (the
     forward's S clamp, the backward's dS mask); else None. Only for 64-wide head tiles: the L2 reads it
-    halves matter there, and at 16 / 32-wide tiles the bf16 tile rows (32 / 64 bytes) were loaded in
-    32-bit pieces (output and key passes, D = 16) and the 4-warp D = 32 output pass spilled 8-52 B on
-    sm_90a."""
+    halves matter there, while narrower bf16 tile rows (32 / 64 bytes) load in 32-bit pieces or spill."""
     op_dtype = _copy_dtype(launch, dtype, shape[2], shape[3], clamp)
     return None if op_dtype is None else torch.empty(shape, dtype=op_dtype, device=device)
 
@@ -271,7 +278,7 @@ def forward_output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, o: torch.T
     scale = pow2_scale(n_keys)
     if clamp is not None:
         clamp_states(S, clamp, scale)
-    return contract_d(q, S if S_operand is None else S_operand, z, o, geom, True, cfg, "fwd_output", eps * scale,
+    return output_pass(q, S if S_operand is None else S_operand, z, o, geom, True, cfg, "fwd_output", eps * scale,
                       den_floor=den_floor * scale, clamp=clamp, state_scale=scale, tok_offset=query_offset)
 
 
@@ -286,7 +293,7 @@ def _packed_forward(q, k, v, o, geom: Geometry, eps: float, den_floor: float, cl
     S, z = compute_states(k, v, geom, False, 1.0, "fwd_state", pack=pack, factor=s_k, s_copy=S_op)
     if clamp is not None:
         clamp_states(S, clamp, 1.0, pack, s_k)
-    den = contract_d(q, S if S_op is None else S_op, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor,
+    den = output_pass(q, S if S_op is None else S_op, z, o, geom, True, cfg, "fwd_output", eps, den_floor=den_floor,
                      clamp=clamp, pack=pack, factor=s_k)
     return den, S if S_op is None else S_op, z   # see saved_state_dtype
 

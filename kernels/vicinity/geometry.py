@@ -26,7 +26,7 @@ class Geometry:
 
     @classmethod
     def build(cls, grid: tuple[int, ...], kv_grid: tuple[int, ...], variant: str, feature_map: str,
-              n_prefix: int) -> "Geometry":
+              n_prefix: int) -> Geometry:
         assert 1 <= len(grid) <= 3 and len(kv_grid) == len(grid)
         pad = lambda g: tuple(g) + (1,) * (3 - len(g))  # noqa: E731
         return cls(len(grid), VARIANT_CODES[variant], FMAP_CODES[feature_map], n_prefix, pad(grid), pad(kv_grid))
