@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-check", action="store_true",
                    help="check the torch backend's CPU performance targets (speed against authors and flash, "
                    "distance to the FLOP floor, saved bytes, growth in N; fp32, B=1 H=4 D=64, 112x112) and exit")
+    p.add_argument("--host", action="store_true",
+                   help="measure the host time of eager GPU calls on this CPU (python -m bench.host: launches "
+                        "stubbed after Triton's binding) and exit; other arguments go to bench.host")
     p.add_argument("--model", action="store_true",
                    help="time a training step of a VVT-tiny-shaped backbone against input resolution (see below)")
     p.add_argument("--grids", type=_grids_arg,
@@ -203,11 +206,23 @@ def _run_model(parser: argparse.ArgumentParser, args, device: torch.device, argv
     return 0
 
 
+def _run_host(argv: list[str]) -> int:
+    """``python -m bench.host`` in a fresh interpreter: it needs triton imported without the interpreter."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "bench.host", *argv], env=env, cwd=root).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the arguments describe; print the table; write JSON and plot. Returns 0."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--host" in argv:
+        return _run_host([a for a in argv if a != "--host"])
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.target_check:

@@ -81,6 +81,8 @@ SHAPE_TITLES = {"a": "B=32, H=1, 56x56, D=Dv=48 (VVT stage 1)", "b": "B=1, H=4, 
                 "knn4096": "k-NN B=1, H=4, N=4096, D=64, topk=2048",
                 "knn-deits": "k-NN DeiT-S layer: B=64, H=6, N=197, D=64, topk=100"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu-model.json")
+# The host time of eager calls (python -m bench.host), measured under the pinned triton.
+HOST_RESULTS = os.path.join(os.path.dirname(RESULTS), "host-cpu-triton3.9.0.json")
 
 
 def _case(name: str):
@@ -319,6 +321,31 @@ def combine(plan: dict, traffic: dict) -> dict:
     return shapes
 
 
+def eager_timeline(host_us: float, kernel_us: list[float]) -> float:
+    """Modelled wall time of an eager call whose host work takes ``host_us`` and launches kernels of
+    ``kernel_us``: the host issues launch i after (i + 1) / n of its work (spread evenly), the GPU runs
+    each kernel once it is issued and the previous one has finished; the call ends when both are done."""
+    n = len(kernel_us)
+    end = 0.0
+    for i, t in enumerate(kernel_us):
+        end = max(host_us * (i + 1) / n, end) + t
+    return max(end, host_us)
+
+
+def add_host_term(shapes: dict, host: dict) -> None:
+    """Beside each shape's GPU-only time, the modelled eager time with the measured host time of the
+    public function (``python -m bench.host``), where that run measured the shape."""
+    for name, entry in shapes.items():
+        measured = host.get("shapes", {}).get(name)
+        if measured is None:
+            continue
+        for direction in ("fwd", "fwdbwd"):
+            e, h = entry[direction], measured["modes"][direction]
+            e["host_us"] = round(h["public_us"], 1)
+            e["eager_us"] = round(eager_timeline(h["public_us"], [k["modelled_us"] for k in e["kernels"]]), 1)
+            e["host_bound"] = e["eager_us"] > 1.05 * e["modelled_us"]
+
+
 def _first_bwd(traffic: list[dict]) -> int:
     """Index of the first launch after the forward phase (the phases the launcher run reported)."""
     return next((i for i, x in enumerate(traffic) if x.get("phase", "fwd") != "fwd"), len(traffic))
@@ -347,12 +374,21 @@ def build(names: list[str]) -> dict:
     import triton
     plan = _child("plan", names, interpret=False)
     traffic = _child("traffic", names, interpret=True)
+    shapes = combine({n: plan[n] for n in names}, {n: traffic[n] for n in names})
+    host = {}
+    if os.path.exists(HOST_RESULTS):
+        with open(HOST_RESULTS) as f:
+            host = json.load(f)
+        add_host_term(shapes, host)
     return dict(
         label="MODEL, not a measurement: computed from the launch plan and SASS of the current kernels",
         command="python -m bench.gpu_model", triton=triton.__version__, torch=torch.__version__, chip=H100_SXM,
         fa2_fraction_of_peak=FA2_FRACTION,
         method=__doc__.split("Nothing here")[1].split("FlashAttention-2 beside")[0].strip(),
-        shapes=combine({n: plan[n] for n in names}, {n: traffic[n] for n in names}))
+        host=dict(source=os.path.relpath(HOST_RESULTS, os.path.dirname(RESULTS)), triton=host.get("triton"),
+                  label="host time MEASURED on a CPU (python -m bench.host: launches stubbed after Triton's "
+                        "binding); eager time = a MODEL combining it with the modelled kernels") if host else None,
+        shapes=shapes)
 
 
 def main(argv: list[str] | None = None) -> int:

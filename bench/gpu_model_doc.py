@@ -40,14 +40,20 @@ def render(model: dict) -> str:
         "of each kernel's own HBM time (what the kernels would take at full bandwidth, repeated and intermediate "
         "traffic included).",
         "",
-        "| shape (bf16) | direction | our kernels, modelled (us) | I/O floor (us) | modelled / I/O floor "
-        "| kernels' HBM (us) | issue floor (us) | launches | FlashAttention-2, modelled (us) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Eager: what an eager call would take, host included (a model): the public function's host time, "
+        "measured on a CPU with every launch going through Triton's binding and only the launch itself stubbed "
+        "(`python -m bench.host`), with the kernels run as the host issues them; - where that run did not measure "
+        "the shape. CUDA graphs or `torch.compile(mode=\"reduce-overhead\")` remove the host part.",
+        "",
+        "| shape (bf16) | direction | our kernels, modelled (us) | eager with host, modelled (us) | I/O floor (us) "
+        "| modelled / I/O floor | kernels' HBM (us) | issue floor (us) | launches | FlashAttention-2, modelled (us) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, e in model["shapes"].items():
         for d in ("fwd", "fwdbwd"):
             x = e[d]
-            lines.append(f"| ({name}) {e['title']} | {d} | {_us(x['modelled_us'])} (model) | {_us(x['io_floor_us'])} "
+            lines.append(f"| ({name}) {e['title']} | {d} | {_us(x['modelled_us'])} (model) | {_eager(x)} "
+                         f"| {_us(x['io_floor_us'])} "
                          f"| {x['vs_io_floor']:.2f}x (model) | {_us(x['hbm_floor_us'])} "
                          f"(model) | {_us(x['issue_floor_us'])} (model) | {x['launches']} | "
                          f"{_us(x['fa2_modelled_us'])} (model) |")
@@ -72,6 +78,12 @@ def render(model: dict) -> str:
               "", "Every figure in this section is a model; `python -m bench.gpu_check` measures the vicinity rows "
               "on a GPU" + (" (it does not time the k-NN kernels)." if knn else ".")]
     return "\n".join(lines)
+
+
+def _eager(x: dict) -> str:
+    if "eager_us" not in x:
+        return "-"
+    return f"{_us(x['eager_us'])} (model; host {_us(x['host_us'])} measured)"
 
 
 def _select_share(entry: dict) -> float:

@@ -10,6 +10,7 @@ every dot then runs in exact fp32 (fp64 for fp64 inputs), as the interpreter com
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -46,14 +47,51 @@ def target_arch() -> int | None:
     """The compute capability (80 for sm_80, 90 for sm_90a, ...) of the GPU that launches go to: Triton's
     active driver's target, i.e. the current CUDA device (the launch capture's stand-in while the
     compile gate captures for an arch). None under the interpreter or where no driver is active (the
-    GPU model's traffic run): callers then take the newest arch's plan."""
+    GPU model's traffic run): callers then take the newest arch's plan. Looked up once per (driver,
+    device): a device's capability does not change."""
     if interpreting():
         return None
     try:
-        target = triton.runtime.driver.active.get_current_target()
+        active = triton.runtime.driver.active
+        key = (active, active.get_current_device())
     except RuntimeError:   # no GPU driver (a CPU-only machine)
         return None
-    return target.arch if isinstance(target.arch, int) else None
+    arch = _ARCHS.get(key, _UNKNOWN)
+    if arch is _UNKNOWN:
+        target = active.get_current_target()
+        arch = _ARCHS[key] = target.arch if isinstance(target.arch, int) else None
+    return arch
+
+
+_ARCHS: dict = {}    # (driver, device) -> arch; holds the driver, so its id is never reused while cached
+_UNKNOWN = object()
+PLAN_CACHE_SIZE = 4096
+
+
+def plan_cache(fn):
+    """Memoises a launch-planning function (configs, tiles, chunk plans, precisions): its result depends
+    only on its hashable arguments and on where launches go (the interpreter or not, the target arch,
+    exact dots), so an eager call plans once per shape instead of at every launch. The target is read
+    through ``fn``'s own module (what its body calls: a test may patch it there). At most
+    PLAN_CACHE_SIZE entries (then it starts afresh: shapes, not data, fill it)."""
+    cache: dict = {}
+    module = fn.__globals__
+
+    @functools.wraps(fn)
+    def cached(*args, **kwargs):
+        key = (args, tuple(kwargs.items()), module.get("interpreting", interpreting)(),
+               module.get("target_arch", target_arch)(), exact_dots())
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        if len(cache) >= PLAN_CACHE_SIZE:
+            cache.clear()
+        result = cache[key] = fn(*args, **kwargs)
+        return result
+
+    cached.cache_clear = cache.clear
+    return cached
 
 
 def _squeeze_scalars(interpreter) -> None:

@@ -215,6 +215,13 @@ def check_vmap_over_an_extra_dimension(fn: Attention, ref_fn: Attention, q: torc
     close_fp64(got, ref, "vmap")
 
 
+class PassThroughMode(torch.overrides.TorchFunctionMode):
+    """A torch function mode that changes nothing: calls under it must take the custom ops' path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 # Derivatives of derivatives: the fused backends raise one message naming backend='reference'.
 SECOND_ORDER = {
     "create_graph": lambda f, q, k, v: torch.autograd.grad(

@@ -150,7 +150,8 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               kv_grids: Sequence[int | Sequence[int]] | None = None, *, variant: str = "sum",
                               feature_map: str = "relu", eps: float = 1e-4, den_floor: float = 0.0,
                               backend: str = "auto", num_prefix_tokens: int = 0,
-                              clamp: tuple[float, float] | None = None) -> torch.Tensor:
+                              clamp: tuple[float, float] | None = None,
+                              check_cu_seqlens_on_host: bool = True) -> torch.Tensor:
     """Vicinity attention over a pack of sequences of different grids (e.g. images of different sizes).
 
     The tokens of S sequences lie one after another (FlashAttention's packed "varlen" layout);
@@ -166,7 +167,8 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             0 first, strictly increasing (no zero-length sequences: every sequence has a grid of at
             least one token), last entry Tq / Tk. Checked against the grids (which alone fix the
             offsets), reading the S + 1 values back from the device in eager mode; under
-            torch.compile the check is an in-graph assertion instead.
+            torch.compile, or with ``check_cu_seqlens_on_host=False``, the check is a device-side
+            assertion instead (no read).
         grids: S query grids, each 1 to 3 positive ints (an int is a 1-d grid), all with the same
             number of axes; ``num_prefix_tokens + prod(grids[i])`` is sequence i's query length.
         kv_grids: S key grids with as many axes (default ``grids``).
@@ -175,6 +177,11 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             whole pack in one kernel launch per pass), "torch" (one batched call per group of sequences
             with equal grids) or "reference" (one quadratic call per sequence).
         num_prefix_tokens: class/register tokens at the front of every sequence (q and k alike).
+        check_cu_seqlens_on_host: True (default) reads cu_seqlens back to check them with a clear
+            error: one device-to-host read per call, which CUDA graphs cannot capture. False checks
+            them on the device instead (a mismatch fails asynchronously with a device-side assertion):
+            the call then reads nothing back, and the triton backend is CUDA-graph safe once a pack of
+            these grids has been seen (its per-sequence table is built once per set of grids).
 
     Returns:
         o: [Tq, H, Dv], q's dtype and device (the autocast dtype under ``torch.autocast``, unless
@@ -182,7 +189,8 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     spec = validate_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, grids, kv_grids, variant=variant,
                                 feature_map=feature_map, eps=eps, backend=backend,
-                                num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp)
+                                num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp,
+                                host_check=check_cu_seqlens_on_host)
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "triton" and not triton_available():
         from .vicinity import triton_backend  # noqa: F401  (raises the ImportError's reason)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..runtime import interpreting
+from ..runtime import interpreting, plan_cache
 
 MIN_TILE = 16            # the smallest tl.dot operand size
 INTERPRET_BLOCK_M = 16
@@ -90,6 +90,7 @@ def gpu_config(d: int, dv: int, dtype: torch.dtype) -> KnnConfig:
     return KnnConfig(bm, bn, bd, bdv, chunk, warps, stages, gpu_dkdv_warps(tile, dtype, warps))
 
 
+@plan_cache
 def pick_config(d: int, dv: int, n_keys: int, dtype: torch.dtype) -> KnnConfig:
     """The config of one call (GPU table, or the interpreter's: few, large programs, the whole key row
     in one tile when it fits 64 keys)."""

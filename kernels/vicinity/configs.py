@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import Precision, interpreting, pick_precision, target_arch
+from ..runtime import Precision, interpreting, pick_precision, plan_cache, target_arch
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -80,6 +80,7 @@ class LaunchConfig:
         return opts
 
 
+@plan_cache
 def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) -> LaunchConfig:
     """The config for head dims d (q/k), dv (v) and input dtype; serves GPU and interpreter alike.
     ``n_feat``: the number of position features F, where the caller knows it (the forward output and
@@ -209,6 +210,7 @@ class StateTiles:
         return opts
 
 
+@plan_cache
 def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -> StateTiles:
     """The tiles of state pass ``launch`` ("fwd_state" / "bwd_state") for F = n_feat features, head dims
     d (x) and dv (y) and input dtype."""
@@ -251,6 +253,7 @@ class ChunkPlan:
     blocks_per_chunk: int
 
 
+@plan_cache
 def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPlan:
     """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of the GPU.
 
@@ -293,6 +296,7 @@ def dot_operand_dtype(launch: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+@plan_cache
 def state_operand_dtype(launch: str, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype ``launch``'s dots take the states (S, or dS for the key pass) in, for inputs of ``dtype``,
     when it is 16-bit (bf16 inputs on a GPU; the interpreter's emulated dots take fp32), else None.
@@ -304,6 +308,7 @@ def state_operand_dtype(launch: str, dtype: torch.dtype) -> torch.dtype | None:
     return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(dot)
 
 
+@plan_cache
 def dot_precision(launch: str, dtype: torch.dtype, interpret: bool | None = None) -> Precision:
     """The dot precision (constexprs ACC, DOT, PREC) of ``launch`` for inputs of ``dtype``; under the
     interpreter its GPU emulation (see ``kernels/runtime.py``)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..runtime import Precision, target_arch
+from ..runtime import Precision, plan_cache, target_arch
 from .clamp import state_clamp_kernel
 from .configs import (
     HEAD_BLOCKS,
@@ -58,6 +58,7 @@ class QueryGradient:
     eps: float
 
 
+@plan_cache
 def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
     """Whether the backward's query pass runs as one launch (dq and the state gradients: queries.py) for
     head dims D (q) and Dv (dO), inputs of ``dtype`` and F = n_feat: on sm_90 and newer (and in the
@@ -221,6 +222,7 @@ def vicinity_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     return den, S if S_op is None else S_op, z
 
 
+@plan_cache
 def saved_state_dtype(dtype: torch.dtype, D: int, Dv: int, clamp: tuple[float, float] | None,
                       acc_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the S that :func:`vicinity_forward` returns for inputs of ``dtype``, head dims D, Dv

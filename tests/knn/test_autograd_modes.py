@@ -10,6 +10,7 @@ import torch.autograd.forward_ad as fwAD
 
 from tests.helpers import (
     SECOND_ORDER,
+    PassThroughMode,
     assert_rule,
     check_grad_and_vmap_of_grad,
     check_jacobian,
@@ -115,12 +116,14 @@ def test_second_order_says_what_is_supported(backend, mode):
     SECOND_ORDER[mode](_fn("reference", topk=2), q, k, v)     # the suggested way out works
 
 
-def test_plain_calls_keep_the_custom_op_autograd():
-    """Outside transforms the call is the custom op (what torch.compile traces); inside forward AD it is
-    the transformable Function."""
+def test_each_mode_takes_its_path():
+    """Plain eager calls take the eager Function (no custom-op dispatch); under a torch function mode the
+    call is the custom op (what torch.compile and modes see); inside forward AD the transformable Function."""
     q, k, v = _case()
     q.requires_grad_(True)
-    assert "vicinity_attn_knn_torch_forward" in type(_fn("torch")(q, k, v).grad_fn).__name__
+    assert "EagerKnn" in type(_fn("torch")(q, k, v).grad_fn).__name__
+    with PassThroughMode():
+        assert "vicinity_attn_knn_torch_forward" in type(_fn("torch")(q, k, v).grad_fn).__name__
     with fwAD.dual_level():
         out = _fn("torch")(fwAD.make_dual(q, torch.randn_like(q)), k, v)
     assert "TransformableKnn" in type(out.grad_fn).__name__

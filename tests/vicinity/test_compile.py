@@ -140,3 +140,21 @@ def test_compile_dynamic_true_never_recompiles():
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager", dynamic=True)
     graphs = _count_graphs(module, compiled, [(4, 6), (6, 4), (8, 10)])
     assert graphs == [1, 1, 1], f"graphs compiled after each new grid size: {graphs}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_reduce_overhead_matches_eager(backend):
+    """torch.compile(mode="reduce-overhead"), the mode that captures CUDA graphs on a GPU (on a CPU it
+    compiles without them): the op traces with no graph break and matches eager, gradients included."""
+    torch._dynamo.reset()
+    q, k, v = make_inputs(1, 2, 12, 12, 8, 8, dtype=torch.float32)
+
+    def fn(q, k, v):
+        return vicinity_attention(q, k, v, (3, 4), backend=backend) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
+    out, want = compiled(q, k, v), fn(q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    do = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

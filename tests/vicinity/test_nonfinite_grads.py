@@ -91,3 +91,17 @@ def test_triton_backend_relu_grads_match_reference(which, value):
     got = _grads("triton", q, k, v, do)
     for name, g, r in zip(("dq", "dk", "dv"), got, ref):
         _assert_same(name, g, r)
+
+
+@pytest.mark.quadratic_form
+@pytest.mark.parametrize("which,value", RELU_CASES, ids=[f"{w}={v}" for w, v in RELU_CASES])
+def test_quadratic_form_outputs_and_grads_match_reference(which, value):
+    """The torch backend's quadratic form (small CPU calls) computes what the reference does, so with a
+    NaN or inf input its output and gradients have the reference's NaN / inf pattern exactly."""
+    q, k, v, do = _inputs(which, value, 0)
+    ins = {name: [t.clone().requires_grad_(True) for t in (q, k, v)] for name in ("torch", "reference")}
+    outs = {name: vicinity_attention(*ins[name], GRID, backend=name) for name in ins}
+    assert type(outs["torch"].grad_fn).__name__.startswith("_EagerQuadratic")
+    _assert_same("o", outs["torch"].detach(), outs["reference"].detach())
+    for name, g, r in zip(("dq", "dk", "dv"), *(torch.autograd.grad(outs[n], ins[n], do) for n in ins)):
+        _assert_same(name, g, r)

@@ -36,9 +36,11 @@ def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: st
     when given. For relu it is sign(phi), exactly [phi > 0] for phi >= 0 and 2x faster on a CPU than
     multiplying by a bool mask (which is converted to float first); that product is only wrong where
     grad is not finite (0 * NaN), so a grad with a NaN or inf anywhere takes the exact, slower select.
+    Checking that reads a value back, so only CPU tensors take the product: elsewhere (a GPU) the select
+    runs, keeping the call free of device-to-host syncs (CUDA graphs, torch.compile "reduce-overhead").
     """
     if feature_map == "relu":
-        if _all_finite(grad):
+        if host_reads_are_free(grad) and _all_finite(grad):
             return grad.mul_(torch.sign(phi, out=temp))
         return grad.masked_fill_(phi <= 0, 0.0)
     if feature_map == "elu1":
@@ -50,6 +52,12 @@ def _elu1_slope(phi: torch.Tensor) -> torch.Tensor:
     """elu1'(x) from phi = elu1(x): phi (= exp(x)) where phi < 1, i.e. x < 0; 1 elsewhere, NaN x included
     (autograd's elu passes the gradient through a NaN input)."""
     return torch.where(phi < 1.0, phi, torch.ones((), dtype=phi.dtype, device=phi.device))
+
+
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` back on the host costs nothing: a CPU tensor. A GPU tensor's read
+    would synchronise the stream and break CUDA-graph capture."""
+    return t.device.type == "cpu"
 
 
 def _all_finite(t: torch.Tensor) -> bool:

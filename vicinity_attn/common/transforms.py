@@ -139,3 +139,76 @@ def transformable_functions(name: str, function: str, n_state: int,
         setup_context=staticmethod(backward_setup_context), backward=staticmethod(no_derivative),
         jvp=staticmethod(no_derivative)))
     return attention_fn, backward_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd.Function for plain eager calls
+# ----------------------------------------------------------------------------------------------------
+
+def eager_function(name: str, function: str, forward: Callable[..., tuple[Tensor, ...]],
+                   backward: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]) -> type:
+    """An ``autograd.Function`` over a backend's own ``forward`` / ``backward``, for eager calls.
+
+    A custom op's dispatch (schema parsing, alias checks, the registered autograd) costs a plain eager
+    call about as much host time as all of its kernel launches; an ``autograd.Function`` costs a
+    fraction of that. The custom ops stay what torch.compile traces and what transforms wrap
+    (:func:`eager_call` decides). ``Function.apply(q, k, v, backend, *options)`` returns o of
+    ``forward(q, k, v, backend, *options) -> (o, *state)``; its backward returns
+    ``backward(do, q, k, v, o, *state, backend, *options, needs)`` (None where ``needs`` is False),
+    computed without recording a graph: with ``create_graph=True`` the gradients come out attached to
+    a node whose own backward raises :func:`double_backward_error`, as the custom ops' do.
+    """
+
+    def attention_forward(ctx, q, k, v, backend, *options):
+        o, *state = forward(q, k, v, backend, *options)
+        ctx.save_for_backward(q, k, v, o, *state)
+        ctx.backend, ctx.options = backend, options
+        return o
+
+    def attention_backward(ctx, do):
+        needs = ctx.needs_input_grad[:3]
+        with torch.no_grad():
+            grads = backward(do, *ctx.saved_tensors, ctx.backend, *ctx.options, needs)
+        if torch.is_grad_enabled():      # create_graph=True: the gradients themselves are not differentiable
+            grads = _Underivable.apply(function, ctx.backend, *ctx.saved_tensors[:3], *grads)
+        return (*grads, None, *(None,) * len(ctx.options))
+
+    return type(name, (torch.autograd.Function,), dict(
+        __doc__=f"{function} for eager calls: the backend's forward and backward without the custom op.",
+        forward=staticmethod(attention_forward), backward=staticmethod(attention_backward)))
+
+
+class _Underivable(torch.autograd.Function):
+    """Identity on (dq, dk, dv) (None passes through); differentiating the result raises the op's
+    double-backward error. q, k, v attach the result to the graph of what it depends on."""
+
+    @staticmethod
+    def forward(ctx, function, backend, q, k, v, *grads):
+        ctx.function, ctx.backend = function, backend
+        return tuple(None if g is None else g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise double_backward_error(ctx.function, ctx.backend)
+
+
+def eager_call(*tensors: Tensor) -> bool:
+    """Whether a call on ``tensors`` may take :func:`eager_function`'s path: not being compiled, no
+    transform or forward-AD level, plain (not subclassed) tensors on a real device, and no torch
+    function or dispatch mode that expects to see the custom op."""
+    if torch.compiler.is_compiling() or transform_active():
+        return False
+    for t in tensors:
+        if type(t) is not Tensor or t.device.type == "meta":
+            return False
+    return not (_torch_function_mode_enabled() or _dispatch_mode_active())
+
+
+def _torch_function_mode_enabled() -> bool:
+    check = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    return True if check is None else bool(check())
+
+
+def _dispatch_mode_active() -> bool:
+    depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return True if depth is None else depth() > 0

@@ -19,6 +19,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def normalize_grid(grid: int | Sequence[int], name: str = "grid") -> tuple[int, ...]:
     """A grid as a tuple of 1 to 3 positive Python ints; an int means a 1-d grid."""
+    if type(grid) is tuple and 1 <= len(grid) <= MAX_AXES and all(type(s) is int and s > 0 for s in grid):
+        return grid    # the common case, without the ABC checks below (host time of eager calls)
     if isinstance(grid, torch.Tensor):
         grid = grid.tolist()
     if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
@@ -67,7 +69,8 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
 
 
 def _is_real(x: object) -> bool:
-    return not isinstance(x, bool) and isinstance(x, numbers.Real)
+    kind = type(x)
+    return kind is float or kind is int or (kind is not bool and isinstance(x, numbers.Real))
 
 
 def check_normaliser(eps: object, den_floor: object = 0.0) -> tuple[float, float]:
@@ -127,6 +130,8 @@ def check_representable(value: float, name: str) -> float:
 
 
 def check_prefix(num_prefix_tokens: object) -> int:
+    if type(num_prefix_tokens) is int and num_prefix_tokens >= 0:
+        return num_prefix_tokens
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
         raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
     if num_prefix_tokens < 0:
@@ -353,9 +358,11 @@ def normalize_grids(grids: object, name: str, n_axes: int | None = None) -> tupl
 
 
 def check_cu_seqlens(cu: object, name: str, expected: list[int], total: int, device: torch.device,
-                     grids_name: str, n_prefix: int) -> None:
+                     grids_name: str, n_prefix: int, host_check: bool = True) -> None:
     """cu_seqlens: int32 [S + 1] on q's device, 0 first, strictly increasing, last == the packed token count,
-    and each sequence as long as its grid says (``expected``: the offsets the grids give)."""
+    and each sequence as long as its grid says (``expected``: the offsets the grids give). The values are
+    read back to the host for a clear error, unless ``host_check`` is False (or nothing can be read:
+    tracing, meta): then the device asserts the agreement without a read."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (int32, [number of sequences + 1]), got {type(cu).__name__}")
     check_dense(cu, name)
@@ -368,7 +375,7 @@ def check_cu_seqlens(cu: object, name: str, expected: list[int], total: int, dev
                          f"number of sequences), got {cu.shape[0]}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
-    if torch.compiler.is_compiling() or cu.device.type == "meta":
+    if not host_check or torch.compiler.is_compiling() or cu.device.type == "meta":
         # No values to read while tracing (or on meta); the offsets come from the grids, so the graph
         # asserts the agreement instead (checked when the compiled code runs).
         torch._assert_async((cu == torch.tensor(expected, dtype=torch.int32, device=cu.device)).all(),
@@ -394,7 +401,7 @@ def check_cu_seqlens(cu: object, name: str, expected: list[int], total: int, dev
 def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, grids, kv_grids, *, variant: str, feature_map: str,
                          eps: float, backend: str, num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                         clamp: tuple[float, float] | None = None) -> VarlenSpec:
+                         clamp: tuple[float, float] | None = None, host_check: bool = True) -> VarlenSpec:
     """Check a ``vicinity_attention_varlen`` call and return its spec."""
     options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
                             num_prefix_tokens=num_prefix_tokens, backend=backend)
@@ -409,6 +416,8 @@ def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         if len(kv_grids) != len(grids):
             raise ValueError(f"kv_grids must hold one grid per sequence like grids: {len(kv_grids)} != {len(grids)}")
     spec = VarlenSpec(grids=grids, kv_grids=kv_grids, **options)
-    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", spec.offsets("query"), Tq, q.device, "grids", n_prefix)
-    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", spec.offsets("key"), Tk, q.device, kv_name, n_prefix)
+    if not isinstance(host_check, bool):
+        raise TypeError(f"check_cu_seqlens_on_host must be a bool, got {type(host_check).__name__}")
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", spec.offsets("query"), Tq, q.device, "grids", n_prefix, host_check)
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", spec.offsets("key"), Tk, q.device, kv_name, n_prefix, host_check)
     return spec

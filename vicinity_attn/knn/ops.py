@@ -26,8 +26,15 @@ import torch
 from torch import Tensor
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
-from ..common.custom_ops import NAMESPACE, autocast_disabled, empty_if_none
-from ..common.transforms import double_backward_error, register_folding_vmap, transform_active, transformable_functions
+from ..common.custom_ops import NAMESPACE, autocast_disabled, defer_dynamo_import, empty_if_none
+from ..common.transforms import (
+    double_backward_error,
+    eager_call,
+    eager_function,
+    register_folding_vmap,
+    transform_active,
+    transformable_functions,
+)
 from . import torch_backend as knn_torch
 from .tangent import knn_tangent
 
@@ -91,6 +98,8 @@ def _define_ops(backend: str):
     backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
     # vmap: the ops take a batch of (batch, head) slices; a vmapped dimension is folded into B.
     register_folding_vmap(forward_op, backward_op, n_backward_tensors=7)
+    for op in (forward_op, backward_op):
+        defer_dynamo_import(op)
     return forward_op, backward_op
 
 
@@ -109,11 +118,27 @@ _TransformableKnn, _TransformableKnnBackward = transformable_functions(
     tangent=lambda q, k, v, tq, tk, tv, backend, topk, scale: knn_tangent(q, k, v, tq, tk, tv, topk, scale))
 
 
+def _eager_forward(q, k, v, backend, topk, scale):
+    with autocast_disabled(q.device):
+        return _backend_module(backend).forward(q, k, v, topk, scale)
+
+
+def _eager_backward(do, q, k, v, o, tau, lse, backend, topk, scale, needs):
+    with autocast_disabled(q.device):
+        return _backend_module(backend).backward(do, q, k, v, o, tau, lse, topk, scale, needs)
+
+
+# Plain eager calls: the backends directly, without the custom ops' dispatch (see eager_function).
+_EagerKnn = eager_function("_EagerKnn", "knn_attention", _eager_forward, _eager_backward)
+
+
 def custom_op_knn_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, topk: int, scale: float) -> Tensor:
     """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
     if backend == "triton":
         from .triton_backend import check_knn_triton_inputs
         check_knn_triton_inputs(q, k, v)
+    if eager_call(q, k, v):
+        return _EagerKnn.apply(q, k, v, backend, topk, scale)
     if transform_active():
         return _TransformableKnn.apply(q, k, v, backend, topk, scale)[0]
     return FORWARD_OPS[backend](q, k, v, topk, scale)[0]

@@ -46,8 +46,15 @@ from ..common.allocation import compute_dtype, empty_grads_like, empty_output_li
 from ..common.custom_ops import NAMESPACE, autocast_disabled, defer_dynamo_import, empty_if_none
 from ..common.positions import feature_count
 from ..common.spec import VicinitySpec
-from ..common.transforms import double_backward_error, register_folding_vmap, transform_active, transformable_functions
-from . import torch_backend
+from ..common.transforms import (
+    double_backward_error,
+    eager_call,
+    eager_function,
+    register_folding_vmap,
+    transform_active,
+    transformable_functions,
+)
+from . import quadratic, torch_backend
 from .tangent import vicinity_tangent
 
 
@@ -190,12 +197,32 @@ _TransformableAttention, _TransformableBackward = transformable_functions(
     tangent=lambda q, k, v, tq, tk, tv, backend, spec: vicinity_tangent(q, k, v, tq, tk, tv, spec))
 
 
+def _eager_forward(q, k, v, backend, spec):
+    with autocast_disabled(q.device):
+        return _backend_module(backend).forward(q, k, v, spec)
+
+
+def _eager_backward(do, q, k, v, o, den, S, z, backend, spec, needs):
+    with autocast_disabled(q.device):
+        return _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, needs)
+
+
+# Plain eager calls: the backends directly, without the custom ops' dispatch (see eager_function).
+_EagerAttention = eager_function("_EagerAttention", "vicinity_attention", _eager_forward, _eager_backward)
+# Small CPU calls of the torch backend: the exact quadratic form where it is cheaper (quadratic.cheaper).
+_EagerQuadratic = eager_function("_EagerQuadratic", "vicinity_attention", quadratic.forward, quadratic.backward)
+
+
 def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:
     """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
     if backend == "triton":
         # Device / head-dim errors must surface in eager and at trace time alike, before the op.
         from .triton_backend import check_triton_inputs
         check_triton_inputs(q, k, v)
+    if eager_call(q, k, v):
+        if backend == "torch" and quadratic.cheaper(q, k, v, spec):
+            return _EagerQuadratic.apply(q, k, v, backend, spec)
+        return _EagerAttention.apply(q, k, v, backend, spec)
     if transform_active():
         return _TransformableAttention.apply(q, k, v, backend, spec)[0]
     return FORWARD_OPS[backend](q, k, v, *spec_args(spec))[0]

@@ -1,0 +1,77 @@
+"""The exact quadratic form for small CPU calls of the torch backend.
+
+With few tokens (a small ViT's 8 x 8, VVT's last stage at 7 x 7) the N x N weights cost fewer operations
+than F states of D x Dv, and far fewer small tensor operations: one call is then two matmuls and a
+weighting, as a softmax layer's core is. Same results as the linear form within the tolerance rule
+(both are exact; they round differently), gradients included:
+
+    A = (phi_q phi_k^T) * W,   U = A v,   r = A 1,   den = max(r, den_floor) + eps,   o = U / den
+
+with W [Nq, Nk] the vicinity weights (the reference's, built once per grid pair). Backward (g = dO / den,
+c = -(dO . o) / den, 0 where the floor is active): dA = g v^T + c 1^T, dv = A^T g, dS = dA * W,
+dphi_q = dS phi_k, dphi_k = dS^T phi_q, dx = dphi * phi'(x).
+
+:func:`cheaper` is the cost rule; the clamp, 16-bit inputs and devices other than the CPU keep the
+linear form (which accumulates 16-bit inputs in fp32 and never holds N x N).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..common.feature_maps import apply_feature_map, feature_map_grad_mul
+from ..common.spec import VicinitySpec
+from .reference import vicinity_weights
+from .torch_backend import floor_active
+
+# The largest Nq * Nk taken quadratically (a few cache-resident N x N blocks per head); 0 turns it off.
+MAX_PAIRS = 4096
+# Quadratic when its multiply-adds are at most this many times the linear form's: the linear form runs
+# many small operations per call (per axis, per chunk), which a CPU pays for at small sizes.
+LINEAR_OVERHEAD = 4
+
+
+def cheaper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> bool:
+    """Whether the quadratic form is the cheaper exact form for this call (CPU, fp32 / fp64, no clamp)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or spec.clamp is not None
+            or Nq * Nk > MAX_PAIRS):
+        return False
+    F, D, Dv = spec.n_features, q.shape[-1], v.shape[-1]
+    return Nq * Nk * (D + Dv + 2) <= LINEAR_OVERHEAD * F * D * Dv * (Nq + Nk)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(spec: VicinitySpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return vicinity_weights(spec, dtype=dtype, device=device)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+            spec: VicinitySpec) -> tuple[torch.Tensor, ...]:
+    """(o, den, A, phi_q, phi_k): o [B, H, Nq, Dv] in q's dtype; den [B, H, Nq], A [B, H, Nq, Nk] and the
+    features are saved for the backward (small by :func:`cheaper`'s bound)."""
+    phi_q, phi_k = apply_feature_map(q, spec.feature_map), apply_feature_map(k, spec.feature_map)
+    A = (phi_q @ phi_k.transpose(-1, -2)).mul_(_weights(spec, q.dtype, q.device))
+    r = A.sum(-1)
+    den = (r.clamp_min(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
+    o = (A @ v).div_(den[..., None])
+    return o, den, A, phi_q, phi_k
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             den: torch.Tensor, A: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor, backend: str,
+             spec: VicinitySpec, needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """(dq, dk, dv) of :func:`forward` (None where ``needs`` says a gradient is not wanted)."""
+    g = do / den[..., None]
+    c = -(do * o).sum(-1) / den
+    floored = floor_active(den, spec)
+    if floored is not None:
+        c = c.masked_fill(floored, 0.0)
+    dv = A.transpose(-1, -2) @ g if needs[2] else None
+    if not (needs[0] or needs[1]):
+        return None, None, dv
+    dS = (g @ v.transpose(-1, -2)).add_(c[..., None]).mul_(_weights(spec, q.dtype, q.device))
+    dq = feature_map_grad_mul(dS @ phi_k, phi_q, spec.feature_map) if needs[0] else None
+    dk = feature_map_grad_mul(dS.transpose(-1, -2) @ phi_q, phi_k, spec.feature_map) if needs[1] else None
+    return dq, dk, dv
