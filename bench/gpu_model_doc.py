@@ -75,8 +75,8 @@ def render(model: dict) -> str:
               "cores (model). The model leaves out latency (it assumes one instruction issued per scheduler per "
               "cycle and memory at its sustained rate), counts one sampled program per launch times the grid "
               "(tails overcounted), and counts loops other than the main loop once.",
-              "", "Every figure in this section is a model; `python -m bench.gpu_check` measures the vicinity rows "
-              "on a GPU" + (" (it does not time the k-NN kernels)." if knn else ".")]
+              "", "Every figure in this section is a model; `python -m bench.gpu_check` measures every row "
+              "on a GPU, per kernel."]
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@ here, at conftest import time, before any test module (or the package) imports t
 already in the environment wins (e.g. TRITON_INTERPRET=0 on a real GPU machine).
 
 On a GPU run (TRITON_INTERPRET=0 and a CUDA device; ``python -m bench.gpu_check`` does this)
-tests/vicinity/test_triton_backend.py puts its tensors on the CUDA device. Tests elsewhere that hand CPU
-tensors to backend="triton" cannot run without the interpreter and are skipped there, with that
-reason; everything else runs as on a CPU.
+tests/vicinity/test_triton_backend.py and tests/vicinity/test_query_pass.py put their tensors on the CUDA
+device (tests.helpers.triton_device decides; float64 cases skip there with the reason, tests.helpers.triton_dtype).
+Tests elsewhere that hand CPU tensors to backend="triton" cannot run without the interpreter and are
+skipped there, with that reason; everything else runs as on a CPU.
 """
 import os
 
@@ -18,7 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 GPU_RUN = os.environ["TRITON_INTERPRET"] in ("", "0") and torch.cuda.is_available()
-DEVICE_AWARE_MODULES = ("tests.vicinity.test_triton_backend",)   # these pick the CUDA device themselves on a GPU run
+# These pick the CUDA device themselves on a GPU run (tests.helpers.triton_device).
+DEVICE_AWARE_MODULES = ("tests.vicinity.test_triton_backend", "tests.vicinity.test_query_pass")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,6 +26,67 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------
+# Where triton-backend tests run, and in which dtypes (the interpreter on a CPU, or a GPU run)
+# ----------------------------------------------------------------------------------------------------
+
+FLOAT64_ON_CUDA = ("float64 on CUDA: backend='triton' refuses it (the API sends float64 to the torch backend); "
+                   "this float64 case runs in the interpreter run")
+INTERPRETER_ONLY = "calls the launchers with float64 tensors and asserts 1e-12: an interpreter-only check"
+# fp32 on a GPU: TF32x3 dots, FMA contraction and another order of the fp32 sums than the reference's.
+GPU_FP32_RTOL, GPU_FP32_ATOL = 1e-4, 1e-5
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device(interpret: bool | None = None, cuda_available: bool | None = None) -> str | None:
+    """Where tests of backend='triton' put their tensors: "cpu" under the interpreter, "cuda" on a GPU run
+    (TRITON_INTERPRET=0 and a CUDA device), None where the triton backend cannot run at all."""
+    interpret = interpreting() if interpret is None else interpret
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if interpret:
+        return "cpu"
+    return "cuda" if cuda else None
+
+
+def float64_on_triton(device) -> bool:
+    """float64 reaches the triton kernels only in the interpreter (CPU tensors); CUDA float64 is refused."""
+    return torch.device(device).type == "cpu"
+
+
+def triton_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """``dtype`` for a triton-backend case on ``device``; skips (with the reason) float64 on CUDA."""
+    if dtype == torch.float64 and not float64_on_triton(device):
+        import pytest
+        pytest.skip(FLOAT64_ON_CUDA)
+    return dtype
+
+
+def exact_case(device) -> tuple[torch.dtype, float, float]:
+    """(dtype, rtol, atol) of a check that wants the triton backend "exact" against the reference: float64 and
+    1e-10 / 1e-12 in the interpreter; float32 on a GPU, with the tolerance its arithmetic needs there."""
+    if float64_on_triton(device):
+        return torch.float64, 1e-10, 1e-12
+    return torch.float32, GPU_FP32_RTOL, GPU_FP32_ATOL
+
+
+def fused_vs_separate_tolerance(dtype: torch.dtype, device, name: str) -> tuple[float, float] | None:
+    """How far the fused backward query pass may be from the separate passes for gradient ``name``, as (max
+    relative error, max fraction of differing elements); None: bitwise equal.
+
+    In the interpreter both run the same helpers in the same order: bitwise, except dq of 16-bit inputs (its
+    dots take the state pass's tiles: rare elements one rounding step apart). On a GPU the two programs are
+    compiled apart (FMA contraction, instruction order, approximate division): fp32 sums that differ in the
+    last bits, which the 16-bit outputs can round one step apart anywhere: at most two steps of the dtype."""
+    if float64_on_triton(device):
+        if dtype == torch.float64 or name != "dq":
+            return None
+        return 1e-3, 1e-3
+    return 2 * torch.finfo(dtype).eps, 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Inputs, the tolerance rule and checks against the reference
 # ----------------------------------------------------------------------------------------------------
 

@@ -4,14 +4,16 @@ the custom ops of :mod:`vicinity_attn.knn.ops` (never imported back).
 Forward: a selection pass finds tau (each query row's topk-th largest score) by bisection over the
 score bits, recomputing scores instead of storing rows; a FlashAttention-style pass then takes the
 softmax over the scores >= tau and stores o and the logsumexp. Saved: q, k, v, o, tau and lse (two
-floats per query row); nothing Nq x Nk exists at any point. CUDA tensors run on the GPU; CPU tensors
-only in the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+floats per query row); nothing Nq x Nk exists at any point. CUDA tensors run on the GPU they live on
+(whichever is current); CPU tensors only in the Triton interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported).
 """
 from __future__ import annotations
 
 import torch
 
 from ..common.allocation import empty_grads_like, empty_output_like
+from ..common.device import launch_device
 from ..kernels.knn import knn_backward, knn_forward
 from ..kernels.runtime import interpreting
 
@@ -51,7 +53,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
     check_knn_triton_inputs(q, k, v)
     B, H, Nq, _ = q.shape
     o = empty_output_like(q, v.shape[-1])
-    tau, lse = knn_forward(q, k, v, o, topk, scale)
+    with launch_device(q):
+        tau, lse = knn_forward(q, k, v, o, topk, scale)
     return o, tau.view(B, H, Nq), lse.view(B, H, Nq)
 
 
@@ -62,6 +65,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) laid out like q, k, v; None (and its kernel work skipped) where not needed."""
     dq, dk, dv = empty_grads_like((q, k, v), needs)
     B, H, Nq, _ = q.shape
-    knn_backward(do, q, k, v, o, tau.reshape(B * H, Nq).contiguous(), lse.reshape(B * H, Nq).contiguous(),
-                 dq, dk, dv, scale)
+    with launch_device(q):
+        knn_backward(do, q, k, v, o, tau.reshape(B * H, Nq).contiguous(), lse.reshape(B * H, Nq).contiguous(),
+                     dq, dk, dv, scale)
     return dq, dk, dv

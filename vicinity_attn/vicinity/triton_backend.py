@@ -8,11 +8,10 @@ interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
+from ..common.device import launch_device
 from ..common.spec import VicinitySpec
 from ..kernels.runtime import interpreting
 from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
@@ -71,11 +70,6 @@ def saved_state_dtype(q: torch.Tensor, v: torch.Tensor, clamp) -> torch.dtype:
                                     compute_dtype(q.dtype))
 
 
-def _on_device(t: torch.Tensor):
-    """Launches go to t's GPU, whichever is current (a no-op for CPU tensors in the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _geometry(spec: VicinitySpec) -> Geometry:
     return Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
 
@@ -90,7 +84,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_triton_inputs(q, k, v)
     o = empty_output_like(q, v.shape[-1])
     check_token_offsets(o, "the output o")
-    with _on_device(q):
+    with launch_device(q):
         den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
     return o, den, S, z
 
@@ -105,7 +99,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
         if t is not None:
             check_token_offsets(t, name)
-    with _on_device(q):
+    with launch_device(q):
         vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor,
                           spec.clamp)
     return dq, dk, dv

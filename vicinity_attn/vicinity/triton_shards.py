@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
+from ..common.device import launch_device
 from ..common.spec import TokenShard, VicinitySpec
 from ..kernels.vicinity import backward_keys, backward_queries, forward_output, forward_states
 from ..kernels.vicinity.geometry import feature_count
-from .triton_backend import _geometry, _on_device, check_token_offsets
+from .triton_backend import _geometry, check_token_offsets
 
 
 def _zero_states(x: torch.Tensor, spec: VicinitySpec, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +38,7 @@ def states(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec,
     """(S [BH, F, D, Dv], z [BH, F, D]) over the local keys k [B, H, n, D], v [B, H, n, Dv] (scaled)."""
     if k.shape[2] == 0:
         return _zero_states(k, spec, v.shape[-1])
-    with _on_device(k):
+    with launch_device(k):
         return forward_states(k, v, _geometry(spec), n_keys=shard.n_keys, key_offset=shard.k_offset)
 
 
@@ -49,7 +50,7 @@ def output(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec
     check_token_offsets(o, "the output o")
     if q.shape[2] == 0:
         return o, torch.empty(q.shape[0] * q.shape[1], 0, dtype=S.dtype, device=q.device), S
-    with _on_device(q):
+    with launch_device(q):
         den = forward_output(q, S, z, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp,
                              n_keys=shard.n_keys, query_offset=shard.q_offset)
     return o, den, S
@@ -63,7 +64,7 @@ def query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torc
     if q.shape[2] == 0:
         return (dq, *_zero_states(q, spec, S.shape[-1]))
     check_token_offsets(do, "the output gradient dO")
-    with _on_device(q):
+    with launch_device(q):
         dS, dz = backward_queries(do, q, o, den, S, z, dq, _geometry(spec), spec.eps, spec.den_floor, spec.clamp,
                                   shard.n_queries, shard.n_keys, query_offset=shard.q_offset)
     return dq, dS, dz
@@ -77,7 +78,7 @@ def key_backward(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.Te
     dk, dv = empty_grads_like((k, v), (need_dk, need_dv))
     if k.shape[2] == 0 or not (need_dk or need_dv):
         return dk, dv
-    with _on_device(k):
+    with launch_device(k):
         backward_keys(k, v, S, dS, dz, dk, dv, _geometry(spec), spec.clamp, shard.n_queries, shard.n_keys,
                       key_offset=shard.k_offset)
     return dk, dv

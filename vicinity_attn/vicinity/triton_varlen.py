@@ -10,9 +10,10 @@ import functools
 
 import torch
 
+from ..common.device import launch_device
 from ..common.spec import VarlenSpec
 from ..kernels.vicinity import Geometry, Packing, vicinity_backward, vicinity_forward
-from .triton_backend import _on_device, check_token_offsets, check_triton_inputs
+from .triton_backend import check_token_offsets, check_triton_inputs
 
 MAX_PROGRAMS_Y = 2 ** 16   # sequences x heads run along a CUDA grid's second axis
 
@@ -47,7 +48,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_triton_varlen_inputs(q, k, v, spec)
     o = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     geom, pack = _geometry_and_pack(spec, q.device)
-    with _on_device(q):
+    with launch_device(q):
         den, S, z = vicinity_forward(_as_batch(q), _as_batch(k), _as_batch(v), _as_batch(o), geom, spec.eps,
                                      spec.den_floor, spec.clamp, pack=pack)
     return o, den, S, z
@@ -62,7 +63,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   for t, need in zip((q, k, v), needs))
     check_token_offsets(_as_batch(do), "the output gradient dO")
     geom, pack = _geometry_and_pack(spec, q.device)
-    with _on_device(q):
+    with launch_device(q):
         vicinity_backward(_as_batch(do), _as_batch(q), _as_batch(k), _as_batch(v), _as_batch(o), den, S, z,
                           *(None if g is None else _as_batch(g) for g in (dq, dk, dv)), geom, spec.eps,
                           spec.den_floor, spec.clamp, pack=pack)
