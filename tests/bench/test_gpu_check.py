@@ -48,7 +48,7 @@ def test_dry_run_runs_every_stage_and_writes_json_and_log(tmp_path):
     kern = {i["item"]: i for i in data["stages"]["kernels"]["items"]}
     rows = {r["kernel"]: r for r in kern["(b) bf16"]["kernels"]}
     assert "DRY RUN" in kern["(b) bf16"]["method"]
-    assert rows["contract_d_kernel"]["measured_us"] > 0 and rows["contract_d_kernel"]["modelled_us"] > 0
+    assert rows["output_pass_kernel"]["measured_us"] > 0 and rows["output_pass_kernel"]["modelled_us"] > 0
     timing = data["stages"]["timings"]["items"][0]["providers"]
     assert isinstance(timing["vicinity[triton]"]["fwdbwd_eager_us"], float)
     assert timing["vicinity[triton]"]["fwd_graph_us"] == "CUDA graphs need CUDA"
