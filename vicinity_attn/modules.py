@@ -6,6 +6,7 @@ from torch import nn
 
 from .common.feature_maps import FEATURE_MAPS
 from .common.positions import VARIANTS
+from .common.process_group import HoldsProcessGroup
 from .common.validation import (
     BACKENDS,
     check_layer_input,
@@ -35,7 +36,7 @@ def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, 
     return norm(reduced.flatten(2).transpose(1, 2)), (H // sr_ratio, W // sr_ratio)
 
 
-class VicinityAttention(nn.Module):
+class VicinityAttention(HoldsProcessGroup, nn.Module):
     """Multi-head vicinity attention over a 2-d grid of tokens, linear in the number of tokens.
 
     ``forward(x, H, W)`` takes x [B, num_prefix_tokens + H*W, dim] (prefix tokens first, grid
@@ -67,6 +68,8 @@ class VicinityAttention(nn.Module):
             ``sr_ratio`` rows (``sr_ratio * W`` tokens; the last may end at the grid's end): checked, a
             ValueError otherwise. Parameter gradients are then this rank's share: sum them over the
             group (e.g. DistributedDataParallel over it, loss scaled by the group size; README).
+            The group is not state: ``copy.deepcopy`` shares it, pickling / ``torch.save`` stores None
+            (:mod:`vicinity_attn.common.process_group`).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
