@@ -132,6 +132,17 @@ def _validation(rank: int, world: int) -> dict:
     out["offsets_past_end"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
                                                                        backend="torch", token_offsets=past_end),
                                             ValueError, "token_offsets")
+    # Calls that differ between ranks: the same ValueError on every rank, naming what differs.
+    cp = lambda a, b, c, grid, **kw: vicinity_attention(a, b, c, grid, group=dist.group.WORLD,  # noqa: E731
+                                                        backend="torch", **kw)
+    qd = torch.randn(1, 1, 3, 4 + rank, dtype=torch.float64)
+    out["differ_head_dim"] = _expect_error(lambda: cp(qd, qd, qd, (3 * world,)), ValueError, "head dim", "differ")
+    qt = q if rank else q.float()
+    out["differ_dtype"] = _expect_error(lambda: cp(qt, qt, qt, (3 * world,)), ValueError, "dtype", "differ")
+    grid = (3 * world,) if rank else (world, 3)   # the same token count, another grid
+    out["differ_grid"] = _expect_error(lambda: cp(q, q, q, grid), ValueError, "grid", "differ")
+    out["differ_option"] = _expect_error(lambda: cp(q, q, q, (3 * world,), eps=1e-4 if rank else 1e-3), ValueError,
+                                         "options", "differ")
     out["reference"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
                                                                 backend="reference"), ValueError, "backend")
     # sr_ratio = 2 on a 4 x 6 grid: shards must be whole multiples of 2 rows (12 tokens); 5 tokens each is not.
