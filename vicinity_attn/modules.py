@@ -32,7 +32,14 @@ def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, 
     rows = n // W if sharded else H
     if rows < sr_ratio:   # a shard without a whole block of rows contributes no keys
         return grid_tokens.new_zeros(B, 0, C), (H // sr_ratio, W // sr_ratio)
-    reduced = sr(grid_tokens.transpose(1, 2).reshape(B, C, rows, W))
+    # A channels-last view, no copy; unflatten rather than reshape to (rows, W): the reshape's size check
+    # would make torch.compile rewrite the token count as rows * W (see check_layer_input's tokens_match).
+    image = grid_tokens.transpose(1, 2).unflatten(2, (rows, -1))
+    if torch.compiler.is_compiling():
+        # Inductor orders a view's strides with plain sympy comparisons, which fail on an int argument
+        # W under dynamic shapes ("cannot determine truth value of Relational"): hand it a fresh tensor.
+        image = image.contiguous()
+    reduced = sr(image)
     return norm(reduced.flatten(2).transpose(1, 2)), (H // sr_ratio, W // sr_ratio)
 
 
