@@ -6,6 +6,7 @@ from torch import nn
 
 from .common.feature_maps import FEATURE_MAPS
 from .common.positions import VARIANTS
+from .common.process_group import HoldsProcessGroup
 from .common.validation import (
     BACKENDS,
     check_layer_input,
@@ -31,11 +32,18 @@ def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, 
     rows = n // W if sharded else H
     if rows < sr_ratio:   # a shard without a whole block of rows contributes no keys
         return grid_tokens.new_zeros(B, 0, C), (H // sr_ratio, W // sr_ratio)
-    reduced = sr(grid_tokens.transpose(1, 2).reshape(B, C, rows, W))
+    # A channels-last view, no copy; unflatten rather than reshape to (rows, W): the reshape's size check
+    # would make torch.compile rewrite the token count as rows * W (see check_layer_input's tokens_match).
+    image = grid_tokens.transpose(1, 2).unflatten(2, (rows, -1))
+    if torch.compiler.is_compiling():
+        # Inductor orders a view's strides with plain sympy comparisons, which fail on an int argument
+        # W under dynamic shapes ("cannot determine truth value of Relational"): hand it a fresh tensor.
+        image = image.contiguous()
+    reduced = sr(image)
     return norm(reduced.flatten(2).transpose(1, 2)), (H // sr_ratio, W // sr_ratio)
 
 
-class VicinityAttention(nn.Module):
+class VicinityAttention(HoldsProcessGroup, nn.Module):
     """Multi-head vicinity attention over a 2-d grid of tokens, linear in the number of tokens.
 
     ``forward(x, H, W)`` takes x [B, num_prefix_tokens + H*W, dim] (prefix tokens first, grid
@@ -67,6 +75,8 @@ class VicinityAttention(nn.Module):
             ``sr_ratio`` rows (``sr_ratio * W`` tokens; the last may end at the grid's end): checked, a
             ValueError otherwise. Parameter gradients are then this rank's share: sum them over the
             group (e.g. DistributedDataParallel over it, loss scaled by the group size; README).
+            The group is not state: ``copy.deepcopy`` shares it, pickling / ``torch.save`` stores None
+            (:mod:`vicinity_attn.common.process_group`).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,

@@ -55,3 +55,21 @@ def test_dropout_and_repr():
 def test_no_qkv_bias():
     m = VicinityAttention(16, num_heads=2, qkv_bias=False)
     assert m.q.bias is None and m.k.bias is None and m.v.bias is None and m.proj.bias is not None
+
+
+def test_dynamic_compile_with_inductor_and_spatial_reduction():
+    """torch.compile(dynamic=True) with the default Inductor backend, for the README's module with
+    sr_ratio > 1 (it failed with "cannot determine truth value of Relational"): outputs and gradients
+    equal eager on two grids."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = VicinityAttention(dim=16, num_heads=2, sr_ratio=2, backend="torch")
+    compiled = torch.compile(layer, dynamic=True)
+    for H, W in ((6, 6), (8, 4)):
+        x = torch.randn(2, H * W, 16, requires_grad=True)
+        y = compiled(x, H, W)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        want = layer(x, H, W)
+        (want_gx,) = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gx, want_gx, rtol=1e-4, atol=1e-5)

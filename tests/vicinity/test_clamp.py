@@ -2,6 +2,8 @@
 fast paths of the torch and triton backends, against the reference's feature form and their layer."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,6 +82,24 @@ def test_reference_clamp_is_the_authors_chain():
     stages = clamp_stages(q, k, v, (3, 4), (3, 4), "sum")
     out = vicinity_attention(q, k, v, (3, 4), clamp=CLAMP, backend="reference")
     torch.testing.assert_close(out, _c(stages["out"], CLAMP), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("grid, variant", [((3, 3), "sum"), ((2, 2, 2), "product"), ((5,), "none")])
+def test_clamped_states_that_cancel_exactly_give_exact_zeros(backend, grid, variant):
+    """A prefix query weighs the prefix keys' state and the grid keys' state alike (features 1, 1). Tiny
+    keys, values +a on the prefix key and -a on the grid keys: both states clamp to exactly +-min_mag,
+    their sum is exactly 0, so the prefix row's numerator and output are exactly 0 (the clamp keeps 0 at
+    0). A rounding residual instead of that 0 would come out as +-min_mag times 1/den."""
+    torch.manual_seed(0)
+    n_grid, D, Dv = math.prod(grid), 16, 4
+    q = torch.rand(2, 2, 1 + n_grid, D, dtype=torch.float64) + 0.1
+    k = torch.full((2, 2, 1 + n_grid, D), 1e-3, dtype=torch.float64)
+    v = torch.full((2, 2, 1 + n_grid, Dv), -1e-3 / n_grid, dtype=torch.float64)
+    v[:, :, 0] = 1e-3
+    out = vicinity_attention(q, k, v, grid, variant=variant, num_prefix_tokens=1, clamp=(1e-4, 1e4),
+                             backend=backend)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0])), out[:, :, 0]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -132,6 +132,17 @@ def _validation(rank: int, world: int) -> dict:
     out["offsets_past_end"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
                                                                        backend="torch", token_offsets=past_end),
                                             ValueError, "token_offsets")
+    # Calls that differ between ranks: the same ValueError on every rank, naming what differs.
+    cp = lambda a, b, c, grid, **kw: vicinity_attention(a, b, c, grid, group=dist.group.WORLD,  # noqa: E731
+                                                        backend="torch", **kw)
+    qd = torch.randn(1, 1, 3, 4 + rank, dtype=torch.float64)
+    out["differ_head_dim"] = _expect_error(lambda: cp(qd, qd, qd, (3 * world,)), ValueError, "head dim", "differ")
+    qt = q if rank else q.float()
+    out["differ_dtype"] = _expect_error(lambda: cp(qt, qt, qt, (3 * world,)), ValueError, "dtype", "differ")
+    grid = (3 * world,) if rank else (world, 3)   # the same token count, another grid
+    out["differ_grid"] = _expect_error(lambda: cp(q, q, q, grid), ValueError, "grid", "differ")
+    out["differ_option"] = _expect_error(lambda: cp(q, q, q, (3 * world,), eps=1e-4 if rank else 1e-3), ValueError,
+                                         "options", "differ")
     out["reference"] = _expect_error(lambda: vicinity_attention(q, q, q, (3 * world,), group=dist.group.WORLD,
                                                                 backend="reference"), ValueError, "backend")
     # sr_ratio = 2 on a 4 x 6 grid: shards must be whole multiples of 2 rows (12 tokens); 5 tokens each is not.
@@ -231,13 +242,46 @@ def _vvt_layer(rank: int, world: int) -> dict:
             "params": max(rel_err(g, w) for g, w in zip(grads, want))}
 
 
+def _copies(rank: int, world: int) -> dict:
+    """Modules holding the group: deepcopy (an EMA copy) shares the group and gives the same rows;
+    pickle stores group=None; neither fails."""
+    import copy
+    import io
+
+    from vicinity_attn.layers import VicinityVisionAttention
+    out = {}
+    torch.manual_seed(5)
+    for name, make in (("VicinityAttention", lambda: VicinityAttention(8, 2, sr_ratio=2, backend="torch",
+                                                                       group=dist.group.WORLD)),
+                       ("VicinityVisionAttention", lambda: VicinityVisionAttention(8, 2, sr_ratio=2, backend="torch",
+                                                                                   group=dist.group.WORLD))):
+        try:
+            layer = nn.Sequential(make()).double()
+            twin = copy.deepcopy(layer)
+            buffer = io.BytesIO()
+            torch.save(layer, buffer)
+            buffer.seek(0)
+            loaded = torch.load(buffer, weights_only=False)
+        except Exception as exc:   # noqa: BLE001 (reported to the test)
+            out[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        H, W = 2 * world, 4   # rank r holds rows 2r, 2r + 1 (one block of sr_ratio rows)
+        xl = torch.randn(1, H * W, 8, dtype=torch.float64)[:, 2 * W * rank:2 * W * (rank + 1)]
+        same = torch.equal(layer[0](xl, H, W), twin[0](xl, H, W))
+        weights = all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), loaded.state_dict().values()))
+        out[name] = ("ok" if twin[0].group is layer[0].group and loaded[0].group is None and same and weights
+                     else f"group shared {twin[0].group is layer[0].group}, saved {loaded[0].group}, same {same}")
+    return out
+
+
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         report = {"cases": {name: _run_case(name, rank, world) for name, case in CASES.items() if world in case[0]},
                   "cross_rank_identical": _cross_rank_identical_states(world),
-                  "validation": _validation(rank, world), "vvt": _vvt_layer(rank, world)}
+                  "validation": _validation(rank, world), "vvt": _vvt_layer(rank, world),
+                  "copies": _copies(rank, world)}
         if world == 2:
             report["ddp"] = _ddp_training(rank, world)
     finally:
@@ -291,6 +335,12 @@ def test_vvt_layer_equals_one_process(world):
     _, reports = world
     for report in reports:
         assert max(report["vvt"].values()) <= TOL, report["vvt"]
+
+
+def test_modules_holding_a_group_copy_and_pickle(world):
+    _, reports = world
+    for report in reports:
+        assert report["copies"] == {k: "ok" for k in report["copies"]}, report["copies"]
 
 
 def test_group_without_torch_distributed_initialised():

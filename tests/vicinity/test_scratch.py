@@ -86,6 +86,38 @@ def test_limit_bounds_the_memory_kept():
     assert vicinity_attn.cpu_scratch_bytes() == 0
 
 
+def test_limit_set_in_one_thread_binds_every_thread():
+    """The limit is process-wide: a worker thread that filled its cache keeps nothing above a limit set
+    from another thread, from the worker's next call on (that call neither reuses nor keeps buffers)."""
+    Nq, Nk = token_counts(GRID)
+    q, k, v = make_inputs(1, 2, Nq, Nk, 16, 16, dtype=torch.float32, requires_grad=False)
+    want = vicinity_attn.vicinity_attention(q, k, v, GRID, backend="torch")
+    held, outputs = [], []
+    go, done = threading.Event(), threading.Event()
+
+    def worker():
+        outputs.append(vicinity_attn.vicinity_attention(q, k, v, GRID, backend="torch"))
+        held.append(vicinity_attn.cpu_scratch_bytes())
+        done.set()
+        go.wait()
+        outputs.append(vicinity_attn.vicinity_attention(q, k, v, GRID, backend="torch"))
+        held.append(vicinity_attn.cpu_scratch_bytes())
+
+    before = scratch_mod.cpu_scratch_limit()
+    vicinity_attn.set_cpu_scratch_limit(64 * 2 ** 20)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    done.wait()
+    try:
+        vicinity_attn.set_cpu_scratch_limit(0)   # from this (main) thread
+    finally:
+        go.set()
+        thread.join()
+        vicinity_attn.set_cpu_scratch_limit(before)
+    assert held[0] > 0 and held[1] == 0, held
+    assert all(torch.equal(o, want) for o in outputs)
+
+
 def test_inference_mode_then_training():
     Nq, Nk = token_counts(GRID)
     q, k, v = make_inputs(1, 2, Nq, Nk, 8, 8, dtype=torch.float64)

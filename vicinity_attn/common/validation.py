@@ -40,6 +40,21 @@ def normalize_grid(grid: int | Sequence[int], name: str = "grid") -> tuple[int, 
     return tuple(out)
 
 
+def tokens_match(n_tokens: int, num_prefix_tokens: int, sizes: Sequence[int]) -> bool:
+    """Whether n_tokens == num_prefix_tokens + prod(sizes), for sizes >= 1.
+
+    With symbolic sizes (torch.compile, dynamic shapes) it is asked as "prod(sizes[1:]) divides the grid
+    tokens, sizes[0] times": a guard with a floor division, which the shape environment keeps as it is.
+    The plain equality would make it rewrite the tensor's token count as the product of the grid sizes,
+    int arguments whose symbols are not known to be positive, and Inductor then fails on every stride
+    built from them ("cannot determine truth value of Relational")."""
+    sizes = tuple(sizes)
+    if not any(isinstance(n, torch.SymInt) for n in (n_tokens, *sizes)):
+        return n_tokens == num_prefix_tokens + math.prod(sizes)
+    grid_tokens, inner = n_tokens - num_prefix_tokens, math.prod(sizes[1:])
+    return bool(grid_tokens % inner == 0) and bool(grid_tokens // inner == sizes[0])
+
+
 def check_option(value: object, name: str, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -159,7 +174,7 @@ def check_layer_input(x: object, H: object, W: object, channels: int, channels_n
     if x.shape[2] != channels:
         raise ValueError(f"x must have {channels} channels ({channels_name}), got {x.shape[2]}")
     P = num_prefix_tokens
-    if not sharded and H * W + P != x.shape[1]:
+    if not sharded and not tokens_match(x.shape[1], P, (H, W)):
         raise ValueError(f"H * W (+ {P} prefix tokens) must equal the number of tokens: "
                          f"{H} * {W} + {P} != {x.shape[1]}")
     return x
@@ -222,10 +237,10 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
     if len(kv_grid) != len(grid):
         raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
-    if not sharded and n_prefix + math.prod(grid) != Nq:
+    if not sharded and not tokens_match(Nq, n_prefix, grid):
         raise ValueError(f"grid {grid} has {math.prod(grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but q has {Nq} tokens")
-    if not sharded and n_prefix + math.prod(kv_grid) != Nk:
+    if not sharded and not tokens_match(Nk, n_prefix, kv_grid):
         name = "kv_grid" if kv_grid is not grid else "grid (used as kv_grid)"
         raise ValueError(f"{name} {kv_grid} has {math.prod(kv_grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but k has {Nk} tokens")

@@ -51,6 +51,7 @@ import math
 import torch
 from torch import nn
 
+from ..common.process_group import HoldsProcessGroup
 from ..common.validation import BACKENDS, check_layer_input, check_option, check_positive_int, check_sr_shards
 from ..functional import vicinity_attention
 from ..modules import spatial_reduction
@@ -69,7 +70,7 @@ def abs_clamp(t: torch.Tensor, min_mag: float = CLAMP_MIN, max_mag: float = CLAM
     return reference_abs_clamp(t, (min_mag, max_mag))
 
 
-class VicinityVisionAttention(nn.Module):
+class VicinityVisionAttention(HoldsProcessGroup, nn.Module):
     """The authors' VVT attention layer (see the module docstring), checkpoint-compatible.
 
     ``forward(x, H, W)``: x [B, H*W, embed_dim] (grid tokens row-major) -> [B, H*W, embed_dim],
@@ -90,7 +91,9 @@ class VicinityVisionAttention(nn.Module):
             then takes this rank's contiguous shard of the H*W tokens and returns its rows. The SE gate's
             token mean is summed over the group (a differentiable all-reduce of B x C numbers); with
             ``sr_ratio > 1`` every rank's shard must be whole multiples of ``sr_ratio`` rows (checked),
-            as for :class:`vicinity_attn.VicinityAttention`. Backends "torch" and "triton".
+            as for :class:`vicinity_attn.VicinityAttention`. Backends "torch" and "triton". The group is
+            not state: ``copy.deepcopy`` shares it, pickling / ``torch.save`` stores None
+            (:mod:`vicinity_attn.common.process_group`).
 
     Parameter names and shapes (state-dict keys) are theirs: ``k_proj``, ``v_proj``, ``q_proj``,
     ``sr`` + ``norm`` (only when ``sr_ratio > 1``), ``out_proj``, ``se_fc.0``, ``se_fc.2``.

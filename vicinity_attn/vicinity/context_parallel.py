@@ -10,9 +10,11 @@ numbers per head, so a call costs
     backward:  local dq and the local queries' share of dS, dz -> ONE all-reduce (sum)
                -> local dk, dv from the summed dS, dz
 
-plus one small all-gather of the shard lengths per call (two integers per rank), from which every rank
-takes its global token offsets (the position features are the whole sequence's), unless the caller
-passes them (``token_offsets``: no exchange, and no check that the shards add up; on NCCL the exchange
+plus one small all-gather of the shard lengths per call (seven integers per rank: the lengths and a
+fingerprint of the call, so that ranks whose calls differ in shapes, dtype, grids or options all raise the
+same ValueError instead of computing garbage or failing in a collective), from which every rank takes its
+global token offsets (the position features are the whole sequence's), unless the caller passes them
+(``token_offsets``: no exchange, no fingerprint, and no check that the shards add up; on NCCL the exchange
 also reads the lengths back to the host, a synchronisation per call). Outputs and
 gradients equal the single-process call's up to the order of floating-point sums.
 
@@ -30,6 +32,7 @@ eagerly inside an ``autograd.Function``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -68,10 +71,36 @@ def gather_lengths(lengths: list[int], group, like: torch.Tensor) -> list[list[i
     return torch.stack(gathered).tolist()
 
 
-def exchange_shards(n_queries: int, n_keys: int, group, like: torch.Tensor) -> tuple[TokenShard, list[list[int]]]:
-    """One all-gather of every rank's (queries, keys) shard lengths: this rank's :class:`TokenShard` and
-    the table [[n_q, n_k] per rank] in group-rank order."""
-    table = gather_lengths([n_queries, n_keys], group, like)
+def call_fingerprint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, backend: str) -> list[int]:
+    """What every rank's call must agree on, as small ints: batch, heads, head dims, the dtype, and a
+    63-bit hash of the backend, grids and options (identical on every rank: no per-process salt)."""
+    described = repr((backend, str(q.dtype), spec.grid, spec.kv_grid, sorted(spec.options().items())))
+    digest = int.from_bytes(hashlib.blake2b(described.encode(), digest_size=8).digest(), "little") >> 1
+    return [q.shape[0], q.shape[1], q.shape[3], v.shape[3], digest]
+
+
+FINGERPRINT_FIELDS = ("batch size", "number of heads", "head dim of q and k", "head dim of v",
+                      "backend, dtype, grid, kv_grid or options")
+
+
+def check_same_call(fingerprints: list[list[int]]) -> None:
+    """The same ValueError on every rank (all ranks see the same table) where the ranks' calls differ."""
+    for i, name in enumerate(FINGERPRINT_FIELDS):
+        values = [f[i] for f in fingerprints]
+        if len(set(values)) > 1:
+            shown = values if i < len(FINGERPRINT_FIELDS) - 1 else [f"#{v % 10**6:06d}" for v in values]
+            raise ValueError(f"context parallelism (group=...): the ranks' calls differ in {name} "
+                             f"(per rank: {shown}); every rank must make the same call on its own shard")
+
+
+def exchange_shards(n_queries: int, n_keys: int, group, like: torch.Tensor,
+                    fingerprint: list[int] = ()) -> tuple[TokenShard, list[list[int]]]:
+    """One all-gather of every rank's (queries, keys) shard lengths and the call's ``fingerprint``
+    (:func:`call_fingerprint`; a ValueError on every rank where they differ): this rank's
+    :class:`TokenShard` and the table [[n_q, n_k] per rank] in group-rank order."""
+    rows = gather_lengths([n_queries, n_keys, *fingerprint], group, like)
+    check_same_call([r[2:] for r in rows])
+    table = [r[:2] for r in rows]
     before = table[:dist.get_rank(group)]
     shard = TokenShard(q_offset=sum(r[0] for r in before), k_offset=sum(r[1] for r in before),
                        n_queries=sum(r[0] for r in table), n_keys=sum(r[1] for r in table))
@@ -142,7 +171,7 @@ def context_parallel_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v
         from .triton_backend import check_triton_inputs
         check_triton_inputs(q, k, v)
     if token_offsets is None:
-        shard, table = exchange_shards(q.shape[2], k.shape[2], group, q)
+        shard, table = exchange_shards(q.shape[2], k.shape[2], group, q, call_fingerprint(q, k, v, spec, backend))
         check_shard_counts(table, spec)
     else:
         P = spec.num_prefix_tokens

@@ -67,7 +67,11 @@ def reference_vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def _clamped_feature_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
     """The clamped computation in the authors' feature form (their VVT ``forward``):
-    S = C(K_x^T V), r = C(1 / den), num = C(Q_x S), o = C(num * r), C = abs_clamp; den as without clamp."""
+    S = C(K_x^T V), r = C(1 / den), num = C(Q_x S), o = C(num * r), C = abs_clamp; den as without clamp.
+
+    Q_x S is taken as phi(q_i)^T (sum_m P_q(i)_m S_m): the clamped states are mixed per query first, so
+    states that cancel exactly (clamped ones are often exactly +-min_mag) give an exact 0, which the
+    clamp keeps at 0; one [F*D]-long product would leave a rounding residual that it raises to min_mag."""
     kw = dict(num_prefix_tokens=spec.num_prefix_tokens, dtype=q.dtype, device=q.device)
     pos_q = position_features(spec.grid, spec.variant, side="query", **kw)
     pos_k = position_features(spec.kv_grid, spec.variant, side="key", **kw)
@@ -76,5 +80,17 @@ def _clamped_feature_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spe
     states = abs_clamp(xk.transpose(-1, -2) @ v, spec.clamp)                   # [B, H, F*D, Dv]
     row_sums = (xq * xk.sum(dim=2, keepdim=True)).sum(-1, keepdim=True)        # [B, H, Nq, 1]
     inv_den = abs_clamp(1.0 / _normaliser(row_sums, spec), spec.clamp)
-    numerator = abs_clamp(xq @ states, spec.clamp)
+    phi_q = apply_feature_map(q, spec.feature_map)                             # [B, H, Nq, D]
+    numerator = abs_clamp(_mixed_numerator(phi_q, pos_q, states), spec.clamp)
     return abs_clamp(numerator * inv_den, spec.clamp)
+
+
+def _mixed_numerator(phi_q: torch.Tensor, pos_q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """num_i = phi(q_i)^T M_i with M_i = sum_m P_q(i)_m S_m summed feature by feature in order:
+    phi_q [B, H, Nq, D], pos_q [Nq, F], states [B, H, F*D, Dv] -> [B, H, Nq, Dv]."""
+    F = pos_q.shape[1]
+    S = states.unflatten(-2, (F, -1))                                          # [B, H, F, D, Dv]
+    mixed = pos_q[:, 0, None, None] * S[:, :, None, 0]                         # [B, H, Nq, D, Dv]
+    for m in range(1, F):
+        mixed = mixed + pos_q[:, m, None, None] * S[:, :, None, m]
+    return (phi_q.unsqueeze(-2) @ mixed).squeeze(-2)

@@ -11,7 +11,9 @@ from here by name. Each thread keeps its own buffers, so concurrent calls from s
 never share one. Buffers grow to the largest request seen and are held until
 :func:`clear_cpu_scratch`; a request that would take the thread's total above the limit
 (:func:`set_cpu_scratch_limit`, default 256 MiB, or the environment variable
-``VICINITY_ATTN_CPU_SCRATCH_MB``) gets a plain fresh tensor instead. The buffers held between calls
+``VICINITY_ATTN_CPU_SCRATCH_MB``) gets a plain fresh tensor instead. The limit is process-wide: set
+from any thread, it binds every thread's cache from that thread's next request on (a thread holding
+more than the new limit releases its buffers then). The buffers held between calls
 add to the process's memory everywhere else too (other layers' peaks included), by at most the
 limit per thread that calls the backend.
 
@@ -67,6 +69,7 @@ def _initial_limit() -> int:
 
 
 _limit_bytes = _initial_limit()
+_limit_version = 0   # bumped by every set_cpu_scratch_limit, so that each thread re-checks what it holds
 _local = threading.local()
 
 
@@ -90,12 +93,20 @@ def _buffers() -> dict[tuple[str, torch.dtype], torch.Tensor]:
 def set_cpu_scratch_limit(nbytes: int) -> None:
     """Cap the scratch memory each thread may keep between calls, in bytes (0 turns caching off).
 
-    Buffers already held above the new cap are released."""
-    global _limit_bytes
+    Process-wide: this thread releases buffers held above the new cap now, every other thread at its
+    next scratch request."""
+    global _limit_bytes, _limit_version
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
     _limit_bytes = nbytes
-    if cpu_scratch_bytes() > nbytes:
+    _limit_version += 1
+    _obey_limit()
+
+
+def _obey_limit() -> None:
+    """Release this thread's buffers if they exceed the current limit (set from any thread)."""
+    _local.limit_version = _limit_version
+    if cpu_scratch_bytes() > _limit_bytes:
         clear_cpu_scratch()
 
 
@@ -122,6 +133,8 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     nested :func:`scratch_session` the result is always a fresh tensor."""
     if device.type != "cpu" or getattr(_local, "depth", 0) > 1:
         return torch.empty(numel, dtype=dtype, device=device)
+    if getattr(_local, "limit_version", 0) != _limit_version:
+        _obey_limit()
     buffers = _buffers()
     key = (name, dtype)
     held = buffers.get(key)
