@@ -38,9 +38,13 @@ def launch_jit(fn):
     return triton.jit(do_not_specialize=names)(fn)
 
 
+# Read once, as Triton does: it picks the interpreter or the compiler when it is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1 when the package was imported)."""
+    return _INTERPRET
 
 
 def target_arch() -> int | None:
@@ -79,8 +83,9 @@ def plan_cache(fn):
 
     @functools.wraps(fn)
     def cached(*args, **kwargs):
-        key = (args, tuple(kwargs.items()), module.get("interpreting", interpreting)(),
-               module.get("target_arch", target_arch)(), exact_dots())
+        interpret = module.get("interpreting", interpreting)()
+        key = (args, tuple(kwargs.items()), interpret, module.get("target_arch", target_arch)(),
+               interpret and exact_dots())
         try:
             return cache[key]
         except KeyError:

@@ -1,6 +1,7 @@
 """The public functional API and backend dispatch."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,8 @@ from .vicinity.varlen import varlen_attention
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (kernels present and triton importable)."""
+    if "vicinity_attn.vicinity.triton_backend" in sys.modules:   # imported once: nothing to try again
+        return True
     try:
         from .vicinity import triton_backend  # noqa: F401
     except ImportError:

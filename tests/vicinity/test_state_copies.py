@@ -5,6 +5,7 @@ import torch
 
 from tests.helpers import make_inputs, pack, rel_err
 from vicinity_attn import vicinity_attention, vicinity_attention_varlen
+from vicinity_attn.kernels import runtime
 
 pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                 reason="CPU tensors with backend='triton' need the interpreter")
@@ -17,7 +18,7 @@ def test_state_operand_dtype_is_the_dot_operand(monkeypatch):
     from vicinity_attn.kernels.vicinity.configs import state_operand_dtype
     for launch in ("fwd_output", "bwd_keys"):
         assert state_operand_dtype(launch, torch.bfloat16) is None
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(runtime, "_INTERPRET", False)
     for launch in ("fwd_output", "bwd_keys"):
         assert state_operand_dtype(launch, torch.bfloat16) == torch.bfloat16
         for dtype in (torch.float16, torch.float32, torch.float64):
@@ -31,7 +32,7 @@ def test_saved_state_dtype(monkeypatch):
     from vicinity_attn.vicinity.triton_backend import saved_state_dtype
     q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16, device="meta")
     assert saved_state_dtype(q, q, None) == torch.float32      # the interpreter: no copies
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(runtime, "_INTERPRET", False)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         for D in (16, 40, 64, 128):
             for clamp in (None, (1e-4, 1e4)):

@@ -263,7 +263,7 @@ def test_head_dim_above_256_is_rejected(D, Dv, name):
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(runtime, "_INTERPRET", False)
     assert not runtime.interpreting()
     q, k, v = make_inputs(1, 1, 4, 4, 8, 8, device="cpu", requires_grad=False)
     from vicinity_attn.common.spec import VicinitySpec

@@ -14,6 +14,8 @@ NAMESPACE = "vicinity_attn"
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``; False for device types autocast does not know
     (e.g. "meta", where ``torch.is_autocast_enabled`` raises)."""
+    if device_type == "cuda" or device_type == "cpu":     # the common case, without the availability lookup
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 

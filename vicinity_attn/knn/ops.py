@@ -134,11 +134,11 @@ _EagerKnn = eager_function("_EagerKnn", "knn_attention", _eager_forward, _eager_
 
 def custom_op_knn_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, topk: int, scale: float) -> Tensor:
     """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
+    if eager_call(q, k, v):     # the backend's forward checks its inputs itself
+        return _EagerKnn.apply(q, k, v, backend, topk, scale)
     if backend == "triton":
         from .triton_backend import check_knn_triton_inputs
         check_knn_triton_inputs(q, k, v)
-    if eager_call(q, k, v):
-        return _EagerKnn.apply(q, k, v, backend, topk, scale)
     if transform_active():
         return _TransformableKnn.apply(q, k, v, backend, topk, scale)[0]
     return FORWARD_OPS[backend](q, k, v, topk, scale)[0]

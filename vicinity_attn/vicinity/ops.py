@@ -215,14 +215,14 @@ _EagerQuadratic = eager_function("_EagerQuadratic", "vicinity_attention", quadra
 
 def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:
     """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
-    if backend == "triton":
-        # Device / head-dim errors must surface in eager and at trace time alike, before the op.
-        from .triton_backend import check_triton_inputs
-        check_triton_inputs(q, k, v)
-    if eager_call(q, k, v):
+    if eager_call(q, k, v):     # the backend's forward checks its inputs itself
         if backend == "torch" and quadratic.cheaper(q, k, v, spec):
             return _EagerQuadratic.apply(q, k, v, backend, spec)
         return _EagerAttention.apply(q, k, v, backend, spec)
+    if backend == "triton":
+        # Device / head-dim errors must surface at trace time as in eager, before the op.
+        from .triton_backend import check_triton_inputs
+        check_triton_inputs(q, k, v)
     if transform_active():
         return _TransformableAttention.apply(q, k, v, backend, spec)[0]
     return FORWARD_OPS[backend](q, k, v, *spec_args(spec))[0]
