@@ -129,6 +129,7 @@ def stage_traffic(names: list[str]) -> dict:
     import vicinity_attn.kernels.knn  # noqa: F401
     import vicinity_attn.kernels.vicinity  # noqa: F401  (built as interpreted functions: TRITON_INTERPRET=1 here)
     from tools.launch_capture import OPERATIONS
+    from vicinity_attn.kernels import runtime
 
     builder_cls = type(interp.interpreter_builder)
     state = dict(full=None, ranges=None, counts=None)
@@ -188,10 +189,12 @@ def stage_traffic(names: list[str]) -> dict:
         def call(*args, **kwargs):
             state["full"], state["counts"] = full, dict(bytes={}, flops=0)
             os.environ["TRITON_INTERPRET"] = "1"   # Triton itself reads it while interpreting
+            runtime._INTERPRET = True
             try:
                 executor(*args, **kwargs)
             finally:
                 os.environ["TRITON_INTERPRET"] = "0"
+                runtime._INTERPRET = False
                 record = dict(kernel=self.fn.__name__, phase=state["phase"], grid=list(full),
                               program_bytes=state["counts"]["bytes"],
                               program_flops=state["counts"]["flops"], tensor_bytes=state["sizes"])
@@ -199,7 +202,7 @@ def stage_traffic(names: list[str]) -> dict:
                 state["full"], state["counts"] = None, None
         return call
 
-    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved_env, saved_flag = os.environ.get("TRITON_INTERPRET"), runtime._INTERPRET
     interp.InterpretedFunction.__getitem__ = getitem
     builder_cls.set_grid_dim, builder_cls.create_masked_load = set_grid_dim, load
     builder_cls.create_masked_store, builder_cls.create_dot = store, dot
@@ -208,6 +211,7 @@ def stage_traffic(names: list[str]) -> dict:
     # do not see the interpreter (the variable is set again only while a kernel program runs); the
     # kernels themselves were already built as interpreted functions.
     os.environ["TRITON_INTERPRET"] = "0"
+    runtime._INTERPRET = False
     # One program per launch leaves most of each output unwritten: later launches read garbage there.
     saved_np = np.seterr(all="ignore")
     out = {}
@@ -221,6 +225,7 @@ def stage_traffic(names: list[str]) -> dict:
     finally:
         np.seterr(**saved_np)
         os.environ["TRITON_INTERPRET"] = saved_env if saved_env is not None else "1"
+        runtime._INTERPRET = saved_flag
         interp.InterpretedFunction.__getitem__ = orig["getitem"]
         builder_cls.set_grid_dim, builder_cls.create_masked_load = orig["set_grid_dim"], orig["load"]
         builder_cls.create_masked_store, builder_cls.create_dot = orig["store"], orig["dot"]

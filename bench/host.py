@@ -309,6 +309,7 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     rows = {}
+    load_before = os.getloadavg()
     with stubbed_launches():
         kernel = _calibration_kernel()
         tensors = [torch.empty(4, 4, 4, 4, dtype=torch.bfloat16) for _ in range(10)]
@@ -340,7 +341,8 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
                 }
             rows[name] = row
     return {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
-            "threads": 1, "method": __doc__.split("\n\n")[1].replace("\n", " "), "shapes": rows}
+            "threads": 1, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+            "method": __doc__.split("\n\n")[1].replace("\n", " "), "shapes": rows}
 
 
 def format_table(result: dict) -> str:
