@@ -19,10 +19,10 @@ from .tiles import load_rows, row_dots, score_tile, store_rows
 def row_delta_kernel(
     # pointers: dO, o; output delta
     do_ptr, o_ptr, delta_ptr,
-    # sizes
-    n_heads, n_queries, head_dim_v,
     # strides
     stride_do_b, stride_do_h, stride_do_n, stride_do_d, stride_o_b, stride_o_h, stride_o_n, stride_o_d,
+    # sizes
+    n_heads, n_queries, head_dim_v,
     # constexprs: tiles, accumulation dtype
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -62,12 +62,12 @@ def _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_
 def knn_dq_kernel(
     # pointers: q, k, v, dO; output dq; per-row state tau, lse, delta
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, tau_ptr, lse_ptr, delta_ptr,
-    # sizes and the score scale
-    n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     # strides
     stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d, stride_do_b, stride_do_h, stride_do_n, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
+    # sizes and the score scale
+    n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     # constexprs: tiles, row-dot chunks, dot precision
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     N_K: tl.constexpr, BLOCK_KV: tl.constexpr, N_KV: tl.constexpr,
@@ -102,12 +102,12 @@ def knn_dq_kernel(
 def knn_dkdv_kernel(
     # pointers: q, k, v, dO; outputs dk, dv; per-row state tau, lse, delta
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, tau_ptr, lse_ptr, delta_ptr,
-    # sizes and the score scale
-    n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     # strides
     stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d, stride_do_b, stride_do_h, stride_do_n, stride_do_d,
     stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d, stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
+    # sizes and the score scale
+    n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     # constexprs: tiles, row-dot chunks, dot precision, gradients wanted
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_K: tl.constexpr, N_K: tl.constexpr, BLOCK_KV: tl.constexpr, N_KV: tl.constexpr,

@@ -15,11 +15,11 @@ from .tiles import load_rows, score_tile, store_rows
 def knn_forward_kernel(
     # pointers: q, k, v; output o; per-row state tau (in), lse (out)
     q_ptr, k_ptr, v_ptr, o_ptr, tau_ptr, lse_ptr,
-    # sizes and the score scale
-    n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     # strides
     stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d, stride_o_b, stride_o_h, stride_o_n, stride_o_d,
+    # sizes and the score scale
+    n_heads, n_queries, n_keys, head_dim, head_dim_v, scale,
     # constexprs: tiles, row-dot chunks, dot precision
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
     BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,

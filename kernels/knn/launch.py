@@ -32,10 +32,10 @@ def knn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=chunks["BLOCK_K"], N_K=chunks["N_K"],
                   ACC=prec.acc, DOT=prec.dot, PREC=prec.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   maxnreg=cfg.maxnreg)
-    knn_threshold_kernel[grid](q, k, tau, H, Nq, Nk, D, topk, scale, *q.stride(), *k.stride(),
+    knn_threshold_kernel[grid](q, k, tau, *q.stride(), *k.stride(), H, Nq, Nk, D, topk, scale,
                                ROW_ON_CHIP=cfg.row_on_chip(Nk), **selection_constexprs(prec.acc), **common)
-    knn_forward_kernel[grid](q, k, v, o, tau, lse, H, Nq, Nk, D, Dv, scale,
-                             *q.stride(), *k.stride(), *v.stride(), *o.stride(), BLOCK_DV=cfg.block_dv, **common)
+    knn_forward_kernel[grid](q, k, v, o, tau, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                             H, Nq, Nk, D, Dv, scale, BLOCK_DV=cfg.block_dv, **common)
     return tau, lse
 
 
@@ -53,17 +53,17 @@ def knn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     q_grid = (triton.cdiv(Nq, cfg.block_m), B * H)
     delta = torch.empty_like(lse)
     if dq is not None or dk is not None:
-        row_delta_kernel[q_grid](do, o, delta, H, Nq, Dv, *do.stride(), *o.stride(), BLOCK_M=cfg.block_m,
+        row_delta_kernel[q_grid](do, o, delta, *do.stride(), *o.stride(), H, Nq, Dv, BLOCK_M=cfg.block_m,
                                  BLOCK_DV=cfg.block_dv, ACC=prec.acc, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
     if dq is not None:
-        knn_dq_kernel[q_grid](q, k, v, do, dq, tau, lse, delta, H, Nq, Nk, D, Dv, scale, *q.stride(), *k.stride(),
-                              *v.stride(), *do.stride(), *dq.stride(), **common)
+        knn_dq_kernel[q_grid](q, k, v, do, dq, tau, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+                              *do.stride(), *dq.stride(), H, Nq, Nk, D, Dv, scale, **common)
     if dk is not None or dv is not None:
         # A gradient not wanted gets a dummy pointer and stride set; its constexpr flag skips its work.
         dk_t = dk if dk is not None else k
         dv_t = dv if dv is not None else v
         knn_dkdv_kernel[(triton.cdiv(Nk, cfg.block_n), B * H)](
-            q, k, v, do, dk_t, dv_t, tau, lse, delta, H, Nq, Nk, D, Dv, scale, *q.stride(), *k.stride(),
-            *v.stride(), *do.stride(), *dk_t.stride(), *dv_t.stride(), BLOCK_DV=cfg.block_dv,
+            q, k, v, do, dk_t, dv_t, tau, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dk_t.stride(), *dv_t.stride(), H, Nq, Nk, D, Dv, scale, BLOCK_DV=cfg.block_dv,
             NEED_DK=dk is not None, NEED_DV=dv is not None,
             **(common | dict(num_warps=cfg.dkdv_num_warps, num_stages=cfg.dkdv_num_stages)))

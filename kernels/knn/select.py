@@ -17,10 +17,10 @@ from .tiles import key_to_score, order_key, score_tile
 def knn_threshold_kernel(
     # pointers: q, k; output tau
     q_ptr, k_ptr, tau_ptr,
-    # sizes, topk and the score scale
-    n_heads, n_queries, n_keys, head_dim, topk, scale,
     # strides
     stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_k_b, stride_k_h, stride_k_n, stride_k_d,
+    # sizes, topk and the score scale
+    n_heads, n_queries, n_keys, head_dim, topk, scale,
     # constexprs: tiles, row-dot chunks, dot precision, order-key type, whether a row fits one key tile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
