@@ -90,6 +90,8 @@ def plan_cache(fn):
             return cache[key]
         except KeyError:
             pass
+        except TypeError:       # an unhashable argument (a symbolic size while tracing): plan afresh
+            return fn(*args, **kwargs)
         if len(cache) >= PLAN_CACHE_SIZE:
             cache.clear()
         result = cache[key] = fn(*args, **kwargs)
