@@ -101,21 +101,18 @@ def clamped_row_weights_kernel(
         den_floor = tl.zeros((BLOCK_N,), ACC) + den_floor * factor
         eps = eps * factor
         state_scale = state_scale * factor
-        # Base pointers shifted so that the dense addressing below (batch b = 0, rows bh * N, n rows
-        # bh * N * DV) lands in the sequence's window (rows h * N + start of the [H, N] buffers).
+        # The sequence's window: batch 0, rows h * N + start of the [H, N] buffers (h is int64).
         b = b * 0
-        shift = h * N + start - bh * N
         do_ptr += start * stride_do_n
         g_ptr += start * stride_g_n
-        den_ptr += shift
-        rs_ptr += shift
-        rz_ptr += shift
-        n_ptr += shift * DV
+        row0 = h * N + start
+    else:
+        row0 = bh.to(tl.int64) * N
     inv_scale = 1.0 / state_scale
-    den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
+    den = tl.load(den_ptr + row0 + offs_n, mask=mask_n, other=1.0)
     r_pre = state_scale / den
     r = abs_clamp(r_pre, lo, hi)
-    n_base = n_ptr + bh.to(tl.int64) * N * DV
+    n_base = n_ptr + row0 * DV
     dr = tl.zeros((BLOCK_N,), ACC)
     for e0 in range(0, DV, BLOCK_DV):
         offs_e = e0 + tl.arange(0, BLOCK_DV)
@@ -131,5 +128,5 @@ def clamped_row_weights_kernel(
                  + offs_e[None, :] * stride_g_d, g.to(g_ptr.dtype.element_ty), mask=mask)
     c = -dr * clamp_passes(r_pre, lo, hi) * r_pre * r_pre * inv_scale
     c = without_floor_rows(c, den, den_floor, eps)
-    tl.store(rs_ptr + bh * N + offs_n, tl.full((BLOCK_N,), 1.0, ACC), mask=mask_n)
-    tl.store(rz_ptr + bh * N + offs_n, c, mask=mask_n)
+    tl.store(rs_ptr + row0 + offs_n, tl.full((BLOCK_N,), 1.0, ACC), mask=mask_n)
+    tl.store(rz_ptr + row0 + offs_n, c, mask=mask_n)

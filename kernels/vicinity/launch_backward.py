@@ -137,7 +137,7 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
     if clamp is not None:
         num = torch.empty(1, H, Tq, Dv, dtype=den.dtype, device=q.device)
         output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, pack=pack, factor=ones)
-        g = torch.empty(1, H, Tq, Dv, dtype=do.dtype, device=q.device)
+        g = torch.empty(1, H, Tq, Dv, dtype=clamped_grad_dtype(do.dtype), device=q.device)
         clamped_row_weights_kernel[row_grid](
             do, num, den, g, rs, rz, H, Tq, Dv, den_floor, eps, clamp[0], clamp[1], 1.0,
             *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv,
@@ -162,6 +162,12 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
                                                                 rows_per_seq=n // pack.n_seqs, VARLEN=True)
     _key_pass(k, v, dS if dS_op is None else dS_op, dz, dk, dv, geom, cfg, 1.0, pack=pack,
               factor=factors([a / b for a, b in zip(s_k, s_q)]))
+
+
+def clamped_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the clamped backward's g / s_k (up to hi * Nk * |dO|: past fp16's 65504): fp32 for
+    fp16 inputs (the dots reading it run in TF32 there), else the inputs' own (bf16 has fp32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
@@ -239,7 +245,7 @@ def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchCo
     Dv = do.shape[-1]
     num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
     output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset)
-    g = torch.empty(B, H, Nq, Dv, dtype=do.dtype, device=q.device)
+    g = torch.empty(B, H, Nq, Dv, dtype=clamped_grad_dtype(do.dtype), device=q.device)
     clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,
         *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv,

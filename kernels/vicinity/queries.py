@@ -183,11 +183,11 @@ def dq_pass_kernel(
     for e0 in range(0, DV, BLOCK_DV):
         acc = _dq_tile(y_base, m_base, acc, axes, offs_n, mask_n, offs_d, mask_d, e0, D, DV,
                        stride_y_n, stride_y_d, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, BLOCK_DV, ACC, DOT, PREC)
-    rows = bh * N
     if VARLEN:
         rows = h * N + start
         x_base = x_ptr + h * stride_x_h + start * stride_x_n
     else:
+        rows = bh * N   # B * H * N < 2^31: checked by the library
         x_base = x_ptr + b * stride_x_b + h * stride_x_h
     mask = mask_n[:, None] & mask_d[None, :]
     if ROWS == ROWS_FROM_ACC:
@@ -259,19 +259,19 @@ def row_weights_kernel(
         factor = tl.load(factor_ptr + bh // H)
         den_floor = den_floor * factor
         eps = eps * factor
-        # Base pointers shifted into the sequence's window (see dq_pass_kernel).
+        # The sequence's window: batch 0, rows h * N + start of the [H, N] buffers (h is int64).
         b = b * 0
         do_ptr += start * stride_do_n
         o_ptr += start * stride_o_n
-        den_ptr += h * N + start - bh * N
-        rs_ptr += h * N + start - bh * N
-        rz_ptr += h * N + start - bh * N
+        row0 = h * N + start
+    else:
+        row0 = bh * N   # B * H * N < 2^31: checked by the library
     delta = row_delta(do_ptr + b * stride_do_b + h * stride_do_h, o_ptr + b * stride_o_b + h * stride_o_h, offs_n,
                       mask_n, DV, stride_do_n, stride_do_d, stride_o_n, stride_o_d, BLOCK_N, BLOCK_DV, ACC)
-    den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
+    den = tl.load(den_ptr + row0 + offs_n, mask=mask_n, other=1.0)
     rs, rz = row_weights(delta, den, den_floor, eps)
-    tl.store(rs_ptr + bh * N + offs_n, rs, mask=mask_n)
-    tl.store(rz_ptr + bh * N + offs_n, rz, mask=mask_n)
+    tl.store(rs_ptr + row0 + offs_n, rs, mask=mask_n)
+    tl.store(rz_ptr + row0 + offs_n, rz, mask=mask_n)
 
 
 @launch_jit

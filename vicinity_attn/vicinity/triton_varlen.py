@@ -23,13 +23,26 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0).transpose(1, 2)
 
 
+def check_packed_sizes(n_seqs: int, heads: int, q_tokens: int, k_tokens: int, d: int, dv: int) -> None:
+    """The size limits of a packed launch, from sizes alone (packed [T, H, E] tensors, contiguous).
+
+    The kernels address a (sequence, head) pair's rows and states in int64 (sequences x heads x tokens
+    may pass 2^31); within the pack, a token's offset (token x heads x head dim, and h x tokens + start
+    into the [H, T] buffers) is int32, and (sequence, head) pairs run along a CUDA grid axis."""
+    if n_seqs * heads >= MAX_PROGRAMS_Y:
+        raise ValueError(f"backend='triton' supports sequences * heads < {MAX_PROGRAMS_Y} (a CUDA grid axis), got "
+                         f"{n_seqs} * {heads}")
+    for side, tokens, width in (("q", q_tokens, d), ("k", k_tokens, d), ("v", k_tokens, dv), ("o", q_tokens, dv)):
+        if tokens * heads * width >= 2 ** 31:
+            raise ValueError(f"backend='triton': packed {side} has tokens * heads * head dim = {tokens} * {heads} * "
+                             f"{width} >= 2^31, past the kernels' int32 token offsets")
+
+
 def check_triton_varlen_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VarlenSpec) -> None:
     """What :func:`check_triton_inputs` checks for a dense call (head dims, devices, dtypes, int32
-    offsets), on the pack as one sequence, and the number of (sequence, head) programs."""
+    offsets), on the pack as one sequence, and :func:`check_packed_sizes`."""
+    check_packed_sizes(spec.n_seqs, q.shape[1], q.shape[0], k.shape[0], q.shape[-1], v.shape[-1])
     check_triton_inputs(_as_batch(q), _as_batch(k), _as_batch(v))
-    if spec.n_seqs * q.shape[1] >= MAX_PROGRAMS_Y:
-        raise ValueError(f"backend='triton' supports sequences * heads < {MAX_PROGRAMS_Y} (a CUDA grid axis), got "
-                         f"{spec.n_seqs} * {q.shape[1]}")
 
 
 @functools.lru_cache(maxsize=64)
