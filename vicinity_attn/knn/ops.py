@@ -133,7 +133,8 @@ _EagerKnn = eager_function("_EagerKnn", "knn_attention", _eager_forward, _eager_
 
 
 def custom_op_knn_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, topk: int, scale: float) -> Tensor:
-    """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
+    """o [B, H, Nq, Dv] of ``backend`` ("torch" or "triton"), differentiable: a plain eager call runs the
+    backend through its eager Function; compile, transforms, modes and meta tensors go through the custom op."""
     if eager_call(q, k, v):     # the backend's forward checks its inputs itself
         return _EagerKnn.apply(q, k, v, backend, topk, scale)
     if backend == "triton":

@@ -214,7 +214,9 @@ _EagerQuadratic = eager_function("_EagerQuadratic", "vicinity_attention", quadra
 
 
 def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VicinitySpec) -> Tensor:
-    """o [B, H, Nq, Dv] through the custom op of ``backend`` ("torch" or "triton"); differentiable."""
+    """o [B, H, Nq, Dv] of ``backend`` ("torch" or "triton"), differentiable: a plain eager call runs the
+    backend through its eager Function (the torch backend's small CPU calls in the exact quadratic form);
+    compile, transforms, modes and meta tensors go through the custom op."""
     if eager_call(q, k, v):     # the backend's forward checks its inputs itself
         if backend == "torch" and quadratic.cheaper(q, k, v, spec):
             return _EagerQuadratic.apply(q, k, v, backend, spec)
