@@ -62,6 +62,8 @@ def target_arch() -> int | None:
         return None
     arch = _ARCHS.get(key, _UNKNOWN)
     if arch is _UNKNOWN:
+        if len(_ARCHS) >= 64:       # the compile gate's launch capture makes a driver per capture
+            _ARCHS.clear()
         target = active.get_current_target()
         arch = _ARCHS[key] = target.arch if isinstance(target.arch, int) else None
     return arch
@@ -98,7 +100,17 @@ def plan_cache(fn):
         return result
 
     cached.cache_clear = cache.clear
+    _PLAN_CACHES.append(cache)
     return cached
+
+
+_PLAN_CACHES: list[dict] = []
+
+
+def clear_plan_caches() -> None:
+    """Forget every memoised launch plan (after changing what plans depend on: a tuning constant in a test)."""
+    for cache in _PLAN_CACHES:
+        cache.clear()
 
 
 def _squeeze_scalars(interpreter) -> None:

@@ -136,9 +136,14 @@ def _case(sigma: float):
 def large_interpreter_blocks(monkeypatch):
     """512-token blocks (2 chunks of 4 in the state passes): the interpreter's cost is per program and
     op, so 32x fewer programs than its default 16-token blocks (about 5x faster than the GPU's 64).
-    Every dot operand is rounded the same way; only the order of the fp32 sums differs."""
+    Every dot operand is rounded the same way; only the order of the fp32 sums differs. The memoised
+    launch plans are dropped before and after: they were planned with the other constants."""
+    runtime.clear_plan_caches()
     monkeypatch.setattr(configs, "INTERPRET_BLOCK_N", 512)
     monkeypatch.setattr(configs, "INTERPRET_BLOCKS_PER_CHUNK", 4)
+    yield
+    monkeypatch.undo()
+    runtime.clear_plan_caches()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
