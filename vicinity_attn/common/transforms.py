@@ -16,6 +16,10 @@ tangent). Supported: grad, vjp, jacrev, jvp, jacfwd, vmap and ``torch.autograd.f
 derivative of a derivative (double backward, hessian, jvp of a grad) raises
 :func:`double_backward_error`'s message. torch.compile never sees these Functions (Dynamo does not
 trace an ``autograd.Function`` with a custom ``jvp``).
+
+Plain eager calls (:func:`eager_call`) skip the custom ops altogether: :func:`eager_function` builds a
+lean ``autograd.Function`` over the backend's own forward and backward, with the same double-backward
+error.
 """
 from __future__ import annotations
 
