@@ -17,7 +17,9 @@ from .vicinity.varlen import varlen_attention
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (kernels present and triton importable)."""
-    if "vicinity_attn.vicinity.triton_backend" in sys.modules:   # imported once: nothing to try again
+    # Eager: once imported, nothing to try again (not while tracing: the import below changes sys.modules,
+    # on which torch.compile would guard).
+    if not torch.compiler.is_compiling() and "vicinity_attn.vicinity.triton_backend" in sys.modules:
         return True
     try:
         from .vicinity import triton_backend  # noqa: F401
