@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_rule, make_inputs
+from tests.helpers import assert_rule, check_reduce_overhead_compile, make_inputs
 from vicinity_attn import knn_attention
 from vicinity_attn.knn import ops as knn_ops
 
@@ -77,15 +77,5 @@ def test_double_backward_is_a_clear_error():
 def test_compile_reduce_overhead_matches_eager(backend):
     """torch.compile(mode="reduce-overhead") (CUDA graphs on a GPU; plain compile on a CPU) traces the op
     with no graph break and matches eager, gradients included."""
-    torch._dynamo.reset()
-    q, k, v = make_inputs(1, 2, 8, 10, 8, 8, dtype=torch.float32)
-
-    def fn(q, k, v):
-        return knn_attention(q, k, v, 4, backend=backend) * 2.0
-
-    compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
-    out, want = compiled(q, k, v), fn(q, k, v)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
-    do = torch.randn_like(out)
-    for g, w in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    inputs = tuple(make_inputs(1, 2, 8, 10, 8, 8, dtype=torch.float32))
+    check_reduce_overhead_compile(lambda q, k, v: knn_attention(q, k, v, 4, backend=backend) * 2.0, inputs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from tests.helpers import make_inputs, token_counts
+from tests.helpers import check_reduce_overhead_compile, make_inputs, token_counts
 from vicinity_attn import VicinityAttention, vicinity_attention
 from vicinity_attn.vicinity import ops
 
@@ -146,15 +146,5 @@ def test_compile_dynamic_true_never_recompiles():
 def test_compile_reduce_overhead_matches_eager(backend):
     """torch.compile(mode="reduce-overhead"), the mode that captures CUDA graphs on a GPU (on a CPU it
     compiles without them): the op traces with no graph break and matches eager, gradients included."""
-    torch._dynamo.reset()
-    q, k, v = make_inputs(1, 2, 12, 12, 8, 8, dtype=torch.float32)
-
-    def fn(q, k, v):
-        return vicinity_attention(q, k, v, (3, 4), backend=backend) * 2.0
-
-    compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
-    out, want = compiled(q, k, v), fn(q, k, v)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
-    do = torch.randn_like(out)
-    for g, w in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    inputs = tuple(make_inputs(1, 2, 12, 12, 8, 8, dtype=torch.float32))
+    check_reduce_overhead_compile(lambda q, k, v: vicinity_attention(q, k, v, (3, 4), backend=backend) * 2.0, inputs)
