@@ -49,17 +49,17 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # Launches stubbed after Triton's binding
 
 
-class _NoLaunch:
-    """Stands in for a compiled kernel in Triton's kernel cache: ``run`` (the launcher) does nothing."""
-
-    function = None
-    packed_metadata = None
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, *args):
-        return None
+def _no_launch():
+    """A compiled kernel for Triton's kernel cache whose launcher does nothing: a real ``CompiledKernel``
+    (so Triton's own runner, ``CompiledKernel[grid](...)``, runs as on a GPU) with nothing loaded."""
+    from triton.compiler import CompiledKernel
+    kernel = object.__new__(CompiledKernel)
+    kernel.module = "stub"              # handles "loaded": nothing to load
+    kernel._module_pid = None           # (triton 3.9) and nothing for its finaliser to unload
+    kernel.function = kernel.packed_metadata = kernel.src = None
+    kernel.name = "no_launch"
+    kernel._run = lambda *args: None
+    return kernel
 
 
 class _Sm90Driver:
@@ -87,7 +87,7 @@ def stubbed_launches():
     from vicinity_attn.vicinity import triton_backend
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-        kernel = _NoLaunch()
+        kernel = _no_launch()
         self.device_caches[device][0][key] = kernel
         return kernel
 

@@ -38,6 +38,17 @@ def launch_jit(fn):
     return triton.jit(do_not_specialize=names)(fn)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints: ``triton.cdiv`` without its constexpr wrapper (triton 3.9 made it a
+    ``constexpr_function``, which costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): ``triton.next_power_of_2`` for host code."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 # Read once, as Triton does: it picks the interpreter or the compiler when it is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
-from ..runtime import Precision, interpreting, pick_precision, plan_cache, target_arch
+from ..runtime import Precision, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -51,7 +50,7 @@ INTERPRET_BLOCKS_PER_CHUNK = 2
 
 def head_block(dim: int) -> int:
     """The power-of-two tile (16, 32 or 64) used for a head dim of ``dim`` (1..256)."""
-    return max(HEAD_BLOCKS[0], min(HEAD_BLOCKS[-1], triton.next_power_of_2(dim)))
+    return max(HEAD_BLOCKS[0], min(HEAD_BLOCKS[-1], next_power_of_2(dim)))
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ class StateTiles:
 def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -> StateTiles:
     """The tiles of state pass ``launch`` ("fwd_state" / "bwd_state") for F = n_feat features, head dims
     d (x) and dv (y) and input dtype."""
-    f_pad = triton.next_power_of_2(n_feat)
+    f_pad = next_power_of_2(n_feat)
     if interpreting():
         block_d = block_dv = head_block(max(d, dv))
         block_n = INTERPRET_BLOCK_N

@@ -10,8 +10,9 @@ With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (README, "The math in sh
 from __future__ import annotations
 
 import torch
-import triton
 
+from ..fast_launch import launch_kernel
+from ..runtime import cdiv, plan_cache
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
 from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
 from .geometry import Geometry
@@ -95,7 +96,7 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
         do = _clamped_row_weights(do, q, den, S, z, rs, rz, geom, cfg, eps, den_floor, clamp, s_k, query_offset)
         rows = {}   # the dq pass reads the clamped backward's rs, rz
     elif dq is None:
-        _row_weights(do, o, den, rs, rz, cfg, (triton.cdiv(Nq, cfg.block_n), B * H), den_floor * s_k, eps * s_k)
+        _row_weights(do, o, den, rs, rz, cfg, (cdiv(Nq, cfg.block_n), B * H), den_floor * s_k, eps * s_k)
 
     if dq is not None:
         _dq_pass(q, do, S, z, rs, rz, dq, geom, True, 1.0, cfg, "bwd_dq", query_offset, **rows)
@@ -115,8 +116,8 @@ def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.T
     s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
     if clamp is not None:
         n = dS.numel()
-        state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0] * s_k, clamp[1] * s_k,
-                                                                BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
+        launch_kernel(state_grad_mask_kernel, (cdiv(n, REDUCE_BLOCK),), dS, S, n, clamp[0] * s_k, clamp[1] * s_k,
+               BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
     _key_pass(k, v, dS, dz, dk, dv, geom, cfg, s_k / s_q, key_offset)
 
 
@@ -131,14 +132,14 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
     f_k, ones = factors(s_k), factors([1.0] * pack.n_seqs)
     rs = torch.empty(H, Tq, dtype=den.dtype, device=q.device)
     rz = torch.empty_like(rs)
-    row_grid = (triton.cdiv(pack.max_length(True), cfg.block_n), pack.n_seqs * H)
+    row_grid = (cdiv(pack.max_length(True), cfg.block_n), pack.n_seqs * H)
     # As in backward_queries: the dq pass computes rs, rz (its factor table scales den_floor and eps).
     rows = dict(o=o, den=den, den_floor=den_floor, eps=eps, factor=f_k)
     if clamp is not None:
         num = torch.empty(1, H, Tq, Dv, dtype=den.dtype, device=q.device)
         output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, pack=pack, factor=ones)
         g = torch.empty(1, H, Tq, Dv, dtype=clamped_grad_dtype(do.dtype), device=q.device)
-        clamped_row_weights_kernel[row_grid](
+        launch_kernel(clamped_row_weights_kernel, row_grid,
             do, num, den, g, rs, rz, H, Tq, Dv, den_floor, eps, clamp[0], clamp[1], 1.0,
             *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv,
             ACC=dot_precision("bwd_row_weights", q.dtype).acc, **cfg.options("bwd_row_weights"),
@@ -157,9 +158,9 @@ def _packed_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom: Geometry, eps:
                             s_copy=dS_op)
     if clamp is not None:
         n = dS.numel()
-        state_grad_mask_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](dS, S, n, clamp[0], clamp[1], BLOCK=REDUCE_BLOCK,
-                                                                num_warps=REDUCE_WARPS, factor_ptr=f_k,
-                                                                rows_per_seq=n // pack.n_seqs, VARLEN=True)
+        launch_kernel(state_grad_mask_kernel, (cdiv(n, REDUCE_BLOCK),), dS, S, n, clamp[0], clamp[1],
+               BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS, factor_ptr=f_k, rows_per_seq=n // pack.n_seqs,
+               VARLEN=True)
     _key_pass(k, v, dS if dS_op is None else dS_op, dz, dk, dv, geom, cfg, 1.0, pack=pack,
               factor=factors([a / b for a, b in zip(s_k, s_q)]))
 
@@ -179,7 +180,6 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
     like den) and written into rs, rz; otherwise (the clamped backward) they are read from rs, rz.
     ``launch`` ("bwd_dq") picks the dot precision and launch options. Packed (``pack``):
     factor[i] multiplies den_floor and eps (with ``o``) or out_scale (without) for sequence i."""
-    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     # One D tile holds all of phi(q) . acc: dO . o comes from the kernel's accumulator, o is not read.
@@ -187,16 +187,24 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
     if o is None:
         o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n = cfg.tokens_per_program(launch)
+    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value)
     if pack is None:
-        grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(D, cfg.block_d))
+        grid = (cdiv(N, block_n), B * H, cdiv(D, cfg.block_d))
     else:
-        grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(D, cfg.block_d))
-    dq_pass_kernel[grid](
-        x, y, states, z, rs, rz, o, den, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
-        den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **geom.constexprs(is_query),
-        ROWS=mode.value, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
-        **cfg.options(launch), **varlen_kwargs(pack, factor))
+        grid = (cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, cdiv(D, cfg.block_d))
+    launch_kernel(dq_pass_kernel, grid,
+                  x, y, states, z, rs, rz, o, den, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
+                  den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **kwargs,
+                  **varlen_kwargs(pack, factor))
+
+
+@plan_cache
+def _dq_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
+             rows: int) -> tuple[int, dict]:
+    """(tokens per program, constexprs and launch options) of a dq pass launch, planned once per shape."""
+    block_n = cfg.tokens_per_program(launch)
+    return block_n, dict(**geom.constexprs(is_query), ROWS=rows, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
+                         BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), **cfg.options(launch))
 
 
 def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: float, eps: float,
@@ -204,7 +212,7 @@ def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: 
     """rs = 1 / den, rz = -(dO . o) / den (0 where the floor is active) into rs, rz: the row weights of a
     backward that wants no dq (the dq pass computes them itself). den_floor, eps scaled like den (packed:
     times factor[i] for sequence i)."""
-    row_weights_kernel[grid](
+    launch_kernel(row_weights_kernel, grid,
         do, o, den, rs, rz, do.shape[1], do.shape[2], do.shape[-1], den_floor, eps, *do.stride(), *o.stride(),
         BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv, ACC=dot_precision("bwd_row_weights", do.dtype).acc,
         **cfg.options("bwd_row_weights"), **varlen_kwargs(pack, factor))
@@ -215,24 +223,33 @@ def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale
     """dk = key_scale * phi'(k) * sum_m P_m (dS_m v + dz_m) and dv = key_scale * sum_m P_m dS_m^T phi(k)
     (where not None) in one launch (keys.py); token i of k sits at sequence position ``key_offset + i``.
     Packed (``pack``): factor[i] multiplies key_scale for sequence i."""
-    prec = dot_precision("bwd_keys", k.dtype)
     B, H, N, D = k.shape
     Dv = v.shape[-1]
-    block_n = cfg.tokens_per_program("bwd_keys")
-    d_tiles, dv_tiles = triton.cdiv(D, cfg.block_d), triton.cdiv(Dv, cfg.block_dv)
+    block_n, d_tiles, dv_tiles, kwargs = _key_plan(geom, k.dtype, D, Dv, cfg, dk is not None, dv is not None)
     # Program j writes dk's D tile j and dv's Dv tile j: as many programs per token block as the
     # gradients asked for have tiles.
     n_programs = max(d_tiles if dk is not None else 1, dv_tiles if dv is not None else 1)
     rows = B * H if pack is None else pack.n_seqs * H
-    grid = (triton.cdiv(N if pack is None else pack.max_length(False), block_n), rows, n_programs)
+    grid = (cdiv(N if pack is None else pack.max_length(False), block_n), rows, n_programs)
+    dk_out, dv_out = k if dk is None else dk, v if dv is None else dv
+    launch_kernel(key_pass_kernel, grid,
+                  k, v, dS, dz, dk_out, dv_out, H, N, D, Dv, geom.n_prefix - key_offset, *geom.k_sizes, key_scale,
+                  *k.stride(), *v.stride(), *dk_out.stride(), *dv_out.stride(), **kwargs,
+                  **varlen_kwargs(pack, factor))
+
+
+@plan_cache
+def _key_plan(geom: Geometry, dtype: torch.dtype, D: int, Dv: int, cfg: LaunchConfig, need_dk: bool,
+              need_dv: bool) -> tuple[int, int, int, dict]:
+    """(tokens per program, D tiles, Dv tiles, constexprs and launch options) of a key pass launch."""
+    block_n = cfg.tokens_per_program("bwd_keys")
+    d_tiles, dv_tiles = cdiv(D, cfg.block_d), cdiv(Dv, cfg.block_dv)
     consts = geom.constexprs(False)
     del consts["IS_QUERY"]  # the kernel is the key side's
-    key_pass_kernel[grid](
-        k, v, dS, dz, k if dk is None else dk, v if dv is None else dv, H, N, D, Dv, geom.n_prefix - key_offset,
-        *geom.k_sizes, key_scale, *k.stride(), *v.stride(), *(k if dk is None else dk).stride(),
-        *(v if dv is None else dv).stride(), **consts, NEED_DK=dk is not None, NEED_DV=dv is not None,
-        ONE_TILE=max(d_tiles, dv_tiles) == 1, BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
-        **prec.constexprs(), **cfg.options("bwd_keys"), **varlen_kwargs(pack, factor))
+    kwargs = dict(**consts, NEED_DK=need_dk, NEED_DV=need_dv, ONE_TILE=max(d_tiles, dv_tiles) == 1, BLOCK_N=block_n,
+                  BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **dot_precision("bwd_keys", dtype).constexprs(),
+                  **cfg.options("bwd_keys"))
+    return block_n, d_tiles, dv_tiles, kwargs
 
 
 def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, eps: float,
@@ -246,7 +263,7 @@ def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchCo
     num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
     output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset)
     g = torch.empty(B, H, Nq, Dv, dtype=clamped_grad_dtype(do.dtype), device=q.device)
-    clamped_row_weights_kernel[(triton.cdiv(Nq, cfg.block_n), B * H)](
+    launch_kernel(clamped_row_weights_kernel, (cdiv(Nq, cfg.block_n), B * H),
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,
         *do.stride(), *g.stride(), BLOCK_N=cfg.block_n, BLOCK_DV=cfg.block_dv,
         ACC=dot_precision("bwd_row_weights", q.dtype).acc,

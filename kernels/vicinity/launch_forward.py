@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from ..runtime import Precision, plan_cache, target_arch
+from ..fast_launch import launch_kernel
+from ..runtime import Precision, cdiv, next_power_of_2, plan_cache, target_arch
 from .clamp import state_clamp_kernel
 from .configs import (
     HEAD_BLOCKS,
@@ -86,6 +86,36 @@ def fused_query_options(tiles: StateTiles) -> dict:
     return opts
 
 
+@dataclass(frozen=True)
+class StatePlan:
+    """What a state pass launch needs besides its tensors, planned once per shape (:func:`state_plan`):
+    the dtype of S and z, the programs per chunk and chunk plan, and the launch's constexprs and options."""
+
+    acc_dtype: torch.dtype
+    n_tiles: int            # D tiles x Dv tiles
+    block_n: int
+    chunks: ChunkPlan
+    kwargs: dict            # constexprs and launch options (never mutated: launches only read it)
+
+
+@plan_cache
+def state_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, D: int, Dv: int, n_tokens: int,
+               lead: int, fused: bool, row_weights: bool) -> StatePlan:
+    """The :class:`StatePlan` of a state pass over ``n_tokens`` tokens (the longest sequence when packed) of
+    ``lead`` (sequence, head) pairs; ``fused``: the backward's fused query pass (queries.py)."""
+    prec = dot_precision(launch, dtype)
+    tiles = state_tiles(geom.n_feat, D, Dv, dtype, launch)
+    n_tiles = cdiv(D, tiles.block_d) * cdiv(Dv, tiles.block_dv)
+    kwargs = dict(**geom.constexprs(is_query), BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
+                  **prec.constexprs(), F_PAD=next_power_of_2(geom.n_feat), Z_COLS=16)
+    if fused:
+        kwargs.update(fused_query_options(tiles))
+    else:
+        kwargs.update(ROW_WEIGHTS=row_weights, **tiles.options())
+    return StatePlan(_acc_torch_dtype(prec), n_tiles, tiles.block_n,
+                     chunk_plan(n_tokens, tiles.block_n, lead * n_tiles), kwargs)
+
+
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
                    launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
@@ -105,61 +135,64 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     ``fused_query_pass``): the programs also compute dq and the row weights themselves (queries.py), and
     rs, rz are not given.
     """
-    prec = dot_precision(launch, x.dtype)
-    acc_dtype = _acc_torch_dtype(prec)
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     F = geom.n_feat
-    tiles = state_tiles(F, D, Dv, x.dtype, launch)
-    n_tiles = triton.cdiv(D, tiles.block_d) * triton.cdiv(Dv, tiles.block_dv)
     lead = B * H if pack is None else pack.n_seqs * H
-    plan: ChunkPlan = chunk_plan(N if pack is None else pack.max_length(is_query), tiles.block_n, lead * n_tiles)
+    row_weights = rs is not None
+    sp = state_plan(geom, is_query, launch, x.dtype, D, Dv, N if pack is None else pack.max_length(is_query), lead,
+                    dq is not None, row_weights)
+    plan = sp.chunks
     n_s, n_z = lead * F * D * Dv, lead * F * D
-    S = torch.empty(lead, F, D, Dv, dtype=acc_dtype, device=x.device)
+    S = torch.empty(lead, F, D, Dv, dtype=sp.acc_dtype, device=x.device)
     assert s_copy is None or (s_copy.shape == S.shape and s_copy.is_contiguous())
     copy = {} if s_copy is None else dict(s_copy_ptr=s_copy, COPY=True)
-    z = torch.empty(lead, F, D, dtype=acc_dtype, device=x.device)
+    z = torch.empty(lead, F, D, dtype=sp.acc_dtype, device=x.device)
     # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
     # would compute, so the result is bitwise the same), and the reduction is skipped. Several: the
     # partials of a chunk are one row [S | z] of one buffer, so that one reduction launch sums both.
     single = plan.n_chunks == 1
-    parts = None if single else torch.empty(plan.n_chunks, n_s + n_z, dtype=acc_dtype, device=x.device)
+    parts = None if single else torch.empty(plan.n_chunks, n_s + n_z, dtype=sp.acc_dtype, device=x.device)
     s_part, z_part = (S, z) if single else (parts[0, :n_s], parts[0, n_s:])
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    row_weights = rs is not None
     if not row_weights:
         rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
     packed = {}
     if pack is not None:
         # Every partial is scaled (by its sequence's factor): the reduction only sums.
-        chunks = pack.chunk_counts(is_query, tiles.block_n, plan.blocks_per_chunk)
+        chunks = pack.chunk_counts(is_query, sp.block_n, plan.blocks_per_chunk)
         packed = dict(varlen_kwargs(pack, factor), chunks_ptr=chunks)
-    f_pad = triton.next_power_of_2(F)
     part_scale = scale if single or pack is not None else 1.0
     if dq is not None:
-        assert pack is None and n_tiles == 1 and not row_weights
-        query_pass_kernel[(lead, plan.n_chunks)](
-            x, y, dq.S, dq.z, dq.den, dq.out, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes,
-            plan.blocks_per_chunk, n_s + n_z, part_scale, dq.den_floor, dq.eps, *x.stride(), *y.stride(),
-            *dq.out.stride(), **geom.constexprs(is_query), BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
-            BLOCK_DV=tiles.block_dv, **prec.constexprs(), F_PAD=f_pad, Z_COLS=16, **fused_query_options(tiles),
-            **(copy if single else {}))
+        assert pack is None and sp.n_tiles == 1 and not row_weights
+        launch_kernel(query_pass_kernel, (lead, plan.n_chunks),
+                      x, y, dq.S, dq.z, dq.den, dq.out, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset,
+                      *sizes, plan.blocks_per_chunk, n_s + n_z, part_scale, dq.den_floor, dq.eps, *x.stride(),
+                      *y.stride(), *dq.out.stride(), **sp.kwargs, **(copy if single else {}))
     else:
-        state_partial_kernel[(lead * n_tiles, plan.n_chunks)](
-            x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk,
-            n_s + n_z, part_scale, *x.stride(), *y.stride(), **geom.constexprs(is_query),
-            ROW_WEIGHTS=row_weights, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
-            **prec.constexprs(), F_PAD=f_pad, Z_COLS=16,
-            **tiles.options(), **packed, **(copy if single else {}))
+        launch_kernel(state_partial_kernel, (lead * sp.n_tiles, plan.n_chunks),
+                      x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes,
+                      plan.blocks_per_chunk, n_s + n_z, part_scale, *x.stride(), *y.stride(), **sp.kwargs,
+                      **packed, **(copy if single else {}))
     if single:
         return S, z
     reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=n_s // pack.n_seqs,
                                                  z_rows_per_seq=n_z // pack.n_seqs, VARLEN=True)
-    chunk_reduce_kernel[(triton.cdiv(n_s + n_z, REDUCE_BLOCK),)](parts, S, z, n_s, n_s + n_z, plan.n_chunks,
-                                                               1.0 if pack is not None else scale,
-                                                               BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
-                                                               **reduce_packed, **copy)
+    launch_kernel(chunk_reduce_kernel, (cdiv(n_s + n_z, REDUCE_BLOCK),), parts, S, z, n_s, n_s + n_z,
+                  plan.n_chunks, 1.0 if pack is not None else scale, BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
+                  **reduce_packed, **copy)
     return S, z
+
+
+@plan_cache
+def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
+                with_den: bool, clamp: bool) -> tuple[int, dict]:
+    """(tokens per program, constexprs and launch options) of an output pass launch, planned once per shape."""
+    block_n = cfg.tokens_per_program(launch)
+    kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_N=block_n,
+                  BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(),
+                  **cfg.options(launch))
+    return block_n, kwargs
 
 
 def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
@@ -175,24 +208,20 @@ def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: tor
     ``launch`` ("fwd_output") picks the dot precision and launch options. Packed (``pack``):
     den is [H, T]; factor[i] multiplies eps, den_floor and state_scale (with eps) or out_scale
     (without) for sequence i."""
-    prec = dot_precision(launch, x.dtype)
     B, H, N, D = x.shape
     Dv = out.shape[-1]
     with_den = eps is not None
     den = torch.empty(B * H, N, dtype=z.dtype, device=x.device) if with_den else z   # z: ACC (states may be a copy)
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n = cfg.tokens_per_program(launch)
+    block_n, kwargs = output_plan(geom, is_query, launch, x.dtype, cfg, with_den, clamp is not None)
     if pack is None:
-        grid = (triton.cdiv(N, block_n), B * H, triton.cdiv(Dv, cfg.block_dv))
+        grid = (cdiv(N, block_n), B * H, cdiv(Dv, cfg.block_dv))
     else:
-        grid = (triton.cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, triton.cdiv(Dv, cfg.block_dv))
-    output_pass_kernel[grid](
-        x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0, out_scale,
-        den_floor, *(clamp or (0.0, 0.0)), state_scale,
-        *x.stride(), *out.stride(), **geom.constexprs(is_query), WITH_DEN=with_den,
-        CLAMP=with_den and clamp is not None,
-        BLOCK_N=block_n, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **prec.constexprs(),
-        **cfg.options(launch), **varlen_kwargs(pack, factor))
+        grid = (cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, cdiv(Dv, cfg.block_dv))
+    launch_kernel(output_pass_kernel, grid,
+                  x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0,
+                  out_scale, den_floor, *(clamp or (0.0, 0.0)), state_scale, *x.stride(), *out.stride(), **kwargs,
+                  **varlen_kwargs(pack, factor))
     return den if with_den else None
 
 
@@ -306,5 +335,5 @@ def clamp_states(S: torch.Tensor, clamp: tuple[float, float], scale: float, pack
     packed: also by factor[i] for sequence i's states)."""
     n = S.numel()
     packed = {} if pack is None else dict(factor_ptr=factor, rows_per_seq=n // pack.n_seqs, VARLEN=True)
-    state_clamp_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](S, n, clamp[0] * scale, clamp[1] * scale,
-                                                        BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS, **packed)
+    launch_kernel(state_clamp_kernel, (cdiv(n, REDUCE_BLOCK),), S, n, clamp[0] * scale, clamp[1] * scale,
+           BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS, **packed)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import cdiv
 from .configs import pow2_scale
 
 SEQ_COLS = tl.constexpr(10)
@@ -112,5 +113,5 @@ class Packing:
 
     def chunk_counts(self, is_query: bool, block_n: int, blocks_per_chunk: int) -> torch.Tensor:
         """int32 [S]: how many chunks of ``blocks_per_chunk`` token blocks each sequence's state pass has."""
-        counts = [triton.cdiv(triton.cdiv(n, block_n), blocks_per_chunk) for n in self.lengths(is_query)]
+        counts = [cdiv(cdiv(n, block_n), blocks_per_chunk) for n in self.lengths(is_query)]
         return self._kept(("chunks", is_query, block_n, blocks_per_chunk), counts, torch.int32)

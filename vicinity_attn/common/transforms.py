@@ -161,6 +161,8 @@ def eager_function(name: str, function: str, forward: Callable[..., tuple[Tensor
     ``backward(do, q, k, v, o, *state, backend, *options, needs)`` (None where ``needs`` is False),
     computed without recording a graph: with ``create_graph=True`` the gradients come out attached to
     a node whose own backward raises :func:`double_backward_error`, as the custom ops' do.
+    ``Function.forward_only(q, k, v, backend, *options)`` returns o alone without autograd, for calls that
+    record no graph (no input requires grad, or grad mode is off).
     """
 
     def attention_forward(ctx, q, k, v, backend, *options):
@@ -177,9 +179,14 @@ def eager_function(name: str, function: str, forward: Callable[..., tuple[Tensor
             grads = _Underivable.apply(function, ctx.backend, *ctx.saved_tensors[:3], *grads)
         return (*grads, None, *(None,) * len(ctx.options))
 
+    def forward_only(q, k, v, backend, *options):
+        return forward(q, k, v, backend, *options)[0]
+
     return type(name, (torch.autograd.Function,), dict(
-        __doc__=f"{function} for eager calls: the backend's forward and backward without the custom op.",
-        forward=staticmethod(attention_forward), backward=staticmethod(attention_backward)))
+        __doc__=f"{function} for eager calls: the backend's forward and backward without the custom op "
+                "(``forward_only``: o alone, for calls that record no graph).",
+        forward=staticmethod(attention_forward), backward=staticmethod(attention_backward),
+        forward_only=staticmethod(forward_only)))
 
 
 class _Underivable(torch.autograd.Function):

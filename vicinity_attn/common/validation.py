@@ -219,6 +219,24 @@ def check_options(*, variant: object, feature_map: object, eps: object, den_floo
                 num_prefix_tokens=check_prefix(num_prefix_tokens))
 
 
+# Options (and grids) of recent calls that passed the checks, with what the checks made of them: a layer
+# calls with the same options every step. Only plain Python values are keys (no tensors, no symbolic sizes).
+_KNOWN_OPTIONS: dict = {}
+_PLAIN_TYPES = (int, float, str, type(None))
+
+
+def _plain(key: tuple) -> bool:
+    """Whether every value of ``key`` is a plain int / float / str / None or a tuple of them (not a bool,
+    whose options are refused with their own message, nor a list: unhashable)."""
+    for x in key:
+        if type(x) is tuple:
+            if not all(type(y) in _PLAIN_TYPES for y in x):
+                return False
+        elif type(x) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
                   num_prefix_tokens: int = 0, den_floor: float = 0.0,
@@ -227,16 +245,25 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec.
     ``sharded``: q, k, v are one rank's shards (context parallelism), so their token counts are checked
     against the grids later, summed over ranks (:func:`check_shard_counts`)."""
-    layout = check_option(layout, "layout", LAYOUTS)
-    options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
-                            num_prefix_tokens=num_prefix_tokens, backend=backend)
+    key = (grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp)
+    known = _KNOWN_OPTIONS.get(key) if _plain(key) else None
+    if known is None:
+        layout = check_option(layout, "layout", LAYOUTS)
+        options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
+                                num_prefix_tokens=num_prefix_tokens, backend=backend)
+        grid = normalize_grid(grid, "grid")
+        kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
+        if len(kv_grid) != len(grid):
+            raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
+        known = (layout, options, grid, kv_grid)
+        if _plain(key):
+            if len(_KNOWN_OPTIONS) >= 1024:
+                _KNOWN_OPTIONS.clear()
+            _KNOWN_OPTIONS[key] = known
+    layout, options, grid, kv_grid = known
     n_prefix = options["num_prefix_tokens"]
     q, k, v = check_qkv(q, k, v, layout)
     Nq, Nk = q.shape[2], k.shape[2]
-    grid = normalize_grid(grid, "grid")
-    kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
-    if len(kv_grid) != len(grid):
-        raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
     if not sharded and not tokens_match(Nq, n_prefix, grid):
         raise ValueError(f"grid {grid} has {math.prod(grid)} tokens (+ {n_prefix} prefix tokens) "
                          f"but q has {Nq} tokens")

@@ -136,6 +136,8 @@ def custom_op_knn_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, topk:
     """o [B, H, Nq, Dv] of ``backend`` ("torch" or "triton"), differentiable: a plain eager call runs the
     backend through its eager Function; compile, transforms, modes and meta tensors go through the custom op."""
     if eager_call(q, k, v):     # the backend's forward checks its inputs itself
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return _EagerKnn.forward_only(q, k, v, backend, topk, scale)   # no graph to record: skip autograd
         return _EagerKnn.apply(q, k, v, backend, topk, scale)
     if backend == "triton":
         from .triton_backend import check_knn_triton_inputs

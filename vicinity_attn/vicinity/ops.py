@@ -218,9 +218,11 @@ def custom_op_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: Vic
     backend through its eager Function (the torch backend's small CPU calls in the exact quadratic form);
     compile, transforms, modes and meta tensors go through the custom op."""
     if eager_call(q, k, v):     # the backend's forward checks its inputs itself
-        if backend == "torch" and quadratic.cheaper(q, k, v, spec):
-            return _EagerQuadratic.apply(q, k, v, backend, spec)
-        return _EagerAttention.apply(q, k, v, backend, spec)
+        function = (_EagerQuadratic if backend == "torch" and quadratic.cheaper(q, k, v, spec)
+                    else _EagerAttention)
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return function.forward_only(q, k, v, backend, spec)   # no graph to record: skip autograd
+        return function.apply(q, k, v, backend, spec)
     if backend == "triton":
         # Device / head-dim errors must surface at trace time as in eager, before the op.
         from .triton_backend import check_triton_inputs

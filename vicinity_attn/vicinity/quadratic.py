@@ -11,6 +11,9 @@ with W [Nq, Nk] the vicinity weights (the reference's, built once per grid pair)
 c = -(dO . o) / den, 0 where the floor is active): dA = g v^T + c 1^T, dv = A^T g, dS = dA * W,
 dphi_q = dS phi_k, dphi_k = dS^T phi_q, dx = dphi * phi'(x).
 
+Forward saves what the linear form saves (q, k, v, o, den); the backward recomputes A (one matmul), and
+every N x N temporary is a scratch buffer (:mod:`.scratch`), so no call page-faults fresh N x N memory in.
+
 :func:`cheaper` is the cost rule; the clamp, 16-bit inputs and devices other than the CPU keep the
 linear form (which accumulates 16-bit inputs in fp32 and never holds N x N).
 """
@@ -20,10 +23,12 @@ import functools
 
 import torch
 
-from ..common.feature_maps import apply_feature_map, feature_map_grad_mul
+from ..common.allocation import empty_output_like
+from ..common.feature_maps import mul_feature_map_grad_
 from ..common.spec import VicinitySpec
 from .reference import vicinity_weights
-from .torch_backend import floor_active
+from .scratch import scratch, scratch_session
+from .torch_backend import _features, floor_active
 
 # The largest Nq * Nk taken quadratically (a few cache-resident N x N blocks per head); 0 turns it off.
 MAX_PAIRS = 4096
@@ -47,31 +52,50 @@ def _weights(spec: VicinitySpec, dtype: torch.dtype, device: torch.device) -> to
     return vicinity_weights(spec, dtype=dtype, device=device)
 
 
+def _scores(phi_q: torch.Tensor, phi_k: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
+    """A = (phi_q phi_k^T) * W [B, H, Nq, Nk], in the scratch buffer "quad_scores" (a temporary: fresh
+    N x N buffers would be page-faulted in at every call, costing as much as the matmul)."""
+    B, H, Nq, _ = phi_q.shape
+    Nk = phi_k.shape[2]
+    A = scratch("quad_scores", B * H * Nq * Nk, phi_q.dtype, phi_q.device).view(B, H, Nq, Nk)
+    return torch.matmul(phi_q, phi_k.transpose(-1, -2), out=A).mul_(_weights(spec, phi_q.dtype, phi_q.device))
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
             spec: VicinitySpec) -> tuple[torch.Tensor, ...]:
-    """(o, den, A, phi_q, phi_k): o [B, H, Nq, Dv] in q's dtype; den [B, H, Nq], A [B, H, Nq, Nk] and the
-    features are saved for the backward (small by :func:`cheaper`'s bound)."""
-    phi_q, phi_k = apply_feature_map(q, spec.feature_map), apply_feature_map(k, spec.feature_map)
-    A = (phi_q @ phi_k.transpose(-1, -2)).mul_(_weights(spec, q.dtype, q.device))
-    r = A.sum(-1)
-    den = (r.clamp_min(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
-    o = (A @ v).div_(den[..., None])
-    return o, den, A, phi_q, phi_k
+    """(o, den): o [B, H, Nq, Dv] in q's dtype and memory order, den [B, H, Nq]; the backward recomputes A
+    from q and k (one matmul) rather than keeping it."""
+    with scratch_session():
+        phi_q = _features(q, spec.feature_map, q.dtype, "quad_phi_q")
+        phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k")
+        A = _scores(phi_q, phi_k, spec)
+        r = A.sum(-1)
+        den = (r.clamp_min(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
+        o = empty_output_like(q, v.shape[-1])
+        torch.matmul(A, v, out=o) if o.is_contiguous() else o.copy_(A @ v)
+        o.div_(den[..., None])
+    return o, den
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             den: torch.Tensor, A: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor, backend: str,
-             spec: VicinitySpec, needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+             den: torch.Tensor, backend: str, spec: VicinitySpec,
+             needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """(dq, dk, dv) of :func:`forward` (None where ``needs`` says a gradient is not wanted)."""
-    g = do / den[..., None]
-    c = -(do * o).sum(-1) / den
-    floored = floor_active(den, spec)
-    if floored is not None:
-        c = c.masked_fill(floored, 0.0)
-    dv = A.transpose(-1, -2) @ g if needs[2] else None
-    if not (needs[0] or needs[1]):
-        return None, None, dv
-    dS = (g @ v.transpose(-1, -2)).add_(c[..., None]).mul_(_weights(spec, q.dtype, q.device))
-    dq = feature_map_grad_mul(dS @ phi_k, phi_q, spec.feature_map) if needs[0] else None
-    dk = feature_map_grad_mul(dS.transpose(-1, -2) @ phi_q, phi_k, spec.feature_map) if needs[1] else None
+    with scratch_session():
+        g = do / den[..., None]
+        c = -(do * o).sum(-1) / den
+        floored = floor_active(den, spec)
+        if floored is not None:
+            c = c.masked_fill(floored, 0.0)
+        phi_q = _features(q, spec.feature_map, q.dtype, "quad_phi_q")
+        phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k")
+        A = _scores(phi_q, phi_k, spec)
+        dv = A.transpose(-1, -2) @ g if needs[2] else None
+        if not (needs[0] or needs[1]):
+            return None, None, dv
+        B, H, Nq, Nk = A.shape
+        dS = scratch("quad_score_grads", B * H * Nq * Nk, q.dtype, q.device).view(B, H, Nq, Nk)
+        torch.matmul(g, v.transpose(-1, -2), out=dS).add_(c[..., None]).mul_(_weights(spec, q.dtype, q.device))
+        dq = mul_feature_map_grad_(dS @ phi_k, phi_q, spec.feature_map) if needs[0] else None
+        dk = mul_feature_map_grad_(dS.transpose(-1, -2) @ phi_q, phi_k, spec.feature_map) if needs[1] else None
     return dq, dk, dv

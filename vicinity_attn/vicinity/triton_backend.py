@@ -8,6 +8,8 @@ interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
@@ -70,8 +72,31 @@ def saved_state_dtype(q: torch.Tensor, v: torch.Tensor, clamp) -> torch.dtype:
                                     compute_dtype(q.dtype))
 
 
+@functools.lru_cache(maxsize=1024)
 def _geometry(spec: VicinitySpec) -> Geometry:
     return Geometry.build(spec.grid, spec.kv_grid, spec.variant, spec.feature_map, spec.num_prefix_tokens)
+
+
+def _checked_geometry(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      spec: VicinitySpec) -> Geometry:
+    """:func:`check_triton_inputs` (and the output's offsets) and the kernels' geometry, once per layout of a
+    call: what they check is a function of the shapes, strides, dtype and device type (and of whether the
+    interpreter runs, fixed per process)."""
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), o.stride(), q.dtype, q.device.type, spec,
+           interpreting())
+    geom = _CHECKED.get(key)
+    if geom is None:
+        check_triton_inputs(q, k, v)
+        check_token_offsets(o, "the output o")
+        geom = _geometry(spec)
+        if len(_CHECKED) >= 1024:
+            _CHECKED.clear()
+        _CHECKED[key] = geom
+    return geom
+
+
+_CHECKED: dict = {}
+_CHECKED_GRADS: set = set()
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,11 +106,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``kernels/forward.py``), in float32 (float64 for float64 inputs; S in bfloat16 where
     :func:`saved_state_dtype` says). The body of the custom
     op of :mod:`vicinity_attn.vicinity.ops`, which also carries the autograd formula."""
-    check_triton_inputs(q, k, v)
     o = empty_output_like(q, v.shape[-1])
-    check_token_offsets(o, "the output o")
+    geom = _checked_geometry(q, k, v, o, spec)
     with launch_device(q):
-        den, S, z = vicinity_forward(q, k, v, o, _geometry(spec), spec.eps, spec.den_floor, spec.clamp)
+        den, S, z = vicinity_forward(q, k, v, o, geom, spec.eps, spec.den_floor, spec.clamp)
     return o, den, S, z
 
 
@@ -96,9 +120,14 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
     kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
     dq, dk, dv = empty_grads_like((q, k, v), needs)
-    for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
-        if t is not None:
-            check_token_offsets(t, name)
+    key = (do.shape, do.stride(), *(None if t is None else t.stride() for t in (dq, dk, dv)))
+    if key not in _CHECKED_GRADS:    # a function of the shapes and strides only
+        for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
+            if t is not None:
+                check_token_offsets(t, name)
+        if len(_CHECKED_GRADS) >= 1024:
+            _CHECKED_GRADS.clear()
+        _CHECKED_GRADS.add(key)
     with launch_device(q):
         vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor,
                           spec.clamp)
