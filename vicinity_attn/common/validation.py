@@ -220,21 +220,27 @@ def check_options(*, variant: object, feature_map: object, eps: object, den_floo
 
 
 # Options (and grids) of recent calls that passed the checks, with what the checks made of them: a layer
-# calls with the same options every step. Only plain Python values are keys (no tensors, no symbolic sizes).
+# calls with the same options every step. Only plain Python values are keys (no tensors, no symbolic sizes),
+# each with its type.
 _KNOWN_OPTIONS: dict = {}
 _PLAIN_TYPES = (int, float, str, type(None))
 
 
-def _plain(key: tuple) -> bool:
-    """Whether every value of ``key`` is a plain int / float / str / None or a tuple of them (not a bool,
-    whose options are refused with their own message, nor a list: unhashable)."""
-    for x in key:
-        if type(x) is tuple:
+def _typed_key(values: tuple) -> tuple | None:
+    """``values`` with each value's type beside it (1, 1.0 and True are equal as dict keys, yet not equally
+    valid options), or None when one is not a plain int / float / str / None or a tuple of them."""
+    key = []
+    for x in values:
+        t = type(x)
+        if t is tuple:
             if not all(type(y) in _PLAIN_TYPES for y in x):
-                return False
-        elif type(x) not in _PLAIN_TYPES:
-            return False
-    return True
+                return None
+            key.append((t, tuple((type(y), y) for y in x)))
+        elif t in _PLAIN_TYPES:
+            key.append((t, x))
+        else:
+            return None
+    return tuple(key)
 
 
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
@@ -245,8 +251,8 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec.
     ``sharded``: q, k, v are one rank's shards (context parallelism), so their token counts are checked
     against the grids later, summed over ranks (:func:`check_shard_counts`)."""
-    key = (grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp)
-    known = _KNOWN_OPTIONS.get(key) if _plain(key) else None
+    key = _typed_key((grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp))
+    known = None if key is None else _KNOWN_OPTIONS.get(key)
     if known is None:
         layout = check_option(layout, "layout", LAYOUTS)
         options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
@@ -256,7 +262,7 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
         if len(kv_grid) != len(grid):
             raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
         known = (layout, options, grid, kv_grid)
-        if _plain(key):
+        if key is not None:
             if len(_KNOWN_OPTIONS) >= 1024:
                 _KNOWN_OPTIONS.clear()
             _KNOWN_OPTIONS[key] = known

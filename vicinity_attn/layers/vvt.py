@@ -65,9 +65,52 @@ EPS = 1e-4
 def abs_clamp(t: torch.Tensor, min_mag: float = CLAMP_MIN, max_mag: float = CLAMP_MAX) -> torch.Tensor:
     """Clamp magnitudes into [min_mag, max_mag] keeping the sign; zeros stay zero.
 
-    Same values and gradients as the authors' ``abs_clamp`` (which works in place), out of place.
+    Same values and gradients as the authors' ``abs_clamp`` (which works in place), out of place, NaN
+    included (a NaN stays NaN and gets gradient 0). Computed by :class:`_AbsClamp`, which saves only t and
+    computes the gradient as one select, where plain autograd over abs, clamp, sign and a product saves
+    and computes four tensors the size of t (the layer clamps [B, N, C] twice per call). With min_mag <= 0
+    (0 inside the range: autograd's product there is grad * 0, NaN for a non-finite grad) the authors'
+    form runs as written, and so it does under torch.compile (which fuses it, and cannot trace a Function
+    with a forward-mode rule).
     """
-    return reference_abs_clamp(t, (min_mag, max_mag))
+    if min_mag <= 0 or torch.compiler.is_compiling():
+        return reference_abs_clamp(t, (min_mag, max_mag))
+    return _AbsClamp.apply(t, min_mag, max_mag)
+
+
+class _AbsClamp(torch.autograd.Function):
+    """sign(t) * clamp(|t|, lo, hi) as clamp(t, -hi, hi) where |t| >= lo (exactly equal), lo * sign(t) below
+    (0 at t = 0); derivative 1 where lo <= |t| <= hi, else 0 (autograd's for the authors' form when lo > 0:
+    clamp passes its bounds, sign(t)^2 = 1 there, and a NaN fails every comparison)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        out = t.clamp(-hi, hi)
+        return torch.where(t.abs() < lo, t.sign().mul_(lo), out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        t, ctx.lo, ctx.hi = inputs
+        ctx.save_for_backward(t)
+        ctx.save_for_forward(t)
+
+    @staticmethod
+    def _passes(ctx, t: torch.Tensor) -> torch.Tensor:
+        a = t.abs()
+        return (a >= ctx.lo) & (a <= ctx.hi)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (t,) = ctx.saved_tensors
+        return torch.where(_AbsClamp._passes(ctx, t), grad, 0.0), None, None
+
+    @staticmethod
+    def jvp(ctx, t_dot: torch.Tensor, _lo, _hi) -> torch.Tensor:
+        (t,) = ctx.saved_tensors
+        # Forward mode of the authors' product also carries clamp(|t|) * 0 from sign's zero tangent: NaN at t = NaN.
+        return torch.where(t.isnan(), t, torch.where(_AbsClamp._passes(ctx, t), t_dot, 0.0))
 
 
 class VicinityVisionAttention(HoldsProcessGroup, nn.Module):

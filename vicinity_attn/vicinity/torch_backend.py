@@ -325,7 +325,7 @@ def _clamped_row_grads(pl: _Plan, do: torch.Tensor, q: torch.Tensor, S: torch.Te
     c = dL/dden, from the numerators recomputed off the saved (clamped) states. With u = n r, n = C(n_pre),
     r = C(1/den), o = C(u): dU = dO C'(u), g = dU r C'(n_pre), c = -(dU . n) C'(1/den) / den^2."""
     clamp = pl.spec.clamp
-    n_pre = torch.empty(do.shape, dtype=pl.dtype, device=do.device)
+    n_pre = scratch("clamp_numerators", do.numel(), pl.dtype, do.device).view(do.shape)
     sums = torch.empty_like(den)
     num, num_prefix = _numerators(pl, q, S, z, n_pre, sums, ws)
     if num.data_ptr() != n_pre[:, :, pl.P:].data_ptr():
@@ -338,13 +338,57 @@ def _clamped_row_grads(pl: _Plan, do: torch.Tensor, q: torch.Tensor, S: torch.Te
 def clamped_row_grads(do: torch.Tensor, n_pre: torch.Tensor, den: torch.Tensor, clamp: tuple[float, float],
                       g: torch.Tensor) -> torch.Tensor:
     """The clamped row gradients from the unclamped numerator n_pre [..., N, Dv] and den [..., N]: writes
-    g = dL/dnum_pre into ``g`` and returns c = dL/dden [..., N, 1] (formulas: :func:`_clamped_row_grads`)."""
+    g = dL/dnum_pre into ``g`` and returns c = dL/dden [..., N, 1] (formulas: :func:`_clamped_row_grads`).
+
+    Every [..., N, Dv] temporary is a scratch buffer written in place (fresh ones cost page faults that
+    outweigh the arithmetic on a CPU). The clamp's lower bound is > 0, so lo <= |x| <= hi already
+    excludes x = 0, as :func:`clamp_passes` does; NaNs fail every comparison and take mask 0, as there."""
+    lo, hi = clamp
     r_pre = den.reciprocal().unsqueeze(-1)
     r = abs_clamp_(r_pre.clone(), clamp)
-    n = abs_clamp_(n_pre.clone(), clamp)
-    dU = do.to(n_pre.dtype) * clamp_passes(n * r, clamp)
-    torch.mul(dU * r, clamp_passes(n_pre, clamp), out=g)
-    return (dU * n).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
+
+    def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return scratch(name, n_pre.numel(), dtype, n_pre.device).view(n_pre.shape)
+
+    n, work = buffer("clamp_n", n_pre.dtype), buffer("clamp_work", n_pre.dtype)
+    passes_n, passes_u, below = (buffer(name, torch.bool) for name in ("clamp_passes_n", "clamp_passes_u",
+                                                                       "clamp_below"))
+    torch.abs(n_pre, out=n)
+    torch.ge(n, lo, out=passes_n).logical_and_(torch.le(n, hi, out=below))     # C'(n_pre)
+    n.clamp_(lo, hi).mul_(torch.sign(n_pre, out=work))                          # n = C(n_pre)
+    torch.mul(n, r, out=work).abs_()                                            # |u| = |n r|
+    torch.ge(work, lo, out=passes_u).logical_and_(torch.le(work, hi, out=below))  # C'(u)
+    dU = torch.mul(do, passes_u, out=work)                                      # dU = dO C'(u)
+    torch.mul(dU, r, out=g).mul_(passes_n)                                      # g = dU r C'(n_pre)
+    return n.mul_(dU).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
+
+
+def clamped_row_grads_from_output(do: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
+                                  clamp: tuple[float, float], g: torch.Tensor) -> torch.Tensor:
+    """:func:`clamped_row_grads` without the unclamped numerator, read off the output o (in the accumulation
+    dtype, so o = C(u) exactly): where lo < |o| < hi, u = n r was not clamped, o = u and n = o / r; elsewhere
+    C'(u) = 0 and n does not enter dU. C'(n_pre) is read off n: a clamped n sits exactly on a bound, but
+    o / r recovers n only to a rounding or two, so |n| within 8 ulps of a bound counts as clamped. Differs
+    from the recomputed form only where |u| lies exactly on a bound or |n_pre| within 8 ulps of one."""
+    lo, hi = clamp
+    margin = 8 * torch.finfo(o.dtype).eps
+    r_pre = den.reciprocal().unsqueeze(-1)
+    r = abs_clamp_(r_pre.clone(), clamp)
+
+    def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return scratch(name, o.numel(), dtype, o.device).view(o.shape)
+
+    n, work = buffer("clamp_n", o.dtype), buffer("clamp_work", o.dtype)
+    passes_n, passes_u, below = (buffer(name, torch.bool) for name in ("clamp_passes_n", "clamp_passes_u",
+                                                                       "clamp_below"))
+    torch.abs(o, out=work)
+    torch.gt(work, lo, out=passes_u).logical_and_(torch.lt(work, hi, out=below))   # C'(u)
+    torch.div(o, r, out=n)                                                          # n = u / r
+    torch.abs(n, out=work)
+    torch.gt(work, lo * (1 + margin), out=passes_n).logical_and_(torch.lt(work, hi * (1 - margin), out=below))
+    dU = torch.mul(do, passes_u, out=work)                                          # dU = dO C'(u)
+    torch.mul(dU, r, out=g).mul_(passes_n)                                          # g = dU r C'(n_pre)
+    return n.mul_(dU).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
 
 
 @with_call_threads
@@ -387,7 +431,9 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         prod = ws.results[:do.numel()].view(do.shape).copy_(do).mul_(o)
         c = prod.sum(-1).div_(den).neg_().unsqueeze(-1)                         # [B, H, Nq, 1]
         del prod
-    else:
+    elif o.dtype == dtype:
+        c = clamped_row_grads_from_output(do, o, den, spec.clamp, g)
+    else:   # o was rounded to 16 bits: recompute the numerators rather than read them off o
         c = _clamped_row_grads(pl, do, q, S, z, den, g, ws)
     floored = floor_active(den, spec)
     if floored is not None:  # there den is a constant: no gradient flows into it
