@@ -1,4 +1,5 @@
-"""The host-overhead benchmark (bench.host) end to end at a tiny budget, and the GPU model's eager term."""
+"""The host-overhead benchmark (bench.host) end to end at a tiny budget, the GPU model's eager term, and the
+CPU layer benchmark (bench.cpu_layers) at one round."""
 from __future__ import annotations
 
 import json
@@ -54,3 +55,16 @@ def test_add_host_term_only_where_measured():
     assert shapes["a"]["fwd"]["eager_us"] == 225.0 and shapes["a"]["fwd"]["host_bound"]
     assert shapes["a"]["fwdbwd"]["eager_us"] == 425.0
     assert "eager_us" not in shapes["b"]["fwd"]
+
+
+def test_cpu_layer_benchmark_writes_its_ratios(tmp_path):
+    from bench import cpu_layers
+    out = tmp_path / "layers.json"
+    assert cpu_layers.main(["--rounds", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"vit-8x8", "vvt-7x7", "vvt-clip-112x112"}
+    for row in rows.values():
+        ours, base = (row["vicinity_ms"], row["softmax_ms"]) if row["kind"] == "small" else (row["clip_ms"],
+                                                                                             row["no_clip_ms"])
+        assert ours > 0 and base > 0 and row["ratio"] == pytest.approx(ours / base)
+        assert row["meets_target"] == (row["ratio"] <= row["target"])

@@ -28,7 +28,7 @@ from ..common.feature_maps import mul_feature_map_grad_
 from ..common.spec import VicinitySpec
 from .reference import vicinity_weights
 from .scratch import scratch, scratch_session
-from .torch_backend import _features, floor_active
+from .torch_backend import _contiguous, _features, floor_active
 
 # The largest Nq * Nk taken quadratically (a few cache-resident N x N blocks per head); 0 turns it off.
 MAX_PAIRS = 4096
@@ -72,7 +72,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
         r = A.sum(-1)
         den = (r.clamp_min(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
         o = empty_output_like(q, v.shape[-1])
-        torch.matmul(A, v, out=o) if o.is_contiguous() else o.copy_(A @ v)
+        values = _contiguous(v, v.dtype, "quad_values")     # one copy, not one inside each matmul
+        if o.is_contiguous():
+            torch.matmul(A, values, out=o)
+        else:
+            o.copy_(torch.matmul(A, values, out=scratch("quad_out", o.numel(), o.dtype, o.device).view(o.shape)))
         o.div_(den[..., None])
     return o, den
 
@@ -82,7 +86,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """(dq, dk, dv) of :func:`forward` (None where ``needs`` says a gradient is not wanted)."""
     with scratch_session():
-        g = do / den[..., None]
+        g = scratch("quad_grad_out", do.numel(), q.dtype, q.device).view(do.shape)
+        torch.div(do, den[..., None], out=g)                   # contiguous: read by two matmuls
         c = -(do * o).sum(-1) / den
         floored = floor_active(den, spec)
         if floored is not None:
@@ -95,7 +100,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             return None, None, dv
         B, H, Nq, Nk = A.shape
         dS = scratch("quad_score_grads", B * H * Nq * Nk, q.dtype, q.device).view(B, H, Nq, Nk)
-        torch.matmul(g, v.transpose(-1, -2), out=dS).add_(c[..., None]).mul_(_weights(spec, q.dtype, q.device))
+        values = _contiguous(v, v.dtype, "quad_values")
+        torch.matmul(g, values.transpose(-1, -2), out=dS).add_(c[..., None]).mul_(_weights(spec, q.dtype, q.device))
         dq = mul_feature_map_grad_(dS @ phi_k, phi_q, spec.feature_map) if needs[0] else None
         dk = mul_feature_map_grad_(dS.transpose(-1, -2) @ phi_q, phi_k, spec.feature_map) if needs[1] else None
     return dq, dk, dv
