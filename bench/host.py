@@ -15,8 +15,10 @@ the calibration alike.
 
 Measured per shape, forward, backward and forward + backward:
   (i) the public function ``vicinity_attention``; (ii) ``VicinityAttention`` minus the same module with
-  its attention core replaced by a no-op (what the layer adds to its Linear layers); (iii) the
-  launchers alone (``vicinity_forward`` / ``vicinity_backward`` on preallocated tensors); and the
+  its attention core replaced by a no-op (what the layer adds to its Linear layers); (iii) the triton
+  backend's own forward / backward (no validation, no autograd: public minus backend is what those
+  cost); (iv) the launchers alone (``vicinity_forward`` / ``vicinity_backward`` on preallocated tensors:
+  backend minus launchers is the backend's checks, allocation and device guard); and the
   calibration: Triton's bare launch of a kernel with a comparable argument list (``calibration_kernel``,
   40 runtime arguments), times the call's launch count. Backward is timed with ``torch.autograd.grad``
   on a graph built outside the timer, so no gradient accumulation is timed. Callables are timed in
@@ -230,6 +232,28 @@ def module_callables(shape: dict) -> dict[str, Callable[[], object]]:
     return out
 
 
+def backend_callables(shape: dict) -> dict[str, Callable[[], object]]:
+    """fwd / bwd / fwdbwd of the triton backend's own forward and backward (input checks, allocation, the
+    device guard and the launchers: what the public function runs without validation and autograd)."""
+    from vicinity_attn.common.validation import validate_call
+    from vicinity_attn.vicinity import triton_backend
+    (q, k, v), do = _inputs(shape, False)
+    spec = validate_call(q, k, v, tuple(shape["grid"]), None, variant="sum", feature_map="relu", eps=1e-4,
+                         layout="bhnd", backend="triton")[3]
+    saved = triton_backend.forward(q, k, v, spec)
+
+    def fwd():
+        return triton_backend.forward(q, k, v, spec)
+
+    def bwd():
+        return triton_backend.backward(do, q, k, v, *saved, spec)
+
+    def fwdbwd():
+        return triton_backend.backward(do, q, k, v, *triton_backend.forward(q, k, v, spec), spec)
+
+    return dict(fwd=fwd, bwd=bwd, fwdbwd=fwdbwd)
+
+
 def launcher_callables(shape: dict) -> dict[str, Callable[[], object]]:
     """fwd / bwd / fwdbwd of the launchers alone, on preallocated tensors (what the backend hands them)."""
     import torch
@@ -318,8 +342,10 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
             shape = SHAPES[name]
             public = public_callables(shape)
             launchers = launcher_callables(shape)
+            backend = backend_callables(shape)
             module = module_callables(shape)
             fns = {"bare_launch": calibrate, **{f"public.{m}": f for m, f in public.items()},
+                   **{f"backend.{m}": f for m, f in backend.items()},
                    **{f"launchers.{m}": f for m, f in launchers.items()}}
             # The layers run real CPU matmuls: timed in a round of their own, so that their cache traffic
             # does not land on the host-only calls.
@@ -332,7 +358,8 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
                 bound = TARGET_FACTOR * n * launch_us
                 row["modes"][mode] = {
                     "launches": n, "kernels": counts[mode],
-                    "public_us": us[f"public.{mode}"], "launchers_us": us[f"launchers.{mode}"],
+                    "public_us": us[f"public.{mode}"], "backend_us": us[f"backend.{mode}"],
+                    "launchers_us": us[f"launchers.{mode}"],
                     "module_us": us[f"module.{mode}"], "module_bare_us": us[f"module_bare.{mode}"],
                     "module_attention_us": us[f"module.{mode}"] - us[f"module_bare.{mode}"],
                     "launches_x_bare_us": n * launch_us, "target_us": bound,
@@ -349,15 +376,16 @@ def format_table(result: dict) -> str:
     lines = [f"host CPU time per eager call, microseconds (triton {result['triton']}, torch {result['torch']}, "
              "one thread; launches stubbed after Triton's binding)",
              f"{'shape':<40} {'mode':<7} {'launches':>8} {'bare x n':>9} {'public':>9} {'ratio':>6} "
-             f"{'launchers':>9} {'layer+':>9} {'target':>7}"]
+             f"{'backend':>9} {'launchers':>9} {'layer+':>9} {'target':>7}"]
     for row in result["shapes"].values():
         for mode, m in row["modes"].items():
             lines.append(f"{row['title']:<40} {mode:<7} {m['launches']:>8} {m['launches_x_bare_us']:>9.1f} "
-                         f"{m['public_us']:>9.1f} {m['public_vs_launches']:>6.2f} {m['launchers_us']:>9.1f} "
+                         f"{m['public_us']:>9.1f} {m['public_vs_launches']:>6.2f} {m['backend_us']:>9.1f} "
+                         f"{m['launchers_us']:>9.1f} "
                          f"{m['module_attention_us']:>9.1f} {'met' if m['meets_target'] else 'MISSED':>7}")
     lines.append("bare x n: the call's launch count x Triton's bare launch of a 40-argument kernel; ratio: "
-                 f"public / that (target <= {TARGET_FACTOR:g}); layer+: VicinityAttention minus the same layer "
-                 "without attention")
+                 f"public / that (target <= {TARGET_FACTOR:g}); backend: the triton backend's forward / backward "
+                 "without validation and autograd; layer+: VicinityAttention minus the same layer without attention")
     return "\n".join(lines)
 
 
