@@ -1,6 +1,6 @@
 """Host time of eager calls: what a GPU call waits for before the GPU sees any work (measured on a CPU).
 
-    python -m bench.host                    # shapes a and c (VVT stage 1, a small ViT layer), table + JSON
+    python -m bench.host                    # shapes a, c (VVT stage 1, a small ViT layer) and k (k-NN), table + JSON
     python -m bench.host --shapes a,b,c --json bench/results/host-cpu.json
     python -m bench --host                  # the same, through the benchmark CLI
 
@@ -42,6 +42,8 @@ SHAPES = {   # the GPU model's vicinity shapes (bench/gpu_model.py SHAPES), bf16
     "a": dict(batch=32, heads=1, grid=(56, 56), dim=48, title="B=32, H=1, 56x56, D=48 (VVT stage 1)"),
     "b": dict(batch=1, heads=4, grid=(224, 224), dim=64, title="B=1, H=4, 224x224, D=64"),
     "c": dict(batch=8, heads=8, grid=(14, 14), dim=32, title="B=8, H=8, 14x14, D=32"),
+    # k-NN attention at KVT's ViT-S/16 shape (197 tokens, 6 heads of 64, topk = N / 2), bf16.
+    "k": dict(op="knn", batch=32, heads=6, tokens=197, dim=64, topk=98, title="k-NN B=32, H=6, N=197, D=64, k=98"),
 }
 TARGET_FACTOR = 2.0   # issue target: a call's host time <= 2x (its launches x one bare launch)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -154,7 +156,7 @@ def bare_launch(kernel, tensors) -> Callable[[], object]:
 def _inputs(shape: dict, requires_grad: bool):
     import torch
     B, H, D = shape["batch"], shape["heads"], shape["dim"]
-    N = shape["grid"][0] * shape["grid"][1]
+    N = shape["tokens"] if "tokens" in shape else shape["grid"][0] * shape["grid"][1]
     qkv = [torch.randn(B, H, N, D, dtype=torch.bfloat16, requires_grad=requires_grad) for _ in range(3)]
     return qkv, torch.randn(B, H, N, D, dtype=torch.bfloat16)
 
@@ -177,6 +179,42 @@ def public_callables(shape: dict) -> dict[str, Callable[[], object]]:
 
     return dict(fwd=fwd, bwd=_backward_only(lambda: vicinity_attention(q, k, v, grid, backend="triton"),
                                             (q, k, v), do), fwdbwd=fwdbwd)
+
+
+def knn_callables(shape: dict) -> tuple[dict, dict, dict]:
+    """(public, backend, launchers) fwd / bwd / fwdbwd callables of ``knn_attention`` at a k-NN shape: the
+    public function, the triton backend's own forward / backward, and the launchers on preallocated tensors."""
+    import torch
+
+    from vicinity_attn import knn_attention
+    from vicinity_attn.kernels.knn import knn_backward, knn_forward
+    from vicinity_attn.knn import triton_backend
+    (q, k, v), do = _inputs(shape, True)
+    topk, scale = shape["topk"], shape["dim"] ** -0.5
+
+    def public_fwd():
+        with torch.no_grad():
+            return knn_attention(q, k, v, topk, backend="triton")
+
+    def public_fwdbwd():
+        return torch.autograd.grad(knn_attention(q, k, v, topk, backend="triton"), (q, k, v), do)
+
+    public = dict(fwd=public_fwd, bwd=_backward_only(lambda: knn_attention(q, k, v, topk, backend="triton"),
+                                                     (q, k, v), do), fwdbwd=public_fwdbwd)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    saved = triton_backend.forward(qd, kd, vd, topk, scale)
+    backend = dict(fwd=lambda: triton_backend.forward(qd, kd, vd, topk, scale),
+                   bwd=lambda: triton_backend.backward(do, qd, kd, vd, *saved, topk, scale),
+                   fwdbwd=lambda: triton_backend.backward(do, qd, kd, vd, *triton_backend.forward(qd, kd, vd, topk,
+                                                                                                   scale), topk, scale))
+    o = torch.empty_like(qd)
+    dq, dk, dv = torch.empty_like(qd), torch.empty_like(kd), torch.empty_like(vd)
+    tau, lse = knn_forward(qd, kd, vd, o, topk, scale)
+    launchers = dict(fwd=lambda: knn_forward(qd, kd, vd, o, topk, scale),
+                     bwd=lambda: knn_backward(do, qd, kd, vd, o, tau, lse, dq, dk, dv, scale),
+                     fwdbwd=lambda: knn_backward(do, qd, kd, vd, o, *knn_forward(qd, kd, vd, o, topk, scale), dq, dk,
+                                                 dv, scale))
+    return public, backend, launchers
 
 
 def _backward_only(forward: Callable, leaves, do, allow_unused: bool = False) -> Callable[[], object]:
@@ -340,16 +378,20 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
         calibrate = bare_launch(kernel, tensors)
         for name in shape_names:
             shape = SHAPES[name]
-            public = public_callables(shape)
-            launchers = launcher_callables(shape)
-            backend = backend_callables(shape)
-            module = module_callables(shape)
+            if shape.get("op") == "knn":
+                public, backend, launchers = knn_callables(shape)
+                module = {}      # no layer column for k-NN
+            else:
+                public = public_callables(shape)
+                launchers = launcher_callables(shape)
+                backend = backend_callables(shape)
+                module = module_callables(shape)
             fns = {"bare_launch": calibrate, **{f"public.{m}": f for m, f in public.items()},
                    **{f"backend.{m}": f for m, f in backend.items()},
                    **{f"launchers.{m}": f for m, f in launchers.items()}}
             # The layers run real CPU matmuls: timed in a round of their own, so that their cache traffic
             # does not land on the host-only calls.
-            us = {**interleaved_us(fns, budget_s / 2), **interleaved_us(module, budget_s / 2)}
+            us = {**interleaved_us(fns, budget_s / 2), **(interleaved_us(module, budget_s / 2) if module else {})}
             counts = launch_counts({m: public[m] for m in ("fwd", "bwd", "fwdbwd")})
             launch_us = us["bare_launch"]
             row = {"title": shape["title"], "bare_launch_us": launch_us, "modes": {}}
@@ -360,8 +402,8 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
                     "launches": n, "kernels": counts[mode],
                     "public_us": us[f"public.{mode}"], "backend_us": us[f"backend.{mode}"],
                     "launchers_us": us[f"launchers.{mode}"],
-                    "module_us": us[f"module.{mode}"], "module_bare_us": us[f"module_bare.{mode}"],
-                    "module_attention_us": us[f"module.{mode}"] - us[f"module_bare.{mode}"],
+                    "module_us": us.get(f"module.{mode}"), "module_bare_us": us.get(f"module_bare.{mode}"),
+                    "module_attention_us": (us[f"module.{mode}"] - us[f"module_bare.{mode}"]) if module else None,
                     "launches_x_bare_us": n * launch_us, "target_us": bound,
                     "public_vs_launches": us[f"public.{mode}"] / max(n * launch_us, 1e-9),
                     "meets_target": us[f"public.{mode}"] <= bound,
@@ -370,6 +412,10 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
     return {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "threads": 1, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
             "method": __doc__.split("\n\n")[1].replace("\n", " "), "shapes": rows}
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def format_table(result: dict) -> str:
@@ -382,7 +428,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{row['title']:<40} {mode:<7} {m['launches']:>8} {m['launches_x_bare_us']:>9.1f} "
                          f"{m['public_us']:>9.1f} {m['public_vs_launches']:>6.2f} {m['backend_us']:>9.1f} "
                          f"{m['launchers_us']:>9.1f} "
-                         f"{m['module_attention_us']:>9.1f} {'met' if m['meets_target'] else 'MISSED':>7}")
+                         f"{_us(m['module_attention_us']):>9} {'met' if m['meets_target'] else 'MISSED':>7}")
     lines.append("bare x n: the call's launch count x Triton's bare launch of a 40-argument kernel; ratio: "
                  f"public / that (target <= {TARGET_FACTOR:g}); backend: the triton backend's forward / backward "
                  "without validation and autograd; layer+: VicinityAttention minus the same layer without attention")
@@ -392,7 +438,8 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="a,c", help=f"comma-separated, from {','.join(SHAPES)} (default a,c)")
+    parser.add_argument("--shapes", default="a,c,k",
+                        help=f"comma-separated, from {','.join(SHAPES)} (default a,c,k)")
     parser.add_argument("--budget-seconds", type=float, default=6.0, help="timing budget per shape (default 6)")
     parser.add_argument("--json", help="write the result here (default bench/results/host-cpu-triton<version>.json; "
                                        "'' = none)")

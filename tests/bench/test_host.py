@@ -17,7 +17,7 @@ def test_host_benchmark_counts_the_launches_and_writes_json(tmp_path):
     out = tmp_path / "host.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--host", "--shapes", "c", "--budget-seconds", "0.2",
+    proc = subprocess.run([sys.executable, "-m", "bench", "--host", "--shapes", "c,k", "--budget-seconds", "0.2",
                            "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -28,9 +28,15 @@ def test_host_benchmark_counts_the_launches_and_writes_json(tmp_path):
     assert modes["fwd"]["kernels"] == ["state_partial_kernel", "output_pass_kernel"]
     assert modes["bwd"]["kernels"] == ["query_pass_kernel", "key_pass_kernel"]
     assert modes["fwdbwd"]["launches"] == 4
-    for mode in modes.values():
-        assert mode["public_us"] > 0 and mode["launchers_us"] > 0 and row["bare_launch_us"] > 0
-        assert mode["public_vs_launches"] == pytest.approx(mode["public_us"] / mode["launches_x_bare_us"])
+    knn = result["shapes"]["k"]["modes"]
+    assert knn["fwd"]["kernels"] == ["knn_threshold_kernel", "knn_forward_kernel"]
+    assert knn["bwd"]["kernels"] == ["row_delta_kernel", "knn_dq_kernel", "knn_dkdv_kernel"]
+    assert knn["fwd"]["module_attention_us"] is None
+    for name, shape in result["shapes"].items():
+        for mode in shape["modes"].values():
+            assert mode["public_us"] > 0 and mode["backend_us"] > 0 and mode["launchers_us"] > 0
+            assert shape["bare_launch_us"] > 0
+            assert mode["public_vs_launches"] == pytest.approx(mode["public_us"] / mode["launches_x_bare_us"])
     assert "public" in proc.stdout and ("met" in proc.stdout or "MISSED" in proc.stdout)
 
 

@@ -18,7 +18,7 @@ PROBE = textwrap.dedent("""
     import torch
     from triton.compiler import CompiledKernel
     from bench import host
-    from vicinity_attn import vicinity_attention
+    from vicinity_attn import knn_attention, vicinity_attention
     from vicinity_attn.kernels import fast_launch
 
     records = []
@@ -53,6 +53,9 @@ PROBE = textwrap.dedent("""
         q, k, v = (t[offset:].view(2, 3, 31, 32).requires_grad_() for t in base)
         o = vicinity_attention(q, k, v, (6, 5), num_prefix_tokens=1, backend="triton")
         torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        o = knn_attention(*qkv, topk=9, backend="triton")
+        torch.autograd.grad(o, qkv, torch.randn_like(o))
 
     result = {}
     with host.stubbed_launches():
