@@ -25,6 +25,7 @@ import torch
 
 from ..common.allocation import empty_output_like
 from ..common.feature_maps import mul_feature_map_grad_
+from ..common.overflow import raises_on_overflow
 from ..common.spec import VicinitySpec
 from .reference import vicinity_weights
 from .scratch import scratch, scratch_session
@@ -61,6 +62,7 @@ def _scores(phi_q: torch.Tensor, phi_k: torch.Tensor, spec: VicinitySpec) -> tor
     return torch.matmul(phi_q, phi_k.transpose(-1, -2), out=A).mul_(_weights(spec, phi_q.dtype, phi_q.device))
 
 
+@raises_on_overflow("forward", 3)
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
             spec: VicinitySpec) -> tuple[torch.Tensor, ...]:
     """(o, den): o [B, H, Nq, Dv] in q's dtype and memory order, den [B, H, Nq]; the backward recomputes A
@@ -81,6 +83,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
     return o, den
 
 
+@raises_on_overflow("backward", 4)
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              den: torch.Tensor, backend: str, spec: VicinitySpec,
              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:

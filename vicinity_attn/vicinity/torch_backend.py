@@ -25,6 +25,7 @@ import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
 from ..common.feature_maps import mul_feature_map_grad_
+from ..common.overflow import raises_on_overflow
 from ..common.positions import position_features
 from ..common.spec import VicinitySpec
 from .axis_terms import AxisTerm, axis_terms, group_by_axis, grouped_view
@@ -194,6 +195,7 @@ def _head_chunks(B: int, H: int, per_chunk: int) -> list[tuple[slice, slice]]:
     return [(slice(b, b + 1), slice(h, min(h + per_chunk, H))) for b in range(B) for h in range(0, H, per_chunk)]
 
 
+@raises_on_overflow("forward", 3)
 @with_call_threads   # threads per call from its size and the cores left idle (cpu_threads.py)
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -391,6 +393,7 @@ def clamped_row_grads_from_output(do: torch.Tensor, o: torch.Tensor, den: torch.
     return n.mul_(dU).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
 
 
+@raises_on_overflow("backward", 4)
 @with_call_threads
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,

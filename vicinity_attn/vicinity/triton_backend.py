@@ -14,6 +14,7 @@ import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
 from ..common.device import launch_device
+from ..common.overflow import raises_on_overflow
 from ..common.spec import VicinitySpec
 from ..kernels.runtime import interpreting
 from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
@@ -99,6 +100,7 @@ _CHECKED: dict = {}
 _CHECKED_GRADS: set = set()
 
 
+@raises_on_overflow("forward", 3)
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, den, S, z) of the fused kernels: o [B, H, Nq, Dv] in q's dtype and memory order; den
@@ -113,6 +115,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o, den, S, z
 
 
+@raises_on_overflow("backward", 4)
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
              needs: tuple[bool, bool, bool] = (True, True, True),

@@ -1,0 +1,63 @@
+"""Issue 25, class 3: inputs whose products pass float32's range overflow the linear form's accumulators.
+Where the check is free (CPU tensors: the torch backend, the quadratic form, the Triton interpreter) that is
+an OverflowError naming the magnitudes, forward and backward, never a NaN output; in range, nothing changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vicinity_attn import vicinity_attention
+from vicinity_attn.common import feature_maps
+from vicinity_attn.vicinity import quadratic
+
+BACKENDS = ["torch", "triton"]
+
+
+def inputs(scale: float, n: int = 64, requires_grad: bool = True):
+    torch.manual_seed(0)
+    return [(torch.randn(2, 2, n, 16) * scale).requires_grad_(requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quadratic_form", [False, True])
+def test_forward_overflow_raises(backend, quadratic_form, monkeypatch):
+    if quadratic_form:
+        if backend == "triton":
+            pytest.skip("the quadratic form is the torch backend's")
+        monkeypatch.setattr(quadratic, "MAX_PAIRS", 10 ** 6)
+    q, k, v = inputs(1e14)                       # |q| |k| |v| ~ 1e42 * D F: past float32
+    with pytest.raises(OverflowError, match=r"forward: the float32 accumulators overflowed \(max \|q\|"):
+        vicinity_attention(q, k, v, (8, 8), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_overflow_raises(backend):
+    q, k, v = inputs(1e11)                       # forward in range, the gradient of a huge dO is not
+    o = vicinity_attention(q, k, v, (8, 8), backend=backend)
+    assert o.isfinite().all()
+    with pytest.raises(OverflowError, match=r"backward: .*max \|dO\|"):
+        torch.autograd.grad(o, (q, k, v), torch.full_like(o, 3e38))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_inputs_propagate_without_an_error(backend):
+    q, k, v = inputs(1.0, requires_grad=False)
+    v = v.clone()
+    v[0, 0, 3, 2] = float("nan")
+    o = vicinity_attention(q, k, v, (8, 8), backend=backend)
+    assert o.isnan().any() and o.isfinite().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_check_where_it_would_read_back(backend, monkeypatch):
+    # A GPU tensor's check would be a device-to-host read: there the result comes back as computed.
+    monkeypatch.setattr(feature_maps, "host_reads_are_free", lambda t: False)
+    q, k, v = inputs(1e14, requires_grad=False)
+    o = vicinity_attention(q, k, v, (8, 8), backend=backend)
+    assert not o.isfinite().all()
+
+
+def test_float64_has_the_range():
+    q, k, v = (t.detach().double() for t in inputs(1e14))
+    o = vicinity_attention(q, k, v, (8, 8), backend="torch")
+    assert o.isfinite().all() and o.abs().max() <= v.abs().max()
