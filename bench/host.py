@@ -95,16 +95,21 @@ def stubbed_launches():
         self.device_caches[device][0][key] = kernel
         return kernel
 
-    saved = (triton_driver._active, JITFunction._do_compile, triton_backend.interpreting, knn_backend.interpreting)
+    from vicinity_attn.common import feature_maps
+
+    saved = (triton_driver._active, JITFunction._do_compile, triton_backend.interpreting, knn_backend.interpreting,
+             feature_maps.host_reads_are_free)
     triton_driver.set_active(_Sm90Driver())
     JITFunction._do_compile = do_compile
-    # The backends refuse CPU tensors outside the interpreter; here CPU tensors stand in for GPU ones.
+    # The backends refuse CPU tensors outside the interpreter; here CPU tensors stand in for GPU ones, on
+    # which nothing is read back (the CPU-only checks, e.g. common/overflow.py, do not run).
     triton_backend.interpreting = knn_backend.interpreting = lambda: True
+    feature_maps.host_reads_are_free = lambda t: False
     try:
         yield
     finally:
         (triton_driver._active, JITFunction._do_compile, triton_backend.interpreting,
-         knn_backend.interpreting) = saved
+         knn_backend.interpreting, feature_maps.host_reads_are_free) = saved
 
 
 @contextlib.contextmanager
