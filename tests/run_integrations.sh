@@ -47,14 +47,12 @@ if [ "$pkg" = 1 ]; then
     echo "integrations: installing vicinity_attn (editable, no dependencies) from $PWD"
     "$py" -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 fi
-setup=$((SECONDS - start))
-"$py" - <<'PY'
+"$py" - "$((SECONDS - start))" <<'PY'
+import sys
 import diffusers, timm, torch, torchvision, triton, vicinity_attn
-print(f"integrations: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-      f"diffusers {diffusers.__version__}, triton {triton.__version__}; vicinity_attn from {vicinity_attn.__file__}")
+print(f"integrations: setup {sys.argv[1]} s; torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"timm {timm.__version__}, diffusers {diffusers.__version__}, triton {triton.__version__}; "
+      f"vicinity_attn from {vicinity_attn.__file__}")
 PY
 [ "$#" -eq 0 ] && set -- tests/integrations
-rc=0
-"$py" -m pytest -q -p no:cacheprovider "$@" || rc=$?
-echo "integrations: setup ${setup} s, tests $((SECONDS - start - setup)) s"
-exit "$rc"
+exec "$py" -m pytest -q -p no:cacheprovider "$@"
