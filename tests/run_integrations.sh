@@ -26,9 +26,10 @@ repo, reqs = sys.argv[1], sys.argv[2:]
 def have(req):
     name, _, version = req.partition("==")
     try:
-        return not version or md.version(name).split("+")[0] == version
+        installed = md.version(name)
     except md.PackageNotFoundError:
         return False
+    return not version or installed.split("+")[0] == version
 missing = [r for r in reqs if not have(r)]
 spec = importlib.util.find_spec("vicinity_attn")
 if spec is None or not os.path.realpath(spec.origin).startswith(os.path.realpath(repo) + os.sep):
@@ -41,7 +42,7 @@ for m in $missing; do if [ "$m" = package ]; then pkg=1; else deps+=("$m"); fi; 
 if [ "${#deps[@]}" -gt 0 ]; then
     echo "integrations: installing ${deps[*]}"
     "$py" -m pip install -q "${deps[@]}" 2>&1 | grep -v "^WARNING: Location" || true
-    "$py" -c "import timm, diffusers, torchvision" # fail here, clearly, if the install did not work
+    "$py" -c "import timm, diffusers, torchvision, pytest" # fail here, clearly, if the install did not work
 fi
 if [ "$pkg" = 1 ]; then
     echo "integrations: installing vicinity_attn (editable, no dependencies) from $PWD"
