@@ -169,9 +169,10 @@ def convert_pvt_v2(model: nn.Module, **options: Any) -> nn.Module:
         raise TypeError(f"convert_pvt_v2: model must be a timm PyramidVisionTransformerV2 (timm.create_model("
                         f"'pvt_v2_b0') etc.), got {type(model).__name__}")
     op_options(options)   # the options' errors before anything changes
-    found = [(n, m) for n, m in model.named_modules() if type(m) is pvt_v2.Attention]
-    for name, attn in found:
-        _replace(model, name, PvtV2Attention.from_timm(attn, **options))
+    # every replacement built before any is installed: an error leaves the model as it was
+    new = [(n, PvtV2Attention.from_timm(m, **options)) for n, m in model.named_modules() if type(m) is pvt_v2.Attention]
+    for name, layer in new:
+        _replace(model, name, layer)
     return model
 
 
@@ -357,17 +358,17 @@ def convert_vit(model: nn.Module, **options: Any) -> nn.Module:
             raise ValueError(f"convert_vit: blocks[{i}].attn is a {type(attn).__name__}; only timm's Attention "
                              f"(timm.layers.Attention) can be converted")
     P = int(model.num_prefix_tokens)
+    new = [(n, VitAttention.from_timm(m, num_prefix_tokens=P, **options)) for n, m in model.named_modules()
+           if type(m) is stock]
     tracker = next((m.patch_grid for m in model.modules() if isinstance(m, VitAttention) and m.patch_grid), None)
     if tracker is None:
         tracker = PatchGrid(getattr(model.patch_embed, "grid_size", None))
         model.patch_embed.register_forward_hook(tracker)
-    for name, m in list(model.named_modules()):
-        if type(m) is stock:
-            _replace(model, name, VitAttention.from_timm(m, num_prefix_tokens=P, **options))
-        elif isinstance(m, VitAttention):
-            m.num_prefix_tokens = P
+    for name, layer in new:
+        _replace(model, name, layer)
     for m in model.modules():
         if isinstance(m, VitAttention):
+            m.num_prefix_tokens = P
             m.patch_grid = tracker
     return model
 
@@ -446,7 +447,8 @@ def convert_efficientvit(model: nn.Module, *, variant: str = "none", backend: st
         raise TypeError(f"convert_efficientvit: model must be a timm EfficientVit or EfficientVitLarge "
                         f"(efficientvit_mit), got {type(model).__name__}")
     op_options(dict(variant=variant, backend=backend))
-    for name, m in list(model.named_modules()):
-        if type(m) is evit.LiteMLA:
-            _replace(model, name, LiteMLAAttention.from_timm(m, variant=variant, backend=backend))
+    new = [(n, LiteMLAAttention.from_timm(m, variant=variant, backend=backend)) for n, m in model.named_modules()
+           if type(m) is evit.LiteMLA]
+    for name, layer in new:
+        _replace(model, name, layer)
     return model
