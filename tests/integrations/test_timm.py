@@ -187,8 +187,10 @@ def test_pvt_v2_triton_interpreter():
 def test_pvt_v2_errors():
     with pytest.raises(TypeError, match="PyramidVisionTransformerV2"):
         convert_pvt_v2(tiny_vit())
+    dropping = timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 1, 1), attn_drop_rate=0.1)
     with pytest.raises(ValueError, match="attn_drop"):
-        convert_pvt_v2(timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 1, 1), attn_drop_rate=0.1))
+        convert_pvt_v2(dropping)
+    assert not any(isinstance(m, PvtV2Attention) for m in dropping.modules())      # left as it was
     with pytest.raises(ValueError, match="variant"):
         convert_pvt_v2(tiny_pvt(), variant="max")
 
@@ -264,8 +266,11 @@ def test_vit_errors():
         convert_vit(tiny_pvt())
     with pytest.raises(ValueError, match="patch_drop_rate"):
         convert_vit(tiny_vit(patch_drop_rate=0.5))
+    dropping = tiny_vit(attn_drop_rate=0.1)
     with pytest.raises(ValueError, match="attn_drop"):
-        convert_vit(tiny_vit(attn_drop_rate=0.1))
+        convert_vit(dropping)
+    assert not any(isinstance(m, VitAttention) for m in dropping.modules())
+    assert not dropping.patch_embed._forward_hooks
 
 
 # ------------------------------------------------------------------------------------- EfficientViT
