@@ -251,7 +251,9 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_gr
     """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec.
     ``sharded``: q, k, v are one rank's shards (context parallelism), so their token counts are checked
     against the grids later, summed over ranks (:func:`check_shard_counts`)."""
-    key = _typed_key((grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp))
+    # Not while tracing: torch.compile would guard on the cache's contents and recompile whenever it grows.
+    key = None if torch.compiler.is_compiling() else _typed_key(
+        (grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp))
     known = None if key is None else _KNOWN_OPTIONS.get(key)
     if known is None:
         layout = check_option(layout, "layout", LAYOUTS)
