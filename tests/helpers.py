@@ -182,15 +182,18 @@ def cu_seqlens(lengths):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
 
-def pack(grids, kv_grids=None, prefix=0, H=2, D=4, Dv=3, dtype=torch.float64, requires_grad=True):
-    """Random packed q, k, v for sequences of ``grids`` / ``kv_grids`` and their cu_seqlens."""
+def pack(grids, kv_grids=None, prefix=0, H=2, D=4, Dv=3, dtype=torch.float64, requires_grad=True, feature_map=None):
+    """Random packed q, k, v for sequences of ``grids`` / ``kv_grids`` and their cu_seqlens (q, k non-negative
+    for ``feature_map="identity"``, as in :func:`make_inputs`)."""
     kv_grids = kv_grids or grids
     nq = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in grids]
     nk = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in kv_grids]
+    nonneg = feature_map == "identity"
 
-    def one(n, d):
-        return torch.randn(n, H, d, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-    return one(sum(nq), D), one(sum(nk), D), one(sum(nk), Dv), cu_seqlens(nq), cu_seqlens(nk)
+    def one(n, d, nonneg=False):
+        x = torch.randn(n, H, d, dtype=torch.float64)
+        return (x.abs() if nonneg else x).to(dtype).requires_grad_(requires_grad)
+    return one(sum(nq), D, nonneg), one(sum(nk), D, nonneg), one(sum(nk), Dv), cu_seqlens(nq), cu_seqlens(nk)
 
 
 # ----------------------------------------------------------------------------------------------------
