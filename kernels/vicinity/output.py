@@ -126,7 +126,9 @@ def output_pass_kernel(
     if WITH_DEN:
         # den_floor and eps arrive scaled like den; where(), not maximum(): a NaN den stays NaN. No floor
         # at 0: identity features can give a negative sum, which stays negative as in the reference.
-        den = tl.where((den_floor > 0) & (den < den_floor), den_floor, den) + eps
+        # Broadcast first: triton 3.6's interpreter cannot `&` a scalar comparison with a block.
+        floor = tl.zeros_like(den) + den_floor
+        den = tl.where((floor > 0) & (den < floor), floor, den) + eps
         if CLAMP:
             # The clamps act on the unscaled values: num = acc / s and 1 / den_true = s / den.
             num = abs_clamp(acc * (1.0 / state_scale), clamp_lo, clamp_hi)

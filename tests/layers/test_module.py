@@ -148,3 +148,23 @@ def test_each_dropout_is_active_in_train_and_the_identity_in_eval(which):
     m.eval()
     assert torch.equal(m(x, 3, 3), m(x, 3, 3))
     assert f"{which}=0.5" in repr(m)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("layer", ["vvt", "l2vit", "kvt"])
+def test_paper_layers_take_factory_arguments(layer, device):
+    """The papers' layers take device / dtype too: every parameter there, the state-dict keys of the
+    default construction (the authors' checkpoints still load)."""
+    from vicinity_attn.layers import KNNAttention, LinearAttention, VicinityVisionAttention
+    make = {"vvt": lambda **kw: VicinityVisionAttention(16, 2, sr_ratio=2, **kw),
+            "l2vit": lambda **kw: LinearAttention(16, 2, **kw),
+            "kvt": lambda **kw: KNNAttention(16, 2, topk=4, **kw)}[layer]
+    default = make()
+    m = make(device=device, dtype=torch.float64)
+    assert list(m.state_dict()) == list(default.state_dict())
+    for name, p in m.named_parameters():
+        assert p.dtype == torch.float64 and p.device.type == device, name
+    if device == "cpu":
+        m.load_state_dict(default.state_dict(), strict=True)
+        for (name, p), q in zip(m.named_parameters(), default.parameters()):
+            assert torch.equal(p, q.double()), name
