@@ -9,8 +9,9 @@
 
 No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
 aligned / unaligned strides at the base geometry; every geometry at one head dim; the clamp / floor
-launches; the identity feature map; the GPU model's shapes. k-NN attention: dtype x head dims x layout x strides at 197 tokens,
-1024 tokens, the on-chip selection (16 keys) and the single-gradient dk / dv passes (``knn_matrix``).
+launches; the identity feature map; the GPU model's shapes. k-NN attention: dtype x head dims x layout x
+strides at 197 tokens, 1024 tokens, the on-chip selection (16 keys) and the single-gradient dk / dv
+passes (``knn_matrix``).
 For every launch case the launchers themselves run on CPU tensors and Triton's own launch path binds
 their arguments for sm_80 and sm_90a (``launch_capture``): the gate compiles exactly those
 specialisations (the launchers' constexprs, num_warps / num_stages, the kernels'
@@ -183,8 +184,8 @@ def varlen_matrix(quick: bool) -> list[LaunchCase]:
     """Packed sequences (``vicinity_attention_varlen``: the VARLEN=True launches of the vicinity kernels),
     three sequences of mixed sizes per case (launch_capture._run_vicinity_varlen). Full: the three
     dtypes, 40- / 48- / 64- / 128-wide heads, both stride modes, 1-d / 2-d / 3-d, every variant, prefix
-    tokens, multi-chunk state passes, the clamp and floor, the identity feature map. Quick: none (not in CI's quick gate; run
-    ``--ops vicinity_varlen``)."""
+    tokens, multi-chunk state passes, the clamp and floor, the identity feature map. Quick: none (not in
+    CI's quick gate; run ``--ops vicinity_varlen``)."""
     if quick:
         return []
     varlen = lambda **kw: LaunchCase(op="vicinity_varlen", batch=3, **kw)  # noqa: E731
