@@ -42,9 +42,9 @@ def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: st
     relu' = [phi > 0] (so relu'(0) = 0); elu1' = 1 above zero (where phi > 1), phi = exp(x) below,
     i.e. min(phi, 1); identity' = 1 (grad is returned untouched). phi' is one elementwise temporary,
     written into ``temp`` (phi's shape and dtype) when given. For relu it is sign(phi), exactly [phi > 0]
-    for phi >= 0 and 2x faster on a CPU than
-    multiplying by a bool mask (which is converted to float first); that product is only wrong where
-    grad is not finite (0 * NaN), so a grad with a NaN or inf anywhere takes the exact, slower select.
+    for phi >= 0 and 2x faster on a CPU than multiplying by a bool mask (which is converted to float
+    first); that product is only wrong where grad is not finite (0 * NaN), so a grad with a NaN or inf
+    anywhere takes the exact, slower select.
     Checking that reads a value back, so only CPU tensors take the product: elsewhere (a GPU) the select
     runs, keeping the call free of device-to-host syncs (CUDA graphs, torch.compile "reduce-overhead").
     """
