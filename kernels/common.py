@@ -7,26 +7,31 @@ import triton.language as tl
 @triton.jit
 def feature_map(x, mask, FMAP: tl.constexpr):
     """phi(x) in x's (accumulation) dtype, 0 where ``mask`` is false; NaN stays NaN (as in torch).
+    FMAP: 0 relu, 1 elu1, 2 identity (phi(x) = x, phi' = 1; kernels/vicinity/geometry.py FMAP_CODES).
 
     The explicit mask matters for elu1: padded loads are 0 and elu1(0) = 1 would leak into sums.
     Selects rather than max / min: a GPU's max instruction (and tl.maximum) drops NaN.
     """
     if FMAP == 0:
         phi = tl.where(x < 0.0, 0.0, x)
-    else:
+    elif FMAP == 1:
         phi = tl.where(x <= 0.0, tl.exp(tl.where(x <= 0.0, x, 0.0)), x + 1.0)
+    else:
+        phi = x
     return tl.where(mask, phi, 0.0)
 
 
 @triton.jit
 def mul_feature_map_grad(acc, x, FMAP: tl.constexpr):
-    """acc * phi'(x); relu'(0) = 0, elu1'(x) = exp(x) below zero. As autograd's relu: exactly 0 where
-    relu' = 0 even when acc is NaN / inf (a select, not a product with 0); NaN x gives NaN (elu1: a
-    select, not tl.minimum, which drops NaN)."""
+    """acc * phi'(x); relu'(0) = 0, elu1'(x) = exp(x) below zero, identity' = 1. As autograd's relu:
+    exactly 0 where relu' = 0 even when acc is NaN / inf (a select, not a product with 0); NaN x gives
+    NaN (elu1: a select, not tl.minimum, which drops NaN)."""
     if FMAP == 0:
         return tl.where(x <= 0, 0.0, acc)   # NaN x: acc passes, as in autograd
-    else:
+    elif FMAP == 1:
         return acc * tl.where(x > 0, 1.0, tl.exp(tl.where(x > 0, 0.0, x))).to(x.dtype)
+    else:
+        return acc
 
 
 @triton.jit
@@ -34,11 +39,13 @@ def mul_feature_map_grad_of_phi(acc, phi, FMAP: tl.constexpr):
     """acc * phi'(x) from phi = feature_map(x) instead of x (a kernel that holds phi need not keep x):
     bitwise what ``mul_feature_map_grad`` gives. relu: phi <= 0 exactly where x <= 0 (NaN passes both).
     elu1: phi > 1 exactly where phi' = 1 (x > 0; x + 1 rounding to 1 also has phi' = 1), else phi' =
-    exp(x) = phi; NaN x gives NaN phi and a NaN product."""
+    exp(x) = phi; NaN x gives NaN phi and a NaN product. identity: acc itself."""
     if FMAP == 0:
         return tl.where(phi <= 0, 0.0, acc)
-    else:
+    elif FMAP == 1:
         return tl.where(phi > 1.0, acc, acc * phi)
+    else:
+        return acc
 
 
 @triton.jit

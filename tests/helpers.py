@@ -94,12 +94,16 @@ def fused_vs_separate_tolerance(dtype: torch.dtype, device, name: str) -> tuple[
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def make_inputs(B, H, Nq, Nk, D, Dv, dtype=torch.float64, layout="bhnd", device="cpu", requires_grad=True):
-    """Fresh standard-normal q, k, v in the requested layout (float64 values cast to dtype)."""
-    def one(n, d):
+def make_inputs(B, H, Nq, Nk, D, Dv, dtype=torch.float64, layout="bhnd", device="cpu", requires_grad=True,
+                feature_map=None):
+    """Fresh standard-normal q, k, v in the requested layout (float64 values cast to dtype). For
+    ``feature_map="identity"`` q and k are |N(0, 1)| instead: identity features are meant to be non-negative."""
+    def one(n, d, nonneg=False):
         shape = (B, H, n, d) if layout == "bhnd" else (B, n, H, d)
-        return torch.randn(shape, dtype=torch.float64, device=device).to(dtype).requires_grad_(requires_grad)
-    return one(Nq, D), one(Nk, D), one(Nk, Dv)
+        x = torch.randn(shape, dtype=torch.float64, device=device)
+        return (x.abs() if nonneg else x).to(dtype).requires_grad_(requires_grad)
+    nonneg = feature_map == "identity"
+    return one(Nq, D, nonneg), one(Nk, D, nonneg), one(Nk, Dv)
 
 
 def token_counts(grid, kv_grid=None, prefix=0):
@@ -178,15 +182,18 @@ def cu_seqlens(lengths):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
 
-def pack(grids, kv_grids=None, prefix=0, H=2, D=4, Dv=3, dtype=torch.float64, requires_grad=True):
-    """Random packed q, k, v for sequences of ``grids`` / ``kv_grids`` and their cu_seqlens."""
+def pack(grids, kv_grids=None, prefix=0, H=2, D=4, Dv=3, dtype=torch.float64, requires_grad=True, feature_map=None):
+    """Random packed q, k, v for sequences of ``grids`` / ``kv_grids`` and their cu_seqlens (q, k non-negative
+    for ``feature_map="identity"``, as in :func:`make_inputs`)."""
     kv_grids = kv_grids or grids
     nq = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in grids]
     nk = [prefix + math.prod(g if isinstance(g, tuple) else (g,)) for g in kv_grids]
+    nonneg = feature_map == "identity"
 
-    def one(n, d):
-        return torch.randn(n, H, d, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-    return one(sum(nq), D), one(sum(nk), D), one(sum(nk), Dv), cu_seqlens(nq), cu_seqlens(nk)
+    def one(n, d, nonneg=False):
+        x = torch.randn(n, H, d, dtype=torch.float64)
+        return (x.abs() if nonneg else x).to(dtype).requires_grad_(requires_grad)
+    return one(sum(nq), D, nonneg), one(sum(nk), D, nonneg), one(sum(nk), Dv), cu_seqlens(nq), cu_seqlens(nk)
 
 
 # ----------------------------------------------------------------------------------------------------

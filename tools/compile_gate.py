@@ -9,8 +9,9 @@
 
 No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
 aligned / unaligned strides at the base geometry; every geometry at one head dim; the clamp / floor
-launches; the GPU model's shapes. k-NN attention: dtype x head dims x layout x strides at 197 tokens,
-1024 tokens, the on-chip selection (16 keys) and the single-gradient dk / dv passes (``knn_matrix``).
+launches; the identity feature map; the GPU model's shapes. k-NN attention: dtype x head dims x layout x
+strides at 197 tokens, 1024 tokens, the on-chip selection (16 keys) and the single-gradient dk / dv
+passes (``knn_matrix``).
 For every launch case the launchers themselves run on CPU tensors and Triton's own launch path binds
 their arguments for sm_80 and sm_90a (``launch_capture``): the gate compiles exactly those
 specialisations (the launchers' constexprs, num_warps / num_stages, the kernels'
@@ -74,6 +75,10 @@ GEOMETRIES = tuple(
     dict(variant=v, grid=g, n_prefix=p, feature_map="elu1" if p else "relu")
     for v in ("none", "sum", "product") for g in ((1024,), (32, 32), (8, 8, 16)) for p in (0, 1)
     if not (v == "none" and len(g) > 1))
+# feature_map="identity" (FMAP 2: phi = x, phi' = 1) per dtype at the base case, and unaligned at D = 40 with a
+# prefix; relu and elu1 are the GEOMETRIES' maps.
+IDENTITY_CASES = tuple(LaunchCase(dtype=t, feature_map="identity") for t in ("fp16", "bf16", "fp32")) + (
+    LaunchCase(dtype="fp16", d=40, dv=40, layout="bnhd", strides="unaligned", n_prefix=1, feature_map="identity"),)
 # The GPU model's shapes (bench/gpu_model.py), so the model reads kernels the gate has built.
 MODEL_CASES = (
     LaunchCase(dtype="bf16", d=48, dv=48, batch=32, heads=1, grid=(56, 56)),
@@ -126,14 +131,15 @@ def vicinity_matrix(quick: bool) -> list[LaunchCase]:
     """Full: every dtype x head dim (D = Dv) x layout x stride mode at the base geometry (and without
     dq, for the row-weights launch: every dtype x head dim x stride mode), every dtype x odd head dim
     (ODD_HEAD_DIMS) contiguous, every geometry at the base dtype / head dim, and the GPU model's shapes
-    (which reach the multi-chunk reduction and the single-chunk path). Quick: three cases covering the
-    three dtypes, both layouts, both stride modes, an unaligned head dim and the geometry extremes, the
-    clamp, and the base case without dq."""
+    (which reach the multi-chunk reduction and the single-chunk path), and the identity feature map
+    (IDENTITY_CASES). Quick: three cases covering the three dtypes, the three feature maps, both layouts,
+    both stride modes, an unaligned head dim and the geometry extremes, the clamp, and the base case
+    without dq."""
     if quick:
         return [BASE, LaunchCase(extra=NO_DQ),
                 LaunchCase(dtype="fp16", d=40, dv=40, layout="bnhd", strides="unaligned", grid=(8, 8, 16),
                            variant="product", feature_map="elu1", n_prefix=1),
-                LaunchCase(dtype="fp32", d=32, dv=32, grid=(1024,), variant="none"),
+                LaunchCase(dtype="fp32", d=32, dv=32, grid=(1024,), variant="none", feature_map="identity"),
                 CLAMP_CASE]
     cases = [LaunchCase(dtype=t, d=d, dv=d, layout=lay, strides=st)
              for t in DTYPE_NAMES for d in HEAD_DIMS for lay in LAYOUTS for st in STRIDES]
@@ -142,7 +148,7 @@ def vicinity_matrix(quick: bool) -> list[LaunchCase]:
               for st in STRIDES]
     cases += [LaunchCase(**g) for g in GEOMETRIES]
     cases += [LaunchCase(dtype=t, op="vicinity_clamp", extra=CLAMP_CASE.extra) for t in DTYPE_NAMES]
-    return cases + list(MODEL_CASES)
+    return cases + list(IDENTITY_CASES) + list(MODEL_CASES)
 
 
 KNN_TOKENS = 197            # DeiT's token count (a typical k-NN call; not a multiple of 16, as most)
@@ -178,8 +184,8 @@ def varlen_matrix(quick: bool) -> list[LaunchCase]:
     """Packed sequences (``vicinity_attention_varlen``: the VARLEN=True launches of the vicinity kernels),
     three sequences of mixed sizes per case (launch_capture._run_vicinity_varlen). Full: the three
     dtypes, 40- / 48- / 64- / 128-wide heads, both stride modes, 1-d / 2-d / 3-d, every variant, prefix
-    tokens, multi-chunk state passes, the clamp and floor. Quick: none (not in CI's quick gate; run
-    ``--ops vicinity_varlen``)."""
+    tokens, multi-chunk state passes, the clamp and floor, the identity feature map. Quick: none (not in
+    CI's quick gate; run ``--ops vicinity_varlen``)."""
     if quick:
         return []
     varlen = lambda **kw: LaunchCase(op="vicinity_varlen", batch=3, **kw)  # noqa: E731
@@ -190,6 +196,7 @@ def varlen_matrix(quick: bool) -> list[LaunchCase]:
             varlen(dtype="bf16", d=128, dv=128, strides="unaligned", grid=(32, 32)),
             varlen(dtype="fp16", d=64, dv=64, grid=(16, 16, 4), n_prefix=4),
             varlen(dtype="fp32", d=48, dv=48, grid=(24, 40), variant="product"),
+            varlen(dtype="fp16", d=64, dv=64, feature_map="identity"),
             varlen(extra=NO_DQ),
             varlen(dtype="fp16", d=40, dv=40, strides="unaligned", extra=NO_DQ),
             LaunchCase(op="vicinity_varlen_clamp", batch=3, extra=CLAMP_CASE.extra)]

@@ -80,7 +80,10 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv_grid: key/value grid with as many axes as ``grid`` (default ``grid``);
             ``num_prefix_tokens + prod(kv_grid) == Nk``.
         variant: "sum" (paper default), "product" or "none" (plain linear attention).
-        feature_map: "relu" (paper) or "elu1" (elu(x) + 1).
+        feature_map: "relu" (paper), "elu1" (elu(x) + 1) or "identity" (phi(x) = x: q and k are already
+            the caller's features, e.g. a focused or hand-applied map). Identity features should be
+            non-negative; nothing checks their values: with negative features the normaliser can reach 0
+            or change sign, and the output is then whatever that division gives (inf / NaN at 0).
         eps: constant added to the normaliser; >= 0, and > 0 when ``den_floor`` is 0.
         den_floor: lower bound of the normaliser before eps is added (>= 0; 0 = no floor). Where
             the floor is active the normaliser is a constant and carries no gradient.

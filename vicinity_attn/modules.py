@@ -14,6 +14,7 @@ from .common.validation import (
     check_option,
     check_positive_int,
     check_prefix,
+    check_probability,
     check_sr_shards,
 )
 from .functional import vicinity_attention
@@ -51,7 +52,7 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
     projections; with ``sr_ratio > 1`` keys and values come from a spatially reduced grid, a
     Conv2d(kernel = stride = sr_ratio) followed by LayerNorm over the H x W grid tokens (as in
     PVT / VVT), giving a (H // sr_ratio, W // sr_ratio) key grid; prefix tokens bypass the
-    reduction. The output goes through a linear projection and dropout.
+    reduction. The attention output goes through ``attn_drop``, a linear projection and ``proj_drop``.
 
     L2ViT's normaliser and VVT's locality in one layer: ``den_floor`` clamps the normaliser from
     below (L2ViT: 100, with eps = 0) and ``temperature=True`` adds a learnable per-head output scale
@@ -63,8 +64,16 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
         num_heads: attention heads; head dim = dim // num_heads.
         qkv_bias: bias in the q, k, v projections.
         sr_ratio: spatial-reduction factor for keys and values (1 = none).
-        variant, feature_map, eps, den_floor, backend: as in :func:`vicinity_attn.vicinity_attention`.
+        variant, eps, den_floor, backend: as in :func:`vicinity_attn.vicinity_attention`.
+        feature_map: "relu" or "elu1" (as in :func:`vicinity_attn.vicinity_attention`). "identity" is
+            refused (ValueError): the layer's q and k are linear projections of any sign, and identity
+            features must be non-negative; call the functional op with your own feature map instead.
         temperature: learn a per-head scale of the attention output (L2ViT's ``temperature``).
+        attn_drop: dropout probability on the attention output. Linear attention never forms the N x N
+            attention matrix that softmax attention drops entries of, so this is not that: in training,
+            ``nn.Dropout(attn_drop)`` zeroes elements of the attention core's output o [B, N, heads, head_dim]
+            (after ``temperature``, before the heads are merged and projected) and scales the others by
+            1 / (1 - attn_drop). The identity in eval mode or at 0 (the default).
         proj_drop: dropout probability after the output projection.
         num_prefix_tokens: class/register tokens in front of the grid tokens.
         group: None, or a ``torch.distributed`` process group for context parallelism: ``forward(x, H, W)``
@@ -77,38 +86,50 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
             group (e.g. DistributedDataParallel over it, loss scaled by the group size; README).
             The group is not state: ``copy.deepcopy`` shares it, pickling / ``torch.save`` stores None
             (:mod:`vicinity_attn.common.process_group`).
+        device, dtype: factory arguments, as for ``torch.nn.Linear``: where and in which dtype every
+            parameter is created (``device="meta"`` allocates nothing).
+
+    Parameters (state-dict keys): ``q``, ``k``, ``v``, ``proj`` (weight, bias), ``sr`` and ``norm`` with
+    ``sr_ratio > 1``, ``temperature`` with ``temperature=True``; the dropouts hold no state.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
                  variant: str = "sum", feature_map: str = "relu", eps: float = 1e-4,
                  proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0,
                  den_floor: float = 0.0, temperature: bool = False,
-                 group: torch.distributed.ProcessGroup | None = None) -> None:
+                 group: torch.distributed.ProcessGroup | None = None, attn_drop: float = 0.0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
             check_positive_int(value, name)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= proj_drop <= 1.0:
-            raise ValueError(f"proj_drop must be in [0, 1], got {proj_drop!r}")
+        for value, name in ((attn_drop, "attn_drop"), (proj_drop, "proj_drop")):
+            check_probability(value, name)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.sr_ratio = sr_ratio
         self.variant = check_option(variant, "variant", VARIANTS)
         self.feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
+        if self.feature_map == "identity":
+            raise ValueError("feature_map='identity' needs non-negative features, and VicinityAttention's q and k "
+                             "are linear projections of any sign: use 'relu' or 'elu1', or apply your own "
+                             "non-negative map and call vicinity_attention(..., feature_map='identity')")
         self.eps, self.den_floor = check_normaliser(eps, den_floor)
         self.backend = check_option(backend, "backend", BACKENDS)
         self.num_prefix_tokens = check_prefix(num_prefix_tokens)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        factory = dict(device=device, dtype=dtype)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
-        self.temperature = nn.Parameter(torch.empty(num_heads, 1, 1)) if temperature else None
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, **factory)
+            self.norm = nn.LayerNorm(dim, **factory)
+        self.temperature = nn.Parameter(torch.empty(num_heads, 1, 1, **factory)) if temperature else None
         self.group = group
         self.reset_parameters()
 
@@ -145,7 +166,7 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
                                  den_floor=self.den_floor, group=self.group)
         if self.temperature is not None:
             out = out * self.temperature.view(heads, 1).to(out.dtype)
-        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+        return self.proj_drop(self.proj(self.attn_drop(out).reshape(B, N, C)))
 
     def _local_prefix_tokens(self, x: torch.Tensor, H: int, W: int) -> int:
         """Under context parallelism with sr_ratio > 1: the prefix tokens in this rank's shard, after
@@ -164,6 +185,10 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
             parts.append(f"den_floor={self.den_floor}")
         if self.temperature is not None:
             parts.append("temperature=True")
+        if self.attn_drop.p:
+            parts.append(f"attn_drop={self.attn_drop.p}")
+        if self.proj_drop.p:
+            parts.append(f"proj_drop={self.proj_drop.p}")
         if self.num_prefix_tokens:
             parts.append(f"num_prefix_tokens={self.num_prefix_tokens}")
         return ", ".join(parts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VARIANT_CODES = {"none": 0, "sum": 1, "product": 2}
-FMAP_CODES = {"relu": 0, "elu1": 1}
+FMAP_CODES = {"relu": 0, "elu1": 1, "identity": 2}
 
 
 def feature_count(n_axes: int, variant: int, has_prefix: bool) -> int:

@@ -124,8 +124,11 @@ def output_pass_kernel(
         else:
             out_scale = out_scale * factor
     if WITH_DEN:
-        # den_floor and eps arrive scaled like den; where(), not maximum(): a NaN den stays NaN.
-        den = tl.where(den < den_floor, den_floor, den) + eps
+        # den_floor and eps arrive scaled like den; where(), not maximum(): a NaN den stays NaN. No floor
+        # at 0: identity features can give a negative sum, which stays negative as in the reference.
+        # Broadcast first: triton 3.6's interpreter cannot `&` a scalar comparison with a block.
+        floor = tl.zeros_like(den) + den_floor
+        den = tl.where((floor > 0) & (den < floor), floor, den) + eps
         if CLAMP:
             # The clamps act on the unscaled values: num = acc / s and 1 / den_true = s / den.
             num = abs_clamp(acc * (1.0 / state_scale), clamp_lo, clamp_hi)

@@ -87,6 +87,9 @@ MODULE_CASES = [
     (dict(dim=32, backend="gpu"), ValueError, "backend must be one of"),
     (dict(dim=32, eps=0), ValueError, "eps must be a positive"),
     (dict(dim=32, proj_drop=1.5), ValueError, "proj_drop must be in"),
+    (dict(dim=32, attn_drop=-0.1), ValueError, "attn_drop must be in"),
+    (dict(dim=32, attn_drop="0.1"), ValueError, "attn_drop must be in"),
+    (dict(dim=32, feature_map="identity"), ValueError, "feature_map='identity' needs non-negative features"),
 ]
 
 

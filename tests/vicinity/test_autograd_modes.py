@@ -23,9 +23,11 @@ from vicinity_attn import vicinity_attention
 LINEAR = ["torch", "triton"]
 
 
-def _case(prefix=1, grid=(3, 4), kv_grid=(2, 3), B=2, H=2, D=4, Dv=5, dtype=torch.float64, layout="bhnd"):
+def _case(prefix=1, grid=(3, 4), kv_grid=(2, 3), B=2, H=2, D=4, Dv=5, dtype=torch.float64, layout="bhnd",
+          feature_map=None):
     Nq, Nk = token_counts(grid, kv_grid, prefix)
-    q, k, v = make_inputs(B, H, Nq, Nk, D, Dv, dtype=dtype, layout=layout, requires_grad=False)
+    q, k, v = make_inputs(B, H, Nq, Nk, D, Dv, dtype=dtype, layout=layout, requires_grad=False,
+                          feature_map=feature_map)
     return (q, k, v), dict(grid=grid, kv_grid=kv_grid, num_prefix_tokens=prefix, layout=layout)
 
 
@@ -35,9 +37,10 @@ def _fn(backend, **kw):
 
 @pytest.mark.parametrize("backend", LINEAR)
 @pytest.mark.parametrize("variant,feature_map,layout,prefix", [
-    ("sum", "relu", "bhnd", 1), ("product", "elu1", "bnhd", 0), ("none", "relu", "bnhd", 2)])
+    ("sum", "relu", "bhnd", 1), ("product", "elu1", "bnhd", 0), ("none", "relu", "bnhd", 2),
+    ("sum", "identity", "bnhd", 1)])
 def test_jvp_matches_reference(backend, variant, feature_map, layout, prefix):
-    inputs, kw = _case(prefix=prefix, layout=layout)
+    inputs, kw = _case(prefix=prefix, layout=layout, feature_map=feature_map)
     kw.update(variant=variant, feature_map=feature_map)
     tangents = tuple(torch.randn_like(t) for t in inputs)
     ref_out, ref_t = torch.func.jvp(_fn("reference", **kw), inputs, tangents)

@@ -14,6 +14,7 @@ SPECS = [
     ([3, 4], [2, 3], "sum", "relu", 0),
     ([2, 3], [2, 3], "sum", "elu1", 2),
     ([2, 2, 3], [1, 2, 2], "product", "relu", 0),
+    ([3, 3], [2, 2], "sum", "identity", 1),
 ]
 
 
@@ -22,7 +23,8 @@ def _op_inputs(spec, dtype, layout="bhnd", B=2, H=2, D=8, Dv=5):
     module's layout, which outputs must follow) and the spec as the ops' schema values."""
     grid, kv_grid, variant, feature_map, prefix = spec
     nq, nk = token_counts(grid, kv_grid, prefix)
-    tensors = make_inputs(B, H, nq, nk, D, Dv, dtype=dtype, layout=layout, requires_grad=False)
+    tensors = make_inputs(B, H, nq, nk, D, Dv, dtype=dtype, layout=layout, requires_grad=False,
+                          feature_map=feature_map)
     q, k, v = (t.transpose(1, 2) if layout == "bnhd" else t for t in tensors)
     return (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True),
             [grid, kv_grid, variant, feature_map, 1e-4, prefix, 0.0, []])
@@ -40,13 +42,14 @@ def _opcheck(backend, q, k, v, args, needs_list):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("spec_i, layout", [(0, "bhnd"), (1, "bnhd"), (2, "bhnd")])
+@pytest.mark.parametrize("spec_i, layout", [(0, "bhnd"), (1, "bnhd"), (2, "bhnd"), (3, "bnhd")])
 def test_opcheck_torch(dtype, spec_i, layout):
     q, k, v, args = _op_inputs(SPECS[spec_i], dtype, layout)
     _opcheck("torch", q, k, v, args, ([True, True, True], [True, False, True], [False, True, False]))
 
 
-@pytest.mark.parametrize("dtype, spec_i, layout", [(torch.float32, 0, "bnhd"), (torch.float64, 1, "bhnd")])
+@pytest.mark.parametrize("dtype, spec_i, layout", [(torch.float32, 0, "bnhd"), (torch.float64, 1, "bhnd"),
+                                                    (torch.float32, 3, "bhnd")])
 def test_opcheck_triton(dtype, spec_i, layout):
     """Through the Triton interpreter (opcheck runs the op a dozen times: tiny shapes)."""
     q, k, v, args = _op_inputs(SPECS[spec_i], dtype, layout, B=1, H=2, D=4, Dv=3)
@@ -65,6 +68,27 @@ def test_custom_op_path_matches_reference(backend):
     want = torch.autograd.grad(ref, (q, k, v), do)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_identity_after_a_feature_map_in_the_graph(backend):
+    """flash-bla's convention under torch.compile(fullgraph=True): the caller's own non-negative feature map
+    (elu + 1 here) traced in the same graph as the op with feature_map="identity"; outputs and gradients
+    equal the float64 reference with feature_map="elu1" on the raw inputs."""
+    torch._dynamo.reset()
+    q, k, v = make_inputs(1, 2, 13, 7, 8, 5)
+    kw = dict(grid=(3, 4), kv_grid=(2, 3), num_prefix_tokens=1, layout="bhnd")
+
+    def fn(q, k, v):
+        phi = lambda x: torch.nn.functional.elu(x) + 1.0  # noqa: E731
+        return vicinity_attention(phi(q), phi(k), v, feature_map="identity", backend=backend, **kw)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    ref = vicinity_attention(q, k, v, feature_map="elu1", backend="reference", **kw)
+    do = torch.randn_like(ref)
+    for g, w in zip((out, *torch.autograd.grad(out, (q, k, v), do)), (ref, *torch.autograd.grad(ref, (q, k, v), do))):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 

@@ -34,6 +34,9 @@ CASES = {
     "torch-3d-product-elu1-bnhd": ((2, 3), "torch", dict(grid=(2, 2, 3), variant="product", feature_map="elu1",
                                                          num_prefix_tokens=1, layout="bnhd"), (1, 2, 8, 4)),
     "torch-2d-clamp": ((2, 3), "torch", dict(grid=(3, 4), clamp=(1e-3, 1.5)), (1, 2, 8, 8)),
+    "torch-2d-identity-cross-grid": ((2, 3), "torch", dict(grid=(4, 3), kv_grid=(2, 3), feature_map="identity",
+                                                           num_prefix_tokens=1), (1, 2, 8, 6)),
+    "triton-1d-identity": ((2,), "triton", dict(grid=(9,), feature_map="identity"), (1, 1, 8, 8)),
     "triton-2d-prefix-cross-grid": ((2, 3), "triton", dict(grid=(3, 4), kv_grid=(2, 2), num_prefix_tokens=1),
                                     (1, 1, 8, 8)),
     "triton-3d-product-clamp": ((2,), "triton", dict(grid=(2, 2, 3), variant="product", clamp=(1e-3, 1.5)),
@@ -63,6 +66,8 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     torch.manual_seed(len(name))   # the same full tensors on every rank
     dims = lambda n, d: (B, H, n, d) if layout == "bhnd" else (B, n, H, d)  # noqa: E731
     q, k, v = (torch.randn(dims(n, d), dtype=torch.float64) for n, d in ((nq, D), (nk, D), (nk, Dv)))
+    if kw.get("feature_map") == "identity":   # identity features are meant to be non-negative
+        q, k = q.abs(), k.abs()
     do = torch.randn(dims(nq, Dv), dtype=torch.float64)
     axis = 2 if layout == "bhnd" else 1
     full = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -16,6 +16,7 @@ CASES = [  # (grid, kv_grid, options)
     ((4, 5), None, dict()),
     ((3, 4), (2, 3), dict(variant="product", num_prefix_tokens=1)),
     ((5,), None, dict(variant="none", feature_map="elu1")),
+    ((3, 4), (2, 2), dict(feature_map="identity", num_prefix_tokens=1)),
     ((2, 3, 2), None, dict(den_floor=3.0)),
     ((3, 3), (3, 2), dict(num_prefix_tokens=2, den_floor=0.5, eps=1e-3)),
 ]
@@ -30,7 +31,7 @@ def _grad_fn_name(o: torch.Tensor) -> str:
 def test_matches_the_reference(case, dtype):
     grid, kv_grid, opts = CASES[case]
     Nq, Nk = token_counts(grid, kv_grid, opts.get("num_prefix_tokens", 0))
-    q, k, v = make_inputs(2, 3, Nq, Nk, 8, 6, dtype=dtype)
+    q, k, v = make_inputs(2, 3, Nq, Nk, 8, 6, dtype=dtype, feature_map=opts.get("feature_map"))
     with torch.no_grad():
         for t in (q, k, v):
             t.mul_(1.7)        # some rows under den_floor, some over

@@ -28,12 +28,12 @@ def test_float64_matches_reference(variant, grid, kv_grid, prefix):
 
 
 @pytest.mark.parametrize("D,Dv", [(1, 1), (8, 8), (40, 24), (48, 48)])
-@pytest.mark.parametrize("feature_map", ["relu", "elu1"])
+@pytest.mark.parametrize("feature_map", ["relu", "elu1", "identity"])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_head_dims_feature_maps_layouts(D, Dv, feature_map, layout):
     grid, kv_grid = (5, 7), (3, 4)
     Nq, Nk = token_counts(grid, kv_grid)
-    q, k, v = make_inputs(2, 2, Nq, Nk, D, Dv, layout=layout)
+    q, k, v = make_inputs(2, 2, Nq, Nk, D, Dv, layout=layout, feature_map=feature_map)
     check_against_reference(q, k, v, grid=grid, kv_grid=kv_grid, feature_map=feature_map, layout=layout,
                             backend="torch")
 
@@ -56,10 +56,11 @@ def test_low_precision_tolerance_rule(dtype, variant, grid, kv_grid, prefix, lay
     ("none", (5,), (3,), "relu", 1, "bhnd"),
     ("sum", (2, 2, 2), (1, 2, 1), "elu1", 2, "bnhd"),
     ("product", (3, 1, 2), None, "relu", 0, "bhnd"),
+    ("sum", (3, 3), (2, 2), "identity", 1, "bnhd"),
 ])
 def test_gradcheck(backend, variant, grid, kv_grid, feature_map, prefix, layout):
     Nq, Nk = token_counts(grid, kv_grid, prefix)
-    q, k, v = make_inputs(1, 2, Nq, Nk, 4, 3, layout=layout)
+    q, k, v = make_inputs(1, 2, Nq, Nk, 4, 3, layout=layout, feature_map=feature_map)
 
     def fn(q, k, v):
         return vicinity_attention(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,

@@ -40,7 +40,8 @@ from vicinity_attn.vicinity import triton_backend  # noqa: E402
 def run_case(grid, kv_grid=None, *, D=16, Dv=24, B=1, H=2, dtype=torch.float64, layout="bhnd", prefix=0,
              variant="sum", feature_map="relu"):
     nq, nk = token_counts(grid, kv_grid, prefix)
-    q, k, v = make_inputs(B, H, nq, nk, D, Dv, dtype=triton_dtype(dtype, DEVICE), layout=layout, device=DEVICE)
+    q, k, v = make_inputs(B, H, nq, nk, D, Dv, dtype=triton_dtype(dtype, DEVICE), layout=layout, device=DEVICE,
+                          feature_map=feature_map)
     return check_against_reference(q, k, v, grid=grid, kv_grid=kv_grid, variant=variant, layout=layout,
                                    feature_map=feature_map, num_prefix_tokens=prefix, backend="triton")
 
@@ -119,8 +120,16 @@ def test_layouts_and_prefix_tokens_fp64(layout, prefix):
 
 
 @pytest.mark.parametrize("variant", ["sum", "product"])
-def test_elu1_feature_map_fp64(variant):
-    run_case((3, 2, 3), variant=variant, feature_map="elu1", prefix=1)
+@pytest.mark.parametrize("feature_map", ["elu1", "identity"])
+def test_feature_maps_fp64(variant, feature_map):
+    run_case((3, 2, 3), variant=variant, feature_map=feature_map, prefix=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_identity_feature_map_tolerance_rule(dtype):
+    # Non-negative features (|N(0, 1)|) at D = 40: the kernels use x as phi(x), with phi' = 1.
+    run_case((5, 6), (3, 2), variant="sum", feature_map="identity", prefix=1, dtype=dtype, D=40, Dv=24,
+             layout="bnhd")
 
 
 @pytest.mark.parametrize("grid,kv_grid,variant,layout,prefix", [
@@ -166,11 +175,13 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
-def test_gradcheck_fp64_product_elu1():
-    q, k, v = make_inputs(1, 1, 12, 12, 5, 7, dtype=triton_dtype(torch.float64, DEVICE), device=DEVICE)
+@pytest.mark.parametrize("feature_map", ["elu1", "identity"])
+def test_gradcheck_fp64_product(feature_map):
+    q, k, v = make_inputs(1, 1, 12, 12, 5, 7, dtype=triton_dtype(torch.float64, DEVICE), device=DEVICE,
+                          feature_map=feature_map)
 
     def fn(q, k, v):
-        return vicinity_attention(q, k, v, (2, 2, 3), variant="product", feature_map="elu1", backend="triton")
+        return vicinity_attention(q, k, v, (2, 2, 3), variant="product", feature_map=feature_map, backend="triton")
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 

@@ -29,7 +29,7 @@ def assert_matches_per_sequence(grids, kv_grids=None, prefix=0, backend="torch",
                                 against=None, **kw):
     """The packed call on ``backend`` against per-sequence calls on ``against`` (default: the same backend;
     the triton tests use the torch backend there, which is 1e-12-equal to triton and costs no interpreter time)."""
-    q, k, v, cu_q, cu_k = pack(grids, kv_grids, prefix, H, D, Dv)
+    q, k, v, cu_q, cu_k = pack(grids, kv_grids, prefix, H, D, Dv, feature_map=kw.get("feature_map"))
     do = torch.randn(q.shape[0], H, Dv, dtype=torch.float64)
     kw = dict(num_prefix_tokens=prefix, **kw)
     want = outputs_and_grads(lambda: per_sequence(q, k, v, cu_q, cu_k, grids, kv_grids, backend=against or backend,
@@ -55,6 +55,14 @@ def test_matches_per_sequence_2d_cross_prefix(backend, variant):
 @pytest.mark.parametrize("grids", [[5, (7,), 3], [(2, 2, 3), (1, 3, 2), (2, 2, 3)]], ids=["1d", "3d"])
 def test_matches_per_sequence_1d_3d(backend, grids):
     assert_matches_per_sequence(grids, backend=backend, variant="product" if len(grids) == 3 else "sum")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_identity_matches_per_sequence(backend):
+    """feature_map="identity" (non-negative q, k): the packed call equals per-sequence calls (the triton pack
+    against the torch backend's per-sequence calls)."""
+    assert_matches_per_sequence(**CASES_2D, prefix=1, backend=backend, feature_map="identity",
+                                against="torch" if backend == "triton" else None, H=1 if backend == "triton" else 2)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -106,8 +114,9 @@ def test_triton_gradcheck():
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
-def test_triton_bf16_tolerance_rule():
-    check_low_precision(torch.bfloat16, "triton", H=1)
+@pytest.mark.parametrize("feature_map", ["relu", "identity"])
+def test_triton_bf16_tolerance_rule(feature_map):
+    check_low_precision(torch.bfloat16, "triton", H=1, feature_map=feature_map)
 
 
 def test_triton_torch_compile_fullgraph():
@@ -163,12 +172,13 @@ def test_torch_groups_equal_grids_into_one_call(monkeypatch):
     assert calls == [(2, (3, 4), (2, 2)), (1, (2, 5), (1, 5)), (1, (1, 3), (1, 2))]
 
 
-def check_low_precision(dtype, backend, H=2):
+def check_low_precision(dtype, backend, H=2, feature_map="relu"):
     """``backend`` in a low precision against the float64 reference, by the tolerance rule (the plain
     computation: the reference in that dtype)."""
-    q, k, v, cu_q, cu_k = pack(**CASES_2D, prefix=1, H=H, D=8, Dv=8, dtype=dtype)
+    q, k, v, cu_q, cu_k = pack(**CASES_2D, prefix=1, H=H, D=8, Dv=8, dtype=dtype, feature_map=feature_map)
     run = lambda q, k, v, backend: vicinity_attention_varlen(q, k, v, cu_q, cu_k, **CASES_2D,  # noqa: E731
-                                                             num_prefix_tokens=1, backend=backend)
+                                                             num_prefix_tokens=1, backend=backend,
+                                                             feature_map=feature_map)
     as64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     do = torch.randn(q.shape[0], H, 8, dtype=torch.float64)
     ref = outputs_and_grads(lambda: run(*as64, "reference"), *as64, do)
@@ -181,8 +191,9 @@ def check_low_precision(dtype, backend, H=2):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_tolerance_rule(dtype):
-    check_low_precision(dtype, "torch")
+@pytest.mark.parametrize("feature_map", ["relu", "identity"])
+def test_low_precision_tolerance_rule(dtype, feature_map):
+    check_low_precision(dtype, "torch", feature_map=feature_map)
 
 
 def test_gradcheck_torch():

@@ -161,6 +161,13 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def check_probability(value: object, name: str) -> float:
+    """A dropout probability: a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (a dropout probability), got {value!r}")
+    return float(value)
+
+
 def check_layer_input(x: object, H: object, W: object, channels: int, channels_name: str,
                       num_prefix_tokens: int = 0, sharded: bool = False) -> torch.Tensor:
     """The input of a layer's ``forward(x, H, W)``: x [B, num_prefix_tokens + H*W, channels]; with

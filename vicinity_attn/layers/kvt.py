@@ -40,10 +40,12 @@ class KNNAttention(nn.Module):
         proj_drop: dropout after ``proj``.
         topk: keys kept per query.
         backend: backend of :func:`vicinity_attn.knn_attention`.
+        device, dtype: factory arguments, as for ``torch.nn.Linear`` (every parameter created there).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
-                 attn_drop: float = 0., proj_drop: float = 0., topk: int = 100, backend: str = "auto") -> None:
+                 attn_drop: float = 0., proj_drop: float = 0., topk: int = 100, backend: str = "auto", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(num_heads, "num_heads")
@@ -53,9 +55,9 @@ class KNNAttention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
         self.topk = topk
         self.backend = check_option(backend, "backend", BACKENDS)

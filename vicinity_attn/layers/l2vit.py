@@ -69,10 +69,12 @@ class LinearAttention(nn.Module):
         attn_drop: accepted for compatibility; unused, as in theirs.
         proj_drop: dropout after ``proj``.
         backend: as in :func:`vicinity_attn.vicinity_attention`.
+        device, dtype: factory arguments, as for ``torch.nn.Linear`` (every parameter created there).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto") -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(num_heads, "num_heads")
@@ -84,10 +86,11 @@ class LinearAttention(nn.Module):
         self.scale = qk_scale or head_dim ** -0.5
         self.backend = check_option(backend, "backend", BACKENDS)
         # Registration order follows theirs (state_dict keys: temperature, qkv, proj).
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1) * self.scale)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        factory = dict(device=device, dtype=dtype)
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), self.scale, **factory))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         _init_like_theirs(self)
 

@@ -137,6 +137,7 @@ class VicinityVisionAttention(HoldsProcessGroup, nn.Module):
             as for :class:`vicinity_attn.VicinityAttention`. Backends "torch" and "triton". The group is
             not state: ``copy.deepcopy`` shares it, pickling / ``torch.save`` stores None
             (:mod:`vicinity_attn.common.process_group`).
+        device, dtype: factory arguments, as for ``torch.nn.Linear`` (every parameter created there).
 
     Parameter names and shapes (state-dict keys) are theirs: ``k_proj``, ``v_proj``, ``q_proj``,
     ``sr`` + ``norm`` (only when ``sr_ratio > 1``), ``out_proj``, ``se_fc.0``, ``se_fc.2``.
@@ -144,7 +145,8 @@ class VicinityVisionAttention(HoldsProcessGroup, nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, sr_ratio: int = 1, fr_ratio: int = 1,
                  se_reduction: int = 2, use_sum: bool = True, linear: bool = False, clip: bool = True,
-                 backend: str = "auto", group: torch.distributed.ProcessGroup | None = None) -> None:
+                 backend: str = "auto", group: torch.distributed.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         for value, name in ((embed_dim, "embed_dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio"),
                             (fr_ratio, "fr_ratio"), (se_reduction, "se_reduction")):
@@ -170,18 +172,19 @@ class VicinityVisionAttention(HoldsProcessGroup, nn.Module):
         self.group = group
         inner = embed_dim // fr_ratio
         # Registration order follows theirs, so state_dict() lists keys in their order too.
-        self.k_proj = nn.Linear(embed_dim, inner)
-        self.v_proj = nn.Linear(embed_dim, inner)
-        self.q_proj = nn.Linear(embed_dim, inner)
+        factory = dict(device=device, dtype=dtype)
+        self.k_proj = nn.Linear(embed_dim, inner, **factory)
+        self.v_proj = nn.Linear(embed_dim, inner, **factory)
+        self.q_proj = nn.Linear(embed_dim, inner, **factory)
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(embed_dim, embed_dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(embed_dim)
-        self.out_proj = nn.Linear(inner, embed_dim)
+            self.sr = nn.Conv2d(embed_dim, embed_dim, kernel_size=sr_ratio, stride=sr_ratio, **factory)
+            self.norm = nn.LayerNorm(embed_dim, **factory)
+        self.out_proj = nn.Linear(inner, embed_dim, **factory)
         self.se_pool = nn.AdaptiveAvgPool1d(1)
         self.se_fc = nn.Sequential(
-            nn.Linear(embed_dim, embed_dim // se_reduction, bias=False),
+            nn.Linear(embed_dim, embed_dim // se_reduction, bias=False, **factory),
             nn.ReLU(),
-            nn.Linear(embed_dim // se_reduction, embed_dim, bias=False),
+            nn.Linear(embed_dim // se_reduction, embed_dim, bias=False, **factory),
             nn.Sigmoid(),
         )
         self.reset_parameters()

@@ -52,6 +52,8 @@ def _features(x: torch.Tensor, feature_map: str, dtype: torch.dtype, scratch_nam
         return phi.copy_(x).clamp_min_(0)
     if feature_map == "elu1":
         return torch.nn.functional.elu_(phi.copy_(x)).add_(1.0)
+    if feature_map == "identity":
+        return phi.copy_(x)
     raise ValueError(f"unknown feature_map {feature_map!r}")
 
 
