@@ -45,16 +45,19 @@ def _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_
               BLOCK_KV: tl.constexpr, N_KV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
               PREC: tl.constexpr, NEED_DS: tl.constexpr, MASK_KEYS: tl.constexpr):
     """p and ds for one [BLOCK_M, BLOCK_N] tile: the forward's probabilities (0 off the mask and on
-    padded query rows; on padded key columns too when MASK_KEYS) and p * (dO v^T - delta) (only when
-    NEED_DS; else p is returned twice)."""
-    s, keep = score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n,
-                         stride_k_d, head_dim, scale, tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True,
-                         MASK_KEYS)
-    p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+    padded query rows; on padded key columns too when MASK_KEYS; NaN everywhere on a NaN row, lse NaN,
+    as the reference's softmax) and p * (dO v^T - delta), exactly 0 off the mask as the gradient of the
+    reference's where (only when NEED_DS; else p is returned twice)."""
+    # dO v^T first: the mask is then used where it is formed, not held through these dots.
     if NEED_DS:
         dp = row_dots(do_base, rows, n_queries, stride_do_n, stride_do_d, v_base, cols, n_keys, stride_v_n,
                       stride_v_d, head_dim_v, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), BLOCK_KV, N_KV, DOT, PREC)
-        return p, p * (dp - delta[:, None])
+    s, keep = score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n,
+                         stride_k_d, head_dim, scale, tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True,
+                         MASK_KEYS)
+    p = tl.where(keep | (lse != lse)[:, None], tl.exp(s - lse[:, None]), 0.0)
+    if NEED_DS:
+        return p, tl.where(keep, p * (dp - delta[:, None]), 0.0)
     return p, p
 
 

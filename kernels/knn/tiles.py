@@ -67,17 +67,20 @@ def score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_
     else:
         keep = tl.broadcast_to(rows[:, None] < n_queries, (BLOCK_M, BLOCK_N))
     if CUT:
-        keep = keep & (s >= tau[:, None])
+        # NaN ranks above +inf (order_key): a NaN score is always kept, and tau is NaN only where NaNs fill the top-k.
+        keep = keep & ((s >= tau[:, None]) | (s != s))
     return s, keep
 
 
 @triton.jit
 def order_key(s, top_bit):
     """An unsigned int (top_bit's dtype: uint32 for fp32 scores, uint64 for fp64) ordered like the
-    float s: negative floats get every bit flipped, the others the sign bit set (the radix-sort key)."""
+    float s: negative floats get every bit flipped, the others the sign bit set (the radix-sort key).
+    Every NaN, whatever its sign bit, gets the largest key (all bits set): NaN ranks above +inf, as in
+    torch.topk, and a tau found at that key is a NaN (:func:`key_to_score`)."""
     bits = s.to(top_bit.dtype, bitcast=True)
     negative = (bits & top_bit) != 0
-    return tl.where(negative, ~bits, bits | top_bit)
+    return tl.where(s != s, top_bit | (top_bit - 1), tl.where(negative, ~bits, bits | top_bit))
 
 
 @triton.jit

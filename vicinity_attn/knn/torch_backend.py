@@ -42,6 +42,12 @@ def block_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, r0: int, r1: int) ->
     return torch.bmm(q_scaled[:, r0:r1], k_t)
 
 
+def keep_mask(s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The kept entries of score rows s [..., R, Nk] given tau [..., R]: s >= tau, and every NaN (NaN ranks
+    above +inf, so a NaN score is always among the row's top-k; tau is NaN only where topk of them are)."""
+    return (s >= tau.unsqueeze(-1)).logical_or_(s.isnan())
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, tau, lse): o [B, H, Nq, Dv] in q's dtype and memory order; tau and lse [B, H, Nq] in the
@@ -56,11 +62,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
     lse = q.new_empty((B * H, Nq), dtype=dtype)
     for r0, r1 in row_blocks(B * H, Nq, Nk):
         s = block_scores(q_s, k_t, r0, r1)
-        # The kept scores are the row's top-k values: their min is tau, their max the softmax shift.
-        t, m = torch.aminmax(torch.topk(s, topk, dim=-1, sorted=False).values, dim=-1)
-        keep = s >= t.unsqueeze(-1)
+        # The kept scores are the row's top-k values (torch.topk ranks NaN above +inf): their min is tau,
+        # their max the softmax shift; NaN counts as +inf in both, and tau is NaN where all of them are NaN.
+        top = torch.topk(s, topk, dim=-1, sorted=False).values
+        top_nan = top.isnan()
+        t, m = torch.aminmax(top.masked_fill_(top_nan, float("inf")), dim=-1)
+        t.masked_fill_(top_nan.all(dim=-1), float("nan"))
+        keep = keep_mask(s, t)
         p = s.sub_(m.unsqueeze(-1)).exp_().mul_(keep)        # s is dead from here: its buffer holds p
-        l = p.sum(dim=-1)
+        # A kept NaN or +inf (m = +inf) or only -inf kept (m = -inf): the softmax is NaN on the whole row.
+        l = p.sum(dim=-1).masked_fill_(~m.isfinite(), float("nan"))
         torch.bmm(p, v_c, out=o_acc[:, r0:r1])
         o_acc[:, r0:r1].div_(l.unsqueeze(-1))
         tau[:, r0:r1] = t
@@ -94,13 +105,16 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dv_acc = torch.zeros((B * H, Nk, Dv), dtype=dtype, device=q.device) if needs[2] else None
     for r0, r1 in row_blocks(B * H, Nq, Nk):
         s = block_scores(q_s, k_t, r0, r1)
-        keep = s >= tau[:, r0:r1].unsqueeze(-1)
+        keep = keep_mask(s, tau[:, r0:r1])
+        # A NaN row (lse NaN) gets p = NaN at every key, dropped ones too (0 * NaN): the reference's softmax.
         p = s.sub_(lse[:, r0:r1].unsqueeze(-1)).exp_().mul_(keep)
         if dv_acc is not None:
             dv_acc.baddbmm_(p.transpose(1, 2), do_c[:, r0:r1])
         if not need_ds:
             continue
-        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p)
+        # ds is exactly 0 off the mask (the gradient of the reference's where), even where p or dO.v - delta
+        # is not finite.
+        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p).masked_fill_(~keep, 0.0)
         if dq_acc is not None:
             torch.bmm(ds, k_scaled, out=dq_acc[:, r0:r1])
         if dk_acc is not None:
