@@ -53,7 +53,7 @@ def score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_
         s    = scale * q[rows] @ k[cols]^T      in ACC, 0 where padded
         keep = rows < n_queries                  (the tile's real entries)
                & cols < n_keys                   when MASK_KEYS
-               & s >= tau[:, None]               when CUT (the k-NN mask; tau [BLOCK_M] in ACC)
+               & not s < tau[:, None]            when CUT (the k-NN mask; tau [BLOCK_M] in ACC)
 
     The selection pass, which is finding tau, passes CUT = False (its ``tau`` is unused). A pass whose
     keys are its own rows of output (the dk / dv pass) may pass MASK_KEYS = False: its padded keys'
@@ -67,8 +67,9 @@ def score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_
     else:
         keep = tl.broadcast_to(rows[:, None] < n_queries, (BLOCK_M, BLOCK_N))
     if CUT:
-        # NaN ranks above +inf (order_key): a NaN score is always kept, and tau is NaN only where NaNs fill the top-k.
-        keep = keep & ((s >= tau[:, None]) | (s != s))
+        # Dropped only if ordered below tau: a NaN score is always kept, and a NaN tau (NaNs fill the top-k)
+        # keeps the whole row (docs/knn.md, "Non-finite inputs").
+        keep = keep & ~(s < tau[:, None])
     return s, keep
 
 

@@ -129,7 +129,8 @@ def test_row_of_only_minus_inf_scores_is_nan(backend, nk):
 def test_reference_follows_the_rules(which, value):
     """The rules of docs/knn.md on the reference, from the float64 scores: o_i is all NaN exactly where
     row i keeps a NaN or +inf score or only -inf ones; a NaN row makes every dv of its head NaN; a NaN
-    score is always kept; at a non-finite tau every tied key is kept; elsewhere exactly topk keys."""
+    score is always kept; at a non-finite tau every key not below it is kept (the whole row at a NaN tau);
+    elsewhere exactly topk keys."""
     topk = 9
     q, k, v, do = _inputs(which, VALUES[value], 80, "end", seed=5)
     out, _, _, dv = _run("reference", q, k, v, do, topk)
@@ -151,8 +152,8 @@ def test_reference_follows_the_rules(which, value):
     n_nan = s.isnan().sum(-1, keepdim=True)
     tau = tau.masked_fill(n_nan >= topk, NAN)
     nonfinite = ~tau.isfinite()
-    tied = (s >= tau) | s.isnan()
-    assert torch.equal(keep & nonfinite, tied & nonfinite)
+    not_below = ~(s < tau)
+    assert torch.equal(keep & nonfinite, not_below & nonfinite)
     assert (keep.sum(-1, keepdim=True)[~nonfinite] == topk).all()
 
 
@@ -162,8 +163,9 @@ def test_reference_nan_order_does_not_depend_on_the_sign_of_nan():
     for nan in (NAN, -NAN, torch.tensor(INF) - torch.tensor(INF)):
         t = s.clone()
         t[0, 0] = nan
-        assert knn_keep_mask(t, 1).tolist() == [[True, False, False, False]]
         assert knn_keep_mask(t, 2).tolist() == [[True, False, False, True]]
+        assert knn_keep_mask(t, 3).tolist() == [[True, False, True, True]]
+        assert knn_keep_mask(t, 1).tolist() == [[True] * 4]      # tau = NaN: nothing is below it
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
@@ -175,3 +177,73 @@ def test_finite_rows_unaffected_by_a_nan_row(backend):
     bad = out.isnan().all(-1)
     assert bad.sum() == 1 and out[~bad].isfinite().all()
     torch.testing.assert_close(out[~bad], ref[~bad], rtol=1e-10, atol=1e-12)
+
+
+class _RaisedTau:
+    """The real selection pass, then tau of one query row raised above every finite score of the row, as if
+    a later pass had computed the row's scores otherwise: the forward pass keeps no finite key there."""
+
+    def __init__(self, kernel, bh: int, row: int, scores: torch.Tensor):
+        self.kernel, self.bh, self.row, self.scores = kernel, bh, row, scores
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(q, k, tau, *args, **kwargs):
+            launch(q, k, tau, *args, **kwargs)
+            finite = self.scores[self.bh, self.row].nan_to_num(nan=-INF)
+            tau[self.bh, self.row] = finite.max() + 1.0
+        return run
+
+
+def _raise_tau(monkeypatch, q, k, bh, row):
+    from vicinity_attn.kernels.knn import launch
+
+    scores = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).flatten(0, 1)
+    monkeypatch.setattr(launch, "knn_threshold_kernel", _RaisedTau(launch.knn_threshold_kernel, bh, row, scores))
+
+
+@pytest.mark.parametrize("nk", [24, 80])
+def test_triton_row_keeping_no_key_is_zero_not_nan(monkeypatch, nk):
+    """Issue 24: a row that keeps no key gets o = 0 and no gradient (lse = +inf, so p = 0), not 0 / 0; every
+    other row, and dk / dv from them, are the reference's."""
+    bh, row = 1, 17
+    q, k, v, do = _inputs("v", 0.0, nk, "start", seed=31)
+    _raise_tau(monkeypatch, q, k, bh, row)
+    out, dq, dk, dv = _run("triton", q, k, v, do, 6)
+    do_without_row = do.clone()
+    do_without_row[0, bh, row] = 0
+    ref_out, ref_dq, ref_dk, ref_dv = _run("reference", q, k, v, do_without_row, 6)
+    assert torch.equal(out[0, bh, row], torch.zeros_like(out[0, bh, row]))
+    assert torch.equal(dq[0, bh, row], torch.zeros_like(dq[0, bh, row]))
+    others = torch.ones(out.shape[:3], dtype=torch.bool)
+    others[0, bh, row] = False
+    for name, g, r in (("out", out[others], ref_out[others]), ("dq", dq[others], ref_dq[others]),
+                       ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        assert g.isfinite().all(), name
+        assert_rule(name, g, r, r, torch.float64)
+
+
+def test_triton_guard_keeps_a_nan_row_nan(monkeypatch):
+    """The guard of a row with no finite key kept does not hide a NaN: a row with NaN scores keeps them
+    (NaN is always kept) and stays NaN, forward and gradients, whatever tau says."""
+    bh, row = 0, 4
+    q, k, v, do = _inputs("v", 0.0, 80, "start", seed=32)
+    q[0, bh, row, 3] = NAN
+    ref = _run("reference", q, k, v, do, 6)
+    _raise_tau(monkeypatch, q, k, bh, row)
+    got = _run("triton", q, k, v, do, 6)
+    assert got[0][0, bh, row].isnan().all()
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        _assert_same_pattern(name, g, r)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("nk", [24, 80])
+def test_nan_filling_the_top_k_keeps_the_whole_row(backend, nk):
+    """topk = 1 and a NaN in k: every row's top-1 is the NaN, tau is NaN, and nothing is below a NaN tau, so
+    every row keeps every key (every dk NaN), in every backend as in the reference."""
+    q, k, v, do = _inputs("k", NAN, nk, "end", seed=41)
+    ref = _run("reference", q, k, v, do, 1)
+    assert ref[2][0, 0].isnan().all() or ref[2][0, 1].isnan().all()
+    _check(backend, q, k, v, do, 1)

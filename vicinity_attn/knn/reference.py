@@ -8,9 +8,10 @@ arbitrary subset; the memory-bounded backends keep every score >= the topk-th la
 
 Non-finite scores (docs/knn.md, "Non-finite inputs"), made explicit here so that no result depends
 on how a sort ranks NaN: NaN ranks above +inf, tau_i is the topk-th largest score in that order, and
-where tau_i is not finite (+-inf or NaN) the row keeps every key tied with it (every score >= tau_i,
-and every NaN), as the memory-bounded backends do. There such ties are the rule (an inf in q makes
-half a row +inf), and which of them are kept decides which gradients are NaN.
+where tau_i is not finite (+-inf or NaN) the row keeps every score not below tau_i (not s_ij < tau_i:
+every tied key, every NaN, and the whole row if tau_i is NaN), as the memory-bounded backends do.
+There such ties are the rule (an inf in q makes half a row +inf), and which of them are kept decides
+which gradients are NaN.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def knn_keep_mask(scores: torch.Tensor, topk: int) -> torch.Tensor:
     tau = values[..., -1:].masked_fill(nan.sum(dim=-1, keepdim=True) >= topk, float("nan"))
     # Out of place (theirs scatters in place): under torch.func.vmap the indices are batched, the zeros not.
     mask = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device).scatter(-1, index, 1.0) > 0
-    return torch.where(tau.isfinite(), mask, (scores >= tau) | nan)
+    return torch.where(tau.isfinite(), mask, ~(scores < tau))
 
 
 def knn_probabilities(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> torch.Tensor:

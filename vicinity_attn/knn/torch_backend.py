@@ -4,6 +4,9 @@ Semantics: row i keeps every score s_ij = scale * q_i . k_j with s_ij >= tau_i, 
 largest score of the row, and takes a softmax over them. This is the authors' top-k mask except on
 exact ties at tau_i: they keep an arbitrary ``topk`` of the tied entries (``torch.topk``), this keeps
 all of them (so a row may keep more than ``topk``; with continuous inputs ties have probability 0).
+Non-finite scores as docs/knn.md ("Non-finite inputs") and the reference say: NaN ranks above +inf, a
+score is dropped only if it is below tau (so every NaN is kept), a row keeping a NaN or +inf score or
+only -inf ones is NaN with p NaN at every key, and ds is exactly 0 off the mask.
 
 The query rows are processed in blocks of about :data:`BLOCK_ELEMENTS` scores: no more than a block
 of rows of scores (and its probabilities / gradients) is alive at any time, forward or backward, and
@@ -43,9 +46,9 @@ def block_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, r0: int, r1: int) ->
 
 
 def keep_mask(s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """The kept entries of score rows s [..., R, Nk] given tau [..., R]: s >= tau, and every NaN (NaN ranks
-    above +inf, so a NaN score is always among the row's top-k; tau is NaN only where topk of them are)."""
-    return (s >= tau.unsqueeze(-1)).logical_or_(s.isnan())
+    """The kept entries of score rows s [..., R, Nk] given tau [..., R]: not s < tau, so every NaN score (NaN
+    ranks above +inf: always among the top-k) and, where tau is NaN (NaNs fill the top-k), the whole row."""
+    return (s < tau.unsqueeze(-1)).logical_not_()
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
