@@ -69,7 +69,12 @@ def _check(backend, q, k, v, do, topk):
         if r[finite].numel() and r[finite].abs().max() > 0:
             assert_rule(name, g[finite], r[finite], p[finite].double().nan_to_num(), dtype)
         else:
-            assert torch.equal(g[finite], r[finite].to(dtype)), name
+            # All 0 (topk = 1: the softmax is the constant 1): what is left is rounding of dO.v_j - dO.o_i.
+            size = 1.0
+            for x in (q, k, v, do):
+                size *= x[x.isfinite()].abs().max().item()
+            bound = 16 * torch.finfo(dtype).eps * size * v.shape[-1]
+            assert g[finite].abs().max().item() <= bound, name
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
