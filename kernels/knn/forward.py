@@ -62,7 +62,8 @@ def knn_forward_kernel(
         m = m_new
     nan_row = ~(l < float("inf")) | ((l == 0) & (tau == -float("inf")))
     empty = l == 0      # no key kept (or a padded row), unless a NaN row
-    o = tl.where(nan_row[:, None], float("nan"), acc / tl.where(empty, 1.0, l)[:, None])
+    l = tl.where(empty, 1.0, l)
+    o = tl.where(nan_row[:, None], float("nan"), acc / l[:, None])
     lse = tl.where(nan_row, float("nan"), tl.where(empty, float("inf"), m + tl.log(l)))
     store_rows(o_ptr + b * stride_o_b + h * stride_o_h, o, rows, n_queries, stride_o_n, stride_o_d, head_dim_v,
                BLOCK_DV)
