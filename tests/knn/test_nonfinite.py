@@ -252,3 +252,14 @@ def test_nan_filling_the_top_k_keeps_the_whole_row(backend, nk):
     ref = _run("reference", q, k, v, do, 1)
     assert ref[2][0, 0].isnan().all() or ref[2][0, 1].isnan().all()
     _check(backend, q, k, v, do, 1)
+
+
+@pytest.mark.parametrize("which,value", CASES, ids=[f"{w}={n}" for w, n in CASES])
+def test_torch_backend_several_row_blocks(monkeypatch, which, value):
+    """The torch backend over blocks of 3 query rows (7 blocks), forward and backward."""
+    from vicinity_attn.knn import torch_backend as knn_torch
+
+    monkeypatch.setattr(knn_torch, "BLOCK_ELEMENTS", 2 * 3 * 80)
+    assert len(knn_torch.row_blocks(2, NQ, 80)) == 7
+    q, k, v, do = _inputs(which, VALUES[value], 80, "end", seed=51)
+    _check("torch", q, k, v, do, 9)

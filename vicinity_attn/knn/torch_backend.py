@@ -45,10 +45,10 @@ def block_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, r0: int, r1: int) ->
     return torch.bmm(q_scaled[:, r0:r1], k_t)
 
 
-def keep_mask(s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """The kept entries of score rows s [..., R, Nk] given tau [..., R]: not s < tau, so every NaN score (NaN
-    ranks above +inf: always among the top-k) and, where tau is NaN (NaNs fill the top-k), the whole row."""
-    return (s < tau.unsqueeze(-1)).logical_not_()
+def dropped(s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The dropped entries of score rows s [..., R, Nk] given tau [..., R]: s < tau. Never a NaN score (NaN
+    ranks above +inf: always among the top-k), and nothing where tau is NaN (NaNs fill the top-k)."""
+    return s < tau.unsqueeze(-1)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
@@ -71,7 +71,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
         top_nan = top.isnan()
         t, m = torch.aminmax(top.masked_fill_(top_nan, float("inf")), dim=-1)
         t.masked_fill_(top_nan.all(dim=-1), float("nan"))
-        keep = keep_mask(s, t)
+        # s >= t, not ~dropped(s, t): they differ only at a NaN score or tau, in NaN rows (set below).
+        keep = s >= t.unsqueeze(-1)
         p = s.sub_(m.unsqueeze(-1)).exp_().mul_(keep)        # s is dead from here: its buffer holds p
         # A kept NaN or +inf (m = +inf) or only -inf kept (m = -inf): the softmax is NaN on the whole row.
         l = p.sum(dim=-1).masked_fill_(~m.isfinite(), float("nan"))
@@ -108,16 +109,18 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dv_acc = torch.zeros((B * H, Nk, Dv), dtype=dtype, device=q.device) if needs[2] else None
     for r0, r1 in row_blocks(B * H, Nq, Nk):
         s = block_scores(q_s, k_t, r0, r1)
-        keep = keep_mask(s, tau[:, r0:r1])
-        # A NaN row (lse NaN) gets p = NaN at every key, dropped ones too (0 * NaN): the reference's softmax.
-        p = s.sub_(lse[:, r0:r1].unsqueeze(-1)).exp_().mul_(keep)
+        drop = dropped(s, tau[:, r0:r1])
+        p = s.sub_(lse[:, r0:r1].unsqueeze(-1)).exp_().masked_fill_(drop, 0.0)
         if dv_acc is not None:
             dv_acc.baddbmm_(p.transpose(1, 2), do_c[:, r0:r1])
+            # A NaN row (lse NaN) has p = NaN at every key, dropped ones too (the reference's softmax): every
+            # dv of its (batch, head) is NaN.
+            dv_acc.masked_fill_(lse[:, r0:r1].isnan().any(dim=-1)[:, None, None], float("nan"))
         if not need_ds:
             continue
-        # ds is exactly 0 off the mask (the gradient of the reference's where), even where p or dO.v - delta
-        # is not finite.
-        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p).masked_fill_(~keep, 0.0)
+        # ds is exactly 0 off the mask (the gradient of the reference's where), even where dO.v - delta is not
+        # finite.
+        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p).masked_fill_(drop, 0.0)
         if dq_acc is not None:
             torch.bmm(ds, k_scaled, out=dq_acc[:, r0:r1])
         if dk_acc is not None:
