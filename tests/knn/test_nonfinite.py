@@ -263,3 +263,21 @@ def test_torch_backend_several_row_blocks(monkeypatch, which, value):
     assert len(knn_torch.row_blocks(2, NQ, 80)) == 7
     q, k, v, do = _inputs(which, VALUES[value], 80, "end", seed=51)
     _check("torch", q, k, v, do, 9)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("topk", [9, 80])
+@pytest.mark.parametrize("which,value", CASES, ids=[f"{w}={n}" for w, n in CASES])
+def test_forward_mode_tangent_matches_reference(backend, which, value, topk):
+    """torch.func.jvp: the tangent has the reference's NaN / inf pattern and its finite values."""
+    q, k, v, _ = _inputs(which, VALUES[value], 80, "end", seed=5)
+    g = torch.Generator().manual_seed(1)
+    tangents = tuple(torch.randn(x.shape, dtype=x.dtype, generator=g) for x in (q, k, v))
+
+    def tangent(name):
+        return torch.func.jvp(lambda *x: knn_attention(*x, topk, backend=name), (q, k, v), tangents)[1]
+    ref, got = tangent("reference"), tangent(backend)
+    assert not ref.isfinite().all()
+    _assert_same_pattern("tangent", got, ref)
+    finite = ref.isfinite()
+    assert_rule("tangent", got[finite], ref[finite], ref[finite], torch.float64)
