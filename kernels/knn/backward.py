@@ -45,7 +45,8 @@ def _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_
               BLOCK_KV: tl.constexpr, N_KV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
               PREC: tl.constexpr, NEED_DS: tl.constexpr, MASK_KEYS: tl.constexpr):
     """p and ds for one [BLOCK_M, BLOCK_N] tile: the forward's probabilities (0 off the mask and on
-    padded query rows; on padded key columns too when MASK_KEYS) and p * (dO v^T - delta) (only when
+    padded query rows; on padded key columns too when MASK_KEYS) and p * (dO v^T - delta), exactly 0 off
+    the mask as the gradient of the reference's where, even where dO v^T - delta is not finite (only when
     NEED_DS; else p is returned twice)."""
     s, keep = score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_keys, stride_k_n,
                          stride_k_d, head_dim, scale, tau, BLOCK_M, BLOCK_N, BLOCK_K, N_K, ACC, DOT, PREC, True,
@@ -54,7 +55,7 @@ def _p_and_ds(q_base, stride_q_n, stride_q_d, k_base, stride_k_n, stride_k_d, v_
     if NEED_DS:
         dp = row_dots(do_base, rows, n_queries, stride_do_n, stride_do_d, v_base, cols, n_keys, stride_v_n,
                       stride_v_d, head_dim_v, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), BLOCK_KV, N_KV, DOT, PREC)
-        return p, p * (dp - delta[:, None])
+        return p, tl.where(keep, p * (dp - delta[:, None]), 0.0)
     return p, p
 
 
@@ -123,11 +124,13 @@ def knn_dkdv_kernel(
     stat_base = bh.to(tl.int64) * n_queries
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=ACC)
+    nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for m0 in range(0, n_queries, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_queries
         tau = tl.load(tau_ptr + stat_base + rows, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0)
+        nan_rows += (lse != lse).to(tl.int32)
         delta = lse    # a placeholder: without dk, ds is not formed
         if NEED_DK:
             delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
@@ -152,5 +155,8 @@ def knn_dkdv_kernel(
         store_rows(dk_ptr + b * stride_dk_b + h * stride_dk_h + first * stride_dk_n, dk * scale, own,
                    n_keys - first, stride_dk_n, stride_dk_d, head_dim, BLOCK_D)
     if NEED_DV:
+        # A NaN row (lse NaN) has p = NaN at every key, dropped ones too (the reference's softmax): every dv
+        # of the head is NaN. Applied here, per head, instead of as a NaN in every p of the row.
+        dv = tl.where(tl.sum(nan_rows, axis=0) > 0, float("nan"), dv)
         store_rows(dv_ptr + b * stride_dv_b + h * stride_dv_h + first * stride_dv_n, dv, own, n_keys - first,
                    stride_dv_n, stride_dv_d, head_dim_v, BLOCK_DV)

@@ -53,7 +53,7 @@ def score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_
         s    = scale * q[rows] @ k[cols]^T      in ACC, 0 where padded
         keep = rows < n_queries                  (the tile's real entries)
                & cols < n_keys                   when MASK_KEYS
-               & s >= tau[:, None]               when CUT (the k-NN mask; tau [BLOCK_M] in ACC)
+               & not s < tau[:, None]            when CUT (the k-NN mask; tau [BLOCK_M] in ACC)
 
     The selection pass, which is finding tau, passes CUT = False (its ``tau`` is unused). A pass whose
     keys are its own rows of output (the dk / dv pass) may pass MASK_KEYS = False: its padded keys'
@@ -67,17 +67,21 @@ def score_tile(q_base, rows, n_queries, stride_q_n, stride_q_d, k_base, cols, n_
     else:
         keep = tl.broadcast_to(rows[:, None] < n_queries, (BLOCK_M, BLOCK_N))
     if CUT:
-        keep = keep & (s >= tau[:, None])
+        # Dropped only if ordered below tau: a NaN score is always kept, and a NaN tau (NaNs fill the top-k)
+        # keeps the whole row (docs/knn.md, "Non-finite inputs").
+        keep = keep & ~(s < tau[:, None])
     return s, keep
 
 
 @triton.jit
 def order_key(s, top_bit):
     """An unsigned int (top_bit's dtype: uint32 for fp32 scores, uint64 for fp64) ordered like the
-    float s: negative floats get every bit flipped, the others the sign bit set (the radix-sort key)."""
+    float s: negative floats get every bit flipped, the others the sign bit set (the radix-sort key).
+    Every NaN, whatever its sign bit, gets the largest key (all bits set): NaN ranks above +inf, as in
+    torch.topk, and a tau found at that key is a NaN (:func:`key_to_score`)."""
     bits = s.to(top_bit.dtype, bitcast=True)
     negative = (bits & top_bit) != 0
-    return tl.where(negative, ~bits, bits | top_bit)
+    return tl.where(s != s, top_bit | (top_bit - 1), tl.where(negative, ~bits, bits | top_bit))
 
 
 @triton.jit

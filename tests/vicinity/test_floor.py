@@ -212,3 +212,18 @@ def test_autocast_with_floor(backend):
     ref = vicinity_attention(*r64, grid, den_floor=floor, backend="reference")
     plain = vicinity_attention(*(t.to(torch.bfloat16) for t in r64), grid, den_floor=floor, backend="reference")
     assert_rule("out", out, ref, plain, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("which", "qkv")
+def test_floor_keeps_a_nan_row_sum_nan(backend, which):
+    """L2ViT's floor (den_floor = 100, eps = 0) is a select, never a max that drops NaN: a NaN in q, k or v
+    gives NaN exactly where the float64 reference does, and the other entries are the reference's."""
+    q, k, v = make_inputs(1, 2, 12, 12, 4, 4, requires_grad=False)
+    target = {"q": q, "k": k, "v": v}[which]
+    target[0, 1, int(torch.randint(12, (1,)))] = float("nan")      # a whole token: relu keeps the NaN
+    kw = dict(variant="none", den_floor=100.0, eps=0.0)
+    ref = vicinity_attention(q, k, v, (3, 4), backend="reference", **kw)
+    got = vicinity_attention(q, k, v, (3, 4), backend=backend, **kw)
+    assert ref.isnan().any() and torch.equal(got.isnan(), ref.isnan())
+    torch.testing.assert_close(got[~ref.isnan()], ref[~ref.isnan()], rtol=1e-10, atol=1e-12)

@@ -45,8 +45,10 @@ def knn_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Ten
     blocks = []
     for r0, r1 in row_blocks(B * H, Nq, Nk):
         s = block_scores(q_s, k_t, r0, r1)
+        # A NaN among the top-k makes tau NaN here (amin), which drops nothing: that row's softmax is NaN anyway.
         tau = torch.topk(s, topk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        p = torch.softmax(s.masked_fill(s < tau, float("-inf")), dim=-1)     # [B*H, R, Nk]
+        drop = s < tau
+        p = torch.softmax(s.masked_fill(drop, float("-inf")), dim=-1)     # [B*H, R, Nk]
         terms = []
         if tq_s is not None or tk_t is not None:
             ds = 0
@@ -54,9 +56,11 @@ def knn_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Ten
                 ds = ds + torch.bmm(tq_s[..., r0:r1, :], k_t)
             if tk_t is not None:
                 ds = ds + torch.bmm(q_s[:, r0:r1], tk_t)
-            p_ds = p * ds
-            delta = p_ds.sum(dim=-1, keepdim=True)
-            terms += [torch.bmm(p_ds, v_c), -delta * torch.bmm(p, v_c)]
+            # Non-finite inputs as docs/knn.md says: ds is 0 off the mask (the tangent of the reference's
+            # where), and dp v is one product (p ds v - delta o would make inf - inf with an inf in v).
+            ds = ds.masked_fill(drop, 0.0)
+            delta = (p * ds).sum(dim=-1, keepdim=True)
+            terms.append(torch.bmm(p * (ds - delta), v_c))
         if tv_c is not None:
             terms.append(torch.bmm(p, tv_c))
         blocks.append(sum(terms) if terms else torch.zeros((B * H, r1 - r0, Dv), dtype=dtype, device=q.device))

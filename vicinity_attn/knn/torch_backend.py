@@ -4,6 +4,9 @@ Semantics: row i keeps every score s_ij = scale * q_i . k_j with s_ij >= tau_i, 
 largest score of the row, and takes a softmax over them. This is the authors' top-k mask except on
 exact ties at tau_i: they keep an arbitrary ``topk`` of the tied entries (``torch.topk``), this keeps
 all of them (so a row may keep more than ``topk``; with continuous inputs ties have probability 0).
+Non-finite scores as docs/knn.md ("Non-finite inputs") and the reference say: NaN ranks above +inf, a
+score is dropped only if it is below tau (so every NaN is kept), a row keeping a NaN or +inf score or
+only -inf ones is NaN with p NaN at every key, and ds is exactly 0 off the mask.
 
 The query rows are processed in blocks of about :data:`BLOCK_ELEMENTS` scores: no more than a block
 of rows of scores (and its probabilities / gradients) is alive at any time, forward or backward, and
@@ -42,6 +45,12 @@ def block_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, r0: int, r1: int) ->
     return torch.bmm(q_scaled[:, r0:r1], k_t)
 
 
+def dropped(s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The dropped entries of score rows s [..., R, Nk] given tau [..., R]: s < tau. Never a NaN score (NaN
+    ranks above +inf: always among the top-k), and nothing where tau is NaN (NaNs fill the top-k)."""
+    return s < tau.unsqueeze(-1)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, tau, lse): o [B, H, Nq, Dv] in q's dtype and memory order; tau and lse [B, H, Nq] in the
@@ -56,11 +65,17 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
     lse = q.new_empty((B * H, Nq), dtype=dtype)
     for r0, r1 in row_blocks(B * H, Nq, Nk):
         s = block_scores(q_s, k_t, r0, r1)
-        # The kept scores are the row's top-k values: their min is tau, their max the softmax shift.
-        t, m = torch.aminmax(torch.topk(s, topk, dim=-1, sorted=False).values, dim=-1)
+        # The kept scores are the row's top-k values (torch.topk ranks NaN above +inf): their min is tau,
+        # their max the softmax shift; NaN counts as +inf in both, and tau is NaN where all of them are NaN.
+        top = torch.topk(s, topk, dim=-1, sorted=False).values
+        top_nan = top.isnan()
+        t, m = torch.aminmax(top.masked_fill_(top_nan, float("inf")), dim=-1)
+        t.masked_fill_(top_nan.all(dim=-1), float("nan"))
+        # s >= t, not ~dropped(s, t): they differ only at a NaN score or tau, in NaN rows (set below).
         keep = s >= t.unsqueeze(-1)
         p = s.sub_(m.unsqueeze(-1)).exp_().mul_(keep)        # s is dead from here: its buffer holds p
-        l = p.sum(dim=-1)
+        # A kept NaN or +inf (m = +inf) or only -inf kept (m = -inf): the softmax is NaN on the whole row.
+        l = p.sum(dim=-1).masked_fill_(~m.isfinite(), float("nan"))
         torch.bmm(p, v_c, out=o_acc[:, r0:r1])
         o_acc[:, r0:r1].div_(l.unsqueeze(-1))
         tau[:, r0:r1] = t
@@ -94,13 +109,18 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dv_acc = torch.zeros((B * H, Nk, Dv), dtype=dtype, device=q.device) if needs[2] else None
     for r0, r1 in row_blocks(B * H, Nq, Nk):
         s = block_scores(q_s, k_t, r0, r1)
-        keep = s >= tau[:, r0:r1].unsqueeze(-1)
-        p = s.sub_(lse[:, r0:r1].unsqueeze(-1)).exp_().mul_(keep)
+        drop = dropped(s, tau[:, r0:r1])
+        p = s.sub_(lse[:, r0:r1].unsqueeze(-1)).exp_().masked_fill_(drop, 0.0)
         if dv_acc is not None:
             dv_acc.baddbmm_(p.transpose(1, 2), do_c[:, r0:r1])
+            # A NaN row (lse NaN) has p = NaN at every key, dropped ones too (the reference's softmax): every
+            # dv of its (batch, head) is NaN.
+            dv_acc.masked_fill_(lse[:, r0:r1].isnan().any(dim=-1)[:, None, None], float("nan"))
         if not need_ds:
             continue
-        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p)
+        # ds is exactly 0 off the mask (the gradient of the reference's where), even where dO.v - delta is not
+        # finite.
+        ds = torch.bmm(do_c[:, r0:r1], v_t).sub_(delta[:, r0:r1].unsqueeze(-1)).mul_(p).masked_fill_(drop, 0.0)
         if dq_acc is not None:
             torch.bmm(ds, k_scaled, out=dq_acc[:, r0:r1])
         if dk_acc is not None:
