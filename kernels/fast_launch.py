@@ -13,8 +13,9 @@ what Triton specialises on, conservatively: every argument that is not a tensor 
 divisibility and the 32 / 64-bit type; constexprs; launch options), each tensor's dtype and 16-byte
 alignment, the grid, and the driver and device launched on.
 
-What does not take the shortcut: the interpreter, and any launch while something has replaced
-``JITFunction.run`` (the compile gate's launch capture, a launch counter): those see every launch.
+What does not take the shortcut: the interpreter (and interpreted kernels: the GPU model's traffic run),
+and any launch while something has replaced ``JITFunction.run`` (the compile gate's launch capture, a
+launch counter): those see every launch.
 Triton's knobs (``TRITON_DEBUG``, instrumentation) are read at the first launch of a specialisation.
 """
 from __future__ import annotations
@@ -36,11 +37,15 @@ _Tensor = torch.Tensor
 
 def launch_kernel(kernel: JITFunction, grid: tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: the same launch; see the module docstring for what is cached."""
-    if interpreting() or JITFunction.run is not _TRITON_RUN:
+    if interpreting() or not isinstance(kernel, JITFunction) or JITFunction.run is not _TRITON_RUN:
         kernel[grid](*args, **kwargs)
         return
-    active = driver.active
-    device = active.get_current_device()
+    try:
+        active = driver.active
+        device = active.get_current_device()
+    except RuntimeError:         # no GPU driver: Triton's own path says so
+        kernel[grid](*args, **kwargs)
+        return
     key = (kernel, grid, active, device,
            *[(a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a for a in args],
            *[(n, (a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a) for n, a in kwargs.items()])
