@@ -19,8 +19,10 @@ Measured per shape, forward, backward and forward + backward:
   backend's own forward / backward (no validation, no autograd: public minus backend is what those
   cost); (iv) the launchers alone (``vicinity_forward`` / ``vicinity_backward`` on preallocated tensors:
   backend minus launchers is the backend's checks, allocation and device guard); and the
-  calibration: Triton's bare launch of a kernel with a comparable argument list (``calibration_kernel``,
-  40 runtime arguments), times the call's launch count. Backward is timed with ``torch.autograd.grad``
+  calibrations: Triton's bare launch of a kernel with a comparable argument list (``calibration_kernel``,
+  40 runtime arguments, 4 constexprs), times the call's launch count (the target's yardstick); and the
+  call's own launches replayed bare through Triton's binding (the same kernels, arguments, constexprs and
+  options: what the launches alone cost through ``kernel[grid](...)``). Backward is timed with ``torch.autograd.grad``
   on a graph built outside the timer, so no gradient accumulation is timed. Callables are timed in
   interleaved rounds by the calling thread's CPU time (``time.thread_time``, one torch thread): the host
   work itself, which on an idle machine is the wall time, and which other processes holding the cores
@@ -113,14 +115,17 @@ def stubbed_launches():
 
 
 @contextlib.contextmanager
-def counted_launches(counter: list):
-    """Appends the name of every kernel launched inside to ``counter``."""
+def counted_launches(counter: list, recorded: list | None = None):
+    """Appends the name of every kernel launched inside to ``counter`` (and, with ``recorded``, the launch
+    itself: kernel, grid, arguments)."""
     from triton.runtime.jit import JITFunction
     run = JITFunction.run
 
-    def counting(self, *args, **kwargs):
+    def counting(self, *args, grid, warmup, **kwargs):
         counter.append(self.fn.__name__)
-        return run(self, *args, **kwargs)
+        if recorded is not None:
+            recorded.append((self, grid, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     JITFunction.run = counting
     try:
@@ -370,6 +375,21 @@ def launch_counts(fns: dict[str, Callable[[], object]]) -> dict[str, list[str]]:
     return counts
 
 
+def own_bare_launches(fn: Callable[[], object]) -> Callable[[], None]:
+    """The launches ``fn`` makes, replayed bare: each ``kernel[grid](*args, **kwargs)`` with the call's own
+    arguments through Triton's ``JITFunction.run`` (the second calibration: Triton's binding of the very
+    kernels of the call, constexprs and launch options included)."""
+    getattr(fn, "prepare", lambda: None)()
+    recorded: list = []
+    with counted_launches([], recorded):
+        fn()
+
+    def replay():
+        for kernel, grid, args, kwargs in recorded:
+            kernel[grid](*args, **kwargs)
+    return replay
+
+
 def measure(shape_names: list[str], budget_s: float) -> dict:
     import torch
     import triton
@@ -392,6 +412,7 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
                 backend = backend_callables(shape)
                 module = module_callables(shape)
             fns = {"bare_launch": calibrate, **{f"public.{m}": f for m, f in public.items()},
+                   **{f"own_bare.{m}": own_bare_launches(public[m]) for m in ("fwd", "bwd", "fwdbwd")},
                    **{f"backend.{m}": f for m, f in backend.items()},
                    **{f"launchers.{m}": f for m, f in launchers.items()}}
             # The layers run real CPU matmuls: timed in a round of their own, so that their cache traffic
@@ -410,6 +431,8 @@ def measure(shape_names: list[str], budget_s: float) -> dict:
                     "module_us": us.get(f"module.{mode}"), "module_bare_us": us.get(f"module_bare.{mode}"),
                     "module_attention_us": (us[f"module.{mode}"] - us[f"module_bare.{mode}"]) if module else None,
                     "launches_x_bare_us": n * launch_us, "target_us": bound,
+                    "own_bare_us": us[f"own_bare.{mode}"],
+                    "public_vs_own_bare": us[f"public.{mode}"] / max(us[f"own_bare.{mode}"], 1e-9),
                     "public_vs_launches": us[f"public.{mode}"] / max(n * launch_us, 1e-9),
                     "meets_target": us[f"public.{mode}"] <= bound,
                 }
@@ -427,15 +450,17 @@ def format_table(result: dict) -> str:
     lines = [f"host CPU time per eager call, microseconds (triton {result['triton']}, torch {result['torch']}, "
              "one thread; launches stubbed after Triton's binding)",
              f"{'shape':<40} {'mode':<7} {'launches':>8} {'bare x n':>9} {'public':>9} {'ratio':>6} "
-             f"{'backend':>9} {'launchers':>9} {'layer+':>9} {'target':>7}"]
+             f"{'own bare':>9} {'ratio':>6} {'backend':>9} {'launchers':>9} {'layer+':>9} {'target':>7}"]
     for row in result["shapes"].values():
         for mode, m in row["modes"].items():
             lines.append(f"{row['title']:<40} {mode:<7} {m['launches']:>8} {m['launches_x_bare_us']:>9.1f} "
-                         f"{m['public_us']:>9.1f} {m['public_vs_launches']:>6.2f} {m['backend_us']:>9.1f} "
+                         f"{m['public_us']:>9.1f} {m['public_vs_launches']:>6.2f} {m['own_bare_us']:>9.1f} "
+                         f"{m['public_vs_own_bare']:>6.2f} {m['backend_us']:>9.1f} "
                          f"{m['launchers_us']:>9.1f} "
                          f"{_us(m['module_attention_us']):>9} {'met' if m['meets_target'] else 'MISSED':>7}")
     lines.append("bare x n: the call's launch count x Triton's bare launch of a 40-argument kernel; ratio: "
-                 f"public / that (target <= {TARGET_FACTOR:g}); backend: the triton backend's forward / backward "
+                 f"public / that (target <= {TARGET_FACTOR:g}); own bare: the call's own launches replayed through "
+                 "Triton's binding, and public / that; backend: the triton backend's forward / backward "
                  "without validation and autograd; layer+: VicinityAttention minus the same layer without attention")
     return "\n".join(lines)
 
