@@ -47,8 +47,8 @@ def launch_kernel(kernel: JITFunction, grid: tuple[int, ...], *args, **kwargs) -
         kernel[grid](*args, **kwargs)
         return
     key = (kernel, grid, active, device,
-           *[(a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a for a in args],
-           *[(n, (a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a) for n, a in kwargs.items()])
+           *[(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a for a in args],
+           *[(n, (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a) for n, a in kwargs.items()])
     try:
         entry = _compiled.get(key)
     except TypeError:            # an unhashable argument: Triton's own path decides what to do with it
