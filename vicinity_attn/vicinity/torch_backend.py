@@ -348,23 +348,14 @@ def clamped_row_grads(do: torch.Tensor, n_pre: torch.Tensor, den: torch.Tensor, 
     outweigh the arithmetic on a CPU). The clamp's lower bound is > 0, so lo <= |x| <= hi already
     excludes x = 0, as :func:`clamp_passes` does; NaNs fail every comparison and take mask 0, as there."""
     lo, hi = clamp
-    r_pre = den.reciprocal().unsqueeze(-1)
-    r = abs_clamp_(r_pre.clone(), clamp)
-
-    def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
-        return scratch(name, n_pre.numel(), dtype, n_pre.device).view(n_pre.shape)
-
-    n, work = buffer("clamp_n", n_pre.dtype), buffer("clamp_work", n_pre.dtype)
-    passes_n, passes_u, below = (buffer(name, torch.bool) for name in ("clamp_passes_n", "clamp_passes_u",
-                                                                       "clamp_below"))
+    r_pre, r = _clamped_reciprocal(den, clamp)
+    n, work, passes_n, passes_u, below = _clamp_buffers(n_pre)
     torch.abs(n_pre, out=n)
     torch.ge(n, lo, out=passes_n).logical_and_(torch.le(n, hi, out=below))     # C'(n_pre)
     n.clamp_(lo, hi).mul_(torch.sign(n_pre, out=work))                          # n = C(n_pre)
     torch.mul(n, r, out=work).abs_()                                            # |u| = |n r|
     torch.ge(work, lo, out=passes_u).logical_and_(torch.le(work, hi, out=below))  # C'(u)
-    dU = torch.mul(do, passes_u, out=work)                                      # dU = dO C'(u)
-    torch.mul(dU, r, out=g).mul_(passes_n)                                      # g = dU r C'(n_pre)
-    return n.mul_(dU).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
+    return _clamped_grads_from_masks(do, n, passes_n, passes_u, r, r_pre, clamp, g, work)
 
 
 def clamped_row_grads_from_output(do: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
@@ -376,22 +367,37 @@ def clamped_row_grads_from_output(do: torch.Tensor, o: torch.Tensor, den: torch.
     from the recomputed form only where |u| lies exactly on a bound or |n_pre| within 8 ulps of one."""
     lo, hi = clamp
     margin = 8 * torch.finfo(o.dtype).eps
-    r_pre = den.reciprocal().unsqueeze(-1)
-    r = abs_clamp_(r_pre.clone(), clamp)
-
-    def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
-        return scratch(name, o.numel(), dtype, o.device).view(o.shape)
-
-    n, work = buffer("clamp_n", o.dtype), buffer("clamp_work", o.dtype)
-    passes_n, passes_u, below = (buffer(name, torch.bool) for name in ("clamp_passes_n", "clamp_passes_u",
-                                                                       "clamp_below"))
+    r_pre, r = _clamped_reciprocal(den, clamp)
+    n, work, passes_n, passes_u, below = _clamp_buffers(o)
     torch.abs(o, out=work)
     torch.gt(work, lo, out=passes_u).logical_and_(torch.lt(work, hi, out=below))   # C'(u)
     torch.div(o, r, out=n)                                                          # n = u / r
     torch.abs(n, out=work)
     torch.gt(work, lo * (1 + margin), out=passes_n).logical_and_(torch.lt(work, hi * (1 - margin), out=below))
-    dU = torch.mul(do, passes_u, out=work)                                          # dU = dO C'(u)
-    torch.mul(dU, r, out=g).mul_(passes_n)                                          # g = dU r C'(n_pre)
+    return _clamped_grads_from_masks(do, n, passes_n, passes_u, r, r_pre, clamp, g, work)
+
+
+def _clamped_reciprocal(den: torch.Tensor, clamp: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/den, C(1/den)) as [..., N, 1]."""
+    r_pre = den.reciprocal().unsqueeze(-1)
+    return r_pre, abs_clamp_(r_pre.clone(), clamp)
+
+
+def _clamp_buffers(like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The clamped row gradients' scratch temporaries shaped like ``like``: n, work (its dtype) and three
+    bool masks (C'(n_pre), C'(u), a comparison's second half)."""
+    def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return scratch(name, like.numel(), dtype, like.device).view(like.shape)
+    return (buffer("clamp_n", like.dtype), buffer("clamp_work", like.dtype),
+            *(buffer(name, torch.bool) for name in ("clamp_passes_n", "clamp_passes_u", "clamp_below")))
+
+
+def _clamped_grads_from_masks(do: torch.Tensor, n: torch.Tensor, passes_n: torch.Tensor, passes_u: torch.Tensor,
+                              r: torch.Tensor, r_pre: torch.Tensor, clamp: tuple[float, float], g: torch.Tensor,
+                              work: torch.Tensor) -> torch.Tensor:
+    """g = dU r C'(n_pre) into ``g`` and c = -(dU . n) C'(1/den) / den^2, with dU = dO C'(u) (n overwritten)."""
+    dU = torch.mul(do, passes_u, out=work)                                      # dU = dO C'(u)
+    torch.mul(dU, r, out=g).mul_(passes_n)                                      # g = dU r C'(n_pre)
     return n.mul_(dU).sum(-1, keepdim=True).mul_(clamp_passes(r_pre, clamp)).mul_(r_pre.square()).neg_()
 
 
