@@ -115,3 +115,19 @@ def mma(a, b, acc, DOT: tl.constexpr, PREC: tl.constexpr):
     else:
         return tl.dot(_gpu_operand(a, PREC), _gpu_operand(b, PREC), acc, input_precision="ieee",
                       out_dtype=acc.dtype)
+
+
+@triton.jit
+def dot_operand(x, DOT: tl.constexpr, PREC: tl.constexpr):
+    """x as :func:`mma` takes it as an operand, for an operand reused across a loop (a state tile kept on
+    chip): converted once, ahead of the loop, instead of every iteration. Bitwise neutral, since each of
+    these roundings is idempotent: mma(a, dot_operand(b)) == mma(a, b). tf32x3 (a split, not a rounding)
+    and fp64 keep x as it is."""
+    if PREC == "tf32" and DOT == tl.float32:
+        return _round_mantissa(x.to(tl.float32), 13, True)
+    elif PREC == "ieee" or PREC == "tf32":
+        return x.to(DOT)
+    elif PREC == "tf32x3" or PREC == "emulate_tf32x3":
+        return x
+    else:
+        return _gpu_operand(x, PREC)

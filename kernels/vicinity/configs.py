@@ -8,13 +8,14 @@ accumulator at most 64 x 64 fp32 and leaves registers free (the compile gate che
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton.language as tl
 
-from ..runtime import Precision, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
+from ..runtime import Precision, cdiv, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -176,6 +177,69 @@ def gpu_num_warps(tile: int) -> int:
     """8 warps for 64-wide head tiles: with 4, the 64 x 64 fp32 accumulator plus the fp32 feature
     tile and the prefetched state tile exceed 255 registers on sm_80 and spill."""
     return 8 if tile >= 64 else GPU_NUM_WARPS
+
+
+# The resident form of the output and key passes (output.py, keys.py): a persistent program keeps its F
+# state tiles (converted to the dot operand dtype) and z vectors on chip across its token loop. Taken on
+# sm_90+ for 16-bit inputs whose head dims fit one tile, while the tiles take at most RESIDENT_STATE_BYTES
+# of shared memory (two CTAs an SM then fit beside the token pipeline's buffers); elsewhere (sm_80, whose
+# mma.sync reads both operands from registers, fp32 / fp64, wider heads) the streaming form. Under the
+# interpreter every one-tile head takes it, so the tests run it.
+RESIDENT_MIN_ARCH = 90
+RESIDENT_STATE_BYTES = 96 * 1024
+RESIDENT_BLOCK_N = 64
+RESIDENT_NUM_WARPS = 4
+RESIDENT_TOKEN_STAGES = 3
+# Programs per (head, Dv tile): enough for RESIDENT_CTAS_PER_SM programs on every SM of the device.
+RESIDENT_CTAS_PER_SM = 2
+# The SM count used where no GPU is asked (interpreter, compile gate): an H100 SXM's.
+DEFAULT_SM_COUNT = 132
+# Tests only: a fixed number of programs per (head, Dv tile) instead of the device's (None: the device's).
+PROGRAMS_PER_HEAD: int | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def sm_count(device: torch.device | None = None) -> int:
+    """The number of SMs of ``device`` (a CUDA device; DEFAULT_SM_COUNT for anything else and under the
+    interpreter)."""
+    if interpreting() or device is None or torch.device(device).type != "cuda":
+        return DEFAULT_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def resident_programs(n_blocks: int, rows: int, device: torch.device) -> int:
+    """Programs per row (a (head, Dv tile) or (head, dk / dv tile) pair) of a resident pass over ``n_blocks``
+    token blocks: one wave of RESIDENT_CTAS_PER_SM programs per SM over all ``rows``, at most one per block.
+    A row's tokens come out the same whatever the count (each token block is computed by one program)."""
+    if PROGRAMS_PER_HEAD is not None:
+        return max(1, min(n_blocks, PROGRAMS_PER_HEAD))
+    wave = sm_count(device) * RESIDENT_CTAS_PER_SM
+    return max(1, min(n_blocks, cdiv(wave, max(1, rows))))
+
+
+@plan_cache
+def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: int, cfg: LaunchConfig) -> bool:
+    """Whether ``launch`` ("fwd_output" / "bwd_keys") takes the resident form for inputs of ``dtype``, F =
+    n_feat, head dims d, dv under ``cfg`` (see RESIDENT_MIN_ARCH). The output pass needs D in one tile (Dv
+    tiles are a grid axis), the key pass D and Dv (program j's dk tile contracts over all of Dv)."""
+    if d > cfg.block_d or (launch == "bwd_keys" and dv > cfg.block_dv):
+        return False
+    if interpreting():
+        return True
+    arch = target_arch()
+    if (arch is not None and arch < RESIDENT_MIN_ARCH) or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
+    return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES
+
+
+def resident_options(cfg: LaunchConfig) -> dict:
+    """(BLOCK_N, launch options) of a resident pass: 64 tokens a block at 4 warps on a GPU (two CTAs an SM
+    where registers allow), the interpreter's config there."""
+    if cfg.max_registers is None:
+        return dict(BLOCK_N=cfg.block_n, TOKEN_STAGES=1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(BLOCK_N=RESIDENT_BLOCK_N, TOKEN_STAGES=RESIDENT_TOKEN_STAGES, num_warps=RESIDENT_NUM_WARPS,
+                num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 
 
 # The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator

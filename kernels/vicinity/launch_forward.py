@@ -22,6 +22,9 @@ from .configs import (
     dot_precision,
     pick_config,
     pow2_scale,
+    resident_options,
+    resident_programs,
+    resident_states,
     state_operand_dtype,
     state_tiles,
 )
@@ -186,13 +189,18 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
 
 @plan_cache
 def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
-                with_den: bool, clamp: bool) -> tuple[int, dict]:
-    """(tokens per program, constexprs and launch options) of an output pass launch, planned once per shape."""
-    block_n = cfg.tokens_per_program(launch)
-    kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_N=block_n,
-                  BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(),
-                  **cfg.options(launch))
-    return block_n, kwargs
+                with_den: bool, clamp: bool, D: int, Dv: int) -> tuple[int, bool, dict]:
+    """(tokens per program block, resident form, constexprs and launch options) of an output pass launch,
+    planned once per shape. The resident form (output.py) where ``configs.resident_states`` says, with
+    ``configs.resident_options``' blocks and warps; else the streaming form at ``cfg``'s."""
+    resident = resident_states(launch, dtype, geom.n_feat, D, Dv, cfg)
+    if resident:
+        opts = resident_options(cfg)
+    else:
+        opts = dict(BLOCK_N=cfg.tokens_per_program(launch), **cfg.options(launch))
+    kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_D=cfg.block_d,
+                  BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), RESIDENT=resident, **opts)
+    return opts["BLOCK_N"], resident, kwargs
 
 
 def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: torch.Tensor, geom: Geometry,
@@ -213,11 +221,11 @@ def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: tor
     with_den = eps is not None
     den = torch.empty(B * H, N, dtype=z.dtype, device=x.device) if with_den else z   # z: ACC (states may be a copy)
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n, kwargs = output_plan(geom, is_query, launch, x.dtype, cfg, with_den, clamp is not None)
-    if pack is None:
-        grid = (cdiv(N, block_n), B * H, cdiv(Dv, cfg.block_dv))
-    else:
-        grid = (cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, cdiv(Dv, cfg.block_dv))
+    block_n, resident, kwargs = output_plan(geom, is_query, launch, x.dtype, cfg, with_den, clamp is not None, D, Dv)
+    rows, dv_tiles = (B * H if pack is None else pack.n_seqs * H), cdiv(Dv, cfg.block_dv)
+    n_blocks = cdiv(N if pack is None else pack.max_length(is_query), block_n)
+    # Resident: persistent programs, each walking its head's token blocks; streaming: one per token block.
+    grid = (resident_programs(n_blocks, rows * dv_tiles, x.device) if resident else n_blocks, rows, dv_tiles)
     launch_kernel(output_pass_kernel, grid,
                   x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0,
                   out_scale, den_floor, *(clamp or (0.0, 0.0)), state_scale, *x.stride(), *out.stride(), **kwargs,
