@@ -5,6 +5,7 @@
     python -m tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn,
                                                                      # vicinity_varlen)
     python -m tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
+    python -m tools.compile_gate --roles 'fwd_output|bwd_keys'  # only the kernels of those launch roles
     python -m tools.compile_gate --json out.json --text out.txt
 
 No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
@@ -352,9 +353,16 @@ def verdicts(job: Job, row: dict) -> dict:
     return dict(core=core, wide_tiles=wide)
 
 
-def run_gate(cases: list[LaunchCase], jobs_n: int | None = None) -> tuple[list[Job], list[dict], dict]:
-    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan."""
+def run_gate(cases: list[LaunchCase], jobs_n: int | None = None,
+             roles: str | None = None) -> tuple[list[Job], list[dict], dict]:
+    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan. With
+    ``roles`` (a regular expression) only the jobs one of whose launch roles it matches are compiled."""
     jobs, plan = collect_jobs(cases)
+    if roles is not None:
+        kept = [i for i, j in enumerate(jobs) if any(re.fullmatch(roles, r) for r in j.roles)]
+        new_index = {old: new for new, old in enumerate(kept)}
+        jobs = [jobs[i] for i in kept]
+        plan = {c: [(r, a, new_index[i], g) for r, a, i, g in entries if i in new_index] for c, entries in plan.items()}
     workers = jobs_n or max(1, os.cpu_count() or 1)
     # A private cache: every job really compiles, so ptxas runs and its spill report is complete.
     with tempfile.TemporaryDirectory(prefix="vicinity_gate_cache_") as cache:
@@ -520,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="operations whose matrices to build (default: all)")
     parser.add_argument("--cases", default=None, metavar="REGEX",
                         help="only the cases whose label matches (e.g. 'fp16 D40/40 .* unaligned')")
+    parser.add_argument("--roles", default=None, metavar="REGEX",
+                        help="only the kernels of the launch roles it matches whole (e.g. 'fwd_output|bwd_keys')")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if _interpreting():
@@ -532,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_matrix(args.quick, tuple(args.ops) if args.ops else None, args.cases)
     if not cases:
         parser.error(f"no case of {args.ops or list(MATRICES)} matches --cases {args.cases!r}")
-    jobs, rows, plan = run_gate(cases, args.jobs)
+    jobs, rows, plan = run_gate(cases, args.jobs, args.roles)
+    if not jobs:
+        parser.error(f"no kernel of those cases has a launch role matching --roles {args.roles!r}")
     seconds = time.perf_counter() - start
     s = summary(rows)
     table = format_table(jobs, rows)

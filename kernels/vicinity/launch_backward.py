@@ -14,7 +14,16 @@ import torch
 from ..fast_launch import launch_kernel
 from ..runtime import cdiv, plan_cache
 from .clamp import clamped_row_weights_kernel, state_grad_mask_kernel
-from .configs import LaunchConfig, clamped_packed_config, dot_precision, pick_config, pow2_scale
+from .configs import (
+    LaunchConfig,
+    clamped_packed_config,
+    dot_precision,
+    pick_config,
+    pow2_scale,
+    resident_options,
+    resident_programs,
+    resident_states,
+)
 from .geometry import Geometry
 from .keys import key_pass_kernel
 from .launch_forward import (
@@ -225,12 +234,17 @@ def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale
     Packed (``pack``): factor[i] multiplies key_scale for sequence i."""
     B, H, N, D = k.shape
     Dv = v.shape[-1]
-    block_n, d_tiles, dv_tiles, kwargs = _key_plan(geom, k.dtype, D, Dv, cfg, dk is not None, dv is not None)
-    # Program j writes dk's D tile j and dv's Dv tile j: as many programs per token block as the
-    # gradients asked for have tiles.
-    n_programs = max(d_tiles if dk is not None else 1, dv_tiles if dv is not None else 1)
+    block_n, resident, d_tiles, dv_tiles, kwargs = _key_plan(geom, k.dtype, D, Dv, cfg, dk is not None,
+                                                             dv is not None)
     rows = B * H if pack is None else pack.n_seqs * H
-    grid = (cdiv(N if pack is None else pack.max_length(False), block_n), rows, n_programs)
+    n_blocks = cdiv(N if pack is None else pack.max_length(False), block_n)
+    if resident:
+        # Persistent programs, each walking its head's token blocks with the dS tiles on chip.
+        grid = (resident_programs(n_blocks, rows, k.device), rows, 1)
+    else:
+        # Program j writes dk's D tile j and dv's Dv tile j: as many programs per token block as the
+        # gradients asked for have tiles.
+        grid = (n_blocks, rows, max(d_tiles if dk is not None else 1, dv_tiles if dv is not None else 1))
     dk_out, dv_out = k if dk is None else dk, v if dv is None else dv
     launch_kernel(key_pass_kernel, grid,
                   k, v, dS, dz, dk_out, dv_out, H, N, D, Dv, geom.n_prefix - key_offset, *geom.k_sizes, key_scale,
@@ -240,16 +254,22 @@ def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale
 
 @plan_cache
 def _key_plan(geom: Geometry, dtype: torch.dtype, D: int, Dv: int, cfg: LaunchConfig, need_dk: bool,
-              need_dv: bool) -> tuple[int, int, int, dict]:
-    """(tokens per program, D tiles, Dv tiles, constexprs and launch options) of a key pass launch."""
-    block_n = cfg.tokens_per_program("bwd_keys")
+              need_dv: bool) -> tuple[int, bool, int, int, dict]:
+    """(tokens per program block, resident form, D tiles, Dv tiles, constexprs and launch options) of a key
+    pass launch. The resident form (keys.py) where ``configs.resident_states`` says, with
+    ``configs.resident_options``' blocks and warps; else the streaming form at ``cfg``'s."""
     d_tiles, dv_tiles = cdiv(D, cfg.block_d), cdiv(Dv, cfg.block_dv)
+    resident = resident_states("bwd_keys", dtype, geom.n_feat, D, Dv, cfg)
+    if resident:
+        opts = resident_options(cfg)
+    else:
+        opts = dict(BLOCK_N=cfg.tokens_per_program("bwd_keys"), **cfg.options("bwd_keys"))
     consts = geom.constexprs(False)
     del consts["IS_QUERY"]  # the kernel is the key side's
-    kwargs = dict(**consts, NEED_DK=need_dk, NEED_DV=need_dv, ONE_TILE=max(d_tiles, dv_tiles) == 1, BLOCK_N=block_n,
+    kwargs = dict(**consts, NEED_DK=need_dk, NEED_DV=need_dv, ONE_TILE=max(d_tiles, dv_tiles) == 1,
                   BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, **dot_precision("bwd_keys", dtype).constexprs(),
-                  **cfg.options("bwd_keys"))
-    return block_n, d_tiles, dv_tiles, kwargs
+                  RESIDENT=resident, **opts)
+    return opts["BLOCK_N"], resident, d_tiles, dv_tiles, kwargs
 
 
 def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, eps: float,
