@@ -187,9 +187,10 @@ def gpu_num_warps(tile: int) -> int:
 # interpreter every one-tile head takes it, so the tests run it.
 RESIDENT_MIN_ARCH = 90
 RESIDENT_STATE_BYTES = 96 * 1024
-RESIDENT_BLOCK_N = 64
-RESIDENT_NUM_WARPS = 4
-RESIDENT_TOKEN_STAGES = 3
+# (tokens per block, warps, token-loop stages) of the resident passes on a GPU, the largest the compile gate
+# shows without spills: the output pass at 4 warps (two CTAs an SM); the key pass, with its two
+# accumulators and the phi and v tiles, needs 8 warps (at 4 it spills, also at 32 tokens).
+RESIDENT_CONFIGS = {"fwd_output": (64, 4, 2), "bwd_keys": (64, 8, 2)}
 # Programs per (head, Dv tile): enough for RESIDENT_CTAS_PER_SM programs on every SM of the device.
 RESIDENT_CTAS_PER_SM = 2
 # The SM count used where no GPU is asked (interpreter, compile gate): an H100 SXM's.
@@ -233,13 +234,13 @@ def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: in
     return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES
 
 
-def resident_options(cfg: LaunchConfig) -> dict:
-    """(BLOCK_N, launch options) of a resident pass: 64 tokens a block at 4 warps on a GPU (two CTAs an SM
-    where registers allow), the interpreter's config there."""
+def resident_options(cfg: LaunchConfig, launch: str) -> dict:
+    """BLOCK_N, TOKEN_STAGES and the launch options of resident pass ``launch`` (RESIDENT_CONFIGS on a GPU,
+    ``cfg``'s blocks and options under the interpreter)."""
     if cfg.max_registers is None:
         return dict(BLOCK_N=cfg.block_n, TOKEN_STAGES=1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dict(BLOCK_N=RESIDENT_BLOCK_N, TOKEN_STAGES=RESIDENT_TOKEN_STAGES, num_warps=RESIDENT_NUM_WARPS,
-                num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
+    block_n, warps, stages = RESIDENT_CONFIGS[launch]
+    return dict(BLOCK_N=block_n, TOKEN_STAGES=stages, num_warps=warps, num_stages=stages, maxnreg=cfg.max_registers)
 
 
 # The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator
