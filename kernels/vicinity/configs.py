@@ -181,16 +181,22 @@ def gpu_num_warps(tile: int) -> int:
 
 # The resident form of the output and key passes (output.py, keys.py): a persistent program keeps its F
 # state tiles (converted to the dot operand dtype) and z vectors on chip across its token loop. Taken on
-# sm_90+ for 16-bit inputs whose head dims fit one tile, while the tiles take at most RESIDENT_STATE_BYTES
-# of shared memory (two CTAs an SM then fit beside the token pipeline's buffers); elsewhere (sm_80, whose
-# mma.sync reads both operands from registers, fp32 / fp64, wider heads) the streaming form. Under the
-# interpreter every one-tile head takes it, so the tests run it.
+# sm_90+ for 16-bit inputs whose head dims fit one tile, while the F tiles take at most
+# RESIDENT_STATE_BYTES of the launch (bf16 64-wide tiles: F <= 8 in the output pass, F <= 4 in the key
+# pass, which holds two accumulators beside them) and not for fp16's TF32 dots at 64-wide tiles: past
+# these the compile gate shows spills. Elsewhere (sm_80, whose mma.sync would hold the F tiles in
+# registers; fp32 / fp64; wider heads) the streaming form. Under the interpreter every one-tile head
+# takes it, so the tests run it.
 RESIDENT_MIN_ARCH = 90
-RESIDENT_STATE_BYTES = 96 * 1024
-# (tokens per block, warps, token-loop stages) of the resident passes on a GPU, the largest the compile gate
-# shows without spills: the output pass at 4 warps (two CTAs an SM); the key pass, with its two
-# accumulators and the phi and v tiles, needs 8 warps (at 4 it spills, also at 32 tokens).
-RESIDENT_CONFIGS = {"fwd_output": (64, 4, 2), "bwd_keys": (64, 8, 2)}
+RESIDENT_STATE_BYTES = {"fwd_output": 64 * 1024, "bwd_keys": 32 * 1024}
+# Tokens per block, token-loop stages and warps of the resident passes on a GPU, from the compile gate:
+# the output pass at 4 warps (two CTAs an SM) for narrow head tiles or few features
+# (RESIDENT_FEW_FEATURES), else 8 (at 4 its 64-wide tiles spill); the key pass, with two accumulators
+# and the phi and v tiles, at the streaming config's warps (8 for 64-wide and unaligned heads: at 4
+# they spill; 4 for narrow aligned ones, whose 16-wide dS tiles would load in 32-bit pieces at 8).
+RESIDENT_BLOCK_N = 64
+RESIDENT_TOKEN_STAGES = 2
+RESIDENT_FEW_FEATURES = 4
 # Programs per (head, Dv tile): enough for RESIDENT_CTAS_PER_SM programs on every SM of the device.
 RESIDENT_CTAS_PER_SM = 2
 # The SM count used where no GPU is asked (interpreter, compile gate): an H100 SXM's.
@@ -231,16 +237,22 @@ def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: in
     if (arch is not None and arch < RESIDENT_MIN_ARCH) or dtype not in (torch.float16, torch.bfloat16):
         return False
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
-    return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES
+    if operand_bytes == 4 and cfg.block_d >= HEAD_BLOCKS[-1]:
+        return False
+    return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES[launch]
 
 
-def resident_options(cfg: LaunchConfig, launch: str) -> dict:
-    """BLOCK_N, TOKEN_STAGES and the launch options of resident pass ``launch`` (RESIDENT_CONFIGS on a GPU,
-    ``cfg``'s blocks and options under the interpreter)."""
+def resident_options(cfg: LaunchConfig, launch: str, n_feat: int) -> dict:
+    """BLOCK_N, TOKEN_STAGES and the launch options of resident pass ``launch`` with F = n_feat (see
+    RESIDENT_BLOCK_N; ``cfg``'s blocks and options under the interpreter)."""
     if cfg.max_registers is None:
         return dict(BLOCK_N=cfg.block_n, TOKEN_STAGES=1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    block_n, warps, stages = RESIDENT_CONFIGS[launch]
-    return dict(BLOCK_N=block_n, TOKEN_STAGES=stages, num_warps=warps, num_stages=stages, maxnreg=cfg.max_registers)
+    if launch == "bwd_keys":
+        warps = cfg.num_warps
+    else:
+        warps = 4 if cfg.block_d < HEAD_BLOCKS[-1] or n_feat <= RESIDENT_FEW_FEATURES else 8
+    return dict(BLOCK_N=RESIDENT_BLOCK_N, TOKEN_STAGES=RESIDENT_TOKEN_STAGES, num_warps=warps,
+                num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 
 
 # The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator

@@ -13,9 +13,9 @@ the diagonal step. NEED_DK / NEED_DV: a gradient not asked for is neither comput
 
 Two forms, one kernel (the RESIDENT constexpr; ``launch_backward._key_plan`` picks):
 - resident (D and Dv within one tile): a persistent program per (program slot, head) loads the F dS_m
-  tiles (converted to the dot operand) and the dz_m vectors once and keeps them on chip (shared memory
-  on sm_90; dk's dot reads the same tile transposed) while it walks the head's token blocks pid,
-  pid + n_programs, ..., the token loads software-pipelined;
+  tiles once, converted to the dot operand, as [D, Dv] (dv) and as [Dv, D] (dk), and keeps them on chip
+  (shared memory on sm_90) while it walks the head's token blocks pid, pid + n_programs, ..., the token
+  loads (and the small dz_m vectors) software-pipelined;
 - streaming (any head dims): one program per (token block, head, tile j) re-reads the dS_m tiles from
   L2 for every token block, as described above.
 Both compute every row with the same operations in the same order (bitwise the same dk, dv).
@@ -141,16 +141,21 @@ def _resident_keys(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n_
         v_base = v_ptr + b * stride_v_b + h * stride_v_h
         dk_base = dk_ptr + b * stride_dk_b + h * stride_dk_h
         dv_base = dv_ptr + b * stride_dv_b + h * stride_dv_h
-    # The F dS_m tiles and dz_m vectors, loaded once and kept across the token loop (tuples: any F).
-    ds_tile = ds_ptr + bh.to(tl.int64) * N_FEAT * D * DV + offs_d[:, None] * DV + offs_e[None, :]
+    # The F dS_m tiles, loaded once and kept across the token loop (tuples: any F): as [D, Dv] for dv's
+    # dots and, read transposed from memory, as [Dv, D] for dk's (a transposed view of the one tile
+    # spills under triton 3.6). The dz_m vectors are read per token block instead, through the
+    # pipelined token loads (held in registers, they make the 64-wide tiles spill).
+    head = ds_ptr + bh.to(tl.int64) * N_FEAT * D * DV
     dz_vec = dz_ptr + bh.to(tl.int64) * N_FEAT * D + offs_d
     states = ()
-    dzs = ()
+    states_t = ()
     for m in tl.static_range(N_FEAT):
-        states = states + (dot_operand(tl.load(ds_tile + m * D * DV, mask=mask_d[:, None] & mask_e[None, :],
-                                               other=0.0), DOT, PREC),)
+        if NEED_DV:
+            states = states + (dot_operand(tl.load(head + m * D * DV + offs_d[:, None] * DV + offs_e[None, :],
+                                                   mask=mask_d[:, None] & mask_e[None, :], other=0.0), DOT, PREC),)
         if NEED_DK:
-            dzs = dzs + (tl.load(dz_vec + m * D, mask=mask_d, other=0.0),)
+            states_t = states_t + (dot_operand(tl.load(head + m * D * DV + offs_e[:, None] + offs_d[None, :] * DV,
+                                                       mask=mask_e[:, None] & mask_d[None, :], other=0.0), DOT, PREC),)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_tok, BLOCK_N), tl.num_programs(0), num_stages=TOKEN_STAGES):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_tok
@@ -166,11 +171,11 @@ def _resident_keys(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n_
             # The precision choices of _key_feature (its docstring), in the same order.
             if NEED_DK:
                 if DOT == tl.bfloat16 or PREC == "emulate_bf16":
-                    acc_dk = mma(v * p[:, None], tl.trans(states[m]), acc_dk, DOT, PREC)
+                    acc_dk = mma(v * p[:, None], states_t[m], acc_dk, DOT, PREC)
                 else:
-                    acc_dk += p[:, None] * mma(v, tl.trans(states[m]), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT,
+                    acc_dk += p[:, None] * mma(v, states_t[m], tl.zeros(acc_dk.shape, acc_dk.dtype), DOT,
                                                PREC)
-                acc_dk += p[:, None] * dzs[m][None, :]
+                acc_dk += p[:, None] * tl.load(dz_vec + m * D, mask=mask_d, other=0.0)[None, :]
             if NEED_DV:
                 acc_dv = mma(phi * p[:, None], states[m], acc_dv, DOT, PREC)
         if NEED_DV:

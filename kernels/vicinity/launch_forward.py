@@ -195,7 +195,7 @@ def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype,
     ``configs.resident_options``' blocks and warps; else the streaming form at ``cfg``'s."""
     resident = resident_states(launch, dtype, geom.n_feat, D, Dv, cfg)
     if resident:
-        opts = resident_options(cfg, launch)
+        opts = resident_options(cfg, launch, geom.n_feat)
     else:
         opts = dict(BLOCK_N=cfg.tokens_per_program(launch), **cfg.options(launch))
     kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_D=cfg.block_d,

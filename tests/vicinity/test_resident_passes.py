@@ -30,14 +30,16 @@ def _outputs_and_grads(fn, inputs, do):
     return [out, *torch.autograd.grad(out, inputs, do)]
 
 
-@pytest.mark.parametrize("programs,D,Dv,variant,prefix,clamp", [
-    (2, 24, 20, "product", 1, None),        # resident output and key passes, 5 / 4 blocks over 2 programs
-    (1, 16, 80, "sum", 0, (1e-3, 5.0)),     # one program walks every block; two Dv tiles (streaming key pass);
-])                                          # the clamp: its numerator pass (no den) is resident too
-def test_programs_walk_several_token_blocks(monkeypatch, programs, D, Dv, variant, prefix, clamp):
+@pytest.mark.parametrize("programs,D,Dv,variant,prefix,clamp,grid,kv_grid", [
+    # resident output and key passes: 71 queries in 5 blocks of 16, 55 keys in 4, over 2 programs a head
+    (2, 24, 20, "product", 1, None, (7, 10), (6, 9)),
+    # one program walks all 3 blocks; two Dv tiles (the key pass streams); the clamp, whose backward's
+    # numerator pass (no den) is resident too
+    (1, 16, 80, "sum", 0, (1e-3, 5.0), (5, 7), (4, 6)),
+])
+def test_programs_walk_several_token_blocks(monkeypatch, programs, D, Dv, variant, prefix, clamp, grid, kv_grid):
     from vicinity_attn.kernels.vicinity import configs
     seen = _recording_grids(monkeypatch)
-    grid, kv_grid = (7, 10), (6, 9)        # 70 (+ prefix) queries: 5 blocks of 16; 54 (+ prefix) keys: 4
     inputs = [torch.randn(1, 2, g[0] * g[1] + prefix, d, dtype=torch.float64, requires_grad=True)
               for g, d in ((grid, D), (kv_grid, D), (kv_grid, Dv))]
     kw = dict(grid=grid, kv_grid=kv_grid, variant=variant, num_prefix_tokens=prefix, clamp=clamp)
