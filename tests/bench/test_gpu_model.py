@@ -41,8 +41,11 @@ def test_traffic_of_one_program_per_launch(monkeypatch):
     z_dot = 2 * 2 * 128 * (4 * 16) * 16
     assert flops == vicinity_forward_flops(1, 2, 128, 128, 16, 16, n_features=4) + z_dot
     out = launches[kernels.index("output_pass_kernel")]
-    assert out["program_bytes"]["read:x_ptr"] == 128 * 16 * 2                # one bf16 q tile
-    assert out["program_bytes"]["write:out_ptr"] == 128 * 16 * 2             # one bf16 o tile
+    # The resident output pass (sm_90): two persistent programs a head, one 64-token block each here.
+    assert out["grid"] == [2, 2, 1]
+    assert out["program_bytes"]["read:x_ptr"] == 64 * 16 * 2                 # one bf16 q block
+    assert out["program_bytes"]["write:out_ptr"] == 64 * 16 * 2              # one bf16 o block
+    assert out["program_bytes"]["read:m_ptr"] == 4 * 16 * 16 * 4             # the F fp32 state tiles, once
     assert out["tensor_bytes"]["x_ptr"] >= 2 * 128 * 16 * 2                  # the q tensor (both heads)
 
 
