@@ -183,8 +183,8 @@ def gpu_num_warps(tile: int) -> int:
 # state tiles (converted to the dot operand dtype) and z vectors on chip across its token loop. Taken on
 # sm_90+ for 16-bit inputs whose head dims fit one tile, while the F tiles take at most
 # RESIDENT_STATE_BYTES of the launch (bf16 64-wide tiles: F <= 8 in the output pass, F <= 4 in the key
-# pass, which holds two accumulators beside them) and not for fp16's TF32 dots at 64-wide tiles: past
-# these the compile gate shows spills. Elsewhere (sm_80, whose mma.sync would hold the F tiles in
+# pass, which holds two accumulators and the tiles twice), and not for fp16's TF32 dots (4-byte tiles)
+# in the key pass or at 64-wide tiles: past these the compile gate shows spills. Elsewhere (sm_80, whose mma.sync would hold the F tiles in
 # registers; fp32 / fp64; wider heads) the streaming form. Under the interpreter every one-tile head
 # takes it, so the tests run it.
 RESIDENT_MIN_ARCH = 90
@@ -205,13 +205,18 @@ DEFAULT_SM_COUNT = 132
 PROGRAMS_PER_HEAD: int | None = None
 
 
-@functools.lru_cache(maxsize=64)
-def sm_count(device: torch.device | None = None) -> int:
+def sm_count(device: torch.device | str | None = None) -> int:
     """The number of SMs of ``device`` (a CUDA device; DEFAULT_SM_COUNT for anything else and under the
     interpreter)."""
     if interpreting() or device is None or torch.device(device).type != "cuda":
         return DEFAULT_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = torch.device(device).index
+    return _cuda_sm_count(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def resident_programs(n_blocks: int, rows: int, device: torch.device) -> int:
@@ -237,7 +242,7 @@ def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: in
     if (arch is not None and arch < RESIDENT_MIN_ARCH) or dtype not in (torch.float16, torch.bfloat16):
         return False
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
-    if operand_bytes == 4 and cfg.block_d >= HEAD_BLOCKS[-1]:
+    if operand_bytes == 4 and (launch == "bwd_keys" or cfg.block_d >= HEAD_BLOCKS[-1]):
         return False
     return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES[launch]
 

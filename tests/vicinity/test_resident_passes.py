@@ -74,3 +74,12 @@ def test_packed_programs_walk_their_own_sequence(monkeypatch):
                                                                         backend="reference", **kw), (q, k, v), do)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(g, w) <= 1e-11, f"{name}: {rel_err(g, w):.3e}"
+
+
+def test_programs_per_head_fill_one_wave():
+    """Two programs an SM (132 SMs where no GPU is asked) over all rows, at most one per token block."""
+    from vicinity_attn.kernels.vicinity.configs import resident_programs
+    cpu = torch.device("cpu")
+    assert resident_programs(784, 4, cpu) == 66          # 224 x 224 tokens in 64-token blocks, 4 heads
+    assert resident_programs(49, 32, cpu) == 9           # 56 x 56, 32 heads: ceil(264 / 32)
+    assert resident_programs(3, 4, cpu) == 3 and resident_programs(784, 1000, cpu) == 1
