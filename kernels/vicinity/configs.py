@@ -180,13 +180,13 @@ def gpu_num_warps(tile: int) -> int:
 
 
 # The resident form of the output and key passes (output.py, keys.py): a persistent program keeps its F
-# state tiles (converted to the dot operand dtype) and z vectors on chip across its token loop. Taken on
-# sm_90+ for 16-bit inputs whose head dims fit one tile, while the F tiles take at most
-# RESIDENT_STATE_BYTES of the launch (bf16 64-wide tiles: F <= 8 in the output pass, F <= 4 in the key
-# pass, which holds two accumulators and the tiles twice), and not for fp16's TF32 dots (4-byte tiles)
-# in the key pass or at 64-wide tiles: past these the compile gate shows spills. Elsewhere (sm_80, whose mma.sync would hold the F tiles in
-# registers; fp32 / fp64; wider heads) the streaming form. Under the interpreter every one-tile head
-# takes it, so the tests run it.
+# state tiles (converted to the dot operand dtype) on chip across its token loop. Taken on sm_90+ for
+# 16-bit inputs whose head dims fit one tile, while the F tiles take at most RESIDENT_STATE_BYTES of the
+# launch (bf16 64-wide tiles: F <= 8 in the output pass, F <= 4 in the key pass, which holds two
+# accumulators and the tiles twice), and not for fp16's TF32 dots (4-byte tiles) in the key pass or at
+# 64-wide tiles: past these the compile gate shows spills. Elsewhere (sm_80, whose mma.sync would hold
+# the F tiles in registers; fp32 / fp64; wider heads) the streaming form. Under the interpreter every
+# one-tile head takes it, so the tests run it.
 RESIDENT_MIN_ARCH = 90
 RESIDENT_STATE_BYTES = {"fwd_output": 64 * 1024, "bwd_keys": 32 * 1024}
 # Tokens per block, token-loop stages and warps of the resident passes on a GPU, from the compile gate:
