@@ -97,7 +97,7 @@ def _checked_geometry(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torc
 
 
 _CHECKED: dict = {}
-_CHECKED_GRADS: set = set()
+_CHECKED_GRADS: dict = {}
 
 
 @raises_on_overflow("forward", 3)
@@ -123,16 +123,17 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
     kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
     dq, dk, dv = empty_grads_like((q, k, v), needs)
-    key = (do.shape, do.stride(), *(None if t is None else t.stride() for t in (dq, dk, dv)))
-    if key not in _CHECKED_GRADS:    # a function of the shapes and strides only
+    # The checks are a function of the shapes and strides (the gradients' follow from q's, k's, v's).
+    key = (do.shape, do.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), needs, spec)
+    geom = _CHECKED_GRADS.get(key)
+    if geom is None:
         for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
             if t is not None:
                 check_token_offsets(t, name)
         if len(_CHECKED_GRADS) >= 1024:
             _CHECKED_GRADS.clear()
-        _CHECKED_GRADS.add(key)
+        geom = _CHECKED_GRADS[key] = _geometry(spec)
     with launch_device(q):
-        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor,
-                          spec.clamp)
+        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, spec.eps, spec.den_floor, spec.clamp)
     return dq, dk, dv
 
