@@ -91,7 +91,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     with scratch_session():
         g = scratch("quad_grad_out", do.numel(), q.dtype, q.device).view(do.shape)
         torch.div(do, den[..., None], out=g)                   # contiguous: read by two matmuls
-        c = -(do * o).sum(-1) / den
+        c = torch.mul(do, o, out=scratch("quad_dot", do.numel(), q.dtype, q.device).view(do.shape)).sum(-1)
+        c = c.div_(den).neg_()
         floored = floor_active(den, spec)
         if floored is not None:
             c = c.masked_fill(floored, 0.0)
