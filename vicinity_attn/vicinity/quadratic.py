@@ -33,6 +33,9 @@ from .torch_backend import _contiguous, _features, floor_active
 
 # The largest Nq * Nk taken quadratically (a few cache-resident N x N blocks per head); 0 turns it off.
 MAX_PAIRS = 4096
+# The N x N work of this many bytes of (batch, head) rows at a time: a chunk's scores stay in a core's L2
+# cache between the matmul that writes them and the ones that read them.
+CHUNK_BYTES = 2 ** 20
 # Quadratic when its multiply-adds are at most this many times the linear form's: the linear form runs
 # many small operations per call (per axis, per chunk), which a CPU pays for at small sizes.
 LINEAR_OVERHEAD = 4
@@ -53,13 +56,15 @@ def _weights(spec: VicinitySpec, dtype: torch.dtype, device: torch.device) -> to
     return vicinity_weights(spec, dtype=dtype, device=device)
 
 
-def _scores(phi_q: torch.Tensor, phi_k: torch.Tensor, spec: VicinitySpec) -> torch.Tensor:
-    """A = (phi_q phi_k^T) * W [B, H, Nq, Nk], in the scratch buffer "quad_scores" (a temporary: fresh
-    N x N buffers would be page-faulted in at every call, costing as much as the matmul)."""
-    B, H, Nq, _ = phi_q.shape
-    Nk = phi_k.shape[2]
-    A = scratch("quad_scores", B * H * Nq * Nk, phi_q.dtype, phi_q.device).view(B, H, Nq, Nk)
-    return torch.matmul(phi_q, phi_k.transpose(-1, -2), out=A).mul_(_weights(spec, phi_q.dtype, phi_q.device))
+def _chunks(n_rows: int, Nq: int, Nk: int, dtype: torch.dtype):
+    """(first, end) row ranges of the (batch, head) rows, each holding at most CHUNK_BYTES of N x N work."""
+    rows = max(1, CHUNK_BYTES // (Nq * Nk * dtype.itemsize))
+    return [(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)], min(rows, n_rows)
+
+
+def _scores(a: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """A = (phi_q phi_k^T) * W of one chunk [rows, Nq, Nk], written into ``a``."""
+    return torch.bmm(phi_q, phi_k.transpose(1, 2), out=a).mul_(W)
 
 
 @raises_on_overflow("forward", 3)
@@ -67,19 +72,30 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
             spec: VicinitySpec) -> tuple[torch.Tensor, ...]:
     """(o, den): o [B, H, Nq, Dv] in q's dtype and memory order, den [B, H, Nq]; the backward recomputes A
     from q and k (one matmul) rather than keeping it."""
+    B, H, Nq, _ = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    n = B * H
     with scratch_session():
-        phi_q = _features(q, spec.feature_map, q.dtype, "quad_phi_q")
-        phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k")
-        A = _scores(phi_q, phi_k, spec)
-        r = A.sum(-1)
-        den = (r.clamp_min(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
-        o = empty_output_like(q, v.shape[-1])
-        values = _contiguous(v, v.dtype, "quad_values")     # one copy, not one inside each matmul
-        if o.is_contiguous():
-            torch.matmul(A, values, out=o)
+        phi_q = _features(q, spec.feature_map, q.dtype, "quad_phi_q").view(n, Nq, -1)
+        phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k").view(n, Nk, -1)
+        values = _contiguous(v, v.dtype, "quad_values").view(n, Nk, Dv)   # one copy, not one per matmul
+        W = _weights(spec, q.dtype, q.device)
+        o = empty_output_like(q, Dv)
+        direct = o.is_contiguous()
+        U = o if direct else scratch("quad_out", o.numel(), o.dtype, o.device).view(o.shape)
+        r = torch.empty(B, H, Nq, dtype=q.dtype, device=q.device)
+        chunks, rows = _chunks(n, Nq, Nk, q.dtype)
+        A = scratch("quad_scores", rows * Nq * Nk, q.dtype, q.device)
+        U_rows, r_rows = U.view(n, Nq, Dv), r.view(n, Nq)
+        for i, j in chunks:
+            a = _scores(A[:(j - i) * Nq * Nk].view(j - i, Nq, Nk), phi_q[i:j], phi_k[i:j], W)
+            torch.sum(a, -1, out=r_rows[i:j])
+            torch.bmm(a, values[i:j], out=U_rows[i:j])
+        den = (r.clamp_min_(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
+        if direct:
+            o.div_(den[..., None])
         else:
-            o.copy_(torch.matmul(A, values, out=scratch("quad_out", o.numel(), o.dtype, o.device).view(o.shape)))
-        o.div_(den[..., None])
+            torch.div(U, den[..., None], out=o)
     return o, den
 
 
@@ -88,6 +104,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              den: torch.Tensor, backend: str, spec: VicinitySpec,
              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """(dq, dk, dv) of :func:`forward` (None where ``needs`` says a gradient is not wanted)."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    n = B * H
+    new = lambda N, E: torch.empty(B, H, N, E, dtype=q.dtype, device=q.device)  # noqa: E731
+    dq, dk, dv = (new(Nq, D) if needs[0] else None, new(Nk, D) if needs[1] else None,
+                  new(Nk, Dv) if needs[2] else None)
+    scores_grad = dq is not None or dk is not None
     with scratch_session():
         g = scratch("quad_grad_out", do.numel(), q.dtype, q.device).view(do.shape)
         torch.div(do, den[..., None], out=g)                   # contiguous: read by two matmuls
@@ -96,16 +119,26 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         floored = floor_active(den, spec)
         if floored is not None:
             c = c.masked_fill(floored, 0.0)
-        phi_q = _features(q, spec.feature_map, q.dtype, "quad_phi_q")
-        phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k")
-        A = _scores(phi_q, phi_k, spec)
-        dv = A.transpose(-1, -2) @ g if needs[2] else None
-        if not (needs[0] or needs[1]):
-            return None, None, dv
-        B, H, Nq, Nk = A.shape
-        dS = scratch("quad_score_grads", B * H * Nq * Nk, q.dtype, q.device).view(B, H, Nq, Nk)
-        values = _contiguous(v, v.dtype, "quad_values")
-        torch.matmul(g, values.transpose(-1, -2), out=dS).add_(c[..., None]).mul_(_weights(spec, q.dtype, q.device))
-        dq = mul_feature_map_grad_(dS @ phi_k, phi_q, spec.feature_map) if needs[0] else None
-        dk = mul_feature_map_grad_(dS.transpose(-1, -2) @ phi_q, phi_k, spec.feature_map) if needs[1] else None
+        phi_q = _features(q, spec.feature_map, q.dtype, "quad_phi_q").view(n, Nq, D)
+        phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k").view(n, Nk, D)
+        values = _contiguous(v, v.dtype, "quad_values").view(n, Nk, Dv) if scores_grad else None
+        W = _weights(spec, q.dtype, q.device)
+        chunks, rows = _chunks(n, Nq, Nk, q.dtype)
+        A = scratch("quad_scores", rows * Nq * Nk, q.dtype, q.device)
+        g_rows, c_rows = g.view(n, Nq, Dv), c.view(n, Nq, 1)
+        for i, j in chunks:
+            a = _scores(A[:(j - i) * Nq * Nk].view(j - i, Nq, Nk), phi_q[i:j], phi_k[i:j], W)
+            if dv is not None:
+                torch.bmm(a.transpose(1, 2), g_rows[i:j], out=dv.view(n, Nk, Dv)[i:j])
+            if scores_grad:
+                # dS = (g v^T + c 1^T) * W, into A's buffer (A is not needed past dv).
+                dS = torch.bmm(g_rows[i:j], values[i:j].transpose(1, 2), out=a).add_(c_rows[i:j]).mul_(W)
+                if dq is not None:
+                    torch.bmm(dS, phi_k[i:j], out=dq.view(n, Nq, D)[i:j])
+                if dk is not None:
+                    torch.bmm(dS.transpose(1, 2), phi_q[i:j], out=dk.view(n, Nk, D)[i:j])
+        if dq is not None:
+            mul_feature_map_grad_(dq, phi_q.view(dq.shape), spec.feature_map)
+        if dk is not None:
+            mul_feature_map_grad_(dk, phi_k.view(dk.shape), spec.feature_map)
     return dq, dk, dv
