@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from ..common.allocation import empty_output_like
+from ..common.allocation import empty_grads_like, empty_output_like
 from ..common.feature_maps import mul_feature_map_grad_
 from ..common.overflow import raises_on_overflow
 from ..common.spec import VicinitySpec
@@ -56,15 +56,31 @@ def _weights(spec: VicinitySpec, dtype: torch.dtype, device: torch.device) -> to
     return vicinity_weights(spec, dtype=dtype, device=device)
 
 
-def _chunks(n_rows: int, Nq: int, Nk: int, dtype: torch.dtype):
-    """(first, end) row ranges of the (batch, head) rows, each holding at most CHUNK_BYTES of N x N work."""
+def _chunks(B: int, H: int, Nq: int, Nk: int, dtype: torch.dtype) -> tuple[list[tuple], int]:
+    """The (batch, head) rows in chunks of at most CHUNK_BYTES of N x N work, and the most rows in one: each
+    chunk as (batch slice, head slice, first row, end row) of the [B, H] rows, whole batches when a batch's
+    heads fit (else heads of one batch), so that a chunk is one strided slice of a [B, H, N, E] tensor."""
     rows = max(1, CHUNK_BYTES // (Nq * Nk * dtype.itemsize))
-    return [(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)], min(rows, n_rows)
+    if rows >= H:
+        nb = rows // H
+        return [(slice(b, min(b + nb, B)), slice(None), b * H, min(b + nb, B) * H) for b in range(0, B, nb)], \
+            min(nb, B) * H
+    return [(slice(b, b + 1), slice(h, min(h + rows, H)), b * H + h, b * H + min(h + rows, H))
+            for b in range(B) for h in range(0, H, rows)], rows
 
 
 def _scores(a: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """A = (phi_q phi_k^T) * W of one chunk [rows, Nq, Nk], written into ``a``."""
     return torch.bmm(phi_q, phi_k.transpose(1, 2), out=a).mul_(W)
+
+
+def _grad_into(out: torch.Tensor, dphi: torch.Tensor, phi: torch.Tensor, feature_map: str) -> None:
+    """out = dphi * phi'(x) (out: a strided slice of a gradient; dphi, phi: a chunk, contiguous), in one pass
+    for relu (autograd's relu backward, the semantics of ``mul_feature_map_grad_``)."""
+    if feature_map == "relu":
+        torch.ops.aten.threshold_backward(dphi, phi, 0, grad_input=out)
+    else:
+        mul_feature_map_grad_(out.copy_(dphi), phi, feature_map)
 
 
 @raises_on_overflow("forward", 3)
@@ -81,21 +97,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
         values = _contiguous(v, v.dtype, "quad_values").view(n, Nk, Dv)   # one copy, not one per matmul
         W = _weights(spec, q.dtype, q.device)
         o = empty_output_like(q, Dv)
-        direct = o.is_contiguous()
-        U = o if direct else scratch("quad_out", o.numel(), o.dtype, o.device).view(o.shape)
-        r = torch.empty(B, H, Nq, dtype=q.dtype, device=q.device)
-        chunks, rows = _chunks(n, Nq, Nk, q.dtype)
+        den = torch.empty(B, H, Nq, dtype=q.dtype, device=q.device)
+        den_rows = den.view(n, Nq)
+        chunks, rows = _chunks(B, H, Nq, Nk, q.dtype)
         A = scratch("quad_scores", rows * Nq * Nk, q.dtype, q.device)
-        U_rows, r_rows = U.view(n, Nq, Dv), r.view(n, Nq)
-        for i, j in chunks:
+        U = scratch("quad_out", rows * Nq * Dv, q.dtype, q.device)
+        for bs, hs, i, j in chunks:
             a = _scores(A[:(j - i) * Nq * Nk].view(j - i, Nq, Nk), phi_q[i:j], phi_k[i:j], W)
-            torch.sum(a, -1, out=r_rows[i:j])
-            torch.bmm(a, values[i:j], out=U_rows[i:j])
-        den = (r.clamp_min_(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
-        if direct:
-            o.div_(den[..., None])
-        else:
-            torch.div(U, den[..., None], out=o)
+            r = torch.sum(a, -1, out=den_rows[i:j])
+            (r.clamp_min_(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
+            u = torch.bmm(a, values[i:j], out=U[:(j - i) * Nq * Dv].view(j - i, Nq, Dv))
+            # o's chunk (in q's memory order) = U / den, in one pass from the cache-resident chunk
+            torch.div(u.view(o[bs, hs].shape), den[bs, hs, :, None], out=o[bs, hs])
     return o, den
 
 
@@ -103,13 +116,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              den: torch.Tensor, backend: str, spec: VicinitySpec,
              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
-    """(dq, dk, dv) of :func:`forward` (None where ``needs`` says a gradient is not wanted)."""
+    """(dq, dk, dv) of :func:`forward`, laid out in memory like q, k, v (so that autograd hands them on
+    through the caller's views without a copy); None where ``needs`` says a gradient is not wanted."""
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     n = B * H
-    new = lambda N, E: torch.empty(B, H, N, E, dtype=q.dtype, device=q.device)  # noqa: E731
-    dq, dk, dv = (new(Nq, D) if needs[0] else None, new(Nk, D) if needs[1] else None,
-                  new(Nk, Dv) if needs[2] else None)
+    dq, dk, dv = empty_grads_like((q, k, v), needs)
     scores_grad = dq is not None or dk is not None
     with scratch_session():
         g = scratch("quad_grad_out", do.numel(), q.dtype, q.device).view(do.shape)
@@ -123,22 +135,25 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         phi_k = _features(k, spec.feature_map, q.dtype, "quad_phi_k").view(n, Nk, D)
         values = _contiguous(v, v.dtype, "quad_values").view(n, Nk, Dv) if scores_grad else None
         W = _weights(spec, q.dtype, q.device)
-        chunks, rows = _chunks(n, Nq, Nk, q.dtype)
+        chunks, rows = _chunks(B, H, Nq, Nk, q.dtype)
         A = scratch("quad_scores", rows * Nq * Nk, q.dtype, q.device)
+        G = scratch("quad_grad_chunk", rows * max(Nq, Nk) * max(D, Dv), q.dtype, q.device)
         g_rows, c_rows = g.view(n, Nq, Dv), c.view(n, Nq, 1)
-        for i, j in chunks:
-            a = _scores(A[:(j - i) * Nq * Nk].view(j - i, Nq, Nk), phi_q[i:j], phi_k[i:j], W)
+        for bs, hs, i, j in chunks:
+            m = j - i
+            a = _scores(A[:m * Nq * Nk].view(m, Nq, Nk), phi_q[i:j], phi_k[i:j], W)
             if dv is not None:
-                torch.bmm(a.transpose(1, 2), g_rows[i:j], out=dv.view(n, Nk, Dv)[i:j])
+                dv[bs, hs].copy_(torch.bmm(a.transpose(1, 2), g_rows[i:j], out=G[:m * Nk * Dv].view(m, Nk, Dv))
+                                 .view(dv[bs, hs].shape))
             if scores_grad:
                 # dS = (g v^T + c 1^T) * W, into A's buffer (A is not needed past dv).
                 dS = torch.bmm(g_rows[i:j], values[i:j].transpose(1, 2), out=a).add_(c_rows[i:j]).mul_(W)
                 if dq is not None:
-                    torch.bmm(dS, phi_k[i:j], out=dq.view(n, Nq, D)[i:j])
+                    dphi = torch.bmm(dS, phi_k[i:j], out=G[:m * Nq * D].view(m, Nq, D))
+                    _grad_into(dq[bs, hs], dphi.view(dq[bs, hs].shape), phi_q[i:j].view(dq[bs, hs].shape),
+                               spec.feature_map)
                 if dk is not None:
-                    torch.bmm(dS.transpose(1, 2), phi_q[i:j], out=dk.view(n, Nk, D)[i:j])
-        if dq is not None:
-            mul_feature_map_grad_(dq, phi_q.view(dq.shape), spec.feature_map)
-        if dk is not None:
-            mul_feature_map_grad_(dk, phi_k.view(dk.shape), spec.feature_map)
+                    dphi = torch.bmm(dS.transpose(1, 2), phi_q[i:j], out=G[:m * Nk * D].view(m, Nk, D))
+                    _grad_into(dk[bs, hs], dphi.view(dk[bs, hs].shape), phi_k[i:j].view(dk[bs, hs].shape),
+                               spec.feature_map)
     return dq, dk, dv
