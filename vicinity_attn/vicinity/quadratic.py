@@ -108,7 +108,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
             (r.clamp_min_(spec.den_floor) if spec.den_floor > 0 else r).add_(spec.eps)
             u = torch.bmm(a, values[i:j], out=U[:(j - i) * Nq * Dv].view(j - i, Nq, Dv))
             # o's chunk (in q's memory order) = U / den, in one pass from the cache-resident chunk
-            torch.div(u.view(o[bs, hs].shape), den[bs, hs, :, None], out=o[bs, hs])
+            out = o[bs, hs]
+            torch.div(u.view(out.shape), r.view(*out.shape[:-1], 1), out=out)
     return o, den
 
 
@@ -143,17 +144,18 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             m = j - i
             a = _scores(A[:m * Nq * Nk].view(m, Nq, Nk), phi_q[i:j], phi_k[i:j], W)
             if dv is not None:
-                dv[bs, hs].copy_(torch.bmm(a.transpose(1, 2), g_rows[i:j], out=G[:m * Nk * Dv].view(m, Nk, Dv))
-                                 .view(dv[bs, hs].shape))
+                out = dv[bs, hs]
+                dv_chunk = torch.bmm(a.transpose(1, 2), g_rows[i:j], out=G[:m * Nk * Dv].view(m, Nk, Dv))
+                out.copy_(dv_chunk.view(out.shape))
             if scores_grad:
                 # dS = (g v^T + c 1^T) * W, into A's buffer (A is not needed past dv).
                 dS = torch.bmm(g_rows[i:j], values[i:j].transpose(1, 2), out=a).add_(c_rows[i:j]).mul_(W)
                 if dq is not None:
+                    out = dq[bs, hs]
                     dphi = torch.bmm(dS, phi_k[i:j], out=G[:m * Nq * D].view(m, Nq, D))
-                    _grad_into(dq[bs, hs], dphi.view(dq[bs, hs].shape), phi_q[i:j].view(dq[bs, hs].shape),
-                               spec.feature_map)
+                    _grad_into(out, dphi.view(out.shape), phi_q[i:j].view(out.shape), spec.feature_map)
                 if dk is not None:
+                    out = dk[bs, hs]
                     dphi = torch.bmm(dS.transpose(1, 2), phi_q[i:j], out=G[:m * Nk * D].view(m, Nk, D))
-                    _grad_into(dk[bs, hs], dphi.view(dk[bs, hs].shape), phi_k[i:j].view(dk[bs, hs].shape),
-                               spec.feature_map)
+                    _grad_into(out, dphi.view(out.shape), phi_k[i:j].view(out.shape), spec.feature_map)
     return dq, dk, dv
