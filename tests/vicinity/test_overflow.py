@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import interpreting
-from vicinity_attn import vicinity_attention
+from vicinity_attn import vicinity_attention, vicinity_attention_varlen
 from vicinity_attn.common import feature_maps, overflow
 from vicinity_attn.vicinity import quadratic
 
@@ -37,6 +37,19 @@ def test_backward_overflow_raises(backend):
     o = vicinity_attention(q, k, v, (8, 8), backend=backend)
     assert o.isfinite().all()
     with pytest.raises(OverflowError, match=r"backward: .*max \|dO\|"):
+        torch.autograd.grad(o, (q, k, v), torch.full_like(o, 3e38))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_calls_raise(backend):
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 64, 100], dtype=torch.int32)
+    q, k, v = ((torch.randn(100, 2, 16) * 1e14).requires_grad_() for _ in range(3))
+    with pytest.raises(OverflowError, match="forward"):
+        vicinity_attention_varlen(q, k, v, cu, cu, [(8, 8), (6, 6)], backend=backend)
+    q, k, v = ((torch.randn(100, 2, 16) * 1e11).requires_grad_() for _ in range(3))
+    o = vicinity_attention_varlen(q, k, v, cu, cu, [(8, 8), (6, 6)], backend=backend)
+    with pytest.raises(OverflowError, match="backward"):
         torch.autograd.grad(o, (q, k, v), torch.full_like(o, 3e38))
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from . import feature_maps
-from .spec import VicinitySpec
+from .spec import CallOptions
 
 OVERFLOW_CHECK_MODES = ("free", "always", "never")
 ENV_VAR = "VICINITY_ATTN_OVERFLOW_CHECK"
@@ -72,7 +72,7 @@ def _all_finite(tensors) -> bool:
     return all(bool(t.isfinite().all()) for t in tensors if t is not None)
 
 
-def check_overflow(stage: str, results, inputs, spec: VicinitySpec | None) -> None:
+def check_overflow(stage: str, results, inputs, spec: CallOptions | None) -> None:
     """Raise OverflowError when a result of ``stage`` ("forward" / "backward") is not finite although every
     input is, where :func:`checks_overflow` says so (see the module docstring). With identity features a
     zero normaliser is the caller's to avoid (documented), not an overflow: not checked."""
@@ -104,7 +104,7 @@ def raises_on_overflow(stage: str, n_inputs: int) -> Callable:
         @functools.wraps(fn)
         def checked(*args, **kwargs):
             out = fn(*args, **kwargs)
-            spec = next((a for a in args if isinstance(a, VicinitySpec)), kwargs.get("spec"))
+            spec = next((a for a in args if isinstance(a, CallOptions)), kwargs.get("spec"))
             check_overflow(stage, out[:1] if stage == "forward" else out, args[:n_inputs], spec)
             return out
         return checked
