@@ -53,8 +53,31 @@ H100_SXM = dict(
     tensor_flops_per_s=989e12,    # dense bf16 / fp16
     launch_overhead_s=2.5e-6,     # per kernel launch in a stream (latency of back-to-back small launches)
 )
+# The H200: the same GH100 die and 132 SMs at the same clocks and tensor peak, HBM3e at 4.8 TB/s
+# (NVIDIA's H200 announcement). Its L2 is modelled as the H100's 50 MB: no larger figure could be
+# sourced, and the model uses the L2 only through its bandwidth.
+H200 = dict(H100_SXM, name="H200 (model)", hbm_bytes_per_s=4.8e12)
+CHIPS = {"H100 SXM": H100_SXM, "H200": H200}
+# Latency model constants (cycles at clock_hz). See the module docstring for what each is and its source.
+LATENCY = dict(
+    l2_hit_cycles=270,           # L2 hit, dependent load (P-chase microbenchmarks of Hopper: ~260-300)
+    hbm_cycles=600,              # L2 miss to HBM (the same papers: ~500-700)
+    barrier_cycles=30,           # BAR.SYNC: release after the last warp arrives (estimate)
+    wgmma_wait_cycles=64,        # WARPGROUP.DEPBAR: pipeline latency beyond the chain's tensor time (estimate)
+    issue_per_scheduler=0.625,   # sustained warp-instructions per scheduler per cycle with >= 2 warps on it
+    saturating_warps=2,          # resident warps per scheduler below which issue falls proportionally
+    smem_bytes_per_cycle=128,    # shared-memory store bandwidth per SM (32 banks x 4 bytes)
+)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
-FA2_FRACTION = 0.35               # FlashAttention-2: ~35 % of the H100 dense peak (FA2 paper / FA3 paper's FA2 runs)
+FA2_FRACTION = 0.35               # the old model's FlashAttention-2: ~35 % of the H100 dense peak
+# FlashAttention-2 at head dim 64 on an H100 SXM5, bf16, no causal mask, as published in the
+# FlashAttention-3 paper's benchmark figures (Shah et al. 2024, arXiv:2407.08608: forward and backward
+# speed, head dim 64): TFLOP/s by sequence length (total tokens 16k, hidden 2048).
+FA2_HDIM64_TFLOPS = dict(
+    seqlens=(512, 1024, 2048, 4096, 8192, 16384),
+    fwd=(282, 306, 318, 321, 322, 324),
+    bwd=(198, 238, 264, 279, 287, 291),
+)
 FA2_LAUNCHES = dict(fwd=1, bwd=3)  # forward; backward = dO.o preprocess, main kernel, dq conversion
 
 
@@ -108,9 +131,13 @@ def stage_plan(names: list[str]) -> dict:
                 raise RuntimeError(f"{job.kernel} does not compile for sm_90a: {row['error']}")
             s = row["sass"]
             main = s["main_loop"]
+            loops = [dict(start=lp["start"], parent=lp["parent"], back_edge=lp["back_edge"],
+                          own_instructions=lp["own_instructions"], chain=lp["chain"],
+                          main=main is not None and lp["start"] == main["start"]) for lp in s["loops"]]
             launches.append(dict(
                 role=role, kernel=job.kernel, grid=list(grid), num_warps=row["warps"], regs=row["regs"],
                 smem=row["smem"], ctas_per_sm=row["occupancy"]["ctas"], sass_instructions=s["kernel"]["instructions"],
+                outside_instructions=s["outside_loops"], outside_chain=s["outside_chain"], loops=loops,
                 main_loop=None if main is None else dict(
                     instructions=main["instructions"], tensor_core=main["tensor_core"], load_bits=main["load_bits"],
                     cta_flops_per_iter=cta_mma_flops(main, row["warps"]))))
@@ -120,6 +147,31 @@ def stage_plan(names: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # Stage 2: traffic of one program per launch (Triton interpreter, GPU launch configuration)
+
+_KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
+def _back_edge_tracer(counts: dict):
+    """A sys.settrace hook counting, per kernel source line, the line events reached from a later
+    line of the same frame: a loop header's back edges, i.e. the loop's trips (summed over entries).
+    The SASS names each loop by its back branch's source line, which is the loop header's."""
+    last = {}
+
+    def local(frame, event, arg):
+        if event == "line":
+            line, prev = frame.f_lineno, last.get(id(frame))
+            if prev is not None and prev > line:
+                key = f"{os.path.basename(frame.f_code.co_filename)}:{line}"
+                counts[key] = counts.get(key, 0) + 1
+            last[id(frame)] = line
+        elif event == "return":
+            last.pop(id(frame), None)
+        return local
+
+    def hook(frame, event, arg):
+        return local if frame.f_code.co_filename.startswith(_KERNEL_DIR) else None
+    return hook
+
 
 def stage_traffic(names: list[str]) -> dict:
     import numpy as np
@@ -190,14 +242,18 @@ def stage_traffic(names: list[str]) -> dict:
             state["full"], state["counts"] = full, dict(bytes={}, flops=0)
             os.environ["TRITON_INTERPRET"] = "1"   # Triton itself reads it while interpreting
             runtime._INTERPRET = True
+            back_edges = {}
+            sys.settrace(_back_edge_tracer(back_edges))
             try:
                 executor(*args, **kwargs)
             finally:
+                sys.settrace(None)
                 os.environ["TRITON_INTERPRET"] = "0"
                 runtime._INTERPRET = False
                 record = dict(kernel=self.fn.__name__, phase=state["phase"], grid=list(full),
                               program_bytes=state["counts"]["bytes"],
-                              program_flops=state["counts"]["flops"], tensor_bytes=state["sizes"])
+                              program_flops=state["counts"]["flops"], tensor_bytes=state["sizes"],
+                              back_edges=back_edges)
                 state["launches"].append(record)
                 state["full"], state["counts"] = None, None
         return call
@@ -268,6 +324,135 @@ def kernel_time(plan: dict, traffic: dict, chip: dict = H100_SXM) -> dict:
                 modelled_us=round(t[bound] + chip["launch_overhead_s"] * 1e6, 3))
 
 
+def loop_trips(plan: dict, traffic: dict) -> list[float]:
+    """Trips per program of each SASS loop in ``plan["loops"]``: the interpreted program's back edges
+    at the loop's source line, shared evenly among the SASS loops with that line (unrolled copies);
+    a loop the interpreter did not see (a line outside the kernel sources) takes the old model's
+    main-loop trips when it is the main loop, else 1."""
+    edges = traffic.get("back_edges", {})
+    copies = {}
+    for lp in plan["loops"]:
+        copies[lp["back_edge"]] = copies.get(lp["back_edge"], 0) + 1
+    old_trips = kernel_time(plan, traffic)["main_loop_trips"]
+    out = []
+    for lp in plan["loops"]:
+        n = edges.get(lp["back_edge"])
+        out.append(n / copies[lp["back_edge"]] if n is not None else (old_trips if lp["main"] else 1.0))
+    return out
+
+
+def issue_rate(warps_per_scheduler: float, lat: dict = LATENCY) -> float:
+    """Sustained warp-instructions per scheduler per cycle with that many resident warps on it."""
+    return lat["issue_per_scheduler"] * min(1.0, warps_per_scheduler / lat["saturating_warps"])
+
+
+def _sts_cycles(stores: dict, lat: dict) -> float:
+    """Shared-memory cycles one warp's stores take: each STS moves 32 x width bits, at least one
+    wavefront (a 16-bit store costs a whole wavefront for 64 bytes; bank conflicts not modelled)."""
+    return sum(n * max(1.0, 32 * int(w) / 8 / lat["smem_bytes_per_cycle"]) for w, n in stores.items())
+
+
+def latency_time(plan: dict, traffic: dict, chip: dict = H100_SXM, lat: dict = LATENCY,
+                 ctas_per_sm: int | None = None) -> dict:
+    """The latency-aware model of one launch (a MODEL): see the module docstring, step 5."""
+    old = kernel_time(plan, traffic, chip)
+    programs, warps = old["programs"], plan["num_warps"]
+    ctas = max(1, plan["ctas_per_sm"] if ctas_per_sm is None else ctas_per_sm)
+    trips = loop_trips(plan, traffic)
+    miss = old["hbm_bytes"] / old["l2_bytes"] if old["l2_bytes"] else 0.0
+    mem = lat["l2_hit_cycles"] + miss * (lat["hbm_cycles"] - lat["l2_hit_cycles"])
+
+    def stall(chain):
+        return (chain["round_trips"] * mem + chain["barriers"] * lat["barrier_cycles"]
+                + chain["wgmma_waits"] * lat["wgmma_wait_cycles"])
+    parts = [(1.0, plan["outside_instructions"], plan["outside_chain"])]
+    parts += [(t, lp["own_instructions"], lp["chain"]) for t, lp in zip(trips, plan["loops"])]
+    instr = sum(t * n for t, n, _ in parts)                       # per warp, per program
+    # A program alone on its SM waits for its own tensor-core work at each wgmma wait: its FLOPs at
+    # the SM's share of the tensor peak join its serial path.
+    tensor_p = traffic["program_flops"] / (chip["tensor_flops_per_s"] / chip["sms"] / chip["clock_hz"])
+    stall_p = sum(t * stall(c) for t, _, c in parts) + tensor_p  # cycles, per program
+    round_trips = sum(t * c["round_trips"] for t, _, c in parts)
+    barriers = sum(t * c["barriers"] for t, _, c in parts)
+    sts_p = sum(t * _sts_cycles(c["shared_stores"], lat) for t, _, c in parts) * warps
+    per_sm = math.ceil(programs / chip["sms"])                   # the busiest SM's programs
+    resident = min(ctas, per_sm)
+    waves = math.ceil(per_sm / ctas)
+    alone = warps * instr / (chip["schedulers_per_sm"] * issue_rate(warps / chip["schedulers_per_sm"], lat))
+    shared = chip["schedulers_per_sm"] * issue_rate(resident * warps / chip["schedulers_per_sm"], lat)
+    cycles = dict(issue=per_sm * warps * instr / shared,       # all the SM's warps issuing, overlapped
+                  chain=waves * (alone + stall_p),             # each resident program's own serial path
+                  smem=per_sm * sts_p)                         # shared-store wavefronts
+    sm_bound = max(cycles, key=cycles.get)
+    t = dict(hbm_us=old["hbm_us"], l2_us=old["l2_us"], tensor_us=old["tensor_us"],
+             **{f"{k}_us": v / chip["clock_hz"] * 1e6 for k, v in cycles.items()})
+    bound = max(t, key=t.get)
+    launch = chip["launch_overhead_s"] * 1e6
+    return dict(kernel=plan["kernel"], role=plan["role"], ctas_per_sm=ctas, waves=waves, loop_trips=trips,
+                round_trips_per_program=round(round_trips, 1), barriers_per_program=round(barriers, 1),
+                instructions_per_program=round(instr), stall_cycles_per_program=round(stall_p),
+                memory_latency_cycles=round(mem), **{k: round(v, 3) for k, v in t.items()},
+                bound=bound.replace("_us", ""), sm_bound=sm_bound,
+                modelled_us=round(t[bound] + launch, 3))
+
+
+SENSITIVITY = (("l2_hit_cycles", (230, 300)), ("hbm_cycles", (500, 700)), ("barrier_cycles", (15, 60)),
+               ("wgmma_wait_cycles", (32, 128)), ("issue_per_scheduler", (0.5, 0.75)))
+
+
+def sensitivity(plan: list[dict], traffic: list[dict], first_bwd: int) -> dict:
+    """Forward and forward + backward H100 totals with each latency constant at the ends of its range
+    (the others at their values): how much each uncertain figure moves the model."""
+    out = {}
+    for key, values in SENSITIVITY:
+        for v in values:
+            lat = dict(LATENCY, **{key: v})
+            times = [latency_time(p, t, H100_SXM, lat)["modelled_us"] for p, t in zip(plan, traffic)]
+            out[f"{key}={v}"] = dict(fwd=round(sum(times[:first_bwd]), 1), fwdbwd=round(sum(times), 1))
+    return out
+
+
+def main_loop_readout(plan: dict) -> dict:
+    """The main loop's per-iteration SASS readouts (round trips, barriers, wgmma waits, STS per
+    thread by width), or zeros for a kernel without loops."""
+    main = next((lp for lp in plan["loops"] if lp["main"]), None)
+    if main is None:
+        return dict(round_trips=0, pipelined=0, barriers=0, wgmma_waits=0, shared_stores={}, loads=0)
+    return main["chain"]
+
+
+def fa2_hdim64_tflops(n_tokens: int, direction: str) -> float:
+    """FlashAttention-2's published head-dim-64 H100 rate at sequence length ``n_tokens`` (log-linear
+    between the published lengths, the end values beyond them)."""
+    xs, ys = FA2_HDIM64_TFLOPS["seqlens"], FA2_HDIM64_TFLOPS[direction]
+    if n_tokens <= xs[0]:
+        return ys[0]
+    if n_tokens >= xs[-1]:
+        return ys[-1]
+    i = next(j for j in range(1, len(xs)) if n_tokens <= xs[j])
+    f = math.log(n_tokens / xs[i - 1]) / math.log(xs[i] / xs[i - 1])
+    return ys[i - 1] + f * (ys[i] - ys[i - 1])
+
+
+def fa2_published_time(case, direction: str, chip: dict = H100_SXM) -> dict:
+    """FlashAttention-2 at its published head-dim-64 Hopper rate (forward and backward separately),
+    or its HBM floor on ``chip``, whichever is longer, plus its launches (a MODEL)."""
+    B, H, N, D, Dv = case.batch, case.heads, case.n_tokens, case.d, case.dv
+    fwd_flops = 4 * N * N * D * B * H
+    elem = 2
+    fwd_bytes = B * H * N * (2 * D + 2 * Dv) * elem + B * H * N * 4
+    bwd_bytes = B * H * N * (2 * D + 3 * Dv + 2 * D + Dv) * elem + B * H * N * 8
+    compute = fwd_flops / (fa2_hdim64_tflops(N, "fwd") * 1e12) * 1e6
+    memory = fwd_bytes / (chip["hbm_efficiency"] * chip["hbm_bytes_per_s"]) * 1e6
+    t = max(compute, memory) + FA2_LAUNCHES["fwd"] * chip["launch_overhead_s"] * 1e6
+    if direction != "fwd":
+        compute_b = 2.5 * fwd_flops / (fa2_hdim64_tflops(N, "bwd") * 1e12) * 1e6
+        memory_b = bwd_bytes / (chip["hbm_efficiency"] * chip["hbm_bytes_per_s"]) * 1e6
+        t += max(compute_b, memory_b) + FA2_LAUNCHES["bwd"] * chip["launch_overhead_s"] * 1e6
+    return dict(modelled_us=round(t, 3), tflops_fwd=round(fa2_hdim64_tflops(N, "fwd"), 1),
+                tflops_bwd=round(fa2_hdim64_tflops(N, "bwd"), 1))
+
+
 def fa2_time(case, direction: str, chip: dict = H100_SXM) -> dict:
     B, H, N, D, Dv = case.batch, case.heads, case.n_tokens, case.d, case.dv
     fwd_flops = 4 * N * N * D * B * H
@@ -305,23 +490,41 @@ def combine(plan: dict, traffic: dict) -> dict:
                 != [x["grid"] for x in t]:
             raise RuntimeError(f"shape {name}: the interpreter run launched differently from the GPU plan: "
                                f"{[(x['kernel'], x['grid']) for x in p]} vs {[(x['kernel'], x['grid']) for x in t]}")
-        kernels = [kernel_time(pp, tt) for pp, tt in zip(p, t)]
+        kernels = []
+        for pp, tt in zip(p, t):
+            row = kernel_time(pp, tt)
+            row["old_modelled_us"] = row.pop("modelled_us")
+            row["old_bound"] = row.pop("bound")
+            new = {chip: latency_time(pp, tt, spec) for chip, spec in CHIPS.items()}
+            row.update(modelled_us=new["H100 SXM"]["modelled_us"], h200_modelled_us=new["H200"]["modelled_us"],
+                       bound=new["H100 SXM"]["bound"], main_loop=main_loop_readout(pp),
+                       latency=new["H100 SXM"], latency_h200=new["H200"])
+            kernels.append(row)
         case = _case(name)
         entry = dict(title=SHAPE_TITLES[name], op=case.op, shape=SHAPES[name] | dict(grid=list(SHAPES[name]["grid"])),
-                     n_tokens=case.n_tokens)
+                     n_tokens=case.n_tokens, sensitivity=sensitivity(p, t, _first_bwd(t)))
         for direction in ("fwd", "fwdbwd"):
             ks = kernels if direction == "fwdbwd" else kernels[:_first_bwd(t)]
             fa2 = fa2_time(case, direction)
             io = io_floor(case, direction)
+            io200 = io_floor(case, direction, H200)
             modelled = round(sum(k["modelled_us"] for k in ks), 2)
+            h200 = round(sum(k["h200_modelled_us"] for k in ks), 2)
+            old = round(sum(k["old_modelled_us"] for k in ks), 2)
+            fa2_new = fa2_published_time(case, direction)
             entry[direction] = dict(
-                modelled_us=modelled,
+                modelled_us=modelled, h200_modelled_us=h200, old_modelled_us=old,
                 io_floor_us=io["us"], io_bytes=io["bytes"], vs_io_floor=round(modelled / io["us"], 2),
+                h200_io_floor_us=io200["us"], h200_vs_io_floor=round(h200 / io200["us"], 2),
+                old_vs_io_floor=round(old / io["us"], 2),
                 hbm_floor_us=round(sum(k["hbm_us"] for k in ks), 2),
                 tensor_floor_us=round(sum(k["tensor_us"] for k in ks), 3),
                 issue_floor_us=round(sum(k["issue_us"] for k in ks), 2),
+                chain_us=round(sum(k["latency"]["chain_us"] for k in ks), 2),
                 launches=len(ks),
-                fa2_modelled_us=fa2["modelled_us"], fa2=fa2, kernels=ks)
+                fa2_modelled_us=fa2_new["modelled_us"], fa2_published=fa2_new,
+                fa2_h200_modelled_us=fa2_published_time(case, direction, H200)["modelled_us"],
+                fa2_old_modelled_us=fa2["modelled_us"], fa2=fa2, kernels=ks)
         shapes[name] = entry
     return shapes
 
@@ -388,12 +591,29 @@ def build(names: list[str]) -> dict:
     return dict(
         label="MODEL, not a measurement: computed from the launch plan and SASS of the current kernels",
         command="python -m bench.gpu_model", triton=triton.__version__, torch=torch.__version__, chip=H100_SXM,
+        chips=CHIPS, latency_constants=LATENCY, fa2_hdim64_tflops=FA2_HDIM64_TFLOPS,
         fa2_fraction_of_peak=FA2_FRACTION,
         method=__doc__.split("Nothing here")[1].split("FlashAttention-2 beside")[0].strip(),
         host=dict(source=os.path.relpath(HOST_RESULTS, os.path.dirname(RESULTS)), triton=host.get("triton"),
                   label="host time MEASURED on a CPU (python -m bench.host: launches stubbed after Triton's "
                         "binding); eager time = a MODEL combining it with the modelled kernels") if host else None,
         shapes=shapes)
+
+
+def kernel_table(model: dict) -> str:
+    """The per-kernel table (forward + backward launches of every shape), all figures MODEL."""
+    head = (f"{'shape':<10} {'role':<12} {'kernel':<22} {'regs':>4} {'CTA/SM':>6} {'RT/it':>5} {'BAR/it':>6} "
+            f"{'STS/it (bits:n)':<22} {'old us':>8} {'new H100':>9} {'new H200':>9}  bound (new, H100)")
+    lines = [head, "-" * len(head)]
+    for name, entry in model["shapes"].items():
+        for k in entry["fwdbwd"]["kernels"]:
+            m = k["main_loop"]
+            sts = " ".join(f"{w}:{n}" for w, n in sorted(m["shared_stores"].items(), key=lambda x: -int(x[0])))
+            lines.append(f"{name:<10} {k['role']:<12} {k['kernel']:<22} {k['regs']:>4} {k['ctas_per_sm']:>6} "
+                         f"{m['round_trips']:>5} {m['barriers']:>6} {sts or '-':<22} {k['old_modelled_us']:>8.1f} "
+                         f"{k['modelled_us']:>9.1f} {k['h200_modelled_us']:>9.1f}  {k['bound']}")
+    lines.append("RT/it, BAR/it, STS/it: per main-loop iteration, from the sm_90a SASS; times are a MODEL.")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,11 +638,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in model["shapes"].items():
         for direction in ("fwd", "fwdbwd"):
             e = entry[direction]
-            print(f"({name}) {entry['title']:<40} {direction:<6} modelled {e['modelled_us']:8.1f} us  "
-                  f"(I/O floor {e['io_floor_us']:6.1f}: {e['vs_io_floor']:4.2f}x; "
-                  f"kernels' HBM {e['hbm_floor_us']:7.1f}, "
-                  f"issue {e['issue_floor_us']:7.1f}, {e['launches']} launches)  "
-                  f"FA2 model {e['fa2_modelled_us']:8.1f} us   [MODEL]")
+            print(f"({name}) {entry['title']:<40} {direction:<6} new model H100 {e['modelled_us']:8.1f} us, "
+                  f"H200 {e['h200_modelled_us']:8.1f} us, old model {e['old_modelled_us']:8.1f} us  "
+                  f"(I/O floor {e['io_floor_us']:6.1f}: {e['vs_io_floor']:4.2f}x, old {e['old_vs_io_floor']:4.2f}x; "
+                  f"{e['launches']} launches)  FA2 model {e['fa2_modelled_us']:8.1f} us   [MODEL]")
+    print()
+    print(kernel_table(model))
     print(f"wrote {args.out}")
     if not args.no_doc:
         from .gpu_model_doc import rewrite_doc
