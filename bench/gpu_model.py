@@ -9,27 +9,70 @@ attention at the bench's k-NN shapes) and direction:
 1. Launch plan (child process, interpreter off): the launchers run on CPU tensors of the real shape and
    Triton's own launch path records every launch (``tools.launch_capture``): kernel,
    grid, arguments, specialisation. The compile gate's functions compile each for sm_90a and read
-   its SASS: instructions outside / inside the main loop, tensor-core FLOPs per main-loop
-   iteration, warps, CTAs per SM.
+   its SASS: instructions outside / inside each loop, tensor-core FLOPs per main-loop iteration,
+   warps, registers, CTAs per SM, and per loop (nested loops taken out) the latency readouts of
+   ``tools.sass.latency_chain``: exposed dependent global round trips, BAR.SYNC barriers, wgmma
+   waits and shared stores by width per iteration (the round-trip rule is defined there).
 2. Traffic (child process, Triton interpreter): the same launchers run again with the GPU launch
    configuration; for every launch, program (0, 0, 0) runs in the interpreter with the full grid's
    dimensions, and its loads, stores and dots are counted per tensor argument (bytes with the mask
-   applied, FLOPs of each tl.dot). A grid's programs do the same work up to tails, so per launch:
-   L2 bytes = program bytes x programs (every request goes through L2), HBM bytes = per tensor
-   min(L2 bytes, the tensor's size) (repeated reads of one tensor served by L2: the 50 MB L2 holds
-   a block of tokens while the F features and head tiles of it run side by side), tensor FLOPs =
-   program FLOPs x programs.
-3. Time per kernel = max(HBM bytes / (0.85 x HBM bandwidth), L2 bytes / L2 bandwidth,
-   FLOPs / tensor peak, issued warp-instructions / issue rate) + launch overhead, where issued
-   instructions = warps x (SASS instructions + main-loop body x (trips - 1)) per program, trips =
-   program FLOPs / main-loop FLOPs per iteration (or, without dots, program load bytes / main-loop
-   load bytes per iteration), and the busiest SM runs ceil(programs / SMs) programs.
+   applied, FLOPs of each tl.dot), and each loop's trips (a trace hook counts the back edges at each
+   kernel source line; the SASS names a loop by its back branch's line). A grid's programs do the
+   same work up to tails, so per launch: L2 bytes = program bytes x programs (every request goes
+   through L2), HBM bytes = per tensor min(L2 bytes, the tensor's size) (repeated reads of one tensor
+   served by L2: the 50 MB L2 holds a block of tokens while the F features and head tiles of it run
+   side by side), tensor FLOPs = program FLOPs x programs.
+3. The old model (kept beside the new one, ``old_modelled_us``): time per kernel = max(HBM bytes /
+   (0.85 x HBM bandwidth), L2 bytes / L2 bandwidth, FLOPs / tensor peak, issued warp-instructions /
+   (4 per SM per cycle)) + launch overhead, where issued instructions = warps x (SASS instructions +
+   main-loop body x (trips - 1)) per program, trips = program FLOPs / main-loop FLOPs per iteration
+   (or, without dots, program load bytes / main-loop load bytes per iteration), and the busiest SM
+   runs ceil(programs / SMs) programs. No latency.
 4. Direction: "fwd" sums the launches the operation makes in its forward phase (the phase its launcher
    run reports), "fwdbwd" every launch.
+5. The new, latency-aware model (``modelled_us``; ``latency_time``). Per program, with loop trips from
+   step 2 and readouts from step 1 (the code outside loops counted once):
+   - instructions I (per warp) = sum over loops of trips x the loop's own instructions, plus the rest;
+   - serial stall S (cycles) = sum over loops of trips x (the exposed part of each round trip +
+     barriers x barrier cost + wgmma waits x wgmma latency) + the program's tensor-core cycles at its
+     SM's share of the peak (a program alone waits for its own dots at each wgmma wait). A round
+     trip's latency is the L2 hit latency plus the kernel's L2 miss ratio (HBM bytes / L2 bytes)
+     times the extra HBM latency; the instructions its warp issued between the load and the consumer
+     (``cover``) hide part of it, at the program's own cycles per warp-instruction;
+   - shared-store cycles = sum of trips x STS per warp x wavefronts (a 16-bit STS of a warp moves 64
+     bytes but costs a whole 128-byte wavefront; a 128-bit STS costs 4 for 512 bytes) x warps.
+   The busiest SM runs n = ceil(programs / SMs) programs, C at a time (C = CTAs per SM from registers
+   and shared memory), in ceil(n / C) waves. Its time is the largest of
+   - issue: n x warps x I at the sustained issue rate of all its resident warps;
+   - chain: ceil(n / C) x (one program's own issue time + S): resident programs hide each other's
+     stalls, so the serial path is paid once per wave; with C = 1 (one CTA of 8 warps) nothing hides
+     a program's chain, and its stalls add to its own issue time, since its warps meet at barriers;
+   - shared stores: n x the program's shared-store cycles.
+   Kernel time = max(that SM time, HBM bytes / (0.85 x HBM bandwidth), L2 bytes / L2 bandwidth, FLOPs
+   / tensor peak) + launch overhead: bandwidth is shared by the whole device and overlaps the SMs'
+   serial work (a roofline bound per kernel), the SM terms are each SM's own and bound it from below.
+   More CTAs per SM never increase the time (fewer waves, a higher shared issue rate) and the H200
+   is never slower than the H100 (only its HBM bandwidth differs).
+
+Constants (``LATENCY``; cycles at the model's 1.83 GHz):
+- L2 hit 270 cycles and HBM 600: the ranges published by pointer-chasing microbenchmarks of Hopper
+  (Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture", arXiv:2402.13499,
+  and its 2025 extension arXiv:2501.12084: ~260-300 cycles for an L2 hit, ~500-700 for HBM).
+- Barrier 30 cycles, wgmma pipeline latency 64 cycles: estimates (no published Hopper figure was at
+  hand); ``sensitivity`` in the JSON gives each shape's totals at the ends of every range.
+- Issue 0.625 warp-instructions per scheduler per cycle (2.5 per SM) with at least 2 resident warps per
+  scheduler, proportionally less below: one scheduler issues at most one instruction per cycle, and
+  with two warps to choose from, dependent FP32 chains (4+ cycles), shared-memory and shuffle
+  latency and barrier skew leave it idle part of the time. 2.5 per SM is the low end of the 2.5-3
+  that the project's kernel review took as sustained (an estimate, not a measurement); the peak 4
+  needs many ready warps per scheduler.
 
 FlashAttention-2 beside it (dense softmax attention over the same N tokens: k-NN attention with
-topk = N): 4 N^2 D B H FLOPs forward, 2.5x that backward, at FA2_FRACTION of the
-tensor peak (or its HBM floor, whichever is longer), plus its launches.
+topk = N): 4 N^2 D B H FLOPs forward, 2.5x that backward. The new model runs them at the rates the
+FlashAttention-3 paper publishes for FlashAttention-2 at head dim 64 on an H100 SXM5 (Shah et al. 2024,
+arXiv:2407.08608, benchmark figures: forward 282-324 TFLOP/s, backward 198-291 TFLOP/s for sequence
+lengths 512-16k; ``FA2_HDIM64_TFLOPS``), the old model at FA2_FRACTION of the tensor peak; either
+bounded below by its HBM floor, plus its launches.
 """
 from __future__ import annotations
 
@@ -362,8 +405,13 @@ def latency_time(plan: dict, traffic: dict, chip: dict = H100_SXM, lat: dict = L
     miss = old["hbm_bytes"] / old["l2_bytes"] if old["l2_bytes"] else 0.0
     mem = lat["l2_hit_cycles"] + miss * (lat["hbm_cycles"] - lat["l2_hit_cycles"])
 
+    # Cycles per instruction of one warp while its program runs alone (the CTA's warps share the SM's
+    # schedulers): the instructions between a load and its consumer cover that much of its latency.
+    cpi = warps / (chip["schedulers_per_sm"] * issue_rate(warps / chip["schedulers_per_sm"], lat))
+
     def stall(chain):
-        return (chain["round_trips"] * mem + chain["barriers"] * lat["barrier_cycles"]
+        cover = chain.get("cover", [0] * chain["round_trips"])
+        return (sum(max(0.0, mem - c * cpi) for c in cover) + chain["barriers"] * lat["barrier_cycles"]
                 + chain["wgmma_waits"] * lat["wgmma_wait_cycles"])
     parts = [(1.0, plan["outside_instructions"], plan["outside_chain"])]
     parts += [(t, lp["own_instructions"], lp["chain"]) for t, lp in zip(trips, plan["loops"])]
@@ -593,7 +641,7 @@ def build(names: list[str]) -> dict:
         command="python -m bench.gpu_model", triton=triton.__version__, torch=torch.__version__, chip=H100_SXM,
         chips=CHIPS, latency_constants=LATENCY, fa2_hdim64_tflops=FA2_HDIM64_TFLOPS,
         fa2_fraction_of_peak=FA2_FRACTION,
-        method=__doc__.split("Nothing here")[1].split("FlashAttention-2 beside")[0].strip(),
+        method=__doc__.split("Nothing here")[1].split("Constants (")[0].strip(),
         host=dict(source=os.path.relpath(HOST_RESULTS, os.path.dirname(RESULTS)), triton=host.get("triton"),
                   label="host time MEASURED on a CPU (python -m bench.host: launches stubbed after Triton's "
                         "binding); eager time = a MODEL combining it with the modelled kernels") if host else None,

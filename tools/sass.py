@@ -276,6 +276,9 @@ def latency_chain(body: list[Instr], steady: bool = True) -> dict:
     Without ``steady`` (straight-line code) every consumer is a round trip. Loads never consumed in
     the walk are not round trips of this body.
 
+    ``cover``: per exposed round trip, the instructions the warp issued between its oldest retired
+    load and the consumer (they overlap the latency; the rest of it is the stall).
+
     Also: ``barriers`` (BAR.SYNC / BAR.RED: the CTA waits for its slowest warp; BAR.ARV does not
     wait), ``wgmma_waits`` (WARPGROUP.DEPBAR: the warpgroup waits for its tensor-core chain),
     ``shared_stores`` {bits per thread: STS count}, ``loads`` (global load instructions).
@@ -283,7 +286,7 @@ def latency_chain(body: list[Instr], steady: bool = True) -> dict:
     passes = (0, 1, 2, 3) if steady else (3,)
     pending = []            # dicts: it, pos, regs, kind ("sync" | "cp" | "tma"), group
     committed, pos = 0, 0
-    out = dict(round_trips=0, pipelined=0, barriers=0, wgmma_waits=0, shared_stores={}, loads=0)
+    out = dict(round_trips=0, pipelined=0, barriers=0, wgmma_waits=0, shared_stores={}, loads=0, cover=[])
     for it in passes:
         for ins in body:
             pos += 1
@@ -307,7 +310,10 @@ def latency_chain(body: list[Instr], steady: bool = True) -> dict:
                 retired = hit + [p for p in pending if p not in hit and p["kind"] == "sync" and p["pos"] <= last]
                 pending = [p for p in pending if p not in retired]
                 if it == 3:
-                    out["round_trips" if any(p["it"] == 3 for p in retired) else "pipelined"] += 1
+                    exposed = any(p["it"] == 3 for p in retired)
+                    out["round_trips" if exposed else "pipelined"] += 1
+                    if exposed:    # instructions issued while the oldest retired load was in flight
+                        out["cover"].append(pos - min(p["pos"] for p in retired) - 1)
             if fam in SYNC_LOADS:
                 dest = _load_dest(ins)
                 if dest:
