@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import linecache
 import math
 import os
 import subprocess
@@ -191,19 +192,18 @@ def stage_plan(names: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Stage 2: traffic of one program per launch (Triton interpreter, GPU launch configuration)
 
-_KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-
-
-def _back_edge_tracer(counts: dict):
-    """A sys.settrace hook counting, per kernel source line, the line events reached from a later
-    line of the same frame: a loop header's back edges, i.e. the loop's trips (summed over entries).
+def _back_edge_tracer(counts: dict, kernel_dir: str):
+    """A sys.settrace hook counting, per loop header (a kernel source line starting with ``for`` or
+    ``while``), the line events reached from a later line of the same frame: the header's back
+    edges, i.e. the loop's trips (summed over entries).
     The SASS names each loop by its back branch's source line, which is the loop header's."""
     last = {}
 
     def local(frame, event, arg):
         if event == "line":
             line, prev = frame.f_lineno, last.get(id(frame))
-            if prev is not None and prev > line:
+            if prev is not None and prev > line and linecache.getline(
+                    frame.f_code.co_filename, line).lstrip().startswith(("for ", "while ")):
                 key = f"{os.path.basename(frame.f_code.co_filename)}:{line}"
                 counts[key] = counts.get(key, 0) + 1
             last[id(frame)] = line
@@ -212,7 +212,7 @@ def _back_edge_tracer(counts: dict):
         return local
 
     def hook(frame, event, arg):
-        return local if frame.f_code.co_filename.startswith(_KERNEL_DIR) else None
+        return local if frame.f_code.co_filename.startswith(kernel_dir) else None
     return hook
 
 
@@ -226,6 +226,8 @@ def stage_traffic(names: list[str]) -> dict:
     from tools.launch_capture import OPERATIONS
     from vicinity_attn.kernels import runtime
 
+    # The kernel sources as imported (the package's own mapping decides where they live).
+    kernel_dir = os.path.dirname(os.path.abspath(sys.modules["vicinity_attn.kernels"].__file__)) + os.sep
     builder_cls = type(interp.interpreter_builder)
     state = dict(full=None, ranges=None, counts=None)
     orig = dict(getitem=interp.InterpretedFunction.__getitem__, set_grid_dim=builder_cls.set_grid_dim,
@@ -286,7 +288,7 @@ def stage_traffic(names: list[str]) -> dict:
             os.environ["TRITON_INTERPRET"] = "1"   # Triton itself reads it while interpreting
             runtime._INTERPRET = True
             back_edges = {}
-            sys.settrace(_back_edge_tracer(back_edges))
+            sys.settrace(_back_edge_tracer(back_edges, kernel_dir))
             try:
                 executor(*args, **kwargs)
             finally:
@@ -410,7 +412,7 @@ def latency_time(plan: dict, traffic: dict, chip: dict = H100_SXM, lat: dict = L
     cpi = warps / (chip["schedulers_per_sm"] * issue_rate(warps / chip["schedulers_per_sm"], lat))
 
     def stall(chain):
-        cover = chain.get("cover", [0] * chain["round_trips"])
+        cover = chain.get("cover", [0] * (chain["round_trips"] + chain["pipelined"]))
         return (sum(max(0.0, mem - c * cpi) for c in cover) + chain["barriers"] * lat["barrier_cycles"]
                 + chain["wgmma_waits"] * lat["wgmma_wait_cycles"])
     parts = [(1.0, plan["outside_instructions"], plan["outside_chain"])]

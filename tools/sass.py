@@ -269,15 +269,13 @@ def latency_chain(body: list[Instr], steady: bool = True) -> dict:
     This undercounts a load issued long after the one waited for (it retires for free).
 
     With ``steady`` the body is walked four times (iterations i - 3 .. i: cp.async pipelines keep
-    up to num_stages - 1 iterations of loads in flight) and only iteration i's consumers count: a
-    consumer whose retired loads include one issued in iteration i is an exposed round trip
-    (``round_trips``: nothing in the loop overlaps it); one whose loads all came from earlier
-    iterations was software-pipelined (``pipelined``: at least a loop body of work overlapped it).
-    Without ``steady`` (straight-line code) every consumer is a round trip. Loads never consumed in
-    the walk are not round trips of this body.
-
-    ``cover``: per exposed round trip, the instructions the warp issued between its oldest retired
-    load and the consumer (they overlap the latency; the rest of it is the stall).
+    up to num_stages - 1 iterations of loads in flight) and only iteration i's consumers count. For
+    each, ``cover`` lists the instructions the warp issued between the oldest load it retires and
+    itself (across the back edge where the load came from an earlier iteration): they overlap the
+    latency, the rest of it is a stall. A consumer whose cover is shorter than one loop body is an
+    exposed round trip (``round_trips``: less than an iteration of work overlaps it); one at least a
+    body long was software-pipelined (``pipelined``). Without ``steady`` (straight-line code) the
+    body is walked once. Loads never consumed in the walk are not round trips of this body.
 
     Also: ``barriers`` (BAR.SYNC / BAR.RED: the CTA waits for its slowest warp; BAR.ARV does not
     wait), ``wgmma_waits`` (WARPGROUP.DEPBAR: the warpgroup waits for its tensor-core chain),
@@ -309,11 +307,10 @@ def latency_chain(body: list[Instr], steady: bool = True) -> dict:
                 last = pos if any(p["kind"] == "sync" for p in hit) else max(p["pos"] for p in hit)
                 retired = hit + [p for p in pending if p not in hit and p["kind"] == "sync" and p["pos"] <= last]
                 pending = [p for p in pending if p not in retired]
-                if it == 3:
-                    exposed = any(p["it"] == 3 for p in retired)
-                    out["round_trips" if exposed else "pipelined"] += 1
-                    if exposed:    # instructions issued while the oldest retired load was in flight
-                        out["cover"].append(pos - min(p["pos"] for p in retired) - 1)
+                if it == 3:    # instructions issued while the oldest retired load was in flight
+                    cover = pos - min(p["pos"] for p in retired) - 1
+                    out["round_trips" if cover < len(body) else "pipelined"] += 1
+                    out["cover"].append(cover)
             if fam in SYNC_LOADS:
                 dest = _load_dest(ins)
                 if dest:
