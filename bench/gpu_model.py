@@ -371,18 +371,28 @@ def kernel_time(plan: dict, traffic: dict, chip: dict = H100_SXM) -> dict:
 
 def loop_trips(plan: dict, traffic: dict) -> list[float]:
     """Trips per program of each SASS loop in ``plan["loops"]``: the interpreted program's back edges
-    at the loop's source line, shared evenly among the SASS loops with that line (unrolled copies);
-    a loop the interpreter did not see (a line outside the kernel sources) takes the old model's
-    main-loop trips when it is the main loop, else 1."""
+    at the loop's source line. Several SASS loops with one line are an unrolled loop and its
+    remainder: each copy's unroll factor is its global loads (else instructions) over the smallest
+    copy's, and the source trips go to the most unrolled copy first (whole trips), the rest to the
+    next. A loop the interpreter did not see (a line outside the kernel sources) takes the old
+    model's main-loop trips when it is the main loop, else 1."""
     edges = traffic.get("back_edges", {})
-    copies = {}
-    for lp in plan["loops"]:
-        copies[lp["back_edge"]] = copies.get(lp["back_edge"], 0) + 1
     old_trips = kernel_time(plan, traffic)["main_loop_trips"]
-    out = []
-    for lp in plan["loops"]:
-        n = edges.get(lp["back_edge"])
-        out.append(n / copies[lp["back_edge"]] if n is not None else (old_trips if lp["main"] else 1.0))
+    out = [old_trips if lp["main"] else 1.0 for lp in plan["loops"]]
+    by_line = {}
+    for i, lp in enumerate(plan["loops"]):
+        by_line.setdefault(lp["back_edge"], []).append(i)
+    for line, idx in by_line.items():
+        if line not in edges:
+            continue
+        size = [plan["loops"][i]["chain"]["loads"] or plan["loops"][i]["own_instructions"] for i in idx]
+        unroll = [max(1, round(x / max(1, min(size)))) for x in size]
+        left = float(edges[line])
+        order = sorted(range(len(idx)), key=lambda j: -unroll[j])
+        for rank, j in enumerate(order):
+            trips = left / unroll[j] if rank == len(order) - 1 else math.floor(left / unroll[j])
+            out[idx[j]] = trips
+            left -= trips * unroll[j]
     return out
 
 
@@ -638,8 +648,10 @@ def build(names: list[str]) -> dict:
         with open(HOST_RESULTS) as f:
             host = json.load(f)
         add_host_term(shapes, host)
+    from tools.compile_gate import source_stamp
     return dict(
         label="MODEL, not a measurement: computed from the launch plan and SASS of the current kernels",
+        source=source_stamp(),
         command="python -m bench.gpu_model", triton=triton.__version__, torch=torch.__version__, chip=H100_SXM,
         chips=CHIPS, latency_constants=LATENCY, fa2_hdim64_tflops=FA2_HDIM64_TFLOPS,
         fa2_fraction_of_peak=FA2_FRACTION,

@@ -249,6 +249,16 @@ def test_latency_model_terms_behave():
     assert gm.issue_rate(2) == gm.issue_rate(8) < 1 and gm.issue_rate(1) == gm.issue_rate(2) / 2
 
 
+def test_loop_trips_split_between_an_unrolled_loop_and_its_remainder():
+    plan = _latency_plan()
+    main, rest = (dict(plan["loops"][0], start=s, chain=dict(plan["loops"][0]["chain"], loads=n))
+                  for s, n in ((0, 32), (64, 8)))
+    plan["loops"] = [main, dict(rest, main=False)]
+    traffic = dict(_latency_traffic(), back_edges={"k.py:7": 33})
+    assert gm.loop_trips(plan, traffic) == [8, 1]              # 8 x 4 unrolled + 1
+    assert gm.loop_trips(plan, dict(traffic, back_edges={})) == [gm.kernel_time(plan, traffic)["main_loop_trips"], 1]
+
+
 def test_fa2_at_its_published_head_dim_64_rate():
     assert gm.fa2_hdim64_tflops(100, "fwd") == 282 and gm.fa2_hdim64_tflops(10 ** 6, "bwd") == 291
     assert 318 < gm.fa2_hdim64_tflops(3136, "fwd") < 321
