@@ -589,6 +589,30 @@ def combine(plan: dict, traffic: dict) -> dict:
     return shapes
 
 
+def issue27_targets(shapes: dict) -> dict:
+    """Where the modelled kernels stand on issue 27's GPU-time targets (new model, H100 SXM, bf16);
+    a target whose shape was not modelled is left out."""
+    out = {}
+    if "b" in shapes:
+        e = shapes["b"]["fwdbwd"]
+        out["224x224 fwd+bwd <= 1.5x the I/O floor"] = dict(value=e["vs_io_floor"], old=e["old_vs_io_floor"],
+                                                           met=e["vs_io_floor"] <= 1.5)
+    if "a" in shapes:
+        e = shapes["a"]["fwdbwd"]
+        ratio = round(e["fa2_modelled_us"] / e["modelled_us"], 2)
+        out["VVT stage 1 fwd+bwd >= 10x faster than FlashAttention-2"] = dict(
+            value=ratio, old=round(e["fa2_old_modelled_us"] / e["old_modelled_us"], 2), met=ratio >= 10)
+    if "c" in shapes:
+        e = shapes["c"]
+        most = max(e["fwd"]["launches"], e["fwdbwd"]["launches"] - e["fwd"]["launches"])
+        out["B8 H8 14x14 D32: at most 3 launches per direction"] = dict(value=most, old=most, met=most <= 3)
+    heavy = sorted({(k["kernel"], k["ctas_per_sm"]) for name in ("a", "b") if name in shapes
+                    for k in shapes[name]["fwdbwd"]["kernels"] if k["ctas_per_sm"] < 2})
+    out["at least 2 CTAs per SM (shapes a, b)"] = dict(value=[f"{k}: {c}" for k, c in heavy], old=None,
+                                                      met=not heavy)
+    return out
+
+
 def eager_timeline(host_us: float, kernel_us: list[float]) -> float:
     """Modelled wall time of an eager call whose host work takes ``host_us`` and launches kernels of
     ``kernel_us``: the host issues launch i after (i + 1) / n of its work (spread evenly), the GPU runs
@@ -659,7 +683,7 @@ def build(names: list[str]) -> dict:
         host=dict(source=os.path.relpath(HOST_RESULTS, os.path.dirname(RESULTS)), triton=host.get("triton"),
                   label="host time MEASURED on a CPU (python -m bench.host: launches stubbed after Triton's "
                         "binding); eager time = a MODEL combining it with the modelled kernels") if host else None,
-        shapes=shapes)
+        shapes=shapes, targets=issue27_targets(shapes))
 
 
 def kernel_table(model: dict) -> str:

@@ -99,6 +99,13 @@ def render(model: dict) -> str:
     bounds = {b: sum(k["bound"] == b for k in launches) for b in names}
     lines += ["", f"Of the {len(launches)} modelled kernel launches above, the new model finds " + ", ".join(
         f"{bounds[b]} bound by {b}" for b in names) + " (model)."]
+    if model.get("targets"):
+        lines += ["", "Issue 27's GPU-time targets on the new model (H100 SXM, bf16; the old model's figure "
+                  "after \"old\"):", ""]
+        for what, t in model["targets"].items():
+            value = ", ".join(t["value"]) if isinstance(t["value"], list) else t["value"]
+            old = "" if t["old"] is None else f" (old: {t['old']})"
+            lines.append(f"- {what}: {value or 'none below 2'}{old}: {'met' if t['met'] else 'NOT met'} (model).")
     sens = {name: e["sensitivity"] for name, e in model["shapes"].items() if e.get("sensitivity")}
     if sens:
         lines += ["", "Sensitivity (new model, H100, forward + backward, us): each latency constant at the ends of "

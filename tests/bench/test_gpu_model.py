@@ -268,3 +268,18 @@ def test_fa2_at_its_published_head_dim_64_rate():
     assert fwd["modelled_us"] == pytest.approx(4 * n * n * 64 * 4 / 324e12 * 1e6 + 2.5, rel=1e-4)
     assert both["modelled_us"] == pytest.approx(fwd["modelled_us"] + 2.5 * 4 * n * n * 64 * 4 / 291e12 * 1e6
                                                 + 3 * 2.5, rel=1e-4)
+
+
+def test_issue27_targets_read_from_the_shapes():
+    def entry(new, old, launches, fa2=1000.0, ctas=1):
+        kernels = [dict(kernel="k", ctas_per_sm=ctas)]
+        return dict(modelled_us=new, old_modelled_us=old, vs_io_floor=new / 100, old_vs_io_floor=old / 100,
+                    fa2_modelled_us=fa2, fa2_old_modelled_us=fa2, launches=launches, kernels=kernels)
+    shapes = dict(a=dict(fwdbwd=entry(200.0, 75.0, 6)), b=dict(fwdbwd=entry(140.0, 130.0, 6, ctas=2)),
+                  c=dict(fwd=entry(1.0, 1.0, 2), fwdbwd=entry(1.0, 1.0, 6)))
+    got = gm.issue27_targets(shapes)
+    floor, fa2, launches, ctas = got.values()
+    assert (floor["value"], floor["met"]) == (1.4, True)
+    assert (fa2["value"], fa2["old"], fa2["met"]) == (5.0, 13.33, False)
+    assert (launches["value"], launches["met"]) == (4, False)                   # 2 forward, 4 backward
+    assert ctas["value"] == ["k: 1"] and not ctas["met"]
