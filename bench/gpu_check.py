@@ -496,38 +496,45 @@ def _brief(res: dict) -> str:
 # Stage 3: per-kernel times beside the model
 
 def model_rows(model: dict | None, name: str, chip: dict) -> list[dict]:
-    """The model's per-kernel rows of shape ``name`` (forward + backward), retimed for ``chip`` where it is
-    not the model's own (HBM bandwidth and the like: :func:`bench.gpu_model.kernel_time`'s formula)."""
+    """The model's per-kernel rows of shape ``name`` (forward + backward), both models: ``modelled_us`` the
+    latency-aware one (its own H100 SXM or H200 figure), ``old_modelled_us`` the bandwidth / issue one,
+    retimed for ``chip`` where it is not the model's own (:func:`bench.gpu_model.kernel_time`'s old formula)."""
     entry = (model or {}).get("shapes", {}).get(name, {}).get("fwdbwd", {})
+    h200 = chip.get("hbm_bytes_per_s", 0) > 4e12
     rows = []
     for k in entry.get("kernels", []):
         t = dict(hbm_us=k["hbm_bytes"] / (chip["hbm_efficiency"] * chip["hbm_bytes_per_s"]) * 1e6,
                  l2_us=k["l2_bytes"] / chip["l2_bytes_per_s"] * 1e6,
                  tensor_us=k["tensor_flops"] / chip["tensor_flops_per_s"] * 1e6, issue_us=k["issue_us"])
-        rows.append(dict(kernel=k["kernel"], role=k.get("role"),
-                         modelled_us=max(t.values()) + chip["launch_overhead_s"] * 1e6))
+        old = max(t.values()) + chip["launch_overhead_s"] * 1e6
+        new = k.get("h200_modelled_us" if h200 else "modelled_us") if "old_modelled_us" in k else None
+        rows.append(dict(kernel=k["kernel"], role=k.get("role"), modelled_us=old if new is None else new,
+                         old_modelled_us=old))
     return rows
 
 
 def per_kernel(measured: dict[str, tuple[float, int]], rows: list[dict], calls: int) -> list[dict]:
     """Measured total microseconds and launch count per kernel name (over ``calls`` calls) beside the model's
-    rows of the same kernel (summed per name): per call, with ratio measured / model."""
+    rows of the same kernel (summed per name): per call, with ratio measured / model for both models."""
     by_name: dict[str, dict] = {}
     for r in rows:
-        e = by_name.setdefault(r["kernel"], dict(kernel=r["kernel"], roles=[], modelled_us=0.0, modelled_launches=0))
+        e = by_name.setdefault(r["kernel"], dict(kernel=r["kernel"], roles=[], modelled_us=0.0, old_modelled_us=0.0,
+                                                  modelled_launches=0))
         e["roles"].append(r["role"])
         e["modelled_us"] += r["modelled_us"]
+        e["old_modelled_us"] += r.get("old_modelled_us", r["modelled_us"])
         e["modelled_launches"] += 1
     out = []
     for name in list(by_name) + sorted(n for n in measured if n not in by_name):
-        e = by_name.get(name, dict(kernel=name, roles=[], modelled_us=None, modelled_launches=0))
+        e = by_name.get(name, dict(kernel=name, roles=[], modelled_us=None, old_modelled_us=None,
+                                   modelled_launches=0))
         us, count = measured.get(name, (None, 0))
         e["measured_us"] = None if us is None else round(us / calls, 3)
         e["launches_per_call"] = count / calls
-        e["ratio"] = (round(e["measured_us"] / e["modelled_us"], 2)
-                      if e["measured_us"] is not None and e["modelled_us"] else None)
-        if e["modelled_us"] is not None:
-            e["modelled_us"] = round(e["modelled_us"], 3)
+        for key, ratio in (("modelled_us", "ratio"), ("old_modelled_us", "old_ratio")):
+            e[ratio] = (round(e["measured_us"] / e[key], 2) if e["measured_us"] is not None and e[key] else None)
+            if e[key] is not None:
+                e[key] = round(e[key], 3)
         out.append(e)
     return out
 
@@ -584,9 +591,12 @@ def kernel_item(shape: dict, device, ctx: dict) -> dict:
     ours = [r for r in kernels if r["modelled_us"] is not None]
     total_m = sum(r["measured_us"] or 0 for r in ours)
     total_model = sum(r["modelled_us"] for r in ours)
+    total_old = sum(r["old_modelled_us"] for r in ours)
     return dict(method=how, calls=calls, kernels=kernels, ok=True,
                 total_measured_us=round(total_m, 2), total_modelled_us=round(total_model, 2),
+                total_old_modelled_us=round(total_old, 2),
                 total_ratio=round(total_m / total_model, 2) if total_model and total_m else None,
+                total_old_ratio=round(total_m / total_old, 2) if total_old and total_m else None,
                 other_device_time_us=round(sum((r["measured_us"] or 0) for r in kernels
                                                if r["modelled_us"] is None and not _is_host_event(r["kernel"])), 2))
 

@@ -217,6 +217,127 @@ def cta_mma_flops(summary: dict, num_warps: int) -> int:
     return summary["warp_mma_flops"] * num_warps + summary["warpgroup_mma_flops"] * num_warps // 4
 
 
+# ------------------------------------------------------------------------------------------------
+# Latency readouts: dependent round trips, barriers, wgmma waits, shared stores
+
+SYNC_LOADS = ("LDG", "LD", "ATOMG", "ATOM")    # the result lands in registers (scoreboarded)
+_REG = re.compile(r"(?<![\w.])R(\d+)(\.64)?(?![\w])")
+
+
+def _registers(operands: str) -> set:
+    """Register numbers an operand string names (``R12.64`` names R12 and R13)."""
+    out = set()
+    for m in _REG.finditer(operands):
+        n = int(m.group(1))
+        out.update((n, n + 1) if m.group(2) else (n,))
+    return out
+
+
+def _operands(ins: Instr) -> str:
+    return ins.text.split(None, 1)[1] if " " in ins.text else ""
+
+
+def _load_dest(ins: Instr) -> set:
+    """Registers a synchronous global load (or atomic with a result) writes."""
+    ops = [o.strip() for o in _operands(ins).split(",")]
+    first = next((o for o in ops if not re.fullmatch(r"!?U?P(T|\d+)", o)), "")   # skip predicate outputs
+    m = _REG.match(first)
+    if not m:
+        return set()
+    n = int(m.group(1))
+    return set(range(n, n + max(1, access_width(ins.opcode) // 32)))
+
+
+def shared_store_width(opcode: str) -> int:
+    """Bits per thread of an STS (``STS`` alone is 32-bit)."""
+    return access_width(opcode)
+
+
+def latency_chain(body: list[Instr], steady: bool = True) -> dict:
+    """Dependent global round trips, barriers, wgmma waits and shared stores of one pass over ``body``.
+
+    The round-trip rule (loads are LDG / LD / ATOM(G) with a result register, LDGSTS cp.async copies,
+    UTMALDG TMA loads). Walk the body in program order keeping the loads in flight. An instruction
+    *consumes* an in-flight load when it names one of the registers the load writes (any operand:
+    a read, or a write that must wait on the scoreboard), when it is ``DEPBAR.LE SB0, n`` and the
+    load's committed cp.async group is older than the newest n groups, or when it is a
+    ``SYNCS.PHASECHK`` wait and the load is a TMA load. At a consumer the warp stalls until the
+    consumed load returns. Every synchronous load still in flight was issued before the consumer,
+    within the same stall window, and is taken to have returned with it (at a cp.async / TMA wait:
+    those issued before the newest load waited for); all of them retire together: one round trip,
+    however many loads were in flight together (independent loads overlap; only a chain costs).
+    This undercounts a load issued long after the one waited for (it retires for free).
+
+    With ``steady`` the body is walked four times (iterations i - 3 .. i: cp.async pipelines keep
+    up to num_stages - 1 iterations of loads in flight) and only iteration i's consumers count. For
+    each, ``cover`` lists the instructions the warp issued between the oldest load it retires and
+    itself (across the back edge where the load came from an earlier iteration): they overlap the
+    latency, the rest of it is a stall. A consumer whose cover is shorter than one loop body is an
+    exposed round trip (``round_trips``: less than an iteration of work overlaps it); one at least a
+    body long was software-pipelined (``pipelined``). Without ``steady`` (straight-line code) the
+    body is walked once. Loads never consumed in the walk are not round trips of this body.
+
+    Also: ``barriers`` (BAR.SYNC / BAR.RED: the CTA waits for its slowest warp; BAR.ARV does not
+    wait), ``wgmma_waits`` (WARPGROUP.DEPBAR: the warpgroup waits for its tensor-core chain),
+    ``shared_stores`` {bits per thread: STS count}, ``loads`` (global load instructions).
+    """
+    passes = (0, 1, 2, 3) if steady else (3,)
+    pending = []            # dicts: it, pos, regs, kind ("sync" | "cp" | "tma"), group
+    committed, pos = 0, 0
+    out = dict(round_trips=0, pipelined=0, barriers=0, wgmma_waits=0, shared_stores={}, loads=0, cover=[])
+    for it in passes:
+        for ins in body:
+            pos += 1
+            fam, ops = ins.family, _operands(ins)
+            hit = []
+            if pending:
+                regs = _registers(ops)
+                hit = [p for p in pending if p["kind"] == "sync" and p["regs"] & regs]
+                if fam == "DEPBAR":
+                    m = re.search(r"SB0\s*,\s*(0x[0-9a-f]+|\d+)", ops)
+                    keep = int(m.group(1), 0) if m else 0
+                    hit += [p for p in pending if p["kind"] == "cp" and p["group"] is not None
+                            and p["group"] <= committed - keep]
+                elif fam == "SYNCS" and "PHASECHK" in ins.opcode:
+                    hit += [p for p in pending if p["kind"] == "tma"]
+            if hit:
+                # A register wait retires every synchronous load in flight (issued before it, so no
+                # later than the one waited for); a cp.async / TMA wait, the loads it waits for and
+                # the synchronous loads issued before the newest of them.
+                last = pos if any(p["kind"] == "sync" for p in hit) else max(p["pos"] for p in hit)
+                retired = hit + [p for p in pending if p not in hit and p["kind"] == "sync" and p["pos"] <= last]
+                pending = [p for p in pending if p not in retired]
+                if it == 3:    # instructions issued while the oldest retired load was in flight
+                    cover = pos - min(p["pos"] for p in retired) - 1
+                    out["round_trips" if cover < len(body) else "pipelined"] += 1
+                    out["cover"].append(cover)
+            if fam in SYNC_LOADS:
+                dest = _load_dest(ins)
+                if dest:
+                    pending.append(dict(it=it, pos=pos, regs=dest, kind="sync", group=None))
+            elif fam == "LDGSTS":
+                pending.append(dict(it=it, pos=pos, regs=set(), kind="cp", group=None))
+            elif fam == "UTMALDG":
+                pending.append(dict(it=it, pos=pos, regs=set(), kind="tma", group=None))
+            elif fam == "LDGDEPBAR":
+                committed += 1
+                for p in pending:
+                    if p["kind"] == "cp" and p["group"] is None:
+                        p["group"] = committed
+            if it != 3:
+                continue
+            if fam in SYNC_LOADS + ("LDGSTS", "UTMALDG"):
+                out["loads"] += 1
+            elif fam == "BAR" and ".ARV" not in ins.opcode:
+                out["barriers"] += 1
+            elif ins.opcode.startswith("WARPGROUP.DEPBAR"):
+                out["wgmma_waits"] += 1
+            elif fam == "STS":
+                w = shared_store_width(ins.opcode)
+                out["shared_stores"][w] = out["shared_stores"].get(w, 0) + 1
+    return out
+
+
 def analyse(cubin: bytes, ttgir: str) -> dict:
     """Whole-kernel and per-loop summaries; ``main_loop`` is the innermost loop with the most
     tensor-core instructions (else the one loading the most bytes per iteration), None if no loop."""
@@ -227,12 +348,22 @@ def analyse(cubin: bytes, ttgir: str) -> dict:
     summaries = []
     for lp in loops:
         s = memory_summary(lp.instrs, tiles)
-        s.update(start=lp.start, end=lp.end, innermost=lp.innermost)
+        # The loop's own instructions (nested loops taken out) for its latency chain and issue count.
+        inner = {i.addr for b in loops if b is not lp and lp.start <= b.start and b.end <= lp.end
+                 for i in b.instrs}
+        own = [i for i in lp.instrs if i.addr not in inner]
+        branch = next((i for i in reversed(lp.instrs) if i.target == lp.start), lp.instrs[-1])
+        parents = [b for b in loops if b is not lp and b.start <= lp.start and lp.end <= b.end]
+        s.update(start=lp.start, end=lp.end, innermost=lp.innermost, own_instructions=len(own),
+                 chain=latency_chain(own), back_edge=f"{branch.loc[0]}:{branch.loc[1]}",
+                 parent=min(parents, key=lambda b: b.end - b.start).start if parents else None)
         summaries.append(s)
     inner = [s for s in summaries if s["innermost"]]
     main = max(inner, key=lambda s: (s["tensor_core"], s["load_bits"], s["instructions"]), default=None)
     in_loops = {i.addr for lp in loops for i in lp.instrs}
+    outside = [i for i in instrs if i.addr not in in_loops and i.target != i.addr]
     return dict(kernel=memory_summary(instrs, tiles), loops=summaries, main_loop=main,
+                outside_chain=latency_chain(outside, steady=False),
                 outside_loops=sum(1 for i in instrs if i.addr not in in_loops and i.family != "NOP"
                                   and i.target != i.addr),
                 tile_lines=sorted(f"{f}:{n}" for (f, n), r in tiles.items() if r >= 2))

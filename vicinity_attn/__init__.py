@@ -1,5 +1,6 @@
 """vicinity_attn: linear-complexity vicinity attention for vision models (Triton + PyTorch)."""
 from . import _checkout  # noqa: F401  (maps kernels/ when run from a checkout, before anything imports them)
+from .common.overflow import overflow_check, set_overflow_check
 from .common.positions import feature_count, position_features
 from .common.spec import VicinitySpec
 from .functional import knn_attention, resolve_backend, triton_available, vicinity_attention, vicinity_attention_varlen
@@ -22,4 +23,6 @@ __all__ = [
     "cpu_scratch_limit",
     "cpu_scratch_bytes",
     "clear_cpu_scratch",
+    "set_overflow_check",
+    "overflow_check",
 ]

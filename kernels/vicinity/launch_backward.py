@@ -9,6 +9,8 @@ With g_i = dO_i / den_i and c_i = -(dO_i . o_i) / den_i (README, "The math in sh
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..fast_launch import launch_kernel
@@ -30,6 +32,7 @@ from .launch_forward import (
     REDUCE_BLOCK,
     REDUCE_WARPS,
     QueryGradient,
+    _copy_dtype,
     compute_states,
     fused_query_pass,
     operand_copy,
@@ -68,32 +71,55 @@ def vicinity_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         return
     Nq, Nk = q.shape[2], k.shape[2]
     need_states = dk is not None or dv is not None
-    dS_op = operand_copy("bwd_keys", q.dtype, S.shape, S.device, clamp) if need_states else None
+    plan = backward_plan(geom, q.dtype, q.shape[-1], do.shape[-1], Nq, Nk, clamp, dq is not None, need_states)
+    dS_op = None if plan.ds_copy is None else torch.empty(S.shape, dtype=plan.ds_copy, device=S.device)
     states = backward_queries(do, q, o, den, S, z, dq, geom, eps, den_floor, clamp, Nq, Nk,
-                              need_states=need_states, ds_copy=dS_op)
+                              need_states=need_states, ds_copy=dS_op, plan=plan)
     if states is not None:
         dS, dz = states
-        backward_keys(k, v, S, dS if dS_op is None else dS_op, dz, dk, dv, geom, clamp, Nq, Nk)
+        backward_keys(k, v, S, dS if dS_op is None else dS_op, dz, dk, dv, geom, clamp, Nq, Nk, plan=plan)
+
+
+class BackwardPlan(NamedTuple):
+    """What a dense backward decides from shapes alone, once per shape (:func:`backward_plan`)."""
+
+    cfg: LaunchConfig
+    s_k: float                    # pow2_scale of the key count
+    s_q: float                    # pow2_scale of the query count
+    fused: bool                   # the query pass is one launch (queries.py): dq and states wanted, no clamp
+    ds_copy: torch.dtype | None   # dtype of dS's copy for the key pass's dots (``operand_copy``), or None
+
+
+@plan_cache
+def backward_plan(geom: Geometry, dtype: torch.dtype, D: int, Dv: int, n_queries: int, n_keys: int,
+                  clamp: tuple[float, float] | None, need_dq: bool, need_states: bool) -> BackwardPlan:
+    """The :class:`BackwardPlan` of a backward over ``n_queries`` queries and ``n_keys`` keys (head dims D,
+    Dv, inputs of ``dtype``), wanting dq (``need_dq``) and the state gradients (``need_states``)."""
+    cfg = pick_config(D, Dv, dtype, n_feat=geom.n_feat)
+    fused = need_dq and need_states and clamp is None and fused_query_pass(D, Dv, dtype, geom.n_feat)
+    ds_copy = _copy_dtype("bwd_keys", dtype, D, Dv, clamp) if need_states else None
+    return BackwardPlan(cfg, pow2_scale(n_keys), pow2_scale(n_queries), fused, ds_copy)
 
 
 def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
                      z: torch.Tensor, dq: torch.Tensor | None, geom: Geometry, eps: float, den_floor: float,
                      clamp: tuple[float, float] | None, n_queries: int, n_keys: int, query_offset: int = 0,
-                     need_states: bool = True,
-                     ds_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     need_states: bool = True, ds_copy: torch.Tensor | None = None,
+                     plan: BackwardPlan | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The query pass: fills dq (unless None) for the queries q [B, H, n, D] at sequence positions
     query_offset .. query_offset + n - 1 of ``n_queries`` (keys: ``n_keys``), and returns their state
     gradients (dS [BH, F, D, Dv], dz [BH, F, D], scaled as :func:`vicinity_backward` says) when
     ``need_states``, else None. ``ds_copy``: dS is also written into it (see ``compute_states``), for a key
-    pass that reads it in its dot operand dtype."""
-    B, H, Nq, D = q.shape
-    Dv = do.shape[-1]
-    cfg = pick_config(D, Dv, q.dtype, n_feat=geom.n_feat)
-    s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
+    pass that reads it in its dot operand dtype. ``plan``: :func:`backward_plan` of these arguments, where
+    the caller has it."""
     if dq is None and not need_states:
         return None
+    B, H, Nq, D = q.shape
+    if plan is None:
+        plan = backward_plan(geom, q.dtype, D, do.shape[-1], n_queries, n_keys, clamp, dq is not None, need_states)
+    cfg, s_k, s_q = plan.cfg, plan.s_k, plan.s_q
 
-    if dq is not None and need_states and clamp is None and fused_query_pass(D, Dv, q.dtype, geom.n_feat):
+    if plan.fused:
         # One launch (queries.py): q and dO read once, the row weights never written.
         grad = QueryGradient(dq, S, z, den, den_floor * s_k, eps * s_k)
         return compute_states(q, do, geom, True, s_q, "bwd_state", tok_offset=query_offset, s_copy=ds_copy, dq=grad)
@@ -117,12 +143,17 @@ def backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: to
 
 def backward_keys(k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, dS: torch.Tensor, dz: torch.Tensor,
                   dk: torch.Tensor | None, dv: torch.Tensor | None, geom: Geometry,
-                  clamp: tuple[float, float] | None, n_queries: int, n_keys: int, key_offset: int = 0) -> None:
+                  clamp: tuple[float, float] | None, n_queries: int, n_keys: int, key_offset: int = 0,
+                  plan: BackwardPlan | None = None) -> None:
     """The key pass: fills dk, dv (where not None) for the keys k [B, H, n, D], v [B, H, n, Dv] at
     sequence positions key_offset .. key_offset + n - 1, from the state gradients of all ``n_queries``
-    queries (dS masked here in place where the clamped S was clamped)."""
-    cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype, n_feat=geom.n_feat)
-    s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
+    queries (dS masked here in place where the clamped S was clamped). ``plan``: as for
+    :func:`backward_queries` (only its config and scales are read)."""
+    if plan is None:
+        cfg = pick_config(k.shape[-1], v.shape[-1], k.dtype, n_feat=geom.n_feat)
+        s_k, s_q = pow2_scale(n_keys), pow2_scale(n_queries)
+    else:
+        cfg, s_k, s_q = plan.cfg, plan.s_k, plan.s_q
     if clamp is not None:
         n = dS.numel()
         launch_kernel(state_grad_mask_kernel, (cdiv(n, REDUCE_BLOCK),), dS, S, n, clamp[0] * s_k, clamp[1] * s_k,

@@ -177,9 +177,21 @@ def test_model_rows_retimed_for_the_h200_and_ratios():
     table = gc.per_kernel({"k1": (200.0, 4), "memset": (4.0, 2)}, h100[1:] + h100[1:], calls=2)
     k1 = table[0]
     assert k1["kernel"] == "k1" and k1["modelled_launches"] == 2 and k1["launches_per_call"] == 2
-    assert k1["measured_us"] == 100.0 and k1["ratio"] == round(100 / 7.0, 2)
-    assert table[1] == dict(kernel="memset", roles=[], modelled_us=None, modelled_launches=0, measured_us=2.0,
-                            launches_per_call=1.0, ratio=None)
+    assert k1["measured_us"] == 100.0 and k1["ratio"] == round(100 / 7.0, 2) == k1["old_ratio"]
+    assert table[1] == dict(kernel="memset", roles=[], modelled_us=None, old_modelled_us=None, modelled_launches=0,
+                            measured_us=2.0, launches_per_call=1.0, ratio=None, old_ratio=None)
+
+
+def test_model_rows_carry_both_models():
+    chips = gc.chip_models()
+    row = dict(kernel="k1", role="fwd", hbm_bytes=2.0e9, l2_bytes=1.0, tensor_flops=1.0, issue_us=1.0,
+               old_modelled_us=999.0, modelled_us=40.0, h200_modelled_us=30.0)
+    model = dict(shapes=dict(s=dict(fwdbwd=dict(kernels=[row]))))
+    h100, h200 = (gc.model_rows(model, "s", chips[c])[0] for c in ("H100 SXM", "H200"))
+    assert h100["modelled_us"] == 40.0 and h200["modelled_us"] == 30.0
+    assert h100["old_modelled_us"] == pytest.approx(2e9 / (0.85 * 3.35e12) * 1e6 + 2.5)   # retimed, not copied
+    table = gc.per_kernel({"k1": (100.0, 1)}, [h100], calls=1)
+    assert table[0]["ratio"] == 2.5 and table[0]["old_ratio"] == round(100 / h100["old_modelled_us"], 2)
 
 
 def test_pytest_output_parsed_with_spaces_in_ids():

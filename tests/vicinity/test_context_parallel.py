@@ -108,8 +108,8 @@ def _cross_rank_identical_states(world: int) -> bool:
     """The summed states are bitwise the same on every rank (what the all-reduce hands out)."""
     from vicinity_attn.vicinity.context_parallel import all_reduce_states
     torch.manual_seed(100 + dist.get_rank())
-    S, z = all_reduce_states(torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64),
-                             dist.group.WORLD)
+    S, z, _ = all_reduce_states(torch.randn(2, 4, 8, 8, dtype=torch.float64),
+                                torch.randn(2, 4, 8, dtype=torch.float64), dist.group.WORLD)
     flat = torch.cat([S.reshape(-1), z.reshape(-1)])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
@@ -279,6 +279,42 @@ def _copies(rank: int, world: int) -> dict:
     return out
 
 
+def _overflow(rank: int, world: int) -> dict:
+    """Issue 25, class 3 over ranks: overflow raises the same OverflowError on every rank, forward and
+    backward; a NaN input on one rank propagates (no error on any rank)."""
+    out = {}
+    n = 16 * world
+
+    def shards(scale: float, nan_on: int | None = None, q_scale: float | None = None):
+        torch.manual_seed(11)   # the same full tensors on every rank
+        full = [torch.randn(1, 2, n, 8) * (scale if i or q_scale is None else q_scale) for i in range(3)]
+        if nan_on is not None:
+            full[2][0, 0, 16 * nan_on + 3, 1] = float("nan")
+        return [t[:, :, 16 * rank:16 * (rank + 1)].clone().requires_grad_() for t in full]
+
+    for backend in ("torch", "triton"):
+        q, k, v = shards(1e20, q_scale=1.0)     # |k| |v| ~ 1e40: the summed states overflow float32
+        out[f"{backend} states"] = _expect_error(
+            lambda: vicinity_attention(q, k, v, (world, 16), backend=backend, group=dist.group.WORLD),
+            OverflowError, "forward", "summed over the ranks")
+    q, k, v = shards(1e14)          # states in range (scaled by 1 / N), the numerators not
+    out["numerators"] = _expect_error(
+        lambda: vicinity_attention(q, k, v, (world, 16), backend="torch", group=dist.group.WORLD),
+        OverflowError, "forward", "this rank's results")
+    q, k, v = shards(1e11)          # the forward in range, the gradient of a huge dO is not
+    o = vicinity_attention(q, k, v, (world, 16), backend="torch", group=dist.group.WORLD)
+    out["forward in range"] = "ok" if bool(o.isfinite().all()) else "non-finite"
+    out["backward"] = _expect_error(lambda: torch.autograd.grad(o, (q, k, v), torch.full_like(o, 3e38)),
+                                    OverflowError, "backward")
+    q, k, v = shards(1.0, nan_on=world - 1)
+    try:
+        o = vicinity_attention(q, k, v, (world, 16), backend="torch", group=dist.group.WORLD)
+        out["nan propagates"] = "ok" if bool(o.isnan().any()) else "no NaN"
+    except Exception as exc:   # noqa: BLE001 (reported to the test)
+        out["nan propagates"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -286,7 +322,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         report = {"cases": {name: _run_case(name, rank, world) for name, case in CASES.items() if world in case[0]},
                   "cross_rank_identical": _cross_rank_identical_states(world),
                   "validation": _validation(rank, world), "vvt": _vvt_layer(rank, world),
-                  "copies": _copies(rank, world)}
+                  "copies": _copies(rank, world), "overflow": _overflow(rank, world)}
         if world == 2:
             report["ddp"] = _ddp_training(rank, world)
     finally:
@@ -346,6 +382,12 @@ def test_modules_holding_a_group_copy_and_pickle(world):
     _, reports = world
     for report in reports:
         assert report["copies"] == {k: "ok" for k in report["copies"]}, report["copies"]
+
+
+def test_overflow_raises_on_every_rank(world):
+    _, reports = world
+    for report in reports:
+        assert report["overflow"] == {k: "ok" for k in report["overflow"]}, report["overflow"]
 
 
 def test_group_without_torch_distributed_initialised():

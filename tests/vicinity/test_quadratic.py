@@ -49,6 +49,31 @@ def test_matches_the_reference(case, dtype):
         assert_rule(name, g, r, p, dtype)
 
 
+@pytest.mark.parametrize("chunk_rows", [6, 2])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_chunks_match_the_reference(chunk_rows, layout, monkeypatch):
+    # B = H = 3: 6 rows a chunk is whole batches (2, then 1); 2 rows, heads of one batch (2, then 1).
+    grid, kv_grid, opts = (3, 4), (2, 3), dict(num_prefix_tokens=1, den_floor=0.5)
+    Nq, Nk = token_counts(grid, kv_grid, 1)
+    monkeypatch.setattr(quadratic, "CHUNK_BYTES", chunk_rows * Nq * Nk * 4)
+    q, k, v = make_inputs(3, 3, Nq, Nk, 8, 6, dtype=torch.float32, layout=layout)
+    o = vicinity_attention(q, k, v, grid, kv_grid, layout=layout, backend="torch", **opts)
+    node = o.grad_fn if layout == "bhnd" else o.grad_fn.next_functions[0][0]   # under the transpose
+    assert type(node).__name__.startswith("_EagerQuadratic")
+    do = torch.randn_like(o)
+    got = (o, *torch.autograd.grad(o, (q, k, v), do))
+    # Written in the inputs' memory order: the gradients of contiguous leaves come back contiguous.
+    assert all(t.is_contiguous() for t in got)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_o = vicinity_attention(*ref_in, grid, kv_grid, layout=layout, backend="reference", **opts)
+    ref = (ref_o, *torch.autograd.grad(ref_o, ref_in, do.double()))
+    plain_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    plain_o = vicinity_attention(*plain_in, grid, kv_grid, layout=layout, backend="reference", **opts)
+    plain = (plain_o, *torch.autograd.grad(plain_o, plain_in, do))
+    for name, g, r, p in zip(("o", "dq", "dk", "dv"), got, ref, plain):
+        assert_rule(name, g, r, p, torch.float32)
+
+
 def test_partial_gradients():
     q, k, v = make_inputs(1, 2, 12, 12, 4, 4, dtype=torch.float64)
     k.requires_grad_(False)

@@ -34,24 +34,17 @@ def feature_map_grad_mul(grad: torch.Tensor, phi: torch.Tensor, feature_map: str
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
-def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str,
-                          temp: torch.Tensor | None = None) -> torch.Tensor:
-    """grad *= phi'(x), in place: :func:`feature_map_grad_mul`'s result (a NaN in one feature of q_i
+def mul_feature_map_grad_(grad: torch.Tensor, phi: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """grad *= phi'(x), in place, with :func:`feature_map_grad_mul`'s semantics (a NaN in one feature of q_i
     makes all of dphi(q_i) NaN, but dq_i stays 0 where q_i <= 0, as the reference's autograd gives).
 
-    relu' = [phi > 0] (so relu'(0) = 0); elu1' = 1 above zero (where phi > 1), phi = exp(x) below,
-    i.e. min(phi, 1); identity' = 1 (grad is returned untouched). phi' is one elementwise temporary,
-    written into ``temp`` (phi's shape and dtype) when given. For relu it is sign(phi), exactly [phi > 0]
-    for phi >= 0 and 2x faster on a CPU than multiplying by a bool mask (which is converted to float
-    first); that product is only wrong where grad is not finite (0 * NaN), so a grad with a NaN or inf
-    anywhere takes the exact, slower select.
-    Checking that reads a value back, so only CPU tensors take the product: elsewhere (a GPU) the select
-    runs, keeping the call free of device-to-host syncs (CUDA graphs, torch.compile "reduce-overhead").
+    relu: one pass of autograd's own relu backward (``threshold_backward``: 0 where phi <= 0, grad
+    elsewhere, a NaN phi passing grad through), written into grad; no value is read back, on any device.
+    elu1' = 1 above zero (where phi > 1), phi = exp(x) below, i.e. min(phi, 1); identity' = 1 (grad is
+    returned untouched).
     """
     if feature_map == "relu":
-        if host_reads_are_free(grad) and _all_finite(grad):
-            return grad.mul_(torch.sign(phi, out=temp))
-        return grad.masked_fill_(phi <= 0, 0.0)
+        return torch.ops.aten.threshold_backward(grad, phi, 0, grad_input=grad)
     if feature_map == "elu1":
         return grad.mul_(_elu1_slope(phi))
     if feature_map == "identity":
@@ -69,9 +62,3 @@ def host_reads_are_free(t: torch.Tensor) -> bool:
     """Whether reading a value of ``t`` back on the host costs nothing: a CPU tensor. A GPU tensor's read
     would synchronise the stream and break CUDA-graph capture."""
     return t.device.type == "cpu"
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in t: its sum is finite (one fast reduction; an overflowing sum of finite values
-    only sends the caller down its exact path)."""
-    return bool(torch.isfinite(t.sum()))

@@ -173,11 +173,14 @@ def eager_function(name: str, function: str, forward: Callable[..., tuple[Tensor
 
     def attention_backward(ctx, do):
         needs = ctx.needs_input_grad[:3]
+        if not torch.is_grad_enabled():  # the common case: the engine already runs backward without a graph
+            grads = backward(do, *ctx.saved_tensors, ctx.backend, *ctx.options, needs)
+            return (*grads, *(None,) * (1 + len(ctx.options)))
         with torch.no_grad():
             grads = backward(do, *ctx.saved_tensors, ctx.backend, *ctx.options, needs)
-        if torch.is_grad_enabled():      # create_graph=True: the gradients themselves are not differentiable
-            grads = _Underivable.apply(function, ctx.backend, *ctx.saved_tensors[:3], *grads)
-        return (*grads, None, *(None,) * len(ctx.options))
+        # create_graph=True: the gradients themselves are not differentiable
+        grads = _Underivable.apply(function, ctx.backend, *ctx.saved_tensors[:3], *grads)
+        return (*grads, *(None,) * (1 + len(ctx.options)))
 
     def forward_only(q, k, v, backend, *options):
         return forward(q, k, v, backend, *options)[0]

@@ -11,8 +11,9 @@ numbers per head, so a call costs
                -> local dk, dv from the summed dS, dz
 
 plus one small all-gather of the shard lengths per call (seven integers per rank: the lengths and a
-fingerprint of the call, so that ranks whose calls differ in shapes, dtype, grids or options all raise the
-same ValueError instead of computing garbage or failing in a collective), from which every rank takes its
+fingerprint of the call, so that ranks whose calls differ in shapes, dtype, grids, options or overflow-check
+mode all raise the same ValueError instead of computing garbage or failing in a collective), from which every
+rank takes its
 global token offsets (the position features are the whole sequence's), unless the caller passes them
 (``token_offsets``: no exchange, no fingerprint, and no check that the shards add up; on NCCL the exchange
 also reads the lengths back to the host, a synchronisation per call). Outputs and
@@ -27,6 +28,11 @@ bitwise and the summed states bitwise identical on every rank; NCCL was not trie
 order may depend on the algorithm and protocol it picks). Not bitwise equal to the single-process
 call: that sums all tokens in one order, these per shard and then over ranks.
 
+Overflow (``vicinity_attn.common.overflow``): where the mode checks, each all-reduce carries one more
+number, the count of ranks whose inputs hold a NaN or inf. Summed states that are not finite although
+every rank's inputs are raise the same OverflowError on every rank; a rank's own output or gradients that
+are not finite although every rank's inputs are raise it on that rank (the other ranks' results are finite).
+
 Not traced by torch.compile (a graph break) and not under torch.func transforms: the collectives run
 eagerly inside an ``autograd.Function``.
 """
@@ -38,6 +44,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..common.overflow import checks_overflow, overflow_check, raise_overflow
 from ..common.spec import TokenShard, VicinitySpec
 from ..common.validation import check_shard_counts
 
@@ -73,14 +80,16 @@ def gather_lengths(lengths: list[int], group, like: torch.Tensor) -> list[list[i
 
 def call_fingerprint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, backend: str) -> list[int]:
     """What every rank's call must agree on, as small ints: batch, heads, head dims, the dtype, and a
-    63-bit hash of the backend, grids and options (identical on every rank: no per-process salt)."""
-    described = repr((backend, str(q.dtype), spec.grid, spec.kv_grid, sorted(spec.options().items())))
+    63-bit hash of the backend, grids, options and overflow-check mode (identical on every rank: no
+    per-process salt)."""
+    described = repr((backend, str(q.dtype), spec.grid, spec.kv_grid, sorted(spec.options().items()),
+                      overflow_check()))
     digest = int.from_bytes(hashlib.blake2b(described.encode(), digest_size=8).digest(), "little") >> 1
     return [q.shape[0], q.shape[1], q.shape[3], v.shape[3], digest]
 
 
 FINGERPRINT_FIELDS = ("batch size", "number of heads", "head dim of q and k", "head dim of v",
-                      "backend, dtype, grid, kv_grid or options")
+                      "backend, dtype, grid, kv_grid, options or overflow-check mode")
 
 
 def check_same_call(fingerprints: list[list[int]]) -> None:
@@ -107,11 +116,52 @@ def exchange_shards(n_queries: int, n_keys: int, group, like: torch.Tensor,
     return shard, table
 
 
-def all_reduce_states(S: torch.Tensor, z: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, z) summed over the group's ranks, in ONE all-reduce of a buffer holding both."""
-    buffer = torch.cat([S.reshape(-1), z.reshape(-1)])
+def all_reduce_states(S: torch.Tensor, z: torch.Tensor, group,
+                      flag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(S, z, flag) summed over the group's ranks, in ONE all-reduce of a buffer holding all three (the
+    one-element ``flag`` rides along when given: every rank must give one or none)."""
+    parts = [S.reshape(-1), z.reshape(-1)] + ([] if flag is None else [flag.reshape(1).to(S.dtype)])
+    buffer = torch.cat(parts)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    return buffer[:S.numel()].view(S.shape), buffer[S.numel():].view(z.shape)
+    n_s, n_z = S.numel(), z.numel()
+    summed = None if flag is None else buffer[n_s + n_z:]
+    return buffer[:n_s].view(S.shape), buffer[n_s:n_s + n_z].view(z.shape), summed
+
+
+def _non_finite_ranks(tensors) -> torch.Tensor:
+    """1 where any of ``tensors`` holds a NaN or inf, else 0 (a one-element tensor: summed over ranks)."""
+    bad = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t in tensors:
+        bad = torch.maximum(bad, (~t.isfinite()).any().to(bad.dtype))
+    return bad
+
+
+class _OverflowCheck:
+    """Whether this call checks for overflow (``common.overflow``), and the checks over ranks (module
+    docstring): every decision reads only what the all-reduce made identical on every rank."""
+
+    def __init__(self, spec: VicinitySpec, like: torch.Tensor):
+        self.on = spec.feature_map != "identity" and checks_overflow(like)
+
+    def flag(self, inputs) -> torch.Tensor:
+        # Always sent (a rank that does not check sends 0), so that every rank's buffer has one layout.
+        if not self.on:
+            return torch.zeros((), dtype=torch.float32, device=inputs[0].device)
+        return _non_finite_ranks(inputs)
+
+    def states(self, stage: str, summed_flag: torch.Tensor, states, inputs) -> bool:
+        """Whether every rank's inputs were finite (then the results are checked); raises, on every rank,
+        where the summed ``states`` are not finite."""
+        if not self.on or float(summed_flag) != 0:
+            return False
+        if not all(bool(t.isfinite().all()) for t in states):
+            raise_overflow(stage, inputs, inputs[-1].dtype, " in the states summed over the ranks")
+        return True
+
+    @staticmethod
+    def local(stage: str, results, inputs) -> None:
+        if not all(bool(t.isfinite().all()) for t in results if t is not None):
+            raise_overflow(stage, inputs, inputs[-1].dtype, " in this rank's results")
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -142,9 +192,13 @@ class _ContextParallelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pieces, spec: VicinitySpec, shard: TokenShard, group):
+        check = _OverflowCheck(spec, q)
         S, z = pieces.states(k, v, spec, shard)
-        S, z = all_reduce_states(S, z, group)
+        S, z, flag = all_reduce_states(S, z, group, check.flag((q, k, v)))
+        finite_inputs = check.states("forward", flag, (S, z), (q, k, v))
         o, den, S = pieces.output(q, S, z, spec, shard)
+        if finite_inputs:
+            check.local("forward", (o,), (q, k, v))
         ctx.save_for_backward(q, k, v, o, den, S, z)
         ctx.pieces, ctx.spec, ctx.shard, ctx.group = pieces, spec, shard, group
         return o
@@ -153,9 +207,14 @@ class _ContextParallelAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, den, S, z = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        check = _OverflowCheck(ctx.spec, q)
         dq, dS, dz = ctx.pieces.query_backward(do, q, o, den, S, z, ctx.spec, ctx.shard, need_dq)
-        dS, dz = all_reduce_states(dS, dz, ctx.group)   # every rank takes part, whatever it needs
+        # Every rank takes part, whatever it needs.
+        dS, dz, flag = all_reduce_states(dS, dz, ctx.group, check.flag((do, q, k, v)))
+        finite_inputs = check.states("backward", flag, (dS, dz), (do, q, k, v))
         dk, dv = ctx.pieces.key_backward(k, v, S, dS, dz, ctx.spec, ctx.shard, need_dk, need_dv)
+        if finite_inputs:
+            check.local("backward", (dq, dk, dv), (do, q, k, v))
         return dq, dk, dv, None, None, None, None
 
 

@@ -94,10 +94,14 @@ def _fake_backward(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_ma
 def _backend_module(backend: str):
     """The module with the backend's ``forward()`` / ``backward()`` (triton imported on first use: it
     may be absent)."""
-    if backend == "torch":
-        return torch_backend
-    from . import triton_backend
-    return triton_backend
+    module = _BACKENDS.get(backend)
+    if module is None:
+        from . import triton_backend
+        module = _BACKENDS["triton"] = triton_backend
+    return module
+
+
+_BACKENDS = {"torch": torch_backend}
 
 
 def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple[tuple, tuple]]):
@@ -198,13 +202,17 @@ _TransformableAttention, _TransformableBackward = transformable_functions(
 
 
 def _eager_forward(q, k, v, backend, spec):
-    with autocast_disabled(q.device):
+    if backend == "triton":     # allocations and launches only: autocast changes nothing there
         return _backend_module(backend).forward(q, k, v, spec)
+    with autocast_disabled(q.device):
+        return torch_backend.forward(q, k, v, spec)
 
 
 def _eager_backward(do, q, k, v, o, den, S, z, backend, spec, needs):
-    with autocast_disabled(q.device):
+    if backend == "triton":
         return _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, needs)
+    with autocast_disabled(q.device):
+        return torch_backend.backward(do, q, k, v, o, den, S, z, spec, needs)
 
 
 # Plain eager calls: the backends directly, without the custom ops' dispatch (see eager_function).

@@ -478,7 +478,7 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
             dphi_q += gq @ S[:, :, F - 2].transpose(-1, -2)
             grad_p = gp @ (S[:, :, F - 2] + S[:, :, F - 1]).transpose(-1, -2) + cp_p @ z
             dq[:, :, :P] = mul_feature_map_grad_(grad_p, phi_qp, spec.feature_map)
-        mul_feature_map_grad_(dphi_q, pq, spec.feature_map, ws.inputs[:pq.numel()].view(pq.shape))
+        mul_feature_map_grad_(dphi_q, pq, spec.feature_map)
         if dphi_q.data_ptr() != dq[:, :, P:].data_ptr():
             dq[:, :, P:] = dphi_q
     del dphi_q, pq, g, gq   # dead from here: the key pass reuses the "phi" scratch buffer
@@ -515,7 +515,7 @@ def _backward_chunk(pl: _Plan, do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
             grad_p = vp @ dS[:, :, F - 2].transpose(-1, -2) + pl.pos_k[:P] @ dz
             dk[:, :, :P] = mul_feature_map_grad_(grad_p, phi_kp, spec.feature_map)
     if need_dk:
-        mul_feature_map_grad_(dphi_k, pk, spec.feature_map, ws.inputs[:pk.numel()].view(pk.shape))
+        mul_feature_map_grad_(dphi_k, pk, spec.feature_map)
         if dphi_k.data_ptr() != dk[:, :, P:].data_ptr():
             dk[:, :, P:] = dphi_k
     if need_dv and dv_g.data_ptr() != dv[:, :, P:].data_ptr():

@@ -97,7 +97,7 @@ def _checked_geometry(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torc
 
 
 _CHECKED: dict = {}
-_CHECKED_GRADS: set = set()
+_GRAD_PLANS: dict = {}
 
 
 @raises_on_overflow("forward", 3)
@@ -122,17 +122,26 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
     kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
-    dq, dk, dv = empty_grads_like((q, k, v), needs)
-    key = (do.shape, do.stride(), *(None if t is None else t.stride() for t in (dq, dk, dv)))
-    if key not in _CHECKED_GRADS:    # a function of the shapes and strides only
-        for t, name in ((do, "the output gradient dO"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
+    # The checks and the gradients' memory order are a function of the shapes and strides: decided once per
+    # layout, then the gradients are allocated as decided.
+    key = (do.shape, do.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), needs, spec)
+    plan = _GRAD_PLANS.get(key)
+    if plan is None:
+        grads = empty_grads_like((q, k, v), needs)
+        for t, name in zip((do, *grads), ("the output gradient dO", "dq", "dk", "dv")):
             if t is not None:
                 check_token_offsets(t, name)
-        if len(_CHECKED_GRADS) >= 1024:
-            _CHECKED_GRADS.clear()
-        _CHECKED_GRADS.add(key)
+        if len(_GRAD_PLANS) >= 1024:
+            _GRAD_PLANS.clear()
+        # (memory shape, stored heads-inner) per gradient, as empty_output_like laid it out
+        allocs = tuple(None if g is None else (tuple(g.transpose(1, 2).shape), True) if not g.is_contiguous()
+                       else (tuple(g.shape), False) for g in grads)
+        plan = _GRAD_PLANS[key] = (_geometry(spec), allocs)
+    geom, allocs = plan
+    dtype, device = q.dtype, q.device
+    dq, dk, dv = (None if a is None else torch.empty(a[0], dtype=dtype, device=device).transpose(1, 2) if a[1]
+                  else torch.empty(a[0], dtype=dtype, device=device) for a in allocs)
     with launch_device(q):
-        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, _geometry(spec), spec.eps, spec.den_floor,
-                          spec.clamp)
+        vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, spec.eps, spec.den_floor, spec.clamp)
     return dq, dk, dv
 

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from ..common.device import launch_device
+from ..common.overflow import raises_on_overflow
 from ..common.spec import VarlenSpec
 from ..kernels.vicinity import Geometry, Packing, vicinity_backward, vicinity_forward
 from .triton_backend import check_token_offsets, check_triton_inputs
@@ -54,6 +55,7 @@ def _geometry_and_pack(spec: VarlenSpec, device: torch.device) -> tuple[Geometry
     return geom, Packing.build(spec.grids, spec.kv_grids, spec.num_prefix_tokens, device)
 
 
+@raises_on_overflow("forward", 3)
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VarlenSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [Tq, H, Dv] contiguous in q's dtype, den [H, Tq], S [S * H, F, D, Dv], z [S * H, F, D]); den, S
@@ -67,6 +69,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o, den, S, z
 
 
+@raises_on_overflow("backward", 4)
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VarlenSpec,
              needs: tuple[bool, bool, bool] = (True, True, True),
