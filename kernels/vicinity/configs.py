@@ -220,9 +220,10 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def resident_programs(n_blocks: int, rows: int, device: torch.device) -> int:
-    """Programs per row (a (head, Dv tile) or (head, dk / dv tile) pair) of a resident pass over ``n_blocks``
-    token blocks: one wave of RESIDENT_CTAS_PER_SM programs per SM over all ``rows``, at most one per block.
-    A row's tokens come out the same whatever the count (each token block is computed by one program)."""
+    """Programs per row (a (head, Dv tile) pair of the output pass, a head of the key pass) of a resident
+    pass over ``n_blocks`` token blocks: one wave of RESIDENT_CTAS_PER_SM programs per SM of ``device`` over
+    all ``rows``, at most one per block (PROGRAMS_PER_HEAD, where set, instead). The results do not depend
+    on the count: each token block is computed by one program, with the same operations whichever."""
     if PROGRAMS_PER_HEAD is not None:
         return max(1, min(n_blocks, PROGRAMS_PER_HEAD))
     wave = sm_count(device) * RESIDENT_CTAS_PER_SM
