@@ -76,7 +76,7 @@ def test_state_copies_are_the_states_rounded_once(grid):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_bf16_inputs_read_the_copies(monkeypatch, packed):
+def test_bf16_inputs_read_the_copies(monkeypatch, request, packed):
     """bf16 inputs as on a GPU (the copies forced on under the interpreter, whose emulated dots take fp32
     operands; head dims on 64-wide tiles, the only ones that get copies): the output pass reads S's copy
     and the key pass dS's, the backward gets S's copy (saved for it), and o, dq, dk, dv are those of the
@@ -110,6 +110,8 @@ def test_bf16_inputs_read_the_copies(monkeypatch, packed):
     torch.manual_seed(0)
     plain = run()
     monkeypatch.setattr(forward, "state_operand_dtype", forced)   # operand_copy, both directions
+    runtime.clear_plan_caches()                   # plans made before the patch (the backward plan's dS copy)
+    request.addfinalizer(runtime.clear_plan_caches)               # and none made with it outlive the test
     recording(forward, "output_pass", 1)
     recording(backward, "_key_pass", 2)
     # The backward's S is the forward's copy (saved_state_dtype): the dq dots' operand.
