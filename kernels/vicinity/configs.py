@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-from ..runtime import Precision, cdiv, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
+from ..runtime import Precision, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -197,8 +197,9 @@ RESIDENT_STATE_BYTES = {"fwd_output": 64 * 1024, "bwd_keys": 32 * 1024}
 RESIDENT_BLOCK_N = 64
 RESIDENT_TOKEN_STAGES = 2
 RESIDENT_FEW_FEATURES = 4
-# Programs per (head, Dv tile): enough for RESIDENT_CTAS_PER_SM programs on every SM of the device.
-RESIDENT_CTAS_PER_SM = 2
+# Programs per (head, Dv tile): one wave of the CTAs an SM holds. The resident passes take up to 255
+# registers a thread, so an SM's 64K registers hold 8 of their warps: two CTAs of 4 warps, one of 8.
+RESIDENT_WARPS_PER_SM = 8
 # The SM count used where no GPU is asked (interpreter, compile gate): an H100 SXM's.
 DEFAULT_SM_COUNT = 132
 # Tests only: a fixed number of programs per (head, Dv tile) instead of the device's (None: the device's).
@@ -219,15 +220,17 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def resident_programs(n_blocks: int, rows: int, device: torch.device) -> int:
+def resident_programs(n_blocks: int, rows: int, device: torch.device, num_warps: int) -> int:
     """Programs per row (a (head, Dv tile) pair of the output pass, a head of the key pass) of a resident
-    pass over ``n_blocks`` token blocks: one wave of RESIDENT_CTAS_PER_SM programs per SM of ``device`` over
-    all ``rows``, at most one per block (PROGRAMS_PER_HEAD, where set, instead). The results do not depend
-    on the count: each token block is computed by one program, with the same operations whichever."""
+    pass of ``num_warps`` warps over ``n_blocks`` token blocks: as many as fill one wave of ``device``
+    (its SMs x the CTAs an SM holds, RESIDENT_WARPS_PER_SM) over all ``rows``, rounded down (a partial
+    second wave would hold every program up), at least one and at most one per block
+    (PROGRAMS_PER_HEAD, where set, instead). The results do not depend on the count: each token block
+    is computed by one program, with the same operations whichever."""
     if PROGRAMS_PER_HEAD is not None:
         return max(1, min(n_blocks, PROGRAMS_PER_HEAD))
-    wave = sm_count(device) * RESIDENT_CTAS_PER_SM
-    return max(1, min(n_blocks, cdiv(wave, max(1, rows))))
+    wave = sm_count(device) * max(1, RESIDENT_WARPS_PER_SM // num_warps)
+    return max(1, min(n_blocks, wave // max(1, rows)))
 
 
 @plan_cache

@@ -271,7 +271,7 @@ def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale
     n_blocks = cdiv(N if pack is None else pack.max_length(False), block_n)
     if resident:
         # Persistent programs, each walking its head's token blocks with the dS tiles on chip.
-        grid = (resident_programs(n_blocks, rows, k.device), rows, 1)
+        grid = (resident_programs(n_blocks, rows, k.device, kwargs["num_warps"]), rows, 1)
     else:
         # Program j writes dk's D tile j and dv's Dv tile j: as many programs per token block as the
         # gradients asked for have tiles.

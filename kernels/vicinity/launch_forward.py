@@ -225,7 +225,8 @@ def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: tor
     rows, dv_tiles = (B * H if pack is None else pack.n_seqs * H), cdiv(Dv, cfg.block_dv)
     n_blocks = cdiv(N if pack is None else pack.max_length(is_query), block_n)
     # Resident: persistent programs, each walking its head's token blocks; streaming: one per token block.
-    grid = (resident_programs(n_blocks, rows * dv_tiles, x.device) if resident else n_blocks, rows, dv_tiles)
+    grid = (resident_programs(n_blocks, rows * dv_tiles, x.device, kwargs["num_warps"]) if resident else n_blocks,
+            rows, dv_tiles)
     launch_kernel(output_pass_kernel, grid,
                   x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0,
                   out_scale, den_floor, *(clamp or (0.0, 0.0)), state_scale, *x.stride(), *out.stride(), **kwargs,

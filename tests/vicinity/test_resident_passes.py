@@ -77,9 +77,12 @@ def test_packed_programs_walk_their_own_sequence(monkeypatch):
 
 
 def test_programs_per_head_fill_one_wave():
-    """Two programs an SM (132 SMs where no GPU is asked) over all rows, at most one per token block."""
+    """One wave of the CTAs an SM holds (two of 4 warps, one of 8; 132 SMs where no GPU is asked) over
+    all rows, rounded down, at least one and at most one per token block."""
     from vicinity_attn.kernels.vicinity.configs import resident_programs
     cpu = torch.device("cpu")
-    assert resident_programs(784, 4, cpu) == 66          # 224 x 224 tokens in 64-token blocks, 4 heads
-    assert resident_programs(49, 32, cpu) == 9           # 56 x 56, 32 heads: ceil(264 / 32)
-    assert resident_programs(3, 4, cpu) == 3 and resident_programs(784, 1000, cpu) == 1
+    assert resident_programs(784, 4, cpu, 4) == 66       # 224 x 224 tokens in 64-token blocks, 4 heads
+    assert resident_programs(784, 4, cpu, 8) == 33       # one CTA of 8 warps an SM
+    assert resident_programs(49, 32, cpu, 4) == 8        # 56 x 56, 32 heads: 256 programs, not 288 (two waves)
+    assert resident_programs(49, 32, cpu, 8) == 4
+    assert resident_programs(3, 4, cpu, 4) == 3 and resident_programs(784, 1000, cpu, 4) == 1
