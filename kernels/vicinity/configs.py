@@ -264,6 +264,26 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int) -> dict:
                 num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 
 
+# The resident form of the fused query pass (queries.py): the program keeps its F dq state tiles S_m
+# (the dot operand dtype) and the z_m on chip across its chunk's token loop, beside the stacked dS
+# accumulator, with the token loop pipelined RESIDENT_TOKEN_STAGES deep. Taken wherever the fused pass
+# runs (sm_90+, 16-bit inputs, one-tile heads: ``launch_forward.fused_query_pass``) while the F tiles
+# take at most RESIDENT_QUERY_STATE_BYTES; past that, the streaming form (each token block reloads every
+# S_m tile from L2).
+RESIDENT_QUERY_STATE_BYTES = 64 * 1024
+
+
+@plan_cache
+def resident_query_states(dtype: torch.dtype, n_feat: int, tiles: StateTiles) -> bool:
+    """Whether the fused query pass for inputs of ``dtype`` and F = n_feat, at the state pass's ``tiles``,
+    takes the resident form (see RESIDENT_QUERY_STATE_BYTES; always under the interpreter, so the tests
+    run it)."""
+    if interpreting():
+        return True
+    operand_bytes = 2 if dot_operand_dtype("bwd_dq", dtype) in (torch.float16, torch.bfloat16) else 4
+    return n_feat * tiles.block_d * tiles.block_dv * operand_bytes <= RESIDENT_QUERY_STATE_BYTES
+
+
 # The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator
 # [F_PAD * block_d, block_dv] (F_PAD: F rounded up to a power of two) and builds the stacked dot operand
 # [block_n, F_PAD * block_d] every token block. Both are capped at STATE_ELEMENTS elements (64 fp32

@@ -15,6 +15,7 @@ from ..runtime import Precision, cdiv, next_power_of_2, plan_cache, target_arch
 from .clamp import state_clamp_kernel
 from .configs import (
     HEAD_BLOCKS,
+    RESIDENT_TOKEN_STAGES,
     ChunkPlan,
     LaunchConfig,
     StateTiles,
@@ -24,6 +25,7 @@ from .configs import (
     pow2_scale,
     resident_options,
     resident_programs,
+    resident_query_states,
     resident_states,
     state_operand_dtype,
     state_tiles,
@@ -80,12 +82,15 @@ def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
             and dot_precision("bwd_state", dtype) == dot_precision("bwd_dq", dtype))
 
 
-def fused_query_options(tiles: StateTiles) -> dict:
-    """Launch options of the fused query pass: the state pass's, with 8 warps at 64-wide head tiles (at
-    4, which the state pass takes for F <= 2, it spills)."""
+def fused_query_options(tiles: StateTiles, dtype: torch.dtype, n_feat: int) -> dict:
+    """Launch options and form of the fused query pass for inputs of ``dtype`` and F = n_feat: the state
+    pass's options, with 8 warps at 64-wide head tiles (at 4, which the state pass takes for F <= 2, it
+    spills); RESIDENT and its token-loop depth where ``configs.resident_query_states`` says."""
     opts = tiles.options()
     if tiles.block_d >= HEAD_BLOCKS[-1]:
         opts["num_warps"] = max(opts["num_warps"], 8)
+    if resident_query_states(dtype, n_feat, tiles):
+        opts.update(RESIDENT=True, TOKEN_STAGES=RESIDENT_TOKEN_STAGES if tiles.max_registers is not None else 1)
     return opts
 
 
@@ -112,7 +117,7 @@ def state_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, 
     kwargs = dict(**geom.constexprs(is_query), BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,
                   **prec.constexprs(), F_PAD=next_power_of_2(geom.n_feat), Z_COLS=16)
     if fused:
-        kwargs.update(fused_query_options(tiles))
+        kwargs.update(fused_query_options(tiles, dtype, geom.n_feat))
     else:
         kwargs.update(ROW_WEIGHTS=row_weights, **tiles.options())
     return StatePlan(_acc_torch_dtype(prec), n_tiles, tiles.block_n,

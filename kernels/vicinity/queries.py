@@ -29,7 +29,7 @@ in the dot operand dtype). VARLEN (packed sequences): as in output.py, over the 
 import triton
 import triton.language as tl
 
-from ..common import feature_map, mma, mul_feature_map_grad
+from ..common import dot_operand, feature_map, mma, mul_feature_map_grad
 from ..runtime import launch_jit
 from .clamp import without_floor_rows
 from .positions import position_axes, select_position_feature
@@ -89,6 +89,13 @@ def dq_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
     p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     state = tl.load(m_base + M * D * DV + offs_d[:, None] * DV + offs_e[None, :],
                     mask=mask_d[:, None] & mask_e[None, :], other=0.0)
+    return dq_feature_dot(y, acc, p, state, DOT, PREC)
+
+
+@triton.jit
+def dq_feature_dot(y, acc, p, state, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc += p * (y @ state^T) for one feature's position weights p [BLOCK_N] and state tile
+    [BLOCK_D, BLOCK_DV] (as loaded, or kept on chip as ``dot_operand`` gives it: the same product)."""
     if DOT == tl.bfloat16 or PREC == "emulate_bf16":
         return mma(y * p[:, None], tl.trans(state), acc, DOT, PREC)
     else:
@@ -132,10 +139,17 @@ def weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT: tl.const
     acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
-        p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
-        acc += p[:, None] * zm[None, :]
+        acc = add_z_term(acc, rz, axes, M, zm, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
     return acc
+
+
+@triton.jit
+def add_z_term(acc, rz, axes, M, zm, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
+               HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr):
+    """acc + rz_i P_M(i) z_M[d tile] (zm: z_M's d tile)."""
+    p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
+    return acc + p[:, None] * zm[None, :]
 
 
 @launch_jit
@@ -290,12 +304,17 @@ def query_pass_kernel(
     DOT: tl.constexpr, PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr,
     # single-chunk launches only: a copy of dS in its dot operand dtype
     s_copy_ptr=None, COPY: tl.constexpr = False,
+    # S and z kept on chip across the token loop (module docstring) and that loop's pipelining depth (None:
+    # the launch's num_stages)
+    RESIDENT: tl.constexpr = False, TOKEN_STAGES: tl.constexpr = None,
 ):
     """Grid (BH, n_chunks). q [B, H, N, D], dO [B, H, N, DV], dq [B, H, N, D] strided; S
     [BH, F, D, DV] (its own dtype: the dq dots' operand), z [BH, F, D] and den [BH, N] ACC; den_floor,
     eps scaled like den. Writes dq in its dtype and scale * chunk c's dS, dz partials to s_part / z_part
     + c * part_stride ([BH, N_FEAT, D, DV] and [BH, N_FEAT, D], ACC), as ``state_partial_kernel`` does
-    (COPY: dS also to s_copy). F_PAD, Z_COLS: as there."""
+    (COPY: dS also to s_copy). F_PAD, Z_COLS: as there. RESIDENT: the F tiles S_m and the z_m are loaded
+    once, before the token loop (``launch_forward.fused_query_options`` decides); the results are
+    bitwise those of the streaming form."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -312,23 +331,43 @@ def query_pass_kernel(
 
     s_acc = tl.zeros((F_PAD * BLOCK_D, BLOCK_DV), ACC)
     z_acc = tl.zeros((F_PAD * BLOCK_D, Z_COLS), ACC)
+    # The resident form's F state tiles (the dq dots' operand, held in shared memory on sm_90) and z
+    # vectors: a tuple each, so that any F unrolls over them.
+    states = ()
+    zs = ()
+    if RESIDENT:
+        for m in tl.static_range(N_FEAT):
+            states = states + (dot_operand(tl.load(m_base + m * D * DV + offs_d[:, None] * DV + offs_e[None, :],
+                                                   mask=mask_d[:, None] & mask_e[None, :], other=0.0), DOT, PREC),)
+            zs = zs + (tl.load(z_base + m * D + offs_d, mask=mask_d, other=0.0),)
     first = chunk * blocks_per_chunk
-    for blk in range(first, first + blocks_per_chunk):
+    for blk in tl.range(first, first + blocks_per_chunk, num_stages=TOKEN_STAGES):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_x = mask_n[:, None] & mask_d[None, :]
         y = tl.load(do_base + offs_n[:, None] * stride_do_n + offs_e[None, :] * stride_do_d,
                     mask=mask_n[:, None] & mask_e[None, :], other=0.0)
         axes = position_axes(offs_n, n_prefix, grid_0, grid_1, grid_2, N_AXES, VARIANT, HAS_PREFIX, ACC)
-        acc = dq_features(y, tl.zeros((BLOCK_N, BLOCK_D), ACC), m_base, axes, offs_d, mask_d,
-                          offs_e, mask_e, D, DV, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
+        if RESIDENT:
+            acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+            for m in tl.static_range(N_FEAT):
+                p = select_position_feature(axes, m, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+                acc = dq_feature_dot(y, acc, p, states[m], DOT, PREC)
+        else:
+            acc = dq_features(y, tl.zeros((BLOCK_N, BLOCK_D), ACC), m_base, axes, offs_d, mask_d,
+                              offs_e, mask_e, D, DV, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
         x = tl.load(q_base + offs_n[:, None] * stride_q_n + offs_d[None, :] * stride_q_d, mask=mask_x,
                     other=0.0).to(ACC)
         phi = feature_map(x, mask_x, FMAP)
         den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
         rs, rz = row_weights(tl.sum(phi * acc, axis=1) / den, den, den_floor, eps)
-        dq = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                           IS_QUERY, ACC)
+        if RESIDENT:
+            dq = acc * rs[:, None]
+            for m in tl.static_range(N_FEAT):
+                dq = add_z_term(dq, rz, axes, m, zs[m], N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+        else:
+            dq = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                               IS_QUERY, ACC)
         tl.store(dq_base + offs_n[:, None] * stride_dq_n + offs_d[None, :] * stride_dq_d,
                  mul_feature_map_grad(dq, x, FMAP).to(dq_ptr.dtype.element_ty), mask=mask_x)
         # The state gradients of the block, weighted as the separate state pass weighs them (masked rows:

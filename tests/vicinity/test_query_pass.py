@@ -33,10 +33,13 @@ CASES = [  # D, Dv, grid, variant, prefix tokens, feature map (head dims: multip
 ]
 
 
-def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatch):
-    """(dq, dk, dv, kernels launched) of the kernels' backward, with the fused query pass or without."""
+def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatch, resident: bool = True):
+    """(dq, dk, dv, kernels launched) of the kernels' backward, with the fused query pass or without
+    (fused: in its resident form or, ``resident`` False, its streaming form)."""
+    from vicinity_attn.kernels import runtime
     from vicinity_attn.kernels.vicinity import Geometry, queries, state, vicinity_backward, vicinity_forward
     from vicinity_attn.kernels.vicinity import launch_backward as backward
+    from vicinity_attn.kernels.vicinity import launch_forward as forward
     N = prefix + int(torch.tensor(grid).prod())
     g = torch.Generator().manual_seed(1)
     B, H = 2, 2
@@ -47,17 +50,22 @@ def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatc
     den, S, z = vicinity_forward(q, k, v, o, geom, 1e-4)
     grads = [torch.empty_like(t) for t in (q, k, v)]
     launched = []
+    # The backward and state plans are cached: none made under a patch may serve another call.
+    runtime.clear_plan_caches()
     with monkeypatch.context() as m:
         if not fused:
             m.setattr(backward, "fused_query_pass", lambda *args: False)
+        if not resident:
+            m.setattr(forward, "resident_query_states", lambda *args: False)
         for module, name in ((queries, "query_pass_kernel"), (state, "state_partial_kernel")):
             kernel = getattr(module, name)
 
             def run(*args, _run=kernel.run, _name=name, **kwargs):
-                launched.append(_name)
+                launched.append(_name + (" resident" if kwargs.get("RESIDENT") else ""))
                 return _run(*args, **kwargs)
             m.setattr(kernel, "run", run)
         vicinity_backward(do, q, k, v, o, den, S, z, *grads, geom, 1e-4)
+    runtime.clear_plan_caches()
     return (*grads, launched)
 
 
@@ -82,7 +90,7 @@ def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
     assert forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
     *fused, ran_fused = _backward(True, dtype, *case, monkeypatch)
     *separate, ran_separate = _backward(False, dtype, *case, monkeypatch)
-    assert ran_fused == ["query_pass_kernel"] and ran_separate == ["state_partial_kernel"]
+    assert ran_fused == ["query_pass_kernel resident"] and ran_separate == ["state_partial_kernel"]
     for name, a, b in zip(("dq", "dk", "dv"), fused, separate):
         assert torch.isfinite(a).all(), name
         tol = fused_vs_separate_tolerance(dtype, DEVICE, name)
@@ -111,3 +119,17 @@ def test_fused_query_pass_rule(monkeypatch):
     assert not forward.fused_query_pass(64, 64, torch.bfloat16, 4)
     monkeypatch.setattr(forward, "target_arch", lambda: 90)
     assert forward.fused_query_pass(64, 64, torch.bfloat16, 4)
+
+
+@pytest.mark.parametrize("dtype,case", [(torch.bfloat16, CASES[0]), (torch.float16, CASES[0])],
+                         ids=["bf16-D32-32-sum2d-p0-relu", "fp16-D32-32-sum2d-p0-relu"])
+def test_resident_form_is_bitwise_the_streaming_form(dtype, case, monkeypatch):
+    """The resident form (S and z loaded once per program, kept across the token loop) gives bitwise the
+    streaming form's dq, dk, dv: the same helpers in the same order, on the same tiles."""
+    triton_dtype(dtype, DEVICE)
+    _needs_the_fused_pass_here()
+    *resident, ran_resident = _backward(True, dtype, *case, monkeypatch)
+    *streaming, ran_streaming = _backward(True, dtype, *case, monkeypatch, resident=False)
+    assert ran_resident == ["query_pass_kernel resident"] and ran_streaming == ["query_pass_kernel"]
+    for name, a, b in zip(("dq", "dk", "dv"), resident, streaming):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
