@@ -264,24 +264,24 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int) -> dict:
                 num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 
 
-# The resident form of the fused query pass (queries.py): the program keeps its F dq state tiles S_m
-# (the dot operand dtype) and the z_m on chip across its chunk's token loop, beside the stacked dS
-# accumulator, with the token loop pipelined RESIDENT_TOKEN_STAGES deep. Taken wherever the fused pass
-# runs (sm_90+, 16-bit inputs, one-tile heads: ``launch_forward.fused_query_pass``) while the F tiles
-# take at most RESIDENT_QUERY_STATE_BYTES; past that, the streaming form (each token block reloads every
-# S_m tile from L2).
-RESIDENT_QUERY_STATE_BYTES = 64 * 1024
+# The resident form of the fused query pass (queries.py): the program keeps the dq state tiles S_m of
+# its first features (in the dot operand dtype; shared memory on sm_90) and streams the rest from L2 as
+# the streaming form does, at most RESIDENT_QUERY_STATE_BYTES of tiles: past that, beside the stacked dS
+# accumulator, the compile gate shows spills (bf16 64 x 64 tiles: F = 2 of 4 fit; 32-wide tiles hold
+# all of F = 4, also fp16's 4-byte TF32 tiles). The z_m stay streamed: held in registers they spill.
+# With every feature resident the token loop is innermost and is pipelined RESIDENT_TOKEN_STAGES deep.
+RESIDENT_QUERY_STATE_BYTES = 16 * 1024
 
 
 @plan_cache
-def resident_query_states(dtype: torch.dtype, n_feat: int, tiles: StateTiles) -> bool:
-    """Whether the fused query pass for inputs of ``dtype`` and F = n_feat, at the state pass's ``tiles``,
-    takes the resident form (see RESIDENT_QUERY_STATE_BYTES; always under the interpreter, so the tests
-    run it)."""
+def resident_query_features(dtype: torch.dtype, n_feat: int, tiles: StateTiles) -> int:
+    """How many of the F = n_feat dq state tiles the fused query pass for inputs of ``dtype``, at the
+    state pass's ``tiles``, keeps on chip (see RESIDENT_QUERY_STATE_BYTES; 0: the streaming form). Under
+    the interpreter all of them, so the tests run the resident form."""
     if interpreting():
-        return True
+        return n_feat
     operand_bytes = 2 if dot_operand_dtype("bwd_dq", dtype) in (torch.float16, torch.bfloat16) else 4
-    return n_feat * tiles.block_d * tiles.block_dv * operand_bytes <= RESIDENT_QUERY_STATE_BYTES
+    return min(n_feat, RESIDENT_QUERY_STATE_BYTES // (tiles.block_d * tiles.block_dv * operand_bytes))
 
 
 # The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator

@@ -25,7 +25,7 @@ from .configs import (
     pow2_scale,
     resident_options,
     resident_programs,
-    resident_query_states,
+    resident_query_features,
     resident_states,
     state_operand_dtype,
     state_tiles,
@@ -85,12 +85,16 @@ def fused_query_pass(D: int, Dv: int, dtype: torch.dtype, n_feat: int) -> bool:
 def fused_query_options(tiles: StateTiles, dtype: torch.dtype, n_feat: int) -> dict:
     """Launch options and form of the fused query pass for inputs of ``dtype`` and F = n_feat: the state
     pass's options, with 8 warps at 64-wide head tiles (at 4, which the state pass takes for F <= 2, it
-    spills); RESIDENT and its token-loop depth where ``configs.resident_query_states`` says."""
+    spills); RESIDENT (the features whose state tiles stay on chip: ``configs.resident_query_features``)
+    and the token loop's pipelining depth."""
     opts = tiles.options()
     if tiles.block_d >= HEAD_BLOCKS[-1]:
         opts["num_warps"] = max(opts["num_warps"], 8)
-    if resident_query_states(dtype, n_feat, tiles):
-        opts.update(RESIDENT=True, TOKEN_STAGES=RESIDENT_TOKEN_STAGES if tiles.max_registers is not None else 1)
+    resident = resident_query_features(dtype, n_feat, tiles)
+    if resident:
+        # The token loop is pipelined only where it is innermost: every feature resident.
+        stages = RESIDENT_TOKEN_STAGES if resident == n_feat and tiles.max_registers is not None else 1
+        opts.update(RESIDENT=resident, TOKEN_STAGES=stages)
     return opts
 
 

@@ -20,6 +20,11 @@ and dO_i . o_i = phi(q_i) . (sum_m P_m(i) S_m dO_i) / den_i from dq's own accumu
     go out as state.py's do (``store_state_partials``), for the same fixed-order reduction. Head dims of
     one tile each (D <= BLOCK_D, DV <= BLOCK_DV): dq contracts over all of Dv and dS needs every (D, Dv)
     tile, so wider heads keep the separate passes (launch_backward.py decides).
+    Resident form (RESIDENT > 0, sm_90 launches where the tiles fit: configs.resident_query_features):
+    the S_m tiles of the first RESIDENT features are loaded once per program, before the token loop,
+    converted to the dot operand, and kept on chip (shared memory on sm_90) for every block's dq dots;
+    the rest stream from L2 per block as in the streaming form, in the same feature order, so both forms
+    give bitwise the same results. With every feature resident the token loads are pipelined.
     Every value is computed by the same helpers, in the same order, as by the separate passes; the dq
     dots take the state pass's tiles here, so a rare dq element may round differently
     (tests/vicinity/test_query_pass.py bounds how many).
@@ -139,17 +144,10 @@ def weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT: tl.const
     acc = acc * rs[:, None]
     # The z term goes straight into acc (no second BLOCK_N x BLOCK_D tile: registers are tight).
     for M in tl.static_range(N_FEAT):
+        p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
         zm = tl.load(z_base + M * D + offs_d, mask=mask_d, other=0.0)
-        acc = add_z_term(acc, rz, axes, M, zm, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
+        acc += p[:, None] * zm[None, :]
     return acc
-
-
-@triton.jit
-def add_z_term(acc, rz, axes, M, zm, N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr,
-               HAS_PREFIX: tl.constexpr, IS_QUERY: tl.constexpr, ACC: tl.constexpr):
-    """acc + rz_i P_M(i) z_M[d tile] (zm: z_M's d tile)."""
-    p = select_position_feature(axes, M, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC) * rz
-    return acc + p[:, None] * zm[None, :]
 
 
 @launch_jit
@@ -304,17 +302,17 @@ def query_pass_kernel(
     DOT: tl.constexpr, PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr,
     # single-chunk launches only: a copy of dS in its dot operand dtype
     s_copy_ptr=None, COPY: tl.constexpr = False,
-    # S and z kept on chip across the token loop (module docstring) and that loop's pipelining depth (None:
-    # the launch's num_stages)
-    RESIDENT: tl.constexpr = False, TOKEN_STAGES: tl.constexpr = None,
+    # the features whose S tiles stay on chip across the token loop (module docstring) and that loop's
+    # pipelining depth (None: the launch's num_stages)
+    RESIDENT: tl.constexpr = 0, TOKEN_STAGES: tl.constexpr = None,
 ):
     """Grid (BH, n_chunks). q [B, H, N, D], dO [B, H, N, DV], dq [B, H, N, D] strided; S
     [BH, F, D, DV] (its own dtype: the dq dots' operand), z [BH, F, D] and den [BH, N] ACC; den_floor,
     eps scaled like den. Writes dq in its dtype and scale * chunk c's dS, dz partials to s_part / z_part
     + c * part_stride ([BH, N_FEAT, D, DV] and [BH, N_FEAT, D], ACC), as ``state_partial_kernel`` does
-    (COPY: dS also to s_copy). F_PAD, Z_COLS: as there. RESIDENT: the F tiles S_m and the z_m are loaded
-    once, before the token loop (``launch_forward.fused_query_options`` decides); the results are
-    bitwise those of the streaming form."""
+    (COPY: dS also to s_copy). F_PAD, Z_COLS: as there. RESIDENT (0..F): the tiles S_m of the first
+    RESIDENT features are loaded once, before the token loop, the others (and the z_m) per token block
+    (``launch_forward.fused_query_options`` decides); the results are bitwise those of RESIDENT = 0."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -331,15 +329,12 @@ def query_pass_kernel(
 
     s_acc = tl.zeros((F_PAD * BLOCK_D, BLOCK_DV), ACC)
     z_acc = tl.zeros((F_PAD * BLOCK_D, Z_COLS), ACC)
-    # The resident form's F state tiles (the dq dots' operand, held in shared memory on sm_90) and z
-    # vectors: a tuple each, so that any F unrolls over them.
+    # The resident features' state tiles (the dq dots' operand, in shared memory on sm_90), loaded once:
+    # a tuple, unrolled over at compile time.
     states = ()
-    zs = ()
-    if RESIDENT:
-        for m in tl.static_range(N_FEAT):
-            states = states + (dot_operand(tl.load(m_base + m * D * DV + offs_d[:, None] * DV + offs_e[None, :],
-                                                   mask=mask_d[:, None] & mask_e[None, :], other=0.0), DOT, PREC),)
-            zs = zs + (tl.load(z_base + m * D + offs_d, mask=mask_d, other=0.0),)
+    for m in tl.static_range(RESIDENT):
+        states = states + (dot_operand(tl.load(m_base + m * D * DV + offs_d[:, None] * DV + offs_e[None, :],
+                                               mask=mask_d[:, None] & mask_e[None, :], other=0.0), DOT, PREC),)
     first = chunk * blocks_per_chunk
     for blk in tl.range(first, first + blocks_per_chunk, num_stages=TOKEN_STAGES):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -348,11 +343,15 @@ def query_pass_kernel(
         y = tl.load(do_base + offs_n[:, None] * stride_do_n + offs_e[None, :] * stride_do_d,
                     mask=mask_n[:, None] & mask_e[None, :], other=0.0)
         axes = position_axes(offs_n, n_prefix, grid_0, grid_1, grid_2, N_AXES, VARIANT, HAS_PREFIX, ACC)
-        if RESIDENT:
+        if RESIDENT > 0:
             acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-            for m in tl.static_range(N_FEAT):
+            for m in tl.static_range(RESIDENT):
                 p = select_position_feature(axes, m, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
                 acc = dq_feature_dot(y, acc, p, states[m], DOT, PREC)
+            if RESIDENT < N_FEAT:
+                for M in tl.range(RESIDENT, N_FEAT, loop_unroll_factor=1, num_stages=1):
+                    acc = dq_feature(y, acc, M, m_base, axes, offs_d, mask_d, offs_e, mask_e, D, DV,
+                                     N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
         else:
             acc = dq_features(y, tl.zeros((BLOCK_N, BLOCK_D), ACC), m_base, axes, offs_d, mask_d,
                               offs_e, mask_e, D, DV, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
@@ -361,13 +360,8 @@ def query_pass_kernel(
         phi = feature_map(x, mask_x, FMAP)
         den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
         rs, rz = row_weights(tl.sum(phi * acc, axis=1) / den, den, den_floor, eps)
-        if RESIDENT:
-            dq = acc * rs[:, None]
-            for m in tl.static_range(N_FEAT):
-                dq = add_z_term(dq, rz, axes, m, zs[m], N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC)
-        else:
-            dq = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
-                               IS_QUERY, ACC)
+        dq = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
+                           IS_QUERY, ACC)
         tl.store(dq_base + offs_n[:, None] * stride_dq_n + offs_d[None, :] * stride_dq_d,
                  mul_feature_map_grad(dq, x, FMAP).to(dq_ptr.dtype.element_ty), mask=mask_x)
         # The state gradients of the block, weighted as the separate state pass weighs them (masked rows:

@@ -33,9 +33,9 @@ CASES = [  # D, Dv, grid, variant, prefix tokens, feature map (head dims: multip
 ]
 
 
-def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatch, resident: bool = True):
+def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatch, resident: int | None = None):
     """(dq, dk, dv, kernels launched) of the kernels' backward, with the fused query pass or without
-    (fused: in its resident form or, ``resident`` False, its streaming form)."""
+    (fused: ``resident`` features' state tiles kept on chip, 0 the streaming form; None: as planned)."""
     from vicinity_attn.kernels import runtime
     from vicinity_attn.kernels.vicinity import Geometry, queries, state, vicinity_backward, vicinity_forward
     from vicinity_attn.kernels.vicinity import launch_backward as backward
@@ -55,13 +55,13 @@ def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatc
     with monkeypatch.context() as m:
         if not fused:
             m.setattr(backward, "fused_query_pass", lambda *args: False)
-        if not resident:
-            m.setattr(forward, "resident_query_states", lambda *args: False)
+        if resident is not None:
+            m.setattr(forward, "resident_query_features", lambda *args: resident)
         for module, name in ((queries, "query_pass_kernel"), (state, "state_partial_kernel")):
             kernel = getattr(module, name)
 
             def run(*args, _run=kernel.run, _name=name, **kwargs):
-                launched.append(_name + (" resident" if kwargs.get("RESIDENT") else ""))
+                launched.append(f"{_name} resident={kwargs['RESIDENT']}" if kwargs.get("RESIDENT") else _name)
                 return _run(*args, **kwargs)
             m.setattr(kernel, "run", run)
         vicinity_backward(do, q, k, v, o, den, S, z, *grads, geom, 1e-4)
@@ -90,7 +90,8 @@ def test_fused_query_pass_matches_the_separate_passes(dtype, case, monkeypatch):
     assert forward.fused_query_pass(D, Dv, dtype, Geometry.build(grid, grid, variant, fmap, prefix).n_feat)
     *fused, ran_fused = _backward(True, dtype, *case, monkeypatch)
     *separate, ran_separate = _backward(False, dtype, *case, monkeypatch)
-    assert ran_fused == ["query_pass_kernel resident"] and ran_separate == ["state_partial_kernel"]
+    n_feat = Geometry.build(grid, grid, variant, fmap, prefix).n_feat
+    assert ran_fused == [f"query_pass_kernel resident={n_feat}"] and ran_separate == ["state_partial_kernel"]
     for name, a, b in zip(("dq", "dk", "dv"), fused, separate):
         assert torch.isfinite(a).all(), name
         tol = fused_vs_separate_tolerance(dtype, DEVICE, name)
@@ -121,15 +122,16 @@ def test_fused_query_pass_rule(monkeypatch):
     assert forward.fused_query_pass(64, 64, torch.bfloat16, 4)
 
 
-@pytest.mark.parametrize("dtype,case", [(torch.bfloat16, CASES[0]), (torch.float16, CASES[0])],
-                         ids=["bf16-D32-32-sum2d-p0-relu", "fp16-D32-32-sum2d-p0-relu"])
-def test_resident_form_is_bitwise_the_streaming_form(dtype, case, monkeypatch):
-    """The resident form (S and z loaded once per program, kept across the token loop) gives bitwise the
-    streaming form's dq, dk, dv: the same helpers in the same order, on the same tiles."""
+@pytest.mark.parametrize("dtype,resident", [(torch.bfloat16, 2), (torch.float16, 4)], ids=["bf16-2of4", "fp16-4of4"])
+def test_resident_form_is_bitwise_the_streaming_form(dtype, resident, monkeypatch):
+    """The resident form (the state tiles of the first ``resident`` of F = 4 features loaded once per
+    program and kept across the token loop, the others streamed) gives bitwise the streaming form's dq,
+    dk, dv: the same helpers in the same order, on the same tiles."""
     triton_dtype(dtype, DEVICE)
     _needs_the_fused_pass_here()
-    *resident, ran_resident = _backward(True, dtype, *case, monkeypatch)
-    *streaming, ran_streaming = _backward(True, dtype, *case, monkeypatch, resident=False)
-    assert ran_resident == ["query_pass_kernel resident"] and ran_streaming == ["query_pass_kernel"]
-    for name, a, b in zip(("dq", "dk", "dv"), resident, streaming):
+    case = CASES[0]   # F = 4
+    *kept, ran_kept = _backward(True, dtype, *case, monkeypatch, resident=resident)
+    *streaming, ran_streaming = _backward(True, dtype, *case, monkeypatch, resident=0)
+    assert ran_kept == [f"query_pass_kernel resident={resident}"] and ran_streaming == ["query_pass_kernel"]
+    for name, a, b in zip(("dq", "dk", "dv"), kept, streaming):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
