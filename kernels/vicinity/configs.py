@@ -266,11 +266,13 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int) -> dict:
 
 # The resident form of the fused query pass (queries.py): the program keeps the dq state tiles S_m of
 # its first features (in the dot operand dtype; shared memory on sm_90) and streams the rest from L2 as
-# the streaming form does, at most RESIDENT_QUERY_STATE_BYTES of tiles: past that, beside the stacked dS
-# accumulator, the compile gate shows spills (bf16 64 x 64 tiles: F = 2 of 4 fit; 32-wide tiles hold
+# the streaming form does: at most RESIDENT_QUERY_STATE_BYTES of tiles, and RESIDENT_QUERY_WIDE_FEATURES
+# at 64-wide head tiles. Past these, beside the stacked dS accumulator, the compile gate shows spills
+# (bf16 64 x 64 tiles: two resident spill for F = 3, product2d and unaligned strides; 32-wide tiles hold
 # all of F = 4, also fp16's 4-byte TF32 tiles). The z_m stay streamed: held in registers they spill.
 # With every feature resident the token loop is innermost and is pipelined RESIDENT_TOKEN_STAGES deep.
 RESIDENT_QUERY_STATE_BYTES = 16 * 1024
+RESIDENT_QUERY_WIDE_FEATURES = 1
 
 
 @plan_cache
@@ -281,7 +283,10 @@ def resident_query_features(dtype: torch.dtype, n_feat: int, tiles: StateTiles) 
     if interpreting():
         return n_feat
     operand_bytes = 2 if dot_operand_dtype("bwd_dq", dtype) in (torch.float16, torch.bfloat16) else 4
-    return min(n_feat, RESIDENT_QUERY_STATE_BYTES // (tiles.block_d * tiles.block_dv * operand_bytes))
+    fit = RESIDENT_QUERY_STATE_BYTES // (tiles.block_d * tiles.block_dv * operand_bytes)
+    if max(tiles.block_d, tiles.block_dv) >= HEAD_BLOCKS[-1]:
+        fit = min(fit, RESIDENT_QUERY_WIDE_FEATURES)
+    return min(n_feat, fit)
 
 
 # The state pass holds all F states of its (D tile, Dv tile) as one stacked fp32 accumulator
