@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-from ..runtime import Precision, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
+from ..runtime import (
+    DEFAULT_SM_COUNT,
+    Precision,
+    interpreting,
+    next_power_of_2,
+    pick_precision,
+    plan_cache,
+    target_arch,
+)
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -39,11 +47,12 @@ UNALIGNED_NUM_WARPS = 8
 # (elsewhere it spills, see pick_config).
 WIDE_BLOCK_N = 128
 WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
-# State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
-# hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
-# blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
-# the reduction reads back: more chunks only pay when they fill idle SMs with enough tokens each.
-GPU_TARGET_PROGRAMS = 132
+# State pass chunking: enough (chunk, head, tile) programs for one per SM of the device (the state
+# programs hold all F states: 8-warp ones run 1 CTA per SM; a fixed count would run a second wave on a
+# GPU with fewer SMs), each chunk at least MIN_BLOCKS_PER_CHUNK token blocks, since every chunk's program
+# writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that the elected program reads back: more
+# chunks only pay when they fill idle SMs with enough tokens each. The SM count is the device's
+# (runtime.sm_count: DEFAULT_SM_COUNT = 132, an H100 SXM's, under the interpreter and the compile gate).
 MIN_BLOCKS_PER_CHUNK = 8
 INTERPRET_BLOCKS_PER_CHUNK = 2
 
@@ -253,16 +262,18 @@ class ChunkPlan:
 
 
 @plan_cache
-def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPlan:
-    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of the GPU.
+def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int, sms: int = DEFAULT_SM_COUNT) -> ChunkPlan:
+    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of a
+    GPU with ``sms`` SMs.
 
-    Depends only on shapes (not on the device), so results are bitwise reproducible everywhere.
+    Depends only on the shapes and the device's SM count (never on timing), so results are bitwise
+    reproducible on every device of one model; devices with other SM counts may sum in other chunks.
     """
     n_blocks = max(1, math.ceil(n_tokens / block_n))
     if interpreting():
         per_chunk = INTERPRET_BLOCKS_PER_CHUNK
     else:
-        wanted = max(1, GPU_TARGET_PROGRAMS // max(1, programs_per_chunk))   # at most one wave
+        wanted = max(1, sms // max(1, programs_per_chunk))   # at most one wave
         per_chunk = max(MIN_BLOCKS_PER_CHUNK, math.ceil(n_blocks / wanted))
     per_chunk = min(per_chunk, n_blocks)
     return ChunkPlan(math.ceil(n_blocks / per_chunk), per_chunk)
@@ -275,7 +286,7 @@ def pow2_scale(n: int) -> float:
 
 
 # The launches, by the names the compile gate uses for them.
-LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_keys", "chunk_reduce")
+LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_keys")
 # Launches whose dot operands are bounded by the inputs: phi(k) P (|P| <= 1) against v.
 INPUT_RANGE_DOTS = ("fwd_state",)
 
