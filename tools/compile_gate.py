@@ -5,6 +5,7 @@
     python -m tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn,
                                                                      # vicinity_varlen)
     python -m tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
+    python -m tools.compile_gate --roles 'state'       # only the kernels of the launch roles that match
     python -m tools.compile_gate --json out.json --text out.txt
 
 No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
@@ -352,9 +353,16 @@ def verdicts(job: Job, row: dict) -> dict:
     return dict(core=core, wide_tiles=wide)
 
 
-def run_gate(cases: list[LaunchCase], jobs_n: int | None = None) -> tuple[list[Job], list[dict], dict]:
-    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan."""
+def run_gate(cases: list[LaunchCase], jobs_n: int | None = None,
+             roles: str | None = None) -> tuple[list[Job], list[dict], dict]:
+    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan.
+    ``roles`` (a regular expression): only the jobs with a launch role it matches (and their plan entries)."""
     jobs, plan = collect_jobs(cases)
+    if roles is not None:
+        kept = [i for i, j in enumerate(jobs) if any(re.search(roles, r) for r in j.roles)]
+        new = {old: i for i, old in enumerate(kept)}
+        jobs = [jobs[i] for i in kept]
+        plan = {c: [(r, a, new[j], g) for r, a, j, g in entries if j in new] for c, entries in plan.items()}
     workers = jobs_n or max(1, os.cpu_count() or 1)
     # A private cache: every job really compiles, so ptxas runs and its spill report is complete.
     with tempfile.TemporaryDirectory(prefix="vicinity_gate_cache_") as cache:
@@ -410,7 +418,7 @@ def _status(v: dict) -> str:
 def format_table(jobs: list[Job], rows: list[dict]) -> str:
     header = (f"{'roles':<26} {'arch':<6} {'dt':<4} {'tile':>5} {'w':>2} {'st':>2} {'cases':<34} {'reg':>3} "
               f"{'smem':>6} {'spl':>3} {'CTA/SM':>6} {'TC':>4} {'loads':<16} {'stores':<12} {'async':<18} "
-              f"{'loop i/it':>9} {'loop loads':<14} {'loop TC':>7}  status")
+              f"{'loop i/it':>9} {'loop loads':<14} {'loop TC':>7} {'loop STS':<12}  status")
     lines = [header, "-" * len(header)]
     order = sorted(range(len(jobs)), key=lambda i: (sorted(jobs[i].roles)[0], jobs[i].arch,
                                                     jobs[i].describe()["dtype"], str(jobs[i].constexpr("BLOCK_D"))))
@@ -427,9 +435,9 @@ def format_table(jobs: list[Job], rows: list[dict]) -> str:
         k, m, occ = row["sass"]["kernel"], row["sass"]["main_loop"], row["occupancy"]
         if m:
             loads = _widths(m["loads"]) + (" +" + _widths(m["async_copies"]) if m["async_copies"] else "")
-            loop = f"{m['instructions']:>9} {loads:<14.14} {m['tensor_core']:>7}"
+            loop = f"{m['instructions']:>9} {loads:<14.14} {m['tensor_core']:>7} {_widths(m['shared_stores']):<12.12}"
         else:
-            loop = f"{'no loop':>9} {'':<14} {'':>7}"
+            loop = f"{'no loop':>9} {'':<14} {'':>7} {'':<12}"
         lines.append(f"{head} {row['regs']:>3} {row['smem']:>6} {row['spill']:>3} "
                      f"{str(occ['ctas']) + '/' + str(occ['warps']):>6} {k['tensor_core']:>4} "
                      f"{_widths(k['loads']):<16.16} {_widths(k['stores']):<12.12} "
@@ -520,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="operations whose matrices to build (default: all)")
     parser.add_argument("--cases", default=None, metavar="REGEX",
                         help="only the cases whose label matches (e.g. 'fp16 D40/40 .* unaligned')")
+    parser.add_argument("--roles", default=None, metavar="REGEX",
+                        help="only the kernels with a launch role that matches (e.g. 'state|queries')")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if _interpreting():
@@ -532,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_matrix(args.quick, tuple(args.ops) if args.ops else None, args.cases)
     if not cases:
         parser.error(f"no case of {args.ops or list(MATRICES)} matches --cases {args.cases!r}")
-    jobs, rows, plan = run_gate(cases, args.jobs)
+    jobs, rows, plan = run_gate(cases, args.jobs, args.roles)
     seconds = time.perf_counter() - start
     s = summary(rows)
     table = format_table(jobs, rows)
@@ -548,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             "layouts / a(ligned) u(naligned) / geometries (k-NN: N query tokens, kM keys when not N) that launch it, "
             "CTA/SM = CTAs/warps per SM (sm_80 on A100, "
             "sm_90a on H100), TC = tensor-core instructions, loads/stores = global access width (bits) x count, "
-            "loop = main loop: SASS instructions per iteration, its loads, its TC instructions")
+            "loop = main loop: SASS instructions per iteration, its loads, its TC instructions, its shared stores "
+            "(STS: bits x count)")
     print(table + "\n" + foot)
     arg_line = " ".join(argv)   # the command that reproduces this report (written into it)
     if args.text:
