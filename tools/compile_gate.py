@@ -250,7 +250,7 @@ class Job:
         specialisation would change), and the io dtype."""
         names = list(self.signature)
         hinted = {names[k[0]] for k, v in self.attrs.items() if v}
-        ptr_types = [t for t in self.signature.values() if t.startswith("*") and t != "*fp32"]
+        ptr_types = [t for t in self.signature.values() if t.startswith("*") and t not in ("*fp32", "*i32")]
         return dict(dtype=(ptr_types[0][1:] if ptr_types else "fp32"),
                     unhinted=[n for n, t in self.signature.items() if t in ("i32", "i64") and n not in hinted],
                     unaligned_ptrs=[n for n, t in self.signature.items() if t.startswith("*") and n not in hinted])

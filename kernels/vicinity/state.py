@@ -185,8 +185,8 @@ def finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr,
     program stores its partials at s_part / z_part + chunk * part_stride, a CTA barrier orders every
     thread's stores before one acq_rel atomic increment of count[group] (release: the partials are
     visible to whoever acquires the count after it), and the program that sees n_chunks - 1 (the
-    group's last to arrive) sums all n_chunks partials in chunk order 0, 1, ... from L2, applies the
-    scale, writes the states and re-arms count[group] to 0 for the next launch. The atomic only elects:
+    group's last to arrive) sums all n_chunks partials in chunk order 0, 1, ... from L2 (``_sum_chunks``),
+    applies the scale, writes the states and re-arms count[group] to 0 for the next launch. The atomic only elects:
     the sum, its order and its operands are the same whichever program is last, so the states are
     bitwise reproducible run to run."""
     first_row = bh.to(tl.int64) * N_FEAT  # index of this bh's state m = 0
@@ -202,27 +202,45 @@ def finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr,
     mask_z = (offs_m < N_FEAT) & (offs_rd < D) & ((offs_r * 0 + e_tile) == 0)
     z_rows = tl.sum(tl.where(tl.arange(0, Z_COLS)[None, :] == 0, z_acc, 0.0), axis=1)
     if CHUNKED:
-        s_part = s_part_ptr + offs_s + chunk.to(tl.int64) * part_stride
-        z_part = z_part_ptr + offs_z + chunk.to(tl.int64) * part_stride
-        tl.store(s_part, s_acc, mask=mask_s)
-        tl.store(z_part, z_rows, mask=mask_z)
+        part = chunk.to(tl.int64) * part_stride
+        tl.store(s_part_ptr + part + offs_s, s_acc, mask=mask_s)
+        tl.store(z_part_ptr + part + offs_z, z_rows, mask=mask_z)
         tl.debug_barrier()     # every thread's partial stored before the release below
         arrived = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
         if arrived == n_chunks - 1:
-            # .cg: from L2, where the other programs' partials are (this SM's L1 is not coherent).
-            s_part = s_part_ptr + offs_s
-            z_part = z_part_ptr + offs_z
-            s_sum = tl.load(s_part, mask=mask_s, other=0.0, cache_modifier=".cg")
-            z_sum = tl.load(z_part, mask=mask_z, other=0.0, cache_modifier=".cg")
-            for _ in tl.range(1, n_chunks, num_stages=1):
-                s_part += part_stride   # pointer steps: chunk * part_stride could overflow int32
-                z_part += part_stride
-                s_sum += tl.load(s_part, mask=mask_s, other=0.0, cache_modifier=".cg")
-                z_sum += tl.load(z_part, mask=mask_z, other=0.0, cache_modifier=".cg")
-            _write_states(s_sum, z_sum, s_ptr, z_ptr, offs_s, offs_z, mask_s, mask_z, scale, s_copy_ptr, COPY)
+            _sum_chunks(s_ptr, z_ptr, s_part_ptr, z_part_ptr, n_chunks, part_stride, first_row, d0, e0, e_tile, D, DV,
+                        scale, N_FEAT, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
             tl.atomic_xchg(count_ptr + group, 0)     # re-armed: the next launch finds it at zero
     else:
         _write_states(s_acc, z_rows, s_ptr, z_ptr, offs_s, offs_z, mask_s, mask_z, scale, s_copy_ptr, COPY)
+
+
+@triton.jit
+def _sum_chunks(s_ptr, z_ptr, s_part_ptr, z_part_ptr, n_chunks, part_stride, first_row, d0, e0, e_tile, D, DV, scale,
+                N_FEAT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, s_copy_ptr, COPY: tl.constexpr):
+    """The elected program's reduction: for each state m of the group (states first_row + m, head rows d0..,
+    Dv columns e0..), S and z = scale * the sum of the n_chunks partials in chunk order, loaded from L2
+    (.cg: the other programs' stores are there, not in this SM's L1). One [BLOCK_D, BLOCK_DV] state at a
+    time: a few registers, whatever the stacked tile's size."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    mask_s = (offs_d < D)[:, None] & (offs_e < DV)[None, :]
+    mask_z = (offs_d < D) & ((offs_d * 0 + e_tile) == 0)     # z: the first Dv tile's group
+    tile_s = offs_d[:, None] * DV + offs_e[None, :]          # within one state (int32)
+    for m in tl.range(N_FEAT, num_stages=1):
+        s_state = (first_row + m) * D * DV
+        z_state = (first_row + m) * D
+        s_part = s_part_ptr + s_state
+        z_part = z_part_ptr + z_state
+        s_sum = tl.load(s_part + tile_s, mask=mask_s, other=0.0, cache_modifier=".cg")
+        z_sum = tl.load(z_part + offs_d, mask=mask_z, other=0.0, cache_modifier=".cg")
+        for _ in tl.range(1, n_chunks, num_stages=1):
+            s_part += part_stride      # pointer steps: chunk * part_stride could overflow int32
+            z_part += part_stride
+            s_sum += tl.load(s_part + tile_s, mask=mask_s, other=0.0, cache_modifier=".cg")
+            z_sum += tl.load(z_part + offs_d, mask=mask_z, other=0.0, cache_modifier=".cg")
+        _write_states(s_sum, z_sum, s_ptr + s_state, z_ptr + z_state, tile_s, offs_d, mask_s, mask_z, scale,
+                      s_copy_ptr + s_state if COPY else s_copy_ptr, COPY)
 
 
 @triton.jit
