@@ -229,6 +229,10 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
     else:
         block_d = min(head_block(d), max_tile(dtype))
         block_dv = min(head_block(dv), max_tile(dtype))
+        if (d % 16 or dv % 16) and dtype in (torch.float16, torch.bfloat16):
+            # Unaligned heads (scalar accesses, 64-bit addresses per element): 32-wide tiles, as the
+            # per-token passes take; at 64 the packed forward state pass spills on sm_80.
+            block_d, block_dv = min(block_d, UNALIGNED_TILE), min(block_dv, UNALIGNED_TILE)
         # fp32 inputs (TF32x3: operands split in two): 32 tokens a block; at 64 some packed variants spill.
         block_n = GPU_BLOCK_N // 2 if dtype == torch.float32 else GPU_BLOCK_N
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
