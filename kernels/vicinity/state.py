@@ -209,37 +209,50 @@ def finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr,
         arrived = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
         if arrived == n_chunks - 1:
             _sum_chunks(s_ptr, z_ptr, s_part_ptr, z_part_ptr, n_chunks, part_stride, first_row, d0, e0, e_tile, D, DV,
-                        scale, N_FEAT, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
+                        scale, N_FEAT, F_PAD, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
             tl.atomic_xchg(count_ptr + group, 0)     # re-armed: the next launch finds it at zero
     else:
         _write_states(s_acc, z_rows, s_ptr, z_ptr, offs_s, offs_z, mask_s, mask_z, scale, s_copy_ptr, COPY)
 
 
+# Elements the elected program sums at a time (16 a thread at 8 warps): whole states, several at once
+# when they are small, so that the loads stay wide (a 16 x 16 fp32 state alone is one element a thread).
+SUM_ELEMENTS = tl.constexpr(4096)
+
+
 @triton.jit
 def _sum_chunks(s_ptr, z_ptr, s_part_ptr, z_part_ptr, n_chunks, part_stride, first_row, d0, e0, e_tile, D, DV, scale,
-                N_FEAT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, s_copy_ptr, COPY: tl.constexpr):
+                N_FEAT: tl.constexpr, F_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                s_copy_ptr, COPY: tl.constexpr):
     """The elected program's reduction: for each state m of the group (states first_row + m, head rows d0..,
     Dv columns e0..), S and z = scale * the sum of the n_chunks partials in chunk order, loaded from L2
-    (.cg: the other programs' stores are there, not in this SM's L1). One [BLOCK_D, BLOCK_DV] state at a
-    time: a few registers, whatever the stacked tile's size."""
-    offs_d = d0 + tl.arange(0, BLOCK_D)
+    (.cg: the other programs' stores are there, not in this SM's L1). G states [G * BLOCK_D, BLOCK_DV] at a
+    time (G * BLOCK_D * BLOCK_DV <= SUM_ELEMENTS, at least one state; a power of two <= F_PAD): few
+    registers, whatever the stacked tile's size."""
+    FIT: tl.constexpr = SUM_ELEMENTS // (BLOCK_D * BLOCK_DV)      # powers of two, as F_PAD is
+    G: tl.constexpr = (F_PAD if F_PAD < FIT else FIT) if FIT > 1 else 1
+    offs_r = tl.arange(0, G * BLOCK_D)
+    offs_g = offs_r // BLOCK_D
+    offs_d = d0 + offs_r % BLOCK_D
     offs_e = e0 + tl.arange(0, BLOCK_DV)
-    mask_s = (offs_d < D)[:, None] & (offs_e < DV)[None, :]
-    mask_z = (offs_d < D) & ((offs_d * 0 + e_tile) == 0)     # z: the first Dv tile's group
-    tile_s = offs_d[:, None] * DV + offs_e[None, :]          # within one state (int32)
-    for m in tl.range(N_FEAT, num_stages=1):
-        s_state = (first_row + m) * D * DV
-        z_state = (first_row + m) * D
+    tile_s = offs_g[:, None] * D * DV + offs_d[:, None] * DV + offs_e[None, :]   # within the G states (int32)
+    tile_z = offs_g * D + offs_d
+    for m0 in tl.range(0, N_FEAT, G, num_stages=1):
+        in_g = (m0 + offs_g < N_FEAT) & (offs_d < D)
+        mask_s = in_g[:, None] & (offs_e < DV)[None, :]
+        mask_z = in_g & ((offs_r * 0 + e_tile) == 0)     # z: the first Dv tile's group
+        s_state = (first_row + m0) * D * DV
+        z_state = (first_row + m0) * D
         s_part = s_part_ptr + s_state
         z_part = z_part_ptr + z_state
         s_sum = tl.load(s_part + tile_s, mask=mask_s, other=0.0, cache_modifier=".cg")
-        z_sum = tl.load(z_part + offs_d, mask=mask_z, other=0.0, cache_modifier=".cg")
+        z_sum = tl.load(z_part + tile_z, mask=mask_z, other=0.0, cache_modifier=".cg")
         for _ in tl.range(1, n_chunks, num_stages=1):
             s_part += part_stride      # pointer steps: chunk * part_stride could overflow int32
             z_part += part_stride
             s_sum += tl.load(s_part + tile_s, mask=mask_s, other=0.0, cache_modifier=".cg")
-            z_sum += tl.load(z_part + offs_d, mask=mask_z, other=0.0, cache_modifier=".cg")
-        _write_states(s_sum, z_sum, s_ptr + s_state, z_ptr + z_state, tile_s, offs_d, mask_s, mask_z, scale,
+            z_sum += tl.load(z_part + tile_z, mask=mask_z, other=0.0, cache_modifier=".cg")
+        _write_states(s_sum, z_sum, s_ptr + s_state, z_ptr + z_state, tile_s, tile_z, mask_s, mask_z, scale,
                       s_copy_ptr + s_state if COPY else s_copy_ptr, COPY)
 
 
