@@ -5,7 +5,7 @@
     python -m tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn,
                                                                      # vicinity_varlen)
     python -m tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
-    python -m tools.compile_gate --roles 'fwd_output|bwd_keys'  # only the kernels of the launch roles it matches (re.search)
+    python -m tools.compile_gate --roles 'output|keys' # only the kernels of the launch roles it matches
     python -m tools.compile_gate --json out.json --text out.txt
 
 No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=None, metavar="REGEX",
                         help="only the cases whose label matches (e.g. 'fp16 D40/40 .* unaligned')")
     parser.add_argument("--roles", default=None, metavar="REGEX",
-                        help="only the kernels with a launch role that matches (re.search: 'state' matches fwd_state and bwd_state)")
+                        help="only the kernels with a launch role it matches (re.search: 'state' matches "
+                             "fwd_state and bwd_state)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if _interpreting():
