@@ -274,6 +274,8 @@ class LaunchRecorder:
             name = getattr(getattr(fn_self, "fn", None), "__name__", type(fn_self).__name__)
             blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") and isinstance(v, int)}
             entry = dict(kernel=name, blocks=blocks)
+            if kwargs.get("CHUNKED"):        # a state pass that reduces its chunks (the last program sums)
+                entry["chunked"] = True
             if not recorder.timed:
                 recorder.launches.append(entry)
                 return original(fn_self, *args, **kwargs)
@@ -373,7 +375,8 @@ def varlen_call(shape: dict, backend: str):
 
 def sm90_paths(shape: dict, dtype, launches: LaunchRecorder) -> dict:
     """The sm_90 paths a vicinity call took, each by name: the fused query pass, 128-token tiles, bf16 state
-    copies (the forward's S saved in bf16 for the backward's dq dots), the chunk reduction."""
+    copies (the forward's S saved in bf16 for the backward's dq dots), the chunk reduction (inside a chunked
+    state pass)."""
     import torch
 
     from vicinity_attn.vicinity.triton_backend import saved_state_dtype
@@ -382,7 +385,7 @@ def sm90_paths(shape: dict, dtype, launches: LaunchRecorder) -> dict:
     names = launches.kernels()
     return dict(fused_query_pass="query_pass_kernel" in names, tiles_128=(launches.max_block() or 0) >= 128,
                 bf16_state_copies=saved_state_dtype(ref, ref_v, shape.get("clamp")) == torch.bfloat16,
-                chunk_reduction="chunk_reduce_kernel" in names, kernels=names,
+                chunk_reduction=any(e.get("chunked") for e in launches.launches), kernels=names,
                 max_block_n=launches.max_block())
 
 

@@ -245,3 +245,50 @@ def pick_precision(dtype: torch.dtype, dot: torch.dtype | None = None,
     if exact_dots():
         return Precision(prec.acc, prec.acc, "ieee")
     return prec.emulated()
+
+
+# The SM count that plans take where no GPU is asked (the interpreter, CPU tensors, the compile gate):
+# an H100 SXM's.
+DEFAULT_SM_COUNT = 132
+_SM_COUNTS: dict = {}    # torch.device -> multiprocessor count
+
+
+def sm_count(device: torch.device) -> int:
+    """The number of SMs of ``device`` (a CUDA device: its multiprocessor count, looked up once per
+    device); DEFAULT_SM_COUNT under the interpreter and for any other device. Launch plans that follow
+    it depend on the device model, never on timing."""
+    if interpreting() or device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    count = _SM_COUNTS.get(device)
+    if count is None:
+        count = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+# Counters of the last-program elections (the state passes' chunk reduction), per (device, stream).
+_COUNTERS: dict = {}
+COUNTERS_MIN = 1024
+
+
+def election_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 [>= n] zeros on ``device``, one counter per program group of a last-program election.
+
+    Every launch that uses them leaves them at zero again (the elected program re-arms its group's
+    counter), so a kept buffer needs no memset per call: it is zeroed once when made and kept per
+    (device, stream), grown on demand (a launch on the same stream is ordered after the previous user,
+    so the old buffer may go). Two streams never share one: their launches may overlap, and interleaved
+    counts would elect the wrong program. While a stream is being captured into a CUDA graph (torch.cuda.graph,
+    torch.compile's CUDA graphs) the buffer is the graph's own, zeroed by a memset node inside the graph
+    at every replay: a kept buffer's zeros at replay time would depend on what ran before."""
+    if device.type != "cuda":
+        stream = None
+    else:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[key] = torch.zeros(max(COUNTERS_MIN, next_power_of_2(n)), dtype=torch.int32,
+                                                device=device)
+    return counters

@@ -5,7 +5,7 @@
     python -m tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn,
                                                                      # vicinity_varlen)
     python -m tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
-    python -m tools.compile_gate --roles 'fwd_output|bwd_keys'  # only the kernels of those launch roles
+    python -m tools.compile_gate --roles 'output|keys' # only the kernels of the launch roles it matches
     python -m tools.compile_gate --json out.json --text out.txt
 
 No GPU needed. One matrix per operation (MATRICES). Vicinity attention: dtype x head dims x layout x
@@ -250,7 +250,7 @@ class Job:
         specialisation would change), and the io dtype."""
         names = list(self.signature)
         hinted = {names[k[0]] for k, v in self.attrs.items() if v}
-        ptr_types = [t for t in self.signature.values() if t.startswith("*") and t != "*fp32"]
+        ptr_types = [t for t in self.signature.values() if t.startswith("*") and t not in ("*fp32", "*i32")]
         return dict(dtype=(ptr_types[0][1:] if ptr_types else "fp32"),
                     unhinted=[n for n, t in self.signature.items() if t in ("i32", "i64") and n not in hinted],
                     unaligned_ptrs=[n for n, t in self.signature.items() if t.startswith("*") and n not in hinted])
@@ -355,14 +355,14 @@ def verdicts(job: Job, row: dict) -> dict:
 
 def run_gate(cases: list[LaunchCase], jobs_n: int | None = None,
              roles: str | None = None) -> tuple[list[Job], list[dict], dict]:
-    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan. With
-    ``roles`` (a regular expression) only the jobs one of whose launch roles it matches are compiled."""
+    """Capture, compile every distinct job (in parallel worker processes); returns jobs, rows, plan.
+    ``roles`` (a regular expression): only the jobs with a launch role it matches (and their plan entries)."""
     jobs, plan = collect_jobs(cases)
     if roles is not None:
-        kept = [i for i, j in enumerate(jobs) if any(re.fullmatch(roles, r) for r in j.roles)]
-        new_index = {old: new for new, old in enumerate(kept)}
+        kept = [i for i, j in enumerate(jobs) if any(re.search(roles, r) for r in j.roles)]
+        new = {old: i for i, old in enumerate(kept)}
         jobs = [jobs[i] for i in kept]
-        plan = {c: [(r, a, new_index[i], g) for r, a, i, g in entries if i in new_index] for c, entries in plan.items()}
+        plan = {c: [(r, a, new[j], g) for r, a, j, g in entries if j in new] for c, entries in plan.items()}
     workers = jobs_n or max(1, os.cpu_count() or 1)
     # A private cache: every job really compiles, so ptxas runs and its spill report is complete.
     with tempfile.TemporaryDirectory(prefix="vicinity_gate_cache_") as cache:
@@ -418,7 +418,7 @@ def _status(v: dict) -> str:
 def format_table(jobs: list[Job], rows: list[dict]) -> str:
     header = (f"{'roles':<26} {'arch':<6} {'dt':<4} {'tile':>5} {'w':>2} {'st':>2} {'cases':<34} {'reg':>3} "
               f"{'smem':>6} {'spl':>3} {'CTA/SM':>6} {'TC':>4} {'loads':<16} {'stores':<12} {'async':<18} "
-              f"{'loop i/it':>9} {'loop loads':<14} {'loop TC':>7}  status")
+              f"{'loop i/it':>9} {'loop loads':<14} {'loop TC':>7} {'loop STS':<12}  status")
     lines = [header, "-" * len(header)]
     order = sorted(range(len(jobs)), key=lambda i: (sorted(jobs[i].roles)[0], jobs[i].arch,
                                                     jobs[i].describe()["dtype"], str(jobs[i].constexpr("BLOCK_D"))))
@@ -435,9 +435,9 @@ def format_table(jobs: list[Job], rows: list[dict]) -> str:
         k, m, occ = row["sass"]["kernel"], row["sass"]["main_loop"], row["occupancy"]
         if m:
             loads = _widths(m["loads"]) + (" +" + _widths(m["async_copies"]) if m["async_copies"] else "")
-            loop = f"{m['instructions']:>9} {loads:<14.14} {m['tensor_core']:>7}"
+            loop = f"{m['instructions']:>9} {loads:<14.14} {m['tensor_core']:>7} {_widths(m['shared_stores']):<12.12}"
         else:
-            loop = f"{'no loop':>9} {'':<14} {'':>7}"
+            loop = f"{'no loop':>9} {'':<14} {'':>7} {'':<12}"
         lines.append(f"{head} {row['regs']:>3} {row['smem']:>6} {row['spill']:>3} "
                      f"{str(occ['ctas']) + '/' + str(occ['warps']):>6} {k['tensor_core']:>4} "
                      f"{_widths(k['loads']):<16.16} {_widths(k['stores']):<12.12} "
@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=None, metavar="REGEX",
                         help="only the cases whose label matches (e.g. 'fp16 D40/40 .* unaligned')")
     parser.add_argument("--roles", default=None, metavar="REGEX",
-                        help="only the kernels of the launch roles it matches whole (e.g. 'fwd_output|bwd_keys')")
+                        help="only the kernels with a launch role it matches (re.search: 'state' matches "
+                             "fwd_state and bwd_state)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if _interpreting():
@@ -560,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             "layouts / a(ligned) u(naligned) / geometries (k-NN: N query tokens, kM keys when not N) that launch it, "
             "CTA/SM = CTAs/warps per SM (sm_80 on A100, "
             "sm_90a on H100), TC = tensor-core instructions, loads/stores = global access width (bits) x count, "
-            "loop = main loop: SASS instructions per iteration, its loads, its TC instructions")
+            "loop = main loop: SASS instructions per iteration, its loads, its TC instructions, its shared stores "
+            "(STS: bits x count)")
     print(table + "\n" + foot)
     arg_line = " ".join(argv)   # the command that reproduces this report (written into it)
     if args.text:

@@ -165,17 +165,14 @@ def _run_vicinity_varlen(case: LaunchCase, phase: Callable[[str], None], fill: C
 # A launch not listed here still appears, named "<phase>_<kernel>_<occurrence>".
 VICINITY_ROLES = {
     ("fwd", "state_partial_kernel", 0): "fwd_state",
-    ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("fwd", "output_pass_kernel", 0): "fwd_output",
     ("bwd", "query_pass_kernel", 0): "bwd_queries",   # dq and the state gradients in one launch
     ("bwd", "dq_pass_kernel", 0): "bwd_dq",       # computes the row weights too
     ("bwd", "state_partial_kernel", 0): "bwd_state",
-    ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd", "key_pass_kernel", 0): "bwd_keys",
     # Without dq (case.extra grads "kv") the row weights take their own launch.
     ("bwd_kv", "row_weights_kernel", 0): "bwd_row_weights",
     ("bwd_kv", "state_partial_kernel", 0): "bwd_state",
-    ("bwd_kv", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd_kv", "key_pass_kernel", 0): "bwd_keys",
 }
 
@@ -183,14 +180,12 @@ VICINITY_ROLES = {
 # epilogue; the backward first recomputes the unclamped numerator (an output pass without den).
 VICINITY_CLAMP_ROLES = {
     ("fwd", "state_partial_kernel", 0): "fwd_state",
-    ("fwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("fwd", "state_clamp_kernel", 0): "clamp_states",
     ("fwd", "output_pass_kernel", 0): "fwd_output_clamp",
     ("bwd", "output_pass_kernel", 0): "bwd_numerator",
     ("bwd", "clamped_row_weights_kernel", 0): "bwd_row_weights_clamp",
     ("bwd", "dq_pass_kernel", 0): "bwd_dq",
     ("bwd", "state_partial_kernel", 0): "bwd_state",
-    ("bwd", "chunk_reduce_kernel", None): "chunk_reduce",
     ("bwd", "state_grad_mask_kernel", 0): "clamp_grad_mask",
     ("bwd", "key_pass_kernel", 0): "bwd_keys",
 }

@@ -21,6 +21,7 @@ GLOBAL_LOADS = ("LDG",)
 GLOBAL_STORES = ("STG",)
 ASYNC_COPIES = ("LDGSTS", "UBLKCP", "UTMALDG", "UTMASTG", "UBLKRED", "UTMAREDG")
 GLOBAL_ATOMICS = ("RED", "ATOM", "ATOMG")
+SHARED_STORES = ("STS",)
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -179,8 +180,10 @@ def tile_lines(ttgir: str) -> dict:
 
 
 def memory_summary(instrs: list[Instr], tiles: dict) -> dict:
-    """Counts of global accesses by kind and width, async copies and tensor-core instructions."""
-    out = dict(instructions=len(instrs), loads={}, stores={}, async_copies={}, atomics=0, tensor_core=0,
+    """Counts of global accesses by kind and width, async copies, shared stores (STS) by width and
+    tensor-core instructions."""
+    out = dict(instructions=len(instrs), loads={}, stores={}, async_copies={}, shared_stores={}, atomics=0,
+               tensor_core=0,
                tensor_core_kinds={}, warp_mma_flops=0, warpgroup_mma_flops=0, narrow_tile_accesses=[],
                narrow_accesses=[], load_bits=0)
     for ins in instrs:
@@ -202,6 +205,9 @@ def memory_summary(instrs: list[Instr], tiles: dict) -> dict:
                 out["narrow_accesses"].append(f"{ins.opcode}@{where}")
         elif fam in GLOBAL_ATOMICS:
             out["atomics"] += 1
+        elif fam in SHARED_STORES:     # register -> shared stores (STS.128, STS.64, STS, STS.U16, ...)
+            key = str(access_width(ins.opcode))
+            out["shared_stores"][key] = out["shared_stores"].get(key, 0) + 1
         elif fam in TENSOR_CORE_OPS:
             out["tensor_core"] += 1
             out["tensor_core_kinds"][ins.opcode] = out["tensor_core_kinds"].get(ins.opcode, 0) + 1

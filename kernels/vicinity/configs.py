@@ -8,14 +8,22 @@ accumulator at most 64 x 64 fp32 and leaves registers free (the compile gate che
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton.language as tl
 
-from ..runtime import Precision, interpreting, next_power_of_2, pick_precision, plan_cache, target_arch
+from ..runtime import (
+    DEFAULT_SM_COUNT,
+    Precision,
+    interpreting,
+    next_power_of_2,
+    pick_precision,
+    plan_cache,
+    sm_count,
+    target_arch,
+)
 
 HEAD_BLOCKS = (16, 32, 64)
 GPU_BLOCK_N = 64
@@ -40,11 +48,12 @@ UNALIGNED_NUM_WARPS = 8
 # (elsewhere it spills, see pick_config).
 WIDE_BLOCK_N = 128
 WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
-# State pass chunking: enough (chunk, head, tile) programs for one per H100 SM (the state programs
-# hold all F states: 8-warp ones run 1 CTA per SM), each chunk at least MIN_BLOCKS_PER_CHUNK token
-# blocks, since every chunk's program writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that
-# the reduction reads back: more chunks only pay when they fill idle SMs with enough tokens each.
-GPU_TARGET_PROGRAMS = 132
+# State pass chunking: enough (chunk, head, tile) programs for one per SM of the device (the state
+# programs hold all F states: 8-warp ones run 1 CTA per SM; a fixed count would run a second wave on a
+# GPU with fewer SMs), each chunk at least MIN_BLOCKS_PER_CHUNK token blocks, since every chunk's program
+# writes an F x D x Dv partial (64 KB at F = 4, D = Dv = 64) that the elected program reads back: more
+# chunks only pay when they fill idle SMs with enough tokens each. The SM count is the device's
+# (runtime.sm_count: DEFAULT_SM_COUNT = 132, an H100 SXM's, under the interpreter and the compile gate).
 MIN_BLOCKS_PER_CHUNK = 8
 INTERPRET_BLOCKS_PER_CHUNK = 2
 
@@ -200,24 +209,8 @@ RESIDENT_FEW_FEATURES = 4
 # Programs per (head, Dv tile): one wave of the CTAs an SM holds. The resident passes take up to 255
 # registers a thread, so an SM's 64K registers hold 8 of their warps: two CTAs of 4 warps, one of 8.
 RESIDENT_WARPS_PER_SM = 8
-# The SM count used where no GPU is asked (interpreter, compile gate): an H100 SXM's.
-DEFAULT_SM_COUNT = 132
 # Tests only: a fixed number of programs per (head, Dv tile) instead of the device's (None: the device's).
 PROGRAMS_PER_HEAD: int | None = None
-
-
-def sm_count(device: torch.device | str | None = None) -> int:
-    """The number of SMs of ``device`` (a CUDA device; DEFAULT_SM_COUNT for anything else and under the
-    interpreter)."""
-    if interpreting() or device is None or torch.device(device).type != "cuda":
-        return DEFAULT_SM_COUNT
-    index = torch.device(device).index
-    return _cuda_sm_count(torch.cuda.current_device() if index is None else index)
-
-
-@functools.lru_cache(maxsize=64)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def resident_programs(n_blocks: int, rows: int, device: torch.device, num_warps: int) -> int:
@@ -331,6 +324,10 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
     else:
         block_d = min(head_block(d), max_tile(dtype))
         block_dv = min(head_block(dv), max_tile(dtype))
+        if (d % 16 or dv % 16) and dtype in (torch.float16, torch.bfloat16):
+            # Unaligned heads (scalar accesses, 64-bit addresses per element): 32-wide tiles, as the
+            # per-token passes take; at 64 the packed forward state pass spills on sm_80.
+            block_d, block_dv = min(block_d, UNALIGNED_TILE), min(block_dv, UNALIGNED_TILE)
         # fp32 inputs (TF32x3: operands split in two): 32 tokens a block; at 64 some packed variants spill.
         block_n = GPU_BLOCK_N // 2 if dtype == torch.float32 else GPU_BLOCK_N
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
@@ -364,16 +361,18 @@ class ChunkPlan:
 
 
 @plan_cache
-def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int) -> ChunkPlan:
-    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of the GPU.
+def chunk_plan(n_tokens: int, block_n: int, programs_per_chunk: int, sms: int = DEFAULT_SM_COUNT) -> ChunkPlan:
+    """Split ``n_tokens`` into chunks so that chunks x programs_per_chunk fills (at most) one wave of a
+    GPU with ``sms`` SMs.
 
-    Depends only on shapes (not on the device), so results are bitwise reproducible everywhere.
+    Depends only on the shapes and the device's SM count (never on timing), so results are bitwise
+    reproducible on every device of one model; devices with other SM counts may sum in other chunks.
     """
     n_blocks = max(1, math.ceil(n_tokens / block_n))
     if interpreting():
         per_chunk = INTERPRET_BLOCKS_PER_CHUNK
     else:
-        wanted = max(1, GPU_TARGET_PROGRAMS // max(1, programs_per_chunk))   # at most one wave
+        wanted = max(1, sms // max(1, programs_per_chunk))   # at most one wave
         per_chunk = max(MIN_BLOCKS_PER_CHUNK, math.ceil(n_blocks / wanted))
     per_chunk = min(per_chunk, n_blocks)
     return ChunkPlan(math.ceil(n_blocks / per_chunk), per_chunk)
@@ -386,7 +385,7 @@ def pow2_scale(n: int) -> float:
 
 
 # The launches, by the names the compile gate uses for them.
-LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_keys", "chunk_reduce")
+LAUNCHES = ("fwd_state", "fwd_output", "bwd_row_weights", "bwd_dq", "bwd_state", "bwd_keys")
 # Launches whose dot operands are bounded by the inputs: phi(k) P (|P| <= 1) against v.
 INPUT_RANGE_DOTS = ("fwd_state",)
 

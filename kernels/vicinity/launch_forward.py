@@ -1,4 +1,4 @@
-"""Forward launcher: state pass over the keys, fixed-order chunk reduction, output pass over the queries.
+"""Forward launcher: state pass over the keys (its chunk reduction inside: state.py), output pass over the queries.
 
 The launchers also serve packed variable-length calls (``pack``, see varlen.py): the tensors are then
 [1, H, T, E] views of the packed [T, H, E] ones, one launch covers all sequences, and the power-of-two
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..fast_launch import launch_kernel
-from ..runtime import Precision, cdiv, next_power_of_2, plan_cache, target_arch
+from ..runtime import Precision, cdiv, election_counters, next_power_of_2, plan_cache, sm_count, target_arch
 from .clamp import state_clamp_kernel
 from .configs import (
     HEAD_BLOCKS,
@@ -33,7 +33,7 @@ from .configs import (
 from .geometry import Geometry
 from .output import output_pass_kernel
 from .queries import query_pass_kernel
-from .state import chunk_reduce_kernel, state_partial_kernel
+from .state import state_partial_kernel
 from .varlen import Packing
 
 REDUCE_BLOCK = 1024
@@ -112,9 +112,10 @@ class StatePlan:
 
 @plan_cache
 def state_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, D: int, Dv: int, n_tokens: int,
-               lead: int, fused: bool, row_weights: bool) -> StatePlan:
+               lead: int, fused: bool, row_weights: bool, sms: int) -> StatePlan:
     """The :class:`StatePlan` of a state pass over ``n_tokens`` tokens (the longest sequence when packed) of
-    ``lead`` (sequence, head) pairs; ``fused``: the backward's fused query pass (queries.py)."""
+    ``lead`` (sequence, head) pairs on a device of ``sms`` SMs; ``fused``: the backward's fused query pass
+    (queries.py)."""
     prec = dot_precision(launch, dtype)
     tiles = state_tiles(geom.n_feat, D, Dv, dtype, launch)
     n_tiles = cdiv(D, tiles.block_d) * cdiv(Dv, tiles.block_dv)
@@ -125,7 +126,7 @@ def state_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, 
     else:
         kwargs.update(ROW_WEIGHTS=row_weights, **tiles.options())
     return StatePlan(_acc_torch_dtype(prec), n_tiles, tiles.block_n,
-                     chunk_plan(n_tokens, tiles.block_n, lead * n_tiles), kwargs)
+                     chunk_plan(n_tokens, tiles.block_n, lead * n_tiles, sms), kwargs)
 
 
 def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
@@ -153,46 +154,43 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     lead = B * H if pack is None else pack.n_seqs * H
     row_weights = rs is not None
     sp = state_plan(geom, is_query, launch, x.dtype, D, Dv, N if pack is None else pack.max_length(is_query), lead,
-                    dq is not None, row_weights)
+                    dq is not None, row_weights, sm_count(x.device))
     plan = sp.chunks
     n_s, n_z = lead * F * D * Dv, lead * F * D
     S = torch.empty(lead, F, D, Dv, dtype=sp.acc_dtype, device=x.device)
     assert s_copy is None or (s_copy.shape == S.shape and s_copy.is_contiguous())
     copy = {} if s_copy is None else dict(s_copy_ptr=s_copy, COPY=True)
     z = torch.empty(lead, F, D, dtype=sp.acc_dtype, device=x.device)
-    # One chunk: the partial kernel scales and writes S, z itself (the same product the reduction
-    # would compute, so the result is bitwise the same), and the reduction is skipped. Several: the
-    # partials of a chunk are one row [S | z] of one buffer, so that one reduction launch sums both.
-    single = plan.n_chunks == 1
-    parts = None if single else torch.empty(plan.n_chunks, n_s + n_z, dtype=sp.acc_dtype, device=x.device)
-    s_part, z_part = (S, z) if single else (parts[0, :n_s], parts[0, n_s:])
+    # One chunk: each program scales and writes its states. Several: each writes its chunk's partials
+    # (S and z of a chunk side by side, one row of ``parts``) and the last program of its group sums
+    # them (state.py's finish_states), elected on one of the kept, self-re-arming counters.
+    chunked = plan.n_chunks > 1
+    groups = lead * (1 if dq is not None else sp.n_tiles)
+    if chunked:
+        parts = torch.empty(plan.n_chunks, n_s + n_z, dtype=sp.acc_dtype, device=x.device)
+        s_part, z_part = parts[0, :n_s], parts[0, n_s:]
+        counters = election_counters(x.device, groups)
+    else:
+        s_part, z_part, counters = S, z, S   # never read (CHUNKED=False): any pointer will do
     sizes = geom.q_sizes if is_query else geom.k_sizes
     if not row_weights:
-        rs = rz = s_part  # never read (ROW_WEIGHTS=False); any pointer will do
+        rs = rz = S  # never read (ROW_WEIGHTS=False); any pointer will do
     packed = {}
     if pack is not None:
-        # Every partial is scaled (by its sequence's factor): the reduction only sums.
         chunks = pack.chunk_counts(is_query, sp.block_n, plan.blocks_per_chunk)
         packed = dict(varlen_kwargs(pack, factor), chunks_ptr=chunks)
-    part_scale = scale if single or pack is not None else 1.0
     if dq is not None:
         assert pack is None and sp.n_tiles == 1 and not row_weights
         launch_kernel(query_pass_kernel, (lead, plan.n_chunks),
-                      x, y, dq.S, dq.z, dq.den, dq.out, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset,
-                      *sizes, plan.blocks_per_chunk, n_s + n_z, part_scale, dq.den_floor, dq.eps, *x.stride(),
-                      *y.stride(), *dq.out.stride(), **sp.kwargs, **(copy if single else {}))
+                      x, y, dq.S, dq.z, dq.den, dq.out, S, z, s_part, z_part, counters, H, N, D, Dv,
+                      geom.n_prefix - tok_offset, *sizes, plan.blocks_per_chunk, plan.n_chunks, n_s + n_z, scale,
+                      dq.den_floor, dq.eps, *x.stride(), *y.stride(), *dq.out.stride(), **sp.kwargs, CHUNKED=chunked,
+                      **copy)
     else:
-        launch_kernel(state_partial_kernel, (lead * sp.n_tiles, plan.n_chunks),
-                      x, y, rs, rz, s_part, z_part, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes,
-                      plan.blocks_per_chunk, n_s + n_z, part_scale, *x.stride(), *y.stride(), **sp.kwargs,
-                      **packed, **(copy if single else {}))
-    if single:
-        return S, z
-    reduce_packed = {} if pack is None else dict(chunks_ptr=packed["chunks_ptr"], rows_per_seq=n_s // pack.n_seqs,
-                                                 z_rows_per_seq=n_z // pack.n_seqs, VARLEN=True)
-    launch_kernel(chunk_reduce_kernel, (cdiv(n_s + n_z, REDUCE_BLOCK),), parts, S, z, n_s, n_s + n_z,
-                  plan.n_chunks, 1.0 if pack is not None else scale, BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
-                  **reduce_packed, **copy)
+        launch_kernel(state_partial_kernel, (groups, plan.n_chunks),
+                      x, y, rs, rz, S, z, s_part, z_part, counters, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes,
+                      plan.blocks_per_chunk, plan.n_chunks, n_s + n_z, scale, *x.stride(), *y.stride(), **sp.kwargs,
+                      CHUNKED=chunked, **packed, **copy)
     return S, z
 
 

@@ -12,12 +12,12 @@ and dO_i . o_i = phi(q_i) . (sum_m P_m(i) S_m dO_i) / den_i from dq's own accumu
     state pass that follows; the clamped backward's dq loads them (``ROWS_LOAD``).
 ``row_weights_kernel`` (when dq is not wanted): the same rs, rz (0 where the floor is active), from the
     same helpers (``row_delta``, ``row_weights``).
-``query_pass_kernel`` (the fused query pass): dq and the state gradients' chunk partials in one launch,
+``query_pass_kernel`` (the fused query pass): dq and the state gradients in one launch,
     reading q and dO once. A program owns one (batch*head, chunk) and walks its chunk's token blocks as
     the state pass does: each block of q and dO is loaded once and serves both the dq rows (written at
     once) and the stacked state GEMM (state.py's ``accumulate_states``); the row weights never leave
-    registers (the separate passes read q and dO twice and write / read rs, rz in between). The partials
-    go out as state.py's do (``store_state_partials``), for the same fixed-order reduction. Head dims of
+    registers (the separate passes read q and dO twice and write / read rs, rz in between). The states
+    go out as state.py's do (``finish_states``: the same last-program, fixed-order chunk reduction). Head dims of
     one tile each (D <= BLOCK_D, DV <= BLOCK_DV): dq contracts over all of Dv and dS needs every (D, Dv)
     tile, so wider heads keep the separate passes (launch_backward.py decides).
     Resident form (RESIDENT > 0, sm_90 launches where the tiles fit: configs.resident_query_features):
@@ -38,7 +38,7 @@ from ..common import dot_operand, feature_map, mma, mul_feature_map_grad
 from ..runtime import launch_jit
 from .clamp import without_floor_rows
 from .positions import position_axes, select_position_feature
-from .state import accumulate_states, feature_columns, store_state_partials
+from .state import accumulate_states, feature_columns, finish_states
 from .varlen import token_block
 
 # How dq_pass_kernel gets its row weights (constexpr ROWS): loaded (the clamped backward's dq,
@@ -288,10 +288,11 @@ def row_weights_kernel(
 
 @launch_jit
 def query_pass_kernel(
-    # pointers: q, dO, the forward's states M (S) and z, den; outputs dq and the dS / dz chunk partials
-    q_ptr, do_ptr, m_ptr, z_ptr, den_ptr, dq_ptr, s_part_ptr, z_part_ptr,
-    # sizes (H, N, grid_*, blocks_per_chunk: runtime, never specialised) and scalars
-    H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, blocks_per_chunk, part_stride, scale, den_floor, eps,
+    # pointers: q, dO, the forward's states M (S) and z, den; outputs dq, dS and dz; the chunk partials;
+    # election counters
+    q_ptr, do_ptr, m_ptr, z_ptr, den_ptr, dq_ptr, ds_ptr, dz_ptr, s_part_ptr, z_part_ptr, count_ptr,
+    # sizes (H, N, grid_*, blocks_per_chunk, n_chunks: runtime, never specialised) and scalars
+    H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, blocks_per_chunk, n_chunks, part_stride, scale, den_floor, eps,
     # strides
     stride_q_b, stride_q_h, stride_q_n, stride_q_d, stride_do_b, stride_do_h, stride_do_n, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
@@ -299,8 +300,8 @@ def query_pass_kernel(
     N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
     IS_QUERY: tl.constexpr, FMAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr,
-    # single-chunk launches only: a copy of dS in its dot operand dtype
+    DOT: tl.constexpr, PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, CHUNKED: tl.constexpr,
+    # a copy of dS in its dot operand dtype
     s_copy_ptr=None, COPY: tl.constexpr = False,
     # the features whose S tiles stay on chip across the token loop (module docstring) and that loop's
     # pipelining depth (None: the launch's num_stages)
@@ -308,10 +309,11 @@ def query_pass_kernel(
 ):
     """Grid (BH, n_chunks). q [B, H, N, D], dO [B, H, N, DV], dq [B, H, N, D] strided; S
     [BH, F, D, DV] (its own dtype: the dq dots' operand), z [BH, F, D] and den [BH, N] ACC; den_floor,
-    eps scaled like den. Writes dq in its dtype and scale * chunk c's dS, dz partials to s_part / z_part
-    + c * part_stride ([BH, N_FEAT, D, DV] and [BH, N_FEAT, D], ACC), as ``state_partial_kernel`` does
-    (COPY: dS also to s_copy). F_PAD, Z_COLS: as there. RESIDENT (0..F): the tiles S_m of the first
-    RESIDENT features are loaded once, before the token loop, the others (and the z_m) per token block
+    eps scaled like den. Writes dq in its dtype and scale * dS [BH, N_FEAT, D, DV], dz [BH, N_FEAT, D]
+    (ACC) as ``state_partial_kernel`` writes S and z: CHUNKED, through the chunk partials at s_part /
+    z_part + c * part_stride and the last program of each bh (elected on count[bh]); COPY: dS also to
+    s_copy. F_PAD, Z_COLS: as there. RESIDENT (0..F): the tiles S_m of the first RESIDENT features are
+    loaded once, before the token loop, the others (and the z_m) per token block
     (``launch_forward.fused_query_options`` decides); the results are bitwise those of RESIDENT = 0."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -372,5 +374,5 @@ def query_pass_kernel(
                             IS_QUERY, ACC)
         s_acc, z_acc = accumulate_states(phi * rs[:, None], y, p, w, s_acc, z_acc, F_PAD, Z_COLS, BLOCK_N,
                                          BLOCK_D, DOT, PREC)
-    store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_stride, bh, 0, 0, 0, D, DV, scale, N_FEAT,
-                         F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
+    finish_states(s_acc, z_acc, ds_ptr, dz_ptr, s_part_ptr, z_part_ptr, count_ptr, bh, chunk, n_chunks, part_stride,
+                  bh, 0, 0, 0, D, DV, scale, N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, CHUNKED, s_copy_ptr, COPY)

@@ -1,4 +1,4 @@
-"""State kernels: per-chunk partial states and their fixed-order reduction.
+"""State kernels: per-chunk partial states and their fixed-order reduction by the last program.
 
 Forward (x = k, y = v, no row weights):
     S_m = sum_j P_m(j) phi(k_j) v_j^T   [D, Dv],   z_m = sum_j P_m(j) phi(k_j)   [D]
@@ -13,13 +13,15 @@ of two; the padding features are zero and never stored). z comes from the same s
 a [BLOCK_N, Z_COLS] column block whose first column is the token weight (1, or rz / rs in the
 backward) and the rest zeros (Z_COLS = 16, the smallest dot operand): a second, narrow tensor-core
 dot instead of a cross-warp reduction per token block, and z rounded exactly as S is.
-The programs write their partials (S and z of a chunk side by side); one reduction launch then sums
-them over chunks in index order, so results are bitwise reproducible without atomics. With a single
-chunk the partial kernel applies the scale and writes the states directly, and no reduction runs.
+With several chunks per (bh, D tile, Dv tile) group, each program writes its chunk's partials and the
+group's last program to finish, elected by one atomic increment of a per-group counter, sums them in
+chunk order and writes the states (``finish_states``): no reduction launch, and bitwise reproducible,
+since the atomic decides only who sums, never the order or the operands. With a single chunk the
+program applies the scale and writes the states directly.
 
 VARLEN (packed sequences, see varlen.py): a program's bh is (sequence, head); it reads its sequence's
-window, scales by its sequence's factor (always: the reduction then only sums), and a chunk past its
-sequence's chunk count exits at once; the reduction sums each state over its own sequence's chunks.
+window, scales by its sequence's factor, and a chunk past its sequence's chunk count exits at once;
+the election counts the sequence's own chunks.
 """
 import triton
 import triton.language as tl
@@ -99,34 +101,36 @@ def accumulate_states(a, y, p, w, s_acc, z_acc, F_PAD: tl.constexpr, Z_COLS: tl.
 
 @launch_jit
 def state_partial_kernel(
-    # pointers: tokens x and y, row weights rs / rz; outputs: the S and z chunk partials
-    x_ptr, y_ptr, rs_ptr, rz_ptr, s_part_ptr, z_part_ptr,
-    # sizes (H, N, grid_*, blocks_per_chunk: runtime, never specialised) and scalars
-    H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, blocks_per_chunk, part_stride, scale,
+    # pointers: tokens x and y, row weights rs / rz; outputs S and z; the chunk partials; election counters
+    x_ptr, y_ptr, rs_ptr, rz_ptr, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr,
+    # sizes (H, N, grid_*, blocks_per_chunk, n_chunks: runtime, never specialised) and scalars
+    H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, blocks_per_chunk, n_chunks, part_stride, scale,
     # strides
     stride_x_b, stride_x_h, stride_x_n, stride_x_d, stride_y_b, stride_y_h, stride_y_n, stride_y_d,
-    # constexprs: geometry, row weights, tiles, dot precision, stacked-state shape
+    # constexprs: geometry, row weights, tiles, dot precision, stacked-state shape, chunking
     N_FEAT: tl.constexpr, N_AXES: tl.constexpr, VARIANT: tl.constexpr, HAS_PREFIX: tl.constexpr,
     IS_QUERY: tl.constexpr, FMAP: tl.constexpr, ROW_WEIGHTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr,
+    PREC: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, CHUNKED: tl.constexpr,
     # packed (varlen) launches only: the sequence table, chunk counts and factors per sequence
     seq_ptr=None, chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
-    # single-chunk launches only: a copy of S in its dot operand dtype
+    # a copy of S in its dot operand dtype
     s_copy_ptr=None, COPY: tl.constexpr = False,
 ):
-    """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks).
+    """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks): one program per (bh, D tile, Dv tile) group and chunk.
 
     x [B, H, N, D], y [B, H, N, DV] (strided, any float dtype); rs, rz [BH, N] ACC (if ROW_WEIGHTS).
-    Writes scale * the partial sums of chunk c to s_part + c * part_stride ([BH, N_FEAT, D, DV]) and
-    z_part + c * part_stride ([BH, N_FEAT, D]) in ACC: the S and z partials of a chunk share one row of
-    a [n_chunks, part_stride] buffer, so that one reduction sums both. F_PAD: the next power of two
-    >= N_FEAT (stacked features); Z_COLS: the width of z's column block (16).
+    Writes S [BH, N_FEAT, D, DV] and z [BH, N_FEAT, D] (ACC), scaled by ``scale``: see ``finish_states``.
+    CHUNKED (n_chunks > 1): each program writes its chunk's partials to s_part / z_part + chunk *
+    part_stride (unscaled, ACC), and the group's last program (elected on count [group], int32, zero
+    before the launch and after it) sums them in chunk order. F_PAD: the next power of two >= N_FEAT
+    (stacked features); Z_COLS: the width of z's column block (16).
 
     VARLEN: B = 1, N the packed token count, BH = S * H (sequence, head); the window comes from seq
-    [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks.
-    COPY (one chunk: the partials are the states): S is also written to s_copy ([BH, N_FEAT, D, DV], its
-    own dtype: a dot operand copy, see ``compute_states``).
+    [S, SEQ_COLS] (varlen.py), the scale is scale * factor[seq], sequence seq has chunks[seq] chunks (a
+    program past them exits at once; the election counts chunks[seq]).
+    COPY: S is also written to s_copy ([BH, N_FEAT, D, DV], its own dtype: a dot operand copy, see
+    ``compute_states``).
     """
     n_d_tiles = tl.cdiv(D, BLOCK_D)
     n_e_tiles = tl.cdiv(DV, BLOCK_DV)
@@ -145,7 +149,8 @@ def state_partial_kernel(
     row0 = bh * N
     if VARLEN:
         seq = bh // H
-        if chunk >= tl.load(chunks_ptr + seq):
+        n_chunks = tl.load(chunks_ptr + seq)
+        if chunk >= n_chunks:
             return
         start, n_seq, grid_0, grid_1, grid_2 = sequence_window(seq_ptr, seq, IS_QUERY)
         h = bh % H
@@ -164,19 +169,26 @@ def state_partial_kernel(
                                     IS_QUERY, FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq,
                                     row0, VARLEN)
 
-    store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_stride, bh, d0, e0, e_tile, D, DV, scale,
-                         N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
+    finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr, pid, chunk, n_chunks, part_stride,
+                  bh, d0, e0, e_tile, D, DV, scale, N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, CHUNKED, s_copy_ptr, COPY)
 
 
 @triton.jit
-def store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_stride, bh, d0, e0, e_tile, D, DV, scale,
-                         N_FEAT: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, s_copy_ptr, COPY: tl.constexpr):
-    """Writes scale * the stacked accumulators of ``accumulate_states`` as chunk ``chunk``'s partials: S
-    [BH, N_FEAT, D, DV] at s_part + chunk * part_stride, z [BH, N_FEAT, D] at z_part + chunk * part_stride
-    (z by the first Dv tile); COPY: S also to s_copy (its own dtype)."""
-    s_part_ptr += chunk.to(tl.int64) * part_stride
-    z_part_ptr += chunk.to(tl.int64) * part_stride
+def finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr, group, chunk, n_chunks, part_stride,
+                  bh, d0, e0, e_tile, D, DV, scale, N_FEAT: tl.constexpr, F_PAD: tl.constexpr, Z_COLS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr, s_copy_ptr, COPY: tl.constexpr):
+    """Writes scale * the stacked accumulators of ``accumulate_states`` summed over the group's chunks:
+    S [BH, N_FEAT, D, DV] at s_ptr, z [BH, N_FEAT, D] at z_ptr (z by the first Dv tile; COPY: S also to
+    s_copy, its own dtype).
+
+    One chunk (not CHUNKED): the accumulators are the states. CHUNKED, a last-program election: the
+    program stores its partials at s_part / z_part + chunk * part_stride, a CTA barrier orders every
+    thread's stores before one acq_rel atomic increment of count[group] (release: the partials are
+    visible to whoever acquires the count after it), and the program that sees n_chunks - 1 (the
+    group's last to arrive) sums all n_chunks partials in chunk order 0, 1, ... from L2 (``_sum_chunks``),
+    applies the scale, writes the states and re-arms count[group] to 0 for the next launch. The atomic only elects:
+    the sum, its order and its operands are the same whichever program is last, so the states are
+    bitwise reproducible run to run."""
     first_row = bh.to(tl.int64) * N_FEAT  # index of this bh's state m = 0
     # Stacked row r holds feature r // BLOCK_D, head row d0 + r % BLOCK_D.
     offs_r = tl.arange(0, F_PAD * BLOCK_D)
@@ -185,52 +197,70 @@ def store_state_partials(s_acc, z_acc, s_part_ptr, z_part_ptr, chunk, part_strid
     offs_e = e0 + tl.arange(0, BLOCK_DV)
     offs_s = (first_row + offs_m[:, None]) * D * DV + offs_rd[:, None] * DV + offs_e[None, :]
     mask_s = ((offs_m < N_FEAT) & (offs_rd < D))[:, None] & (offs_e[None, :] < DV)
-    tl.store(s_part_ptr + offs_s, s_acc * scale, mask=mask_s)
-    if COPY:
-        tl.store(s_copy_ptr + offs_s, s_acc * scale, mask=mask_s)
+    offs_z = (first_row + offs_m) * D + offs_rd
     # z (column 0 of the z tile) does not depend on the Dv tile: the first Dv tile writes it.
+    mask_z = (offs_m < N_FEAT) & (offs_rd < D) & ((offs_r * 0 + e_tile) == 0)
     z_rows = tl.sum(tl.where(tl.arange(0, Z_COLS)[None, :] == 0, z_acc, 0.0), axis=1)
-    tl.store(z_part_ptr + (first_row + offs_m) * D + offs_rd, z_rows * scale,
-             mask=(offs_m < N_FEAT) & (offs_rd < D) & ((offs_r * 0 + e_tile) == 0))
+    if CHUNKED:
+        part = chunk.to(tl.int64) * part_stride
+        tl.store(s_part_ptr + part + offs_s, s_acc, mask=mask_s)
+        tl.store(z_part_ptr + part + offs_z, z_rows, mask=mask_z)
+        tl.debug_barrier()     # every thread's partial stored before the release below
+        arrived = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_chunks - 1:
+            _sum_chunks(s_ptr, z_ptr, s_part_ptr, z_part_ptr, n_chunks, part_stride, first_row, d0, e0, e_tile, D, DV,
+                        scale, N_FEAT, F_PAD, BLOCK_D, BLOCK_DV, s_copy_ptr, COPY)
+            tl.atomic_xchg(count_ptr + group, 0)     # re-armed: the next launch finds it at zero
+    else:
+        _write_states(s_acc, z_rows, s_ptr, z_ptr, offs_s, offs_z, mask_s, mask_z, scale, s_copy_ptr, COPY)
 
 
-@launch_jit
-def chunk_reduce_kernel(
-    # pointers: the chunk partials; outputs S and z
-    part_ptr, s_ptr, z_ptr,
-    # sizes (n_rows, n_chunks: runtime, never specialised) and scalars
-    n_s, n_rows, n_chunks, scale,
-    # constexprs: block size
-    BLOCK: tl.constexpr,
-    # packed (varlen) launches only: chunk counts per sequence and rows per sequence
-    chunks_ptr=None, rows_per_seq=None, z_rows_per_seq=None, VARLEN: tl.constexpr = False,
-    # a copy of S in its dot operand dtype
-    s_copy_ptr=None, COPY: tl.constexpr = False,
-):
-    """Row r of [S | z] = scale * sum_c part[c, r], summed in chunk order c = 0, 1, ... (deterministic).
+# Elements the elected program sums at a time (16 a thread at 8 warps): whole states, several at once
+# when they are small, so that the loads stay wide (a 16 x 16 fp32 state alone is one element a thread).
+SUM_ELEMENTS = tl.constexpr(4096)
 
-    part [n_chunks, n_rows] (each chunk's S partial, n_s values, then its z partial); S [n_s] and z
-    [n_rows - n_s], all ACC dtype (fp32 / fp64). Grid (cdiv(n_rows, BLOCK),).
-    VARLEN: row r < n_s (of S) belongs to sequence r // rows_per_seq, a row of z to sequence
-    (r - n_s) // z_rows_per_seq; sequence seq has chunks[seq] chunks (the partials of the others were
-    never written). COPY: S is also written to s_copy [n_s] (its own dtype: a dot operand copy).
-    """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_rows
-    in_s = offs < n_s
-    ptrs = part_ptr + offs
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    if VARLEN:
-        seq = tl.where(in_s, offs // rows_per_seq, (offs - n_s) // z_rows_per_seq)
-        seq_chunks = tl.load(chunks_ptr + seq, mask=mask, other=0)
-    for c in range(1, n_chunks):
-        ptrs += n_rows  # pointer steps: chunk * n_rows could overflow int32
-        if VARLEN:
-            acc += tl.load(ptrs, mask=mask & (c < seq_chunks), other=0.0)
-        else:
-            acc += tl.load(ptrs, mask=mask, other=0.0)
-    acc = acc * scale
-    tl.store(s_ptr + offs, acc, mask=mask & in_s)
+
+@triton.jit
+def _sum_chunks(s_ptr, z_ptr, s_part_ptr, z_part_ptr, n_chunks, part_stride, first_row, d0, e0, e_tile, D, DV, scale,
+                N_FEAT: tl.constexpr, F_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                s_copy_ptr, COPY: tl.constexpr):
+    """The elected program's reduction: for each state m of the group (states first_row + m, head rows d0..,
+    Dv columns e0..), S and z = scale * the sum of the n_chunks partials in chunk order, loaded from L2
+    (.cg: the other programs' stores are there, not in this SM's L1). G states [G * BLOCK_D, BLOCK_DV] at a
+    time (G * BLOCK_D * BLOCK_DV <= SUM_ELEMENTS, at least one state; a power of two <= F_PAD): few
+    registers, whatever the stacked tile's size."""
+    FIT: tl.constexpr = SUM_ELEMENTS // (BLOCK_D * BLOCK_DV)      # powers of two, as F_PAD is
+    G: tl.constexpr = (F_PAD if F_PAD < FIT else FIT) if FIT > 1 else 1
+    offs_r = tl.arange(0, G * BLOCK_D)
+    offs_g = offs_r // BLOCK_D
+    offs_d = d0 + offs_r % BLOCK_D
+    offs_e = e0 + tl.arange(0, BLOCK_DV)
+    tile_s = offs_g[:, None] * D * DV + offs_d[:, None] * DV + offs_e[None, :]   # within the G states (int32)
+    tile_z = offs_g * D + offs_d
+    for m0 in tl.range(0, N_FEAT, G, num_stages=1):
+        in_g = (m0 + offs_g < N_FEAT) & (offs_d < D)
+        mask_s = in_g[:, None] & (offs_e < DV)[None, :]
+        mask_z = in_g & ((offs_r * 0 + e_tile) == 0)     # z: the first Dv tile's group
+        s_state = (first_row + m0) * D * DV
+        z_state = (first_row + m0) * D
+        s_part = s_part_ptr + s_state
+        z_part = z_part_ptr + z_state
+        s_sum = tl.load(s_part + tile_s, mask=mask_s, other=0.0, cache_modifier=".cg")
+        z_sum = tl.load(z_part + tile_z, mask=mask_z, other=0.0, cache_modifier=".cg")
+        for _ in tl.range(1, n_chunks, num_stages=1):
+            s_part += part_stride      # pointer steps: chunk * part_stride could overflow int32
+            z_part += part_stride
+            s_sum += tl.load(s_part + tile_s, mask=mask_s, other=0.0, cache_modifier=".cg")
+            z_sum += tl.load(z_part + tile_z, mask=mask_z, other=0.0, cache_modifier=".cg")
+        _write_states(s_sum, z_sum, s_ptr + s_state, z_ptr + z_state, tile_s, tile_z, mask_s, mask_z, scale,
+                      s_copy_ptr + s_state if COPY else s_copy_ptr, COPY)
+
+
+@triton.jit
+def _write_states(s, z, s_ptr, z_ptr, offs_s, offs_z, mask_s, mask_z, scale, s_copy_ptr, COPY: tl.constexpr):
+    """S = scale * s at s_ptr + offs_s, z = scale * z at z_ptr + offs_z; COPY: S also at s_copy_ptr + offs_s
+    (in that dtype)."""
+    tl.store(s_ptr + offs_s, s * scale, mask=mask_s)
     if COPY:
-        tl.store(s_copy_ptr + offs, acc, mask=mask & in_s)
-    tl.store(z_ptr + (offs - n_s), acc, mask=mask & (offs >= n_s))
+        tl.store(s_copy_ptr + offs_s, s * scale, mask=mask_s)
+    tl.store(z_ptr + offs_z, z * scale, mask=mask_z)

@@ -12,12 +12,11 @@ pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET",
 
 @pytest.mark.parametrize("wanted,D,Dv", [("qkv", 8, 6), ("k", 72, 24), ("v", 24, 72)])
 def test_backward_launches_one_key_pass(monkeypatch, wanted, D, Dv):
-    """Dense call, one 16-token block (under the interpreter: one state chunk, no reductions). dk only
+    """Dense call, one 16-token block (under the interpreter: one state chunk). dk only
     and dv only at head dims of two 64-wide tiles on the side they contract over (the tile loop)."""
     from vicinity_attn.kernels.vicinity import launch_backward as backward
     from vicinity_attn.kernels.vicinity import launch_forward as forward
-    launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "chunk_reduce_kernel",
-                                                                         "output_pass_kernel")]
+    launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "output_pass_kernel")]
                               + [(backward, name) for name in ("dq_pass_kernel", "row_weights_kernel",
                                                                "key_pass_kernel")])
     grid, kv_grid = (3, 3), (3, 4)

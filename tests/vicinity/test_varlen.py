@@ -89,15 +89,13 @@ def test_triton_chunked_1d_one_launch_per_pass(monkeypatch):
     of 16 tokens, so the sequences have 2, 1 and 1 chunks. Each pass is one launch for the whole pack."""
     from vicinity_attn.kernels.vicinity import launch_backward as backward
     from vicinity_attn.kernels.vicinity import launch_forward as forward
-    launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "chunk_reduce_kernel",
-                                                                         "output_pass_kernel")]
+    launches = count_launches(monkeypatch, [(forward, name) for name in ("state_partial_kernel", "output_pass_kernel")]
                               + [(backward, name) for name in ("dq_pass_kernel", "row_weights_kernel",
                                                                "key_pass_kernel")])
     assert_matches_per_sequence([40, 3, 17], backend="triton", against="torch")
-    # Forward: state pass, one reduction of S and z, output pass. Backward: dq (with the row weights),
-    # state pass, one reduction of dS and dz, key pass (dk and dv).
-    assert launches == dict(state_partial_kernel=2, chunk_reduce_kernel=2, output_pass_kernel=1,
-                            dq_pass_kernel=1, key_pass_kernel=1)
+    # Forward: state pass (its chunk reduction inside), output pass. Backward: dq (with the row weights),
+    # state pass (its chunk reduction inside), key pass (dk and dv).
+    assert launches == dict(state_partial_kernel=2, output_pass_kernel=1, dq_pass_kernel=1, key_pass_kernel=1)
 
 
 def test_triton_3d_product_floor_clamp_elu1():
