@@ -47,6 +47,8 @@ def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatc
     den, S, z = vicinity_forward(q, k, v, o, geom, 1e-4)
     grads = [torch.empty_like(t) for t in (q, k, v)]
     launched = []
+    from vicinity_attn.kernels import runtime
+    runtime.clear_plan_caches()       # the backward plan holds whether the query pass is fused
     with monkeypatch.context() as m:
         if not fused:
             m.setattr(backward, "fused_query_pass", lambda *args: False)
@@ -58,6 +60,7 @@ def _backward(fused: bool, dtype, D, Dv, grid, variant, prefix, fmap, monkeypatc
                 return _run(*args, **kwargs)
             m.setattr(kernel, "run", run)
         vicinity_backward(do, q, k, v, o, den, S, z, *grads, geom, 1e-4)
+    runtime.clear_plan_caches()
     return (*grads, launched)
 
 
