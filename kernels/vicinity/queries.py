@@ -34,7 +34,7 @@ in the dot operand dtype). VARLEN (packed sequences): as in output.py, over the 
 import triton
 import triton.language as tl
 
-from ..common import dot_operand, feature_map, mma, mul_feature_map_grad
+from ..common import dot_operand, feature_map, mma, mul_feature_map_grad, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .clamp import without_floor_rows
 from .positions import position_axes, select_position_feature
@@ -364,8 +364,9 @@ def query_pass_kernel(
         rs, rz = row_weights(tl.sum(phi * acc, axis=1) / den, den, den_floor, eps)
         dq = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                            IS_QUERY, ACC)
+        # phi' from phi (bitwise the same as from x): x is dead once phi exists, a tile of registers less.
         tl.store(dq_base + offs_n[:, None] * stride_dq_n + offs_d[None, :] * stride_dq_d,
-                 mul_feature_map_grad(dq, x, FMAP).to(dq_ptr.dtype.element_ty), mask=mask_x)
+                 mul_feature_map_grad_of_phi(dq, phi, FMAP).to(dq_ptr.dtype.element_ty), mask=mask_x)
         # The state gradients of the block, weighted as the separate state pass weighs them (masked rows:
         # rs = 0 there, so a = 0 and w = 0).
         rs = tl.where(mask_n, rs, 0.0)
