@@ -259,13 +259,16 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int) -> dict:
 
 # The resident form of the fused query pass (queries.py): the program keeps the dq state tiles S_m of
 # its first features (in the dot operand dtype; shared memory on sm_90) and streams the rest from L2 as
-# the streaming form does: at most RESIDENT_QUERY_STATE_BYTES of tiles, and at 64-wide head tiles only
-# for F <= RESIDENT_QUERY_WIDE_MAX_FEATURES. Past these, beside the stacked dS accumulator, the compile
-# gate shows spills: at 64 x 64 bf16 tiles with F = 4 (a full 256 x 64 fp32 accumulator) even one
-# resident tile spills under triton 3.6 for 2-d grids (3.9: two spill); 32-wide tiles hold all of F = 4,
-# also fp16's 4-byte TF32 tiles. The z_m stay streamed: held in registers they spill. With every
-# feature resident the token loop is innermost and is pipelined RESIDENT_TOKEN_STAGES deep.
+# the streaming form does: at most RESIDENT_QUERY_MAX_FEATURES tiles of at most RESIDENT_QUERY_STATE_BYTES
+# in all, and at 64-wide head tiles only for F <= RESIDENT_QUERY_WIDE_MAX_FEATURES. Past these, beside the
+# stacked dS accumulator, the compile gate shows spills: at 64 x 64 bf16 tiles with F = 4 (a full
+# 256 x 64 fp32 accumulator) even one resident tile spills under triton 3.6 for 2-d grids (3.9: two
+# spill); bf16 32 x 32 tiles with F = 8 spill under 3.6 with all 8 resident, not with 4; 32-wide tiles
+# hold all of F = 4, also fp16's 4-byte TF32 tiles. The z_m stay streamed: held in registers they
+# spill. With every feature resident the token loop is innermost and is pipelined
+# RESIDENT_TOKEN_STAGES deep.
 RESIDENT_QUERY_STATE_BYTES = 16 * 1024
+RESIDENT_QUERY_MAX_FEATURES = 4
 RESIDENT_QUERY_WIDE_MAX_FEATURES = 2
 
 
@@ -277,7 +280,8 @@ def resident_query_features(dtype: torch.dtype, n_feat: int, tiles: StateTiles) 
     if interpreting():
         return n_feat
     operand_bytes = 2 if dot_operand_dtype("bwd_dq", dtype) in (torch.float16, torch.bfloat16) else 4
-    fit = RESIDENT_QUERY_STATE_BYTES // (tiles.block_d * tiles.block_dv * operand_bytes)
+    tile_bytes = tiles.block_d * tiles.block_dv * operand_bytes
+    fit = min(RESIDENT_QUERY_MAX_FEATURES, RESIDENT_QUERY_STATE_BYTES // tile_bytes)
     if max(tiles.block_d, tiles.block_dv) >= HEAD_BLOCKS[-1] and n_feat > RESIDENT_QUERY_WIDE_MAX_FEATURES:
         return 0
     return min(n_feat, fit)

@@ -135,3 +135,23 @@ def test_resident_form_is_bitwise_the_streaming_form(dtype, resident, monkeypatc
     assert ran_kept == [f"query_pass_kernel resident={resident}"] and ran_streaming == ["query_pass_kernel"]
     for name, a, b in zip(("dq", "dk", "dv"), kept, streaming):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the rule's logic with a GPU plan: checked in the interpreter run")
+def test_resident_query_rule(monkeypatch, request):
+    """The GPU rule for how many state tiles the fused pass keeps on chip: all of F up to 4 tiles and
+    16 KB at narrow head tiles, at 64-wide tiles all of F <= 2 and none past that (where the compile gate
+    saw spills)."""
+    from vicinity_attn.kernels import runtime
+    from vicinity_attn.kernels.vicinity import configs
+    runtime.clear_plan_caches()
+    request.addfinalizer(runtime.clear_plan_caches)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+
+    def tiles(block):
+        return configs.StateTiles(64, block, block, 8, 3, max_registers=255)
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert [configs.resident_query_features(bf16, f, tiles(64)) for f in (1, 2, 3, 4)] == [1, 2, 0, 0]
+    assert [configs.resident_query_features(bf16, f, tiles(32)) for f in (2, 4, 8)] == [2, 4, 4]
+    assert configs.resident_query_features(fp16, 4, tiles(32)) == 4    # 4-byte TF32 tiles: 16 KB
+    assert configs.resident_query_features(fp16, 10, tiles(16)) == 4
