@@ -68,7 +68,8 @@ def checks_overflow(t: torch.Tensor) -> bool:
     return mode == "always" and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _all_finite(tensors) -> bool:
+def all_finite(tensors) -> bool:
+    """No NaN or inf in any of ``tensors`` (None entries skipped)."""
     # A finite sum proves every element finite (a NaN or inf anywhere makes the sum NaN or inf): one
     # reduction, where isfinite().all() makes four passes. Only a non-finite sum, which finite values
     # can also give by overflowing, takes the exact test.
@@ -82,7 +83,7 @@ def check_overflow(stage: str, results, inputs, spec: CallOptions | None) -> Non
     first = next(t for t in results if t is not None)
     if not checks_overflow(first) or (spec is not None and spec.feature_map == "identity"):
         return
-    if _all_finite(results) or not _all_finite(inputs):
+    if all_finite(results) or not all_finite(inputs):
         return
     raise_overflow(stage, inputs, first.dtype)
 

@@ -44,7 +44,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..common.overflow import checks_overflow, overflow_check, raise_overflow
+from ..common.overflow import all_finite, checks_overflow, overflow_check, raise_overflow
 from ..common.spec import TokenShard, VicinitySpec
 from ..common.validation import check_shard_counts
 
@@ -154,13 +154,13 @@ class _OverflowCheck:
         where the summed ``states`` are not finite."""
         if not self.on or float(summed_flag) != 0:
             return False
-        if not all(bool(t.isfinite().all()) for t in states):
+        if not all_finite(states):
             raise_overflow(stage, inputs, inputs[-1].dtype, " in the states summed over the ranks")
         return True
 
     @staticmethod
     def local(stage: str, results, inputs) -> None:
-        if not all(bool(t.isfinite().all()) for t in results if t is not None):
+        if not all_finite(results):
             raise_overflow(stage, inputs, inputs[-1].dtype, " in this rank's results")
 
 
