@@ -62,7 +62,8 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        num_prefix_tokens: int = 0, den_floor: float = 0.0,
                        clamp: tuple[float, float] | None = None,
                        group: torch.distributed.ProcessGroup | None = None,
-                       token_offsets: tuple[int, int] | None = None) -> torch.Tensor:
+                       token_offsets: tuple[int, int] | None = None,
+                       causal: str | None = None) -> torch.Tensor:
     """Vicinity attention (Sun et al., arXiv 2206.10552), linear in the number of tokens.
 
     o_i = sum_j phi(q_i).phi(k_j) w(i,j) v_j / den_i,
@@ -112,6 +113,11 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             sequence, when the caller knows them: the call then skips the length exchange (and the
             check that all ranks' shards add up to the grids; each shard is still checked to lie
             inside the sequence). None exchanges the lengths.
+        causal: None (bidirectional) or "frames": frame-causal along the first grid axis (video: a 2-d
+            or 3-d grid with frames first; ``kv_grid`` must have as many frames). A grid token of frame t
+            attends to the prefix tokens and to the grid tokens of frames <= t, bidirectionally within a
+            frame; a prefix token attends to the prefix tokens only. Angles are those of the whole grid.
+            See docs/video.md, also for streaming one frame at a time with a state cache.
 
     Returns:
         o: [B, H, Nq, Dv] or [B, Nq, H, Dv] (as ``layout``), q's dtype and device (under
@@ -123,8 +129,10 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q4, k4, v4, spec = validate_call(q, k, v, grid, kv_grid, variant=variant, feature_map=feature_map,
                                      eps=eps, layout=layout, backend=backend,
                                      num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp,
-                                     sharded=group is not None)
+                                     causal=causal, sharded=group is not None)
     name = resolve_backend(backend, q.device, q.dtype)
+    if spec.causal is not None and name != "reference":
+        raise NotImplementedError(f"causal={spec.causal!r} is not implemented for backend {name!r} yet")
     if group is not None:
         return _context_parallel(name, q4, k4, v4, spec, group, layout, token_offsets)
     if token_offsets is not None:
@@ -159,7 +167,7 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               feature_map: str = "relu", eps: float = 1e-4, den_floor: float = 0.0,
                               backend: str = "auto", num_prefix_tokens: int = 0,
                               clamp: tuple[float, float] | None = None,
-                              check_cu_seqlens_on_host: bool = True) -> torch.Tensor:
+                              check_cu_seqlens_on_host: bool = True, causal: str | None = None) -> torch.Tensor:
     """Vicinity attention over a pack of sequences of different grids (e.g. images of different sizes).
 
     The tokens of S sequences lie one after another (FlashAttention's packed "varlen" layout);
@@ -180,7 +188,8 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         grids: S query grids, each 1 to 3 positive ints (an int is a 1-d grid), all with the same
             number of axes; ``num_prefix_tokens + prod(grids[i])`` is sequence i's query length.
         kv_grids: S key grids with as many axes (default ``grids``).
-        variant, feature_map, eps, den_floor, clamp: as for ``vicinity_attention``, shared by all sequences.
+        variant, feature_map, eps, den_floor, clamp, causal: as for ``vicinity_attention``, shared by all
+            sequences (with ``causal="frames"`` each sequence has its own frames: the first axis of its grids).
         backend: "auto" (triton on CUDA when available, else torch; torch for float64), "triton" (the
             whole pack in one kernel launch per pass), "torch" (one batched call per group of sequences
             with equal grids) or "reference" (one quadratic call per sequence).
@@ -198,8 +207,10 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     spec = validate_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, grids, kv_grids, variant=variant,
                                 feature_map=feature_map, eps=eps, backend=backend,
                                 num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp,
-                                host_check=check_cu_seqlens_on_host)
+                                host_check=check_cu_seqlens_on_host, causal=causal)
     name = resolve_backend(backend, q.device, q.dtype)
+    if spec.causal is not None and name != "reference":
+        raise NotImplementedError(f"causal={spec.causal!r} is not implemented for backend {name!r} yet")
     if name == "triton" and not triton_available():
         from .vicinity import triton_backend  # noqa: F401  (raises the ImportError's reason)
     q, k, v = autocast_inputs(q, k, v)

@@ -179,7 +179,7 @@ def test_opcheck_with_floor_and_clamp(backend):
     (den_floor: float, clamp: float[])."""
     from vicinity_attn.vicinity import ops
     q, k, v = make_inputs(1, 2, 6, 6, 4, 3)
-    args = [[2, 3], [2, 3], "sum", "relu", 0.0, 0, 2.5, [0.05, 3.0]]
+    args = [[2, 3], [2, 3], "sum", "relu", 0.0, 0, 2.5, [0.05, 3.0], ""]
     fwd = ops.FORWARD_OPS[backend]
     bwd = {"torch": ops.torch_backward, "triton": ops.triton_backward}[backend]
     torch.library.opcheck(fwd, (q, k, v, *args))

@@ -27,7 +27,7 @@ def _op_inputs(spec, dtype, layout="bhnd", B=2, H=2, D=8, Dv=5):
                           feature_map=feature_map)
     q, k, v = (t.transpose(1, 2) if layout == "bnhd" else t for t in tensors)
     return (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True),
-            [grid, kv_grid, variant, feature_map, 1e-4, prefix, 0.0, []])
+            [grid, kv_grid, variant, feature_map, 1e-4, prefix, 0.0, [], ""])
 
 
 def _opcheck(backend, q, k, v, args, needs_list):

@@ -13,7 +13,7 @@ from vicinity_attn.vicinity import ops
 q, k, v = (torch.randn(1, 2, 12, 8, requires_grad=True) for _ in range(3))
 vicinity_attention(q, k, v, (3, 4), backend="torch").sum().backward()
 knn_attention(q, k, v, 5, backend="torch").sum().backward()
-spec = ops._spec((3, 4), (3, 4), "sum", "relu", 1e-4, 0, 0.0, ())
+spec = ops._spec((3, 4), (3, 4), "sum", "relu", 1e-4, 0, 0.0, (), "")
 ops.FORWARD_OPS["torch"](q, k, v, *ops.spec_args(spec))[0].sum().backward()
 knn_ops.FORWARD_OPS["torch"](q, k, v, 5, 0.3)[0].sum().backward()
 print("dynamo imported:", "torch._dynamo" in sys.modules)

@@ -16,7 +16,9 @@ class CallOptions:
     ``den_floor``: the normaliser is max(sum_j phi(q_i).phi(k_j) w(i,j), den_floor) + eps (L2ViT's
     floor; 0 = none). ``clamp``: None, or (min_mag, max_mag) for the authors' VVT magnitude clamp on
     the states, the inverse normaliser, the numerator and the output. Each sequence is
-    ``num_prefix_tokens`` prefix tokens followed by its grid tokens.
+    ``num_prefix_tokens`` prefix tokens followed by its grid tokens. ``causal``: None (bidirectional), or
+    "frames": frame-causal along the first grid axis (a grid token of frame t attends to the prefix
+    tokens and to the grid tokens of frames <= t; a prefix token attends to the prefix tokens only).
     """
 
     variant: str = "sum"
@@ -25,6 +27,7 @@ class CallOptions:
     num_prefix_tokens: int = 0
     den_floor: float = 0.0
     clamp: tuple[float, float] | None = None
+    causal: str | None = None
 
     def options(self) -> dict:
         """The option fields as keyword arguments (to build another spec with the same options)."""
@@ -54,6 +57,11 @@ class VicinitySpec(CallOptions):
     @property
     def n_axes(self) -> int:
         return len(self.grid)
+
+    @property
+    def n_frames(self) -> int:
+        """Frames of a frame-causal call: the size of the first grid axis (query and key grids share it)."""
+        return self.grid[0]
 
 
 @dataclass(frozen=True)

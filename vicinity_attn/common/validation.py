@@ -13,6 +13,7 @@ from .spec import VarlenSpec, VicinitySpec
 
 LAYOUTS = ("bhnd", "bnhd")
 BACKENDS = ("auto", "triton", "torch", "reference")
+CAUSAL_MODES = ("frames",)
 MAX_AXES = 3
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -215,15 +216,29 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def check_options(*, variant: object, feature_map: object, eps: object, den_floor: object, clamp: object,
-                  num_prefix_tokens: object, backend: object) -> dict:
+                  num_prefix_tokens: object, backend: object, causal: object = None) -> dict:
     """Check the options a dense and a packed call share; returns them normalised, as the keyword
     arguments of a spec (``spec.CallOptions``)."""
     check_option(backend, "backend", BACKENDS)
     variant = check_option(variant, "variant", VARIANTS)
     feature_map = check_option(feature_map, "feature_map", FEATURE_MAPS)
     eps, den_floor = check_normaliser(eps, den_floor)
+    if causal is not None and (not isinstance(causal, str) or causal not in CAUSAL_MODES):
+        raise ValueError(f"causal must be None or one of {CAUSAL_MODES}, got {causal!r}")
     return dict(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=check_clamp(clamp),
-                num_prefix_tokens=check_prefix(num_prefix_tokens))
+                num_prefix_tokens=check_prefix(num_prefix_tokens), causal=causal)
+
+
+def check_frame_grids(grid: tuple[int, ...], kv_grid: tuple[int, ...], grid_name: str = "grid",
+                      kv_name: str = "kv_grid") -> None:
+    """A frame-causal call's grids: 2 or 3 axes (frames first), the same number of frames on both."""
+    if len(grid) < 2:
+        raise ValueError(f"causal='frames' needs a 2-d or 3-d {grid_name} with frames along its first axis, got "
+                         f"{grid_name} {grid}: token-causal attention over a 1-d sequence is another algorithm "
+                         "(not supported)")
+    if kv_grid[0] != grid[0]:
+        raise ValueError(f"causal='frames': {kv_name} {kv_grid} must have as many frames (first axis) as "
+                         f"{grid_name} {grid}")
 
 
 # Options (and grids) of recent calls that passed the checks, with what the checks made of them: a layer
@@ -253,23 +268,25 @@ def _typed_key(values: tuple) -> tuple | None:
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, kv_grid, *, variant: str,
                   feature_map: str, eps: float, layout: str, backend: str,
                   num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                  clamp: tuple[float, float] | None = None,
+                  clamp: tuple[float, float] | None = None, causal: str | None = None,
                   sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VicinitySpec]:
     """Check a ``vicinity_attention`` call and return q, k, v as [B, H, N, D] views and the spec.
     ``sharded``: q, k, v are one rank's shards (context parallelism), so their token counts are checked
     against the grids later, summed over ranks (:func:`check_shard_counts`)."""
     # Not while tracing: torch.compile would guard on the cache's contents and recompile whenever it grows.
     key = None if torch.compiler.is_compiling() else _typed_key(
-        (grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp))
+        (grid, kv_grid, variant, feature_map, eps, layout, backend, num_prefix_tokens, den_floor, clamp, causal))
     known = None if key is None else _KNOWN_OPTIONS.get(key)
     if known is None:
         layout = check_option(layout, "layout", LAYOUTS)
         options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
-                                num_prefix_tokens=num_prefix_tokens, backend=backend)
+                                num_prefix_tokens=num_prefix_tokens, backend=backend, causal=causal)
         grid = normalize_grid(grid, "grid")
         kv_grid = grid if kv_grid is None else normalize_grid(kv_grid, "kv_grid")
         if len(kv_grid) != len(grid):
             raise ValueError(f"kv_grid must have as many axes as grid, got {kv_grid} for grid {grid}")
+        if options["causal"] is not None:
+            check_frame_grids(grid, kv_grid)
         known = (layout, options, grid, kv_grid)
         if key is not None:
             if len(_KNOWN_OPTIONS) >= 1024:
@@ -458,10 +475,11 @@ def check_cu_seqlens(cu: object, name: str, expected: list[int], total: int, dev
 def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, grids, kv_grids, *, variant: str, feature_map: str,
                          eps: float, backend: str, num_prefix_tokens: int = 0, den_floor: float = 0.0,
-                         clamp: tuple[float, float] | None = None, host_check: bool = True) -> VarlenSpec:
+                         clamp: tuple[float, float] | None = None, host_check: bool = True,
+                         causal: str | None = None) -> VarlenSpec:
     """Check a ``vicinity_attention_varlen`` call and return its spec."""
     options = check_options(variant=variant, feature_map=feature_map, eps=eps, den_floor=den_floor, clamp=clamp,
-                            num_prefix_tokens=num_prefix_tokens, backend=backend)
+                            num_prefix_tokens=num_prefix_tokens, backend=backend, causal=causal)
     n_prefix = options["num_prefix_tokens"]
     check_packed_qkv(q, k, v)
     Tq, Tk = q.shape[0], k.shape[0]
@@ -472,6 +490,9 @@ def validate_varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         kv_grids, kv_name = normalize_grids(kv_grids, "kv_grids", len(grids[0])), "kv_grids"
         if len(kv_grids) != len(grids):
             raise ValueError(f"kv_grids must hold one grid per sequence like grids: {len(kv_grids)} != {len(grids)}")
+    if options["causal"] is not None:
+        for i, (g, kg) in enumerate(zip(grids, kv_grids)):
+            check_frame_grids(g, kg, f"grids[{i}]", f"kv_grids[{i}]")
     spec = VarlenSpec(grids=grids, kv_grids=kv_grids, **options)
     if not isinstance(host_check, bool):
         raise TypeError(f"check_cu_seqlens_on_host must be a bool, got {type(host_check).__name__}")

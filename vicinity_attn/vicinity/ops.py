@@ -58,18 +58,18 @@ from . import quadratic, torch_backend
 from .tangent import vicinity_tangent
 
 
-def spec_args(spec: VicinitySpec) -> tuple[list[int], list[int], str, str, float, int, float, list[float]]:
-    """A spec as the plain values the ops' schemas take."""
+def spec_args(spec: VicinitySpec) -> tuple[list[int], list[int], str, str, float, int, float, list[float], str]:
+    """A spec as the plain values the ops' schemas take (``causal``: "" for None)."""
     return (list(spec.grid), list(spec.kv_grid), spec.variant, spec.feature_map, spec.eps, spec.num_prefix_tokens,
-            spec.den_floor, list(spec.clamp or ()))
+            spec.den_floor, list(spec.clamp or ()), spec.causal or "")
 
 
 def _spec(grid: Sequence[int], kv_grid: Sequence[int], variant: str, feature_map: str, eps: float,
-          num_prefix_tokens: int, den_floor: float, clamp: Sequence[float]) -> VicinitySpec:
+          num_prefix_tokens: int, den_floor: float, clamp: Sequence[float], causal: str) -> VicinitySpec:
     return VicinitySpec(grid=tuple(int(g) for g in grid), kv_grid=tuple(int(g) for g in kv_grid),
                         variant=variant, feature_map=feature_map, eps=float(eps),
                         num_prefix_tokens=int(num_prefix_tokens), den_floor=float(den_floor),
-                        clamp=tuple(float(c) for c in clamp) if clamp else None)
+                        clamp=tuple(float(c) for c in clamp) if clamp else None, causal=causal or None)
 
 
 def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple,
@@ -85,7 +85,7 @@ def _fake_forward(q: Tensor, v: Tensor, lead: tuple, state: tuple,
 
 
 def _fake_backward(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens,
-                   den_floor, clamp, need_dq, need_dk, need_dv):
+                   den_floor, clamp, causal, need_dq, need_dk, need_dv):
     """Fake (dq, dk, dv) of a backward op: laid out like the real ones (empty where not needed)."""
     grads = empty_grads_like((q, k, v), (need_dq, need_dk, need_dv))
     return tuple(empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
@@ -113,24 +113,27 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
     @torch.library.custom_op(f"{NAMESPACE}::{backend}_forward", mutates_args=(), device_types=None)
     def forward_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], kv_grid: list[int], variant: str,
                    feature_map: str, eps: float, num_prefix_tokens: int, den_floor: float,
-                   clamp: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp)
+                   clamp: list[float], causal: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp, causal)
         with autocast_disabled(q.device):
             return _backend_module(backend).forward(q, k, v, spec)
 
     @forward_op.register_fake
-    def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp):
+    def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp, causal):
         B, H, _, D = q.shape
         F = feature_count(len(grid), variant, num_prefix_tokens > 0)
         s_dtype = _backend_module(backend).saved_state_dtype(q, v, clamp) if backend == "triton" else None
-        return _fake_forward(q, v, *state_layout(B, H, F, D), s_dtype)
+        lead, state = state_layout(B, H, F, D)
+        if causal:      # one set of states per slot: the prefix queries', then each frame's
+            state = (grid[0] + 1, *state)
+        return _fake_forward(q, v, lead, state, s_dtype)
 
     @torch.library.custom_op(f"{NAMESPACE}::{backend}_backward", mutates_args=(), device_types=None)
     def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, den: Tensor, S: Tensor, z: Tensor,
                     grid: list[int], kv_grid: list[int], variant: str, feature_map: str, eps: float,
-                    num_prefix_tokens: int, den_floor: float, clamp: list[float], need_dq: bool, need_dk: bool,
-                    need_dv: bool) -> tuple[Tensor, Tensor, Tensor]:
-        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp)
+                    num_prefix_tokens: int, den_floor: float, clamp: list[float], causal: str, need_dq: bool,
+                    need_dk: bool, need_dv: bool) -> tuple[Tensor, Tensor, Tensor]:
+        spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp, causal)
         with autocast_disabled(q.device):
             grads = _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
         return tuple(empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
