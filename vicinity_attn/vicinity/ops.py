@@ -91,17 +91,24 @@ def _fake_backward(do, q, k, v, o, den, S, z, grid, kv_grid, variant, feature_ma
     return tuple(empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
 
 
-def _backend_module(backend: str):
-    """The module with the backend's ``forward()`` / ``backward()`` (triton imported on first use: it
-    may be absent)."""
-    module = _BACKENDS.get(backend)
+def _backend_module(backend: str, causal: str | None = None):
+    """The module with the backend's ``forward()`` / ``backward()`` for calls with ``causal`` (None / "":
+    bidirectional; "frames": :mod:`.frames` / :mod:`.triton_frames`); triton imported on first use: it may
+    be absent."""
+    key = (backend, causal or None)
+    module = _BACKENDS.get(key)
     if module is None:
-        from . import triton_backend
-        module = _BACKENDS["triton"] = triton_backend
+        if key == ("torch", "frames"):
+            from . import frames as module
+        elif key == ("triton", "frames"):
+            from . import triton_frames as module
+        else:
+            from . import triton_backend as module
+        _BACKENDS[key] = module
     return module
 
 
-_BACKENDS = {"torch": torch_backend}
+_BACKENDS = {("torch", None): torch_backend}
 
 
 def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple[tuple, tuple]]):
@@ -116,7 +123,7 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
                    clamp: list[float], causal: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp, causal)
         with autocast_disabled(q.device):
-            return _backend_module(backend).forward(q, k, v, spec)
+            return _backend_module(backend, causal).forward(q, k, v, spec)
 
     @forward_op.register_fake
     def _(q, k, v, grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp, causal):
@@ -135,7 +142,8 @@ def _define_ops(backend: str, state_layout: Callable[[int, int, int, int], tuple
                     need_dk: bool, need_dv: bool) -> tuple[Tensor, Tensor, Tensor]:
         spec = _spec(grid, kv_grid, variant, feature_map, eps, num_prefix_tokens, den_floor, clamp, causal)
         with autocast_disabled(q.device):
-            grads = _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, (need_dq, need_dk, need_dv))
+            grads = _backend_module(backend, causal).backward(do, q, k, v, o, den, S, z, spec,
+                                                              (need_dq, need_dk, need_dv))
         return tuple(empty_if_none(g, t) for g, t in zip(grads, (q, k, v)))
 
     backward_op.register_fake(_fake_backward)
@@ -206,16 +214,16 @@ _TransformableAttention, _TransformableBackward = transformable_functions(
 
 def _eager_forward(q, k, v, backend, spec):
     if backend == "triton":     # allocations and launches only: autocast changes nothing there
-        return _backend_module(backend).forward(q, k, v, spec)
+        return _backend_module(backend, spec.causal).forward(q, k, v, spec)
     with autocast_disabled(q.device):
-        return torch_backend.forward(q, k, v, spec)
+        return _backend_module(backend, spec.causal).forward(q, k, v, spec)
 
 
 def _eager_backward(do, q, k, v, o, den, S, z, backend, spec, needs):
     if backend == "triton":
-        return _backend_module(backend).backward(do, q, k, v, o, den, S, z, spec, needs)
+        return _backend_module(backend, spec.causal).backward(do, q, k, v, o, den, S, z, spec, needs)
     with autocast_disabled(q.device):
-        return torch_backend.backward(do, q, k, v, o, den, S, z, spec, needs)
+        return _backend_module(backend, spec.causal).backward(do, q, k, v, o, den, S, z, spec, needs)
 
 
 # Plain eager calls: the backends directly, without the custom ops' dispatch (see eager_function).

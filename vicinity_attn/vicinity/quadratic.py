@@ -42,10 +42,11 @@ LINEAR_OVERHEAD = 4
 
 
 def cheaper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec) -> bool:
-    """Whether the quadratic form is the cheaper exact form for this call (CPU, fp32 / fp64, no clamp)."""
+    """Whether the quadratic form is the cheaper exact form for this call (CPU, fp32 / fp64, no clamp,
+    bidirectional)."""
     Nq, Nk = q.shape[2], k.shape[2]
     if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or spec.clamp is not None
-            or Nq * Nk > MAX_PAIRS):
+            or spec.causal is not None or Nq * Nk > MAX_PAIRS):
         return False
     F, D, Dv = spec.n_features, q.shape[-1], v.shape[-1]
     return Nq * Nk * (D + Dv + 2) <= LINEAR_OVERHEAD * F * D * Dv * (Nq + Nk)

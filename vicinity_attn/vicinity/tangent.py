@@ -29,7 +29,8 @@ from ..common.positions import expand_features, position_features
 from ..common.spec import VicinitySpec
 
 # Spec fields the tangent accounts for; any other field must be at its default.
-_SUPPORTED_FIELDS = frozenset({"grid", "kv_grid", "variant", "feature_map", "eps", "num_prefix_tokens", "den_floor"})
+_SUPPORTED_FIELDS = frozenset({"grid", "kv_grid", "variant", "feature_map", "eps", "num_prefix_tokens", "den_floor",
+                               "causal"})
 
 
 def check_tangent_supported(spec: VicinitySpec) -> None:
@@ -52,6 +53,8 @@ def vicinity_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torc
     """The tangent of o [B, H, Nq, Dv] along (tq, tk, tv) (each shaped like its input, None for zero),
     for q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv]; in q's dtype."""
     check_tangent_supported(spec)
+    if spec.causal is not None:
+        return _frames_tangent(q, k, v, tq, tk, tv, spec)
     dtype = compute_dtype(q.dtype)
     kw = dict(num_prefix_tokens=spec.num_prefix_tokens, dtype=dtype, device=q.device)
     pos_q = position_features(spec.grid, spec.variant, side="query", **kw)      # [Nq, F]
@@ -85,3 +88,42 @@ def vicinity_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torc
     if den_floor > 0:
         d_den_sum = d_den_sum.masked_fill(raw_den < den_floor, 0.0)   # the floor is a constant
     return ((sum(d_num) - o * d_den_sum) / den).to(q.dtype)
+
+
+def _frames_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
+                    tk: torch.Tensor | None, tv: torch.Tensor | None, spec: VicinitySpec) -> torch.Tensor:
+    """:func:`vicinity_tangent` of a frame-causal call: the same formulas with each query's slot states
+    (:mod:`.frames`): dS(s) and dz(s) are the prefix sums of the slots' own state tangents."""
+    from .frames import read_slots, slot_features, slot_states
+    dtype = compute_dtype(q.dtype)
+    P = spec.num_prefix_tokens
+    pos_q, pos_qp = slot_features(spec, "query", 0, spec.n_frames, dtype, q.device)
+    pos_k, pos_kp = slot_features(spec, "key", 0, spec.n_frames, dtype, q.device)
+    fq = apply_feature_map(q.to(dtype), spec.feature_map)
+    fk = apply_feature_map(k.to(dtype), spec.feature_map)
+    v = v.to(dtype)
+    U, Uz = slot_states(fk, v, pos_k, pos_kp, P)
+    S, z = U.cumsum(2), Uz.cumsum(2)
+    num, raw_den = read_slots(fq, S, z, pos_q, pos_qp, P)
+    den = (raw_den.clamp_min(spec.den_floor) if spec.den_floor > 0 else raw_den) + spec.eps
+    o = num / den[..., None]
+
+    d_num, d_den = [], []
+    if tq is not None:
+        n_q, r_q = read_slots(_feature_tangent(fq, tq, spec.feature_map), S, z, pos_q, pos_qp, P)
+        d_num.append(n_q)
+        d_den.append(r_q)
+    if tk is not None:
+        dU, dUz = slot_states(_feature_tangent(fk, tk, spec.feature_map), v, pos_k, pos_kp, P)
+        n_k, r_k = read_slots(fq, dU.cumsum(2), dUz.cumsum(2), pos_q, pos_qp, P)
+        d_num.append(n_k)
+        d_den.append(r_k)
+    if tv is not None:
+        dU, _ = slot_states(fk, tv.to(dtype), pos_k, pos_kp, P)
+        d_num.append(read_slots(fq, dU.cumsum(2), z, pos_q, pos_qp, P)[0])
+    if not d_num:
+        return torch.zeros_like(o, dtype=q.dtype)
+    d_den_sum = sum(d_den) if d_den else torch.zeros_like(den)
+    if spec.den_floor > 0:
+        d_den_sum = d_den_sum.masked_fill(raw_den < spec.den_floor, 0.0)
+    return ((sum(d_num) - o * d_den_sum[..., None]) / den[..., None]).to(q.dtype)

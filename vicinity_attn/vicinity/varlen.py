@@ -4,7 +4,8 @@ q [Tq, H, D], k [Tk, H, D], v [Tk, H, Dv] hold the tokens of S sequences one aft
 (FlashAttention's packed layout); sequence i has its own query grid and key grid (:class:`VarlenSpec`).
 
 - "reference": one quadratic reference call per sequence (the definition; a Python loop).
-- "torch": sequences with equal (grid, kv_grid) are stacked into one batched call of the dense
+- "torch" (and "triton" with ``causal="frames"``): sequences with equal (grid, kv_grid) are stacked into one
+  batched call of the dense
   ``vicinity_attn::torch_forward`` custom op (:func:`vicinity_attn.vicinity.ops.custom_op_attention`); a pack of
   four images of three sizes makes three calls. Autograd, torch.compile and torch.func come with the
   dense op; the stacking and the final concatenation are plain differentiable torch ops.
@@ -60,12 +61,12 @@ def _stacked(t: Tensor, offsets: list[int], seqs: list[int]) -> Tensor:
     return batch.transpose(1, 2)
 
 
-def _grouped_torch(q: Tensor, k: Tensor, v: Tensor, spec: VarlenSpec) -> Tensor:
-    """One batched dense torch-backend call per group of sequences with equal grids."""
+def _grouped(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: VarlenSpec) -> Tensor:
+    """One batched dense call of ``backend`` per group of sequences with equal grids."""
     qo, ko = spec.offsets("query"), spec.offsets("key")
     outs: list[Tensor | None] = [None] * spec.n_seqs
     for seqs in spec.groups():
-        o = custom_op_attention("torch", _stacked(q, qo, seqs), _stacked(k, ko, seqs), _stacked(v, ko, seqs),
+        o = custom_op_attention(backend, _stacked(q, qo, seqs), _stacked(k, ko, seqs), _stacked(v, ko, seqs),
                                 spec.sequence(seqs[0]))                       # [G, H, N, Dv]
         for j, i in enumerate(seqs):
             outs[i] = o[j].transpose(0, 1)                                     # [N, H, Dv]
@@ -77,9 +78,12 @@ def varlen_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, spec: Varlen
     if backend == "reference":
         return _reference(q, k, v, spec)
     if backend == "torch":
-        return _grouped_torch(q, k, v, spec)
+        return _grouped("torch", q, k, v, spec)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}")
+    if spec.causal is not None:
+        # The packed kernels are bidirectional: frame-causal packs run one dense launch set per grid group.
+        return _grouped("triton", q, k, v, spec)
     from .triton_varlen import check_triton_varlen_inputs
     check_triton_varlen_inputs(q, k, v, spec)
     if transform_active():
