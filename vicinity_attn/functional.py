@@ -151,13 +151,14 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _context_parallel(name: str, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, spec: VicinitySpec, group,
                       layout: str, token_offsets: tuple[int, int] | None) -> torch.Tensor:
     """``vicinity_attention`` with ``group``: this rank's rows of the whole sequence's output."""
-    from .vicinity.context_parallel import context_parallel_attention
+    from .vicinity.context_parallel import causal_context_parallel_attention, context_parallel_attention
     check_group(group, name)
     if token_offsets is not None:
         token_offsets = check_token_offsets(token_offsets, q4.shape[2], k4.shape[2], spec)
     q4, k4, v4 = autocast_inputs(q4, k4, v4)
     with autocast_disabled(q4.device):
-        out = context_parallel_attention(name, q4, k4, v4, spec, group, token_offsets)
+        run = causal_context_parallel_attention if spec.causal is not None else context_parallel_attention
+        out = run(name, q4, k4, v4, spec, group, token_offsets)
     return out.transpose(1, 2) if layout == "bnhd" else out
 
 

@@ -237,3 +237,130 @@ def context_parallel_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v
         shard = TokenShard(q_offset=token_offsets[0], k_offset=token_offsets[1],
                            n_queries=P + math.prod(spec.grid), n_keys=P + math.prod(spec.kv_grid))
     return _ContextParallelAttention.apply(q, k, v, pieces, spec, shard, group)
+
+
+# ----------------------------------------------------------------------------------------------------
+# frame-causal calls: an exclusive scan of the ranks' states over frames
+# ----------------------------------------------------------------------------------------------------
+
+def _frames_module(backend: str):
+    """The backend's window functions (:mod:`.frames` / :mod:`.triton_frames`)."""
+    if backend == "torch":
+        from . import frames
+        return frames
+    if backend == "triton":
+        from . import triton_frames
+        return triton_frames
+    raise ValueError(f"backend={backend!r} does not support context parallelism (group=...): use 'torch', "
+                     "'triton' or 'auto'")
+
+
+def frame_spans(table: list[list[int]], spec: VicinitySpec) -> list[int]:
+    """Each rank's first frame, from the shard table [[n_q, n_k] per rank] of a frame-causal call: every
+    rank must hold whole frames, the same ones of q and of k, at least one (prefix tokens go with rank 0's
+    first frames). Checked for all ranks on every rank, so that all raise the same ValueError."""
+    P = spec.num_prefix_tokens
+    per_q, per_k = math.prod(spec.grid[1:]), math.prod(spec.kv_grid[1:])
+    starts, q_off, k_off = [], 0, 0
+    for rank, (n_q, n_k) in enumerate(table):
+        prefix = P if q_off == 0 else 0
+        frame, rest = divmod(max(q_off - P, 0), per_q)
+        n, rest_n = divmod(n_q - prefix, per_q)
+        k_prefix = P if k_off == 0 else 0
+        expected_k_off = 0 if q_off == 0 else P + frame * per_k
+        if rest or rest_n or n < 1 or k_off != expected_k_off or n_k != k_prefix + n * per_k:
+            raise ValueError(
+                f"causal='frames' with group=...: every rank must hold whole frames, the same frames of q and "
+                f"of k (prefix tokens with the first frames), at least one; rank {rank} holds {n_q} query and "
+                f"{n_k} key tokens at offsets {q_off} / {k_off} (frames of {per_q} query and {per_k} key "
+                f"tokens, {P} prefix tokens; shard lengths per rank: {table})")
+        starts.append(frame)
+        q_off, k_off = q_off + n_q, k_off + n_k
+    return starts
+
+
+def _gather_states(S: torch.Tensor, z: torch.Tensor, flag: torch.Tensor, group) -> list[tuple]:
+    """Every rank's (S, z, flag) in group-rank order: ONE all-gather of a buffer holding all three."""
+    buffer = torch.cat([S.reshape(-1), z.reshape(-1), flag.reshape(1).to(S.dtype)])
+    gathered = [torch.empty_like(buffer) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, buffer, group=group)
+    n_s, n_z = S.numel(), z.numel()
+    return [(b[:n_s].view(S.shape), b[n_s:n_s + n_z].view(z.shape), b[n_s + n_z:]) for b in gathered]
+
+
+def _ordered_sum(pairs: list[tuple], like: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of (S, z) pairs in list order (zeros for none): the scans' fixed order."""
+    S, z = torch.zeros_like(like[0]), torch.zeros_like(like[1])
+    for pair in pairs:
+        S += pair[0]
+        z += pair[1]
+    return S, z
+
+
+class _CausalContextParallelAttention(torch.autograd.Function):
+    """Frame-causal o of the local queries (ranks hold spans of frames in rank order).
+
+    forward:  local key totals -> ONE all-gather -> init = sum of the earlier ranks' totals (exclusive
+              scan, in rank order) -> the local window from init
+    backward: local query side (dq, and init_grad = dLoss/dinit) -> ONE all-gather -> carry_grad = sum of
+              the later ranks' init_grad -> the local key side (dk, dv)"""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, spec: VicinitySpec, start: int, group):
+        check = _OverflowCheck(spec, q)
+        totals = window.window_key_totals(k, v, spec, start)
+        rows = _gather_states(*totals, check.flag((q, k, v)), group)
+        rank = dist.get_rank(group)
+        init = _ordered_sum([r[:2] for r in rows[:rank]], totals) if rank else None
+        flag = sum(r[2] for r in rows)
+        finite_inputs = check.states("forward", flag, _ordered_sum([r[:2] for r in rows], totals), (q, k, v))
+        o, den, S, z, _ = window.window_forward(q, k, v, spec, start, init)
+        if finite_inputs:
+            check.local("forward", (o,), (q, k, v))
+        ctx.save_for_backward(q, k, v, o, den, S, z)
+        ctx.window, ctx.spec, ctx.start, ctx.group = window, spec, start, group
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, den, S, z = ctx.saved_tensors
+        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        check = _OverflowCheck(ctx.spec, q)
+        dq, dpre, init_grad = ctx.window.window_query_backward(do, q, o, den, S, z, ctx.spec, ctx.start, need_dq)
+        # Every rank takes part, whatever it needs.
+        rows = _gather_states(*init_grad, check.flag((do, q, k, v)), ctx.group)
+        rank = dist.get_rank(ctx.group)
+        later = [r[:2] for r in rows[rank + 1:]]
+        carry_grad = _ordered_sum(later, init_grad) if later else None
+        flag = sum(r[2] for r in rows)
+        finite_inputs = check.states("backward", flag, _ordered_sum([r[:2] for r in rows], init_grad),
+                                     (do, q, k, v))
+        dk, dv = ctx.window.window_key_backward(k, v, dpre, ctx.spec, ctx.start, carry_grad, need_dk, need_dv)
+        if finite_inputs:
+            check.local("backward", (dq, dk, dv), (do, q, k, v))
+        return dq, dk, dv, None, None, None, None
+
+
+def causal_context_parallel_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      spec: VicinitySpec, group,
+                                      token_offsets: tuple[int, int] | None = None) -> torch.Tensor:
+    """:func:`context_parallel_attention` of a frame-causal call: every rank holds whole frames (the same of q
+    and k, in rank order; :func:`frame_spans`). Costs one all-gather of the ranks' F x D x Dv + F x D states
+    per direction (world size x the states in memory), besides the length exchange."""
+    window = _frames_module(backend)
+    if backend == "triton":
+        from .triton_backend import check_triton_inputs
+        check_triton_inputs(q, k, v)
+    if token_offsets is None:
+        shard, table = exchange_shards(q.shape[2], k.shape[2], group, q, call_fingerprint(q, k, v, spec, backend))
+        check_shard_counts(table, spec)
+        start = frame_spans(table, spec)[dist.get_rank(group)]
+    else:
+        per_q = math.prod(spec.grid[1:])
+        P = spec.num_prefix_tokens
+        start = max(token_offsets[0] - P, 0) // per_q
+        expected = (0, 0) if start == 0 else (P + start * per_q, P + start * math.prod(spec.kv_grid[1:]))
+        if tuple(token_offsets) != expected:
+            raise ValueError(f"causal='frames' with group=...: token_offsets {tuple(token_offsets)} must be the start "
+                             f"of a whole frame of q and of k (the same frame), e.g. {expected}")
+    return _CausalContextParallelAttention.apply(q, k, v, window, spec, start, group)

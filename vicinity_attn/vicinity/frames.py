@@ -294,3 +294,15 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
         else (None, None)
     return dq, dk, dv
+
+
+def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int) -> States:
+    """(S [B, H, F, D, Dv], z [B, H, F, D]): the states of a window's keys alone (its carry from no init),
+    unscaled and unclamped, in the compute dtype."""
+    dtype = compute_dtype(k.dtype)
+    per_k = math.prod(spec.kv_grid[1:])
+    P = spec.num_prefix_tokens if start == 0 else 0
+    n = (k.shape[2] - P) // per_k
+    pos_k, pos_kp = slot_features(spec, "key", start, n, dtype, k.device)
+    U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P)
+    return U.sum(2), Uz.sum(2)
