@@ -12,6 +12,7 @@ from .common.validation import check_group, check_token_offsets, validate_call, 
 from .knn.ops import custom_op_knn_attention
 from .knn.reference import reference_knn_attention
 from .vicinity.ops import custom_op_attention
+from .vicinity.stream import FrameCache
 from .vicinity.varlen import varlen_attention
 
 
@@ -220,6 +221,20 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return q.new_zeros(q.shape[0], 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     with autocast_disabled(q.device):
         return varlen_attention(name, q, k, v, spec)
+
+
+def vicinity_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+    """The next frames of a frame-causal stream: ``cache.step(q, k, v)`` (:class:`FrameCache`).
+
+    q, k, v hold the grid tokens of n >= 1 whole frames (the prefix tokens in front on the first step),
+    in the cache's layout; the result equals the rows of these frames in
+    ``vicinity_attention(..., causal="frames")`` over the whole clip, computed in O(frames) time and memory
+    from the states the cache holds, which then move past these frames. Inference only (no autograd
+    through the cache). See docs/video.md.
+    """
+    if not isinstance(cache, FrameCache):
+        raise TypeError(f"cache must be a vicinity_attn.FrameCache, got {type(cache).__name__}")
+    return cache.step(q, k, v)
 
 
 def knn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, *, scale: float | None = None,

@@ -9,6 +9,7 @@ from .common.positions import VARIANTS
 from .common.process_group import HoldsProcessGroup
 from .common.validation import (
     BACKENDS,
+    CAUSAL_MODES,
     check_layer_input,
     check_normaliser,
     check_option,
@@ -18,6 +19,7 @@ from .common.validation import (
     check_sr_shards,
 )
 from .functional import vicinity_attention
+from .vicinity.stream import FrameCache
 
 
 def spatial_reduction(grid_tokens: torch.Tensor, H: int, W: int, sr_ratio: int, sr: nn.Conv2d,
@@ -88,6 +90,8 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
             (:mod:`vicinity_attn.common.process_group`).
         device, dtype: factory arguments, as for ``torch.nn.Linear``: where and in which dtype every
             parameter is created (``device="meta"`` allocates nothing).
+        causal: None, or "frames" for video: frame-causal attention over ``forward(x, H, W, frames=T)``
+            (frame t sees frames <= t) and streaming with :meth:`frame_cache` (docs/video.md).
 
     Parameters (state-dict keys): ``q``, ``k``, ``v``, ``proj`` (weight, bias), ``sr`` and ``norm`` with
     ``sr_ratio > 1``, ``temperature`` with ``temperature=True``; the dropouts hold no state.
@@ -98,7 +102,8 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
                  proj_drop: float = 0.0, backend: str = "auto", num_prefix_tokens: int = 0,
                  den_floor: float = 0.0, temperature: bool = False,
                  group: torch.distributed.ProcessGroup | None = None, attn_drop: float = 0.0,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 causal: str | None = None) -> None:
         super().__init__()
         for value, name in ((dim, "dim"), (num_heads, "num_heads"), (sr_ratio, "sr_ratio")):
             check_positive_int(value, name)
@@ -119,6 +124,9 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
         self.eps, self.den_floor = check_normaliser(eps, den_floor)
         self.backend = check_option(backend, "backend", BACKENDS)
         self.num_prefix_tokens = check_prefix(num_prefix_tokens)
+        if causal is not None and causal not in CAUSAL_MODES:
+            raise ValueError(f"causal must be None or one of {CAUSAL_MODES}, got {causal!r}")
+        self.causal = causal
         factory = dict(device=device, dtype=dtype)
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
@@ -145,8 +153,22 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
         if self.temperature is not None:
             nn.init.constant_(self.temperature, self.head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """x [B, num_prefix_tokens + H*W, dim] -> [B, num_prefix_tokens + H*W, dim]."""
+    def forward(self, x: torch.Tensor, H: int, W: int, frames: int | None = None,
+                cache: FrameCache | None = None) -> torch.Tensor:
+        """x [B, num_prefix_tokens + H*W, dim] -> [B, num_prefix_tokens + H*W, dim].
+
+        Video: with ``frames=T``, x holds T frames of H x W tokens, [B, num_prefix_tokens + T*H*W, dim]
+        (grid (T, H, W); ``sr_ratio`` reduces each frame), attended bidirectionally, or frame-causally
+        when the layer was built with ``causal="frames"``. Streaming: with ``cache`` (from
+        :meth:`frame_cache`), x holds the next frames of the stream, [B, n*H*W, dim] (the prefix tokens
+        in front on the first step), and the output is the frame-causal call's for them."""
+        if cache is not None:
+            return self._stream(x, H, W, cache)
+        if frames is not None:
+            return self._video(x, H, W, frames)
+        if self.causal is not None:
+            raise ValueError("a causal='frames' layer attends over video: call it with frames=T (x holding T "
+                             "frames of H x W tokens) or with a cache from frame_cache()")
         P = self.num_prefix_tokens
         check_layer_input(x, H, W, self.dim, "dim", P, sharded=self.group is not None)
         B, N, C = x.shape
@@ -164,9 +186,66 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
         out = vicinity_attention(q, k, v, (H, W), kv_grid, variant=self.variant, feature_map=self.feature_map,
                                  eps=self.eps, layout="bnhd", backend=self.backend, num_prefix_tokens=P,
                                  den_floor=self.den_floor, group=self.group)
+        return self._finish(out, x)
+
+    def frame_cache(self, frames: int, H: int, W: int) -> FrameCache:
+        """A fresh state cache for streaming this layer over at most ``frames`` frames of H x W tokens (the
+        time angle divides by ``frames``): pass it to ``forward(x, H, W, cache=...)`` frame by frame."""
+        check_positive_int(frames, "frames")
+        kv_grid = (frames, H // self.sr_ratio, W // self.sr_ratio)
+        return FrameCache((frames, H, W), kv_grid, variant=self.variant, feature_map=self.feature_map, eps=self.eps,
+                          den_floor=self.den_floor, num_prefix_tokens=self.num_prefix_tokens, layout="bnhd",
+                          backend=self.backend)
+
+    def _qkv_frames(self, x: torch.Tensor, H: int, W: int, n: int, prefix: int):
+        """q, k, v [B, N, heads, head_dim] of ``n`` frames of H x W tokens after ``prefix`` prefix tokens, and the
+        key grid of a frame; ``sr_ratio`` reduces each frame on its own."""
+        B, N, C = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, heads, hd)
+        kv_input, kv_frame = x, (H, W)
+        if self.sr_ratio > 1:
+            per_frame = x[:, prefix:].reshape(B * n, H * W, C)
+            reduced, kv_frame = spatial_reduction(per_frame, H, W, self.sr_ratio, self.sr, self.norm)
+            reduced = reduced.reshape(B, -1, C)
+            kv_input = torch.cat([x[:, :prefix], reduced], dim=1) if prefix else reduced
+        Nk = kv_input.shape[1]
+        return q, self.k(kv_input).view(B, Nk, heads, hd), self.v(kv_input).view(B, Nk, heads, hd), kv_frame
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.temperature is not None:
-            out = out * self.temperature.view(heads, 1).to(out.dtype)
-        return self.proj_drop(self.proj(self.attn_drop(out).reshape(B, N, C)))
+            out = out * self.temperature.view(self.num_heads, 1).to(out.dtype)
+        return self.proj_drop(self.proj(self.attn_drop(out).reshape(x.shape)))
+
+    def _video(self, x: torch.Tensor, H: int, W: int, frames: int) -> torch.Tensor:
+        check_positive_int(frames, "frames")
+        P = self.num_prefix_tokens
+        check_layer_input(x, frames * H, W, self.dim, "dim", P, sharded=self.group is not None)
+        if self.group is not None and self.sr_ratio > 1:
+            raise NotImplementedError("context parallelism over video frames with sr_ratio > 1 is not supported "
+                                      "by the layer; call vicinity_attention with group=... on your own k, v")
+        q, k, v, kv_frame = self._qkv_frames(x, H, W, frames, P)
+        out = vicinity_attention(q, k, v, (frames, H, W), (frames, *kv_frame), variant=self.variant,
+                                 feature_map=self.feature_map, eps=self.eps, layout="bnhd", backend=self.backend,
+                                 num_prefix_tokens=P, den_floor=self.den_floor, group=self.group, causal=self.causal)
+        return self._finish(out, x)
+
+    def _stream(self, x: torch.Tensor, H: int, W: int, cache: FrameCache) -> torch.Tensor:
+        if not isinstance(cache, FrameCache):
+            raise TypeError(f"cache must be a FrameCache (from frame_cache()), got {type(cache).__name__}")
+        if cache.spec.grid[1:] != (H, W):
+            raise ValueError(f"the cache was made for frames of {cache.spec.grid[1:]} tokens, got H, W = ({H}, {W})")
+        if self.causal is None:
+            raise ValueError("streaming with a cache computes frame-causal attention: build the layer with "
+                             "causal='frames' (a bidirectional layer's outputs depend on later frames)")
+        prefix = self.num_prefix_tokens if cache.frame == 0 else 0
+        check_positive_int(H, "H")
+        check_positive_int(W, "W")
+        if x.dim() != 3 or (x.shape[1] - prefix) % (H * W) or x.shape[1] <= prefix:
+            raise ValueError(f"x must be [B, {prefix} + n*H*W, dim] (n >= 1 whole frames of H*W = {H * W} tokens"
+                             f"{', the prefix tokens first' if prefix else ''}), got {tuple(x.shape)}")
+        q, k, v, _ = self._qkv_frames(x, H, W, (x.shape[1] - prefix) // (H * W), prefix)
+        return self._finish(cache.step(q, k, v), x)
 
     def _local_prefix_tokens(self, x: torch.Tensor, H: int, W: int) -> int:
         """Under context parallelism with sr_ratio > 1: the prefix tokens in this rank's shard, after
@@ -191,4 +270,6 @@ class VicinityAttention(HoldsProcessGroup, nn.Module):
             parts.append(f"proj_drop={self.proj_drop.p}")
         if self.num_prefix_tokens:
             parts.append(f"num_prefix_tokens={self.num_prefix_tokens}")
+        if self.causal is not None:
+            parts.append(f"causal={self.causal!r}")
         return ", ".join(parts)
