@@ -36,6 +36,11 @@ CASES = {
     "torch-2d-clamp": ((2, 3), "torch", dict(grid=(3, 4), clamp=(1e-3, 1.5)), (1, 2, 8, 8)),
     "torch-2d-identity-cross-grid": ((2, 3), "torch", dict(grid=(4, 3), kv_grid=(2, 3), feature_map="identity",
                                                            num_prefix_tokens=1), (1, 2, 8, 6)),
+    "torch-causal-3d-prefix-cross-grid-clamp": ((2, 3), "torch", dict(grid=(4, 3, 2), kv_grid=(4, 2, 1),
+                                                                   num_prefix_tokens=2, clamp=(1e-3, 1.5),
+                                                                   causal="frames"), (1, 2, 8, 6)),
+    "torch-causal-2d-product-floor-bnhd": ((2, 3), "torch", dict(grid=(5, 4), variant="product", den_floor=2.0,
+                                                                 causal="frames", layout="bnhd"), (2, 1, 8, 4)),
     "triton-1d-identity": ((2,), "triton", dict(grid=(9,), feature_map="identity"), (1, 1, 8, 8)),
     "triton-2d-prefix-cross-grid": ((2, 3), "triton", dict(grid=(3, 4), kv_grid=(2, 2), num_prefix_tokens=1),
                                     (1, 1, 8, 8)),
@@ -56,6 +61,13 @@ def _cuts(n: int, world: int, seed: int, empty_first: bool = False) -> list[int]
     return [0, *inner, n]
 
 
+def _frame_cuts(grid: tuple[int, ...], prefix: int, world: int) -> list[int]:
+    """Token boundaries of uneven spans of whole frames (rank 0: the prefix tokens and frame 0)."""
+    frames = {2: [0, 1, grid[0]], 3: [0, 1, 3, grid[0]]}[world]
+    per = math.prod(grid[1:])
+    return [0] + [prefix + f * per for f in frames[1:]]
+
+
 def _run_case(name: str, rank: int, world: int) -> dict:
     _, backend, kw, (B, H, D, Dv) = CASES[name]
     kw = dict(kw)
@@ -73,9 +85,11 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     o = vicinity_attention(*full, grid, kv_grid, layout=layout, backend=backend, **kw)
     o.backward(do)
-    # q and k cut at different places; world 3 gives one rank no keys in the empty-shard case.
-    qc = _cuts(nq, world, seed=7 * world)
-    kc = _cuts(nk, world, seed=11 * world + 1, empty_first=world == 3 and name == "torch-2d-prefix-cross-grid")
+    if kw.get("causal"):   # frame-causal: every rank holds whole frames, the same ones of q and k
+        qc, kc = _frame_cuts(grid, P, world), _frame_cuts(kv_grid or grid, P, world)
+    else:   # q and k cut at different places; world 3 gives one rank no keys in the empty-shard case
+        qc = _cuts(nq, world, seed=7 * world)
+        kc = _cuts(nk, world, seed=11 * world + 1, empty_first=world == 3 and name == "torch-2d-prefix-cross-grid")
     sl = lambda t, c: t.narrow(axis, c[rank], c[rank + 1] - c[rank])  # noqa: E731
     local = [sl(t, c).detach().clone().requires_grad_() for t, c in zip((q, k, v), (qc, kc, kc))]
     results = []
@@ -154,6 +168,10 @@ def _validation(rank: int, world: int) -> dict:
     layer = VicinityAttention(8, 2, sr_ratio=2, backend="torch", group=dist.group.WORLD).double()
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     out["sr_misaligned"] = _expect_error(lambda: layer(x, 4, 6), ValueError, "sr_ratio", "rank 0")
+    # Frame-causal: shards of 3, 1 (and 2) tokens on frames of 2 tokens: rank 0 holds a frame and a half.
+    qf = torch.randn(1, 1, [3, 1, 2][rank], 4, dtype=torch.float64)
+    out["causal_misaligned"] = _expect_error(lambda: cp(qf, qf, qf, (world, 2), causal="frames"), ValueError,
+                                             "whole frames", "rank 0")
     return out
 
 
