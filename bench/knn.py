@@ -47,9 +47,13 @@ def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
         prof.export_chrome_trace(path)
         with open(path) as fh:
             events = json.load(fh)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    return max([0] + totals)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not memory:
+        return 0
+    # "Total Allocated" runs on across profiler sessions (tensors an earlier session saw allocated and not
+    # freed stay in it): the baseline is the count just before this session's first event.
+    baseline = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(0, max(m["Total Allocated"] for m in memory) - baseline)
 
 
 def training_step(provider: Provider, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

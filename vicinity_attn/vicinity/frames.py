@@ -60,7 +60,6 @@ def window_frames(spec: VicinitySpec, start: int, n_queries: int, n_keys: int) -
     return n
 
 
-@functools.lru_cache(maxsize=256)
 def _positions(grid: tuple[int, ...], variant: str, side: str, num_prefix_tokens: int, start: int, n: int,
                dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid features [n, per_frame, F] of frames start .. start + n - 1, prefix features [P, F])."""
@@ -74,9 +73,15 @@ def _positions(grid: tuple[int, ...], variant: str, side: str, num_prefix_tokens
 
 def slot_features(spec: VicinitySpec, side: str, start: int, n: int, dtype, device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The position features of a window's tokens on ``side``: (grid tokens [n, per_frame, F], prefix [P, F])."""
+    """The position features of a window's tokens on ``side``: (grid tokens [n, per_frame, F], prefix [P, F]).
+    Kept for whole calls (start 0, which a training loop repeats), computed afresh for a stream's windows
+    (each start comes once: keeping them would grow with the stream)."""
     grid = spec.grid if side == "query" else spec.kv_grid
-    return _positions(grid, spec.variant, side, spec.num_prefix_tokens, start, n, dtype, torch.device(device))
+    make = _whole_call_positions if start == 0 else _positions
+    return make(grid, spec.variant, side, spec.num_prefix_tokens, start, n, dtype, torch.device(device))
+
+
+_whole_call_positions = functools.lru_cache(maxsize=64)(_positions)
 
 
 def _split(x: torch.Tensor, prefix: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
