@@ -37,6 +37,7 @@ import triton.language as tl
 from ..common import dot_operand, feature_map, mma, mul_feature_map_grad, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .clamp import without_floor_rows
+from .frames import frame_block
 from .positions import position_axes, select_position_feature
 from .state import accumulate_states, feature_columns, finish_states
 from .varlen import token_block
@@ -166,18 +167,29 @@ def dq_pass_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     # packed (varlen) launches only: the sequence table and the per-sequence factors
     seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
+    # frame-causal launches only (frames.py): slots and their token counts
+    n_slots=None, slot0_len=None, frame_len=None, blocks_per_slot=None, FRAMES: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
     rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE / ROWS_FROM_ACC: y = dO, den
     [BH, N] ACC, den_floor and eps scaled like den; ROWS_COMPUTE also reads o [B, H, N, DV] strided;
     written by the first D tile). ROWS_FROM_ACC needs D <= BLOCK_D.
     VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
-    multiplies den_floor and eps when the row weights are computed here, else out_scale."""
-    bh, b, h, offs_n, mask_n, start, active, grid_0, grid_1, grid_2 = token_block(
-        H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
+    multiplies den_floor and eps when the row weights are computed here, else out_scale.
+    FRAMES (frames.py): grid (n_slots * blocks_per_slot, BH, n_d_tiles); a query of slot s reads the states M
+    [BH, n_slots, F, D, DV], z [BH, n_slots, F, D] at row bh * n_slots + s."""
+    if FRAMES:
+        bh, b, h, offs_n, mask_n, slot, active = frame_block(H, slot0_len, frame_len, blocks_per_slot, BLOCK_N)
+        if not active:
+            return
+        state_row = bh.to(tl.int64) * n_slots + slot
+    else:
+        bh, b, h, offs_n, mask_n, start, active, grid_0, grid_1, grid_2 = token_block(
+            H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
+        state_row = bh.to(tl.int64)
     d0 = tl.program_id(2) * BLOCK_D
-    m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
-    z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
+    m_base = m_ptr + state_row * N_FEAT * D * DV
+    z_base = z_ptr + state_row * N_FEAT * D
     y_base = y_ptr + b * stride_y_b + h * stride_y_h
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
