@@ -171,13 +171,17 @@ def state_partial_kernel(
     z_acc = tl.zeros((F_PAD * BLOCK_D, Z_COLS), ACC)
     if FRAMES:
         lo, hi = frame_span(chunk, slot0_len, frame_len)
-        for n0 in range(lo, hi, BLOCK_N):
-            # Masked to the slot (the VARLEN form of the block: tokens < hi, rows at bh * N).
-            s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV, n_prefix,
-                                        grid_0, grid_1, grid_2, d0, e0, stride_x_n, stride_x_d, stride_y_n,
-                                        stride_y_d, N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY,
-                                        FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, hi, bh * N,
-                                        True)
+        # The slot as a window (the VARLEN form of the block): tokens from lo (the pointers and the position
+        # offset moved there, so block offsets stay multiples of BLOCK_N: wide, pipelined loads), masked
+        # to the slot's hi - lo tokens, row weights at bh * N + lo.
+        x_slot = x_base + lo * stride_x_n     # int32: token offsets within a (batch, head) fit (checked)
+        y_slot = y_base + lo * stride_y_n
+        for n0 in range(0, hi - lo, BLOCK_N):
+            s_acc, z_acc = _state_block(x_slot, y_slot, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV,
+                                        n_prefix - lo, grid_0, grid_1, grid_2, d0, e0, stride_x_n, stride_x_d,
+                                        stride_y_n, stride_y_d, N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX,
+                                        IS_QUERY, FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC,
+                                        hi - lo, bh * N + lo, True)
         finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr, pid, chunk, n_chunks,
                       part_stride, bh * n_chunks + chunk, d0, e0, e_tile, D, DV, scale, N_FEAT, F_PAD, Z_COLS,
                       BLOCK_D, BLOCK_DV, False, s_copy_ptr, COPY)
