@@ -40,17 +40,20 @@ def frame_span(slot, slot0_len, frame_len):
 @triton.jit
 def frame_block(H, slot0_len, frame_len, blocks_per_slot, BLOCK_N: tl.constexpr):
     """Where a per-token program of a frame-causal launch works (axis 0: slot * blocks_per_slot + block,
-    axis 1: bh): (bh, b, h, offs_n, mask_n, slot, active); mask_n keeps the block inside its slot, active is
-    False when the block starts past the slot's end (the caller returns at once)."""
+    axis 1: bh): (bh, b, h, offs_n, mask_n, slot, lo, active). The slot is a window of the launch's tokens
+    from token lo, as a packed sequence is (varlen.py): offs_n are relative to lo (multiples of BLOCK_N
+    apart: wide loads), mask_n keeps the block inside the slot; the caller moves its token pointers, row
+    offsets and position offset (n_prefix - lo) to lo. active is False when the block starts past the
+    slot's end (the caller returns at once)."""
     pid = tl.program_id(0)
     slot = pid // blocks_per_slot
     lo, hi = frame_span(slot, slot0_len, frame_len)
-    n0 = lo + (pid % blocks_per_slot) * BLOCK_N
+    n0 = (pid % blocks_per_slot) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    return bh, b, h, offs_n, offs_n < hi, slot, n0 < hi
+    return bh, b, h, offs_n, offs_n < hi - lo, slot, lo, n0 < hi - lo
 
 
 @launch_jit

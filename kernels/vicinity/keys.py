@@ -226,10 +226,12 @@ def key_pass_kernel(
     else:
         # Packed: the grid sizes are read per feature (``_key_feature``), not from here.
         if FRAMES:
-            bh, b, h, offs_n, mask_n, slot, active = frame_block(H, slot0_len, frame_len, blocks_per_slot, BLOCK_N)
+            bh, b, h, offs_n, mask_n, slot, start, active = frame_block(H, slot0_len, frame_len, blocks_per_slot,
+                                                                        BLOCK_N)
             if not active:
                 return
             state_row = bh.to(tl.int64) * n_slots + slot
+            n_prefix = n_prefix - start
         else:
             bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
                 H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, False, VARLEN)
@@ -243,6 +245,9 @@ def key_pass_kernel(
         else:
             k_base = k_ptr + b * stride_k_b + h * stride_k_h
             v_base = v_ptr + b * stride_v_b + h * stride_v_h
+        if FRAMES:
+            k_base += start * stride_k_n
+            v_base += start * stride_v_n
         ds_base = ds_ptr + state_row * N_FEAT * D * DV
         dz_base = dz_ptr + state_row * N_FEAT * D
         offs_dj = j * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -294,6 +299,9 @@ def key_pass_kernel(
         else:
             dk_base = dk_ptr + b * stride_dk_b + h * stride_dk_h
             dv_base = dv_ptr + b * stride_dv_b + h * stride_dv_h
+        if FRAMES:
+            dk_base += start * stride_dk_n
+            dv_base += start * stride_dv_n
         if NEED_DV:
             tl.store(dv_base + offs_n[:, None] * stride_dv_n + offs_ej[None, :] * stride_dv_d,
                      (acc_dv * key_scale).to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_ej[None, :])

@@ -35,6 +35,7 @@ from .launch_forward import (
     QueryGradient,
     _copy_dtype,
     compute_states,
+    frame_tokens,
     fused_query_pass,
     operand_copy,
     output_pass,
@@ -229,7 +230,7 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
     if o is None:
         o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value)
+    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value, frames is not None)
     extra = varlen_kwargs(pack, factor)
     if frames is not None:
         grid = (frames.token_programs(block_n), B * H, cdiv(D, cfg.block_d))
@@ -245,9 +246,10 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
 
 @plan_cache
 def _dq_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
-             rows: int) -> tuple[int, dict]:
-    """(tokens per program, constexprs and launch options) of a dq pass launch, planned once per shape."""
-    block_n = cfg.tokens_per_program(launch)
+             rows: int, frames: bool = False) -> tuple[int, dict]:
+    """(tokens per program, constexprs and launch options) of a dq pass launch, planned once per shape
+    (``frames``: frame-causal, ``frame_tokens``)."""
+    block_n = frame_tokens(cfg.tokens_per_program(launch), frames)
     return block_n, dict(**geom.constexprs(is_query), ROWS=rows, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
                          BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), **cfg.options(launch))
 

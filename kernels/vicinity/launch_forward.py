@@ -220,6 +220,14 @@ def _slot_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: boo
     return S, z
 
 
+def frame_tokens(block_n: int, frames: bool) -> int:
+    """Tokens per program of a streaming output or dq pass: frame-causal launches (``frames``) take half the
+    dense pass's (at least 16): their slot bookkeeping costs the registers the dense form has none of to spare
+    (it spilled on sm_80 at fp16 D64 and on sm_90a with fp32's 32-wide tiles), and halves the masked waste at
+    frame ends."""
+    return max(16, block_n // 2) if frames else block_n
+
+
 @plan_cache
 def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
                 with_den: bool, clamp: bool, D: int, Dv: int, frames: bool = False) -> tuple[int, bool, dict]:
@@ -231,7 +239,7 @@ def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype,
     if resident:
         opts = resident_options(cfg, launch, geom.n_feat)
     else:
-        opts = dict(BLOCK_N=cfg.tokens_per_program(launch), **cfg.options(launch))
+        opts = dict(BLOCK_N=frame_tokens(cfg.tokens_per_program(launch), frames), **cfg.options(launch))
     kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_D=cfg.block_d,
                   BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), RESIDENT=resident, **opts)
     return opts["BLOCK_N"], resident, kwargs

@@ -209,10 +209,12 @@ def output_pass_kernel(
     else:
         # Packed: the grid sizes are read per feature (``_output_feature``), not from here.
         if FRAMES:
-            bh, b, h, offs_n, mask_n, slot, active = frame_block(H, slot0_len, frame_len, blocks_per_slot, BLOCK_N)
+            bh, b, h, offs_n, mask_n, slot, start, active = frame_block(H, slot0_len, frame_len, blocks_per_slot,
+                                                                        BLOCK_N)
             if not active:
                 return
             state_row = bh.to(tl.int64) * n_slots + slot
+            n_prefix = n_prefix - start
         else:
             bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
                 H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
@@ -227,6 +229,9 @@ def output_pass_kernel(
                 return
             x_base = x_ptr + h * stride_x_h + start * stride_x_n
             out_base = out_ptr + h * stride_out_h + start * stride_out_n
+        if FRAMES:
+            x_base += start * stride_x_n
+            out_base += start * stride_out_n
 
         acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
         den = tl.zeros((BLOCK_N,), ACC)
@@ -245,6 +250,8 @@ def output_pass_kernel(
                 out_scale = out_scale * factor
         if VARLEN:
             den_row = den_ptr + h * N + start
+        elif FRAMES:
+            den_row = den_ptr + bh * N + start
         else:
             den_row = den_ptr + bh * N
         _finish_rows(acc, den, offs_n, mask_n, e0 + tl.arange(0, BLOCK_DV), den_row, out_base, stride_out_n,
