@@ -28,7 +28,8 @@ EXACT_DOTS_ENV = "VICINITY_ATTN_EXACT_DOTS"
 # real launch infers it: head dims D / DV and the strides get Triton's "divisible by 16" and "== 1"
 # facts, which is what lets the compiler prove the column masks uniform and vectorise the loads and
 # stores (128-bit, async copies) instead of issuing scalar 16-bit accesses.
-RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "grid_0", "grid_1", "grid_2", "blocks_per_chunk", "n_rows", "n_chunks"})
+RUNTIME_INTS = frozenset({"H", "N", "n_prefix", "grid_0", "grid_1", "grid_2", "blocks_per_chunk", "n_rows", "n_chunks",
+                          "n_slots", "slot0_len", "frame_len", "blocks_per_slot", "n_elems"})
 
 
 def launch_jit(fn):

@@ -3,7 +3,7 @@
     python -m tools.compile_gate                       # full matrix, every operation
     python -m tools.compile_gate --quick               # covering subset (tests/helpers.py)
     python -m tools.compile_gate --ops knn             # one operation's matrix (vicinity, knn,
-                                                                     # vicinity_varlen)
+                                                                     # vicinity_varlen, vicinity_causal)
     python -m tools.compile_gate --cases 'fp16 D40/40' # only the cases whose label matches
     python -m tools.compile_gate --roles 'output|keys' # only the kernels of the launch roles it matches
     python -m tools.compile_gate --json out.json --text out.txt
@@ -203,10 +203,38 @@ def varlen_matrix(quick: bool) -> list[LaunchCase]:
             LaunchCase(op="vicinity_varlen_clamp", batch=3, extra=CLAMP_CASE.extra)]
 
 
+CAUSAL_GRID = (4, 16, 16)           # frames along the first axis
+CAUSAL_HEAD_DIMS = (16, 32, 40, 64, 128, 256)
+
+
+def causal_matrix(quick: bool) -> list[LaunchCase]:
+    """Frame-causal calls (``causal="frames"``, launch_capture._run_vicinity_causal), labelled "vicinity_causal"
+    (``--cases causal`` selects them). Full: every dtype x head dim (40: bnhd, unaligned) on a 4 x 16 x 16 video
+    grid; odd head dims; every variant, 2-d and 3-d grids, prefix tokens; the clamp and floor per dtype; no dq;
+    a window from frame 2 (init and carry_grad); the GPU model's video shape (B1 H8 16 x 32 x 32 D64 bf16).
+    Quick: none (not in CI's quick gate; run ``--ops vicinity_causal`` or ``--cases causal``)."""
+    if quick:
+        return []
+    causal = lambda **kw: LaunchCase(op="vicinity_causal", **{"grid": CAUSAL_GRID, **kw})  # noqa: E731
+    cases = [causal(dtype=t, d=d, dv=d, **(dict(layout="bnhd", strides="unaligned") if d == 40 else {}))
+             for t in DTYPE_NAMES for d in CAUSAL_HEAD_DIMS]
+    cases += [causal(dtype=t, d=d, dv=d) for t in DTYPE_NAMES for d in (8, 24, 72)]
+    cases += [causal(variant="product", grid=(4, 8, 8), n_prefix=1, feature_map="elu1"),
+              causal(variant="none", n_prefix=1, feature_map="elu1"),
+              causal(grid=(8, 64), n_prefix=2, feature_map="identity"),
+              causal(variant="product", grid=(8, 64))]
+    cases += [causal(dtype=t, extra=CLAMP_CASE.extra) for t in DTYPE_NAMES]
+    cases += [causal(dtype=t, extra=NO_DQ) for t in DTYPE_NAMES]
+    cases += [causal(extra=(("start", 2),)), causal(dtype="fp32", d=32, dv=32, extra=(("start", 2),))]
+    return cases + [causal(batch=1, heads=8, grid=(16, 32, 32))]
+
+
 # Extension point: one matrix per operation (its launchers are registered in launch_capture.OPERATIONS).
-MATRICES = {"vicinity": vicinity_matrix, "knn": knn_matrix, "vicinity_varlen": varlen_matrix}
+MATRICES = {"vicinity": vicinity_matrix, "knn": knn_matrix, "vicinity_varlen": varlen_matrix,
+            "vicinity_causal": causal_matrix}
 MATRIX_OF_OP = {"vicinity": "vicinity", "vicinity_clamp": "vicinity", "knn": "knn",   # LaunchCase.op -> matrix
-                "vicinity_varlen": "vicinity_varlen", "vicinity_varlen_clamp": "vicinity_varlen"}
+                "vicinity_varlen": "vicinity_varlen", "vicinity_varlen_clamp": "vicinity_varlen",
+                "vicinity_causal": "vicinity_causal"}
 
 
 def build_matrix(quick: bool, ops: tuple[str, ...] | None = None, pattern: str | None = None) -> list[LaunchCase]:

@@ -161,6 +161,46 @@ def _run_vicinity_varlen(case: LaunchCase, phase: Callable[[str], None], fill: C
     vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, eps, den_floor, clamp, pack=pack)
 
 
+def _run_vicinity_causal(case: LaunchCase, phase: Callable[[str], None], fill: Callable | None = None) -> None:
+    """The frame-causal launchers (``causal="frames"``: kernels/vicinity/launch_frames.py) over case.grid (frames
+    along its first axis): forward, the backward's query side (phase "bwd", or "bwd_kv" without dq) and its key
+    side (phase "bwd_keys"). ``case.extra`` may set ``den_floor``, ``clamp``, ``grads`` (``_vicinity_grads``) and
+    ``start``: a window of the frames start.. (no prefix tokens) with an init and a carry_grad."""
+    import math
+
+    from vicinity_attn.common.allocation import empty_grads_like, empty_output_like
+    from vicinity_attn.kernels.vicinity import Geometry
+    from vicinity_attn.kernels.vicinity.launch_frames import (
+        frame_backward_keys,
+        frame_backward_queries,
+        frame_forward,
+    )
+
+    extra = dict(case.extra)
+    eps, den_floor, clamp = 1e-4, float(extra.get("den_floor", 0.0)), extra.get("clamp")
+    grads = _vicinity_grads(extra)
+    start = int(extra.get("start", 0))
+    n = (case.n_prefix if start == 0 else 0) + (case.grid[0] - start) * math.prod(case.grid[1:])
+    q, k, v = (make_tensor(case, n, case.d, fill), make_tensor(case, n, case.d, fill),
+               make_tensor(case, n, case.dv, fill))
+    o = empty_output_like(q, case.dv)
+    geom = Geometry.build(case.grid, case.grid, case.variant, case.feature_map, case.n_prefix)
+    pair = None
+    if start:
+        B, H, F = case.batch, case.heads, geom.n_feat
+        pair = (torch.zeros(B, H, F, case.d, case.dv), torch.zeros(B, H, F, case.d))   # fp32: the GPU's ACC
+    phase("fwd")
+    den, S, z, _carry = frame_forward(q, k, v, o, geom, eps, den_floor, clamp, start, pair)
+    phase("bwd" if grads == "qkv" else f"bwd_{grads}")
+    do = make_tensor(case, n, case.dv, fill) if case.strides == "unaligned" else empty_output_like(q, case.dv)
+    if fill is not None and case.strides != "unaligned":
+        do.copy_(fill(do.shape, do.dtype))
+    dq, dk, dv = empty_grads_like((q, k, v), tuple(c in grads for c in "qkv"))
+    dpre, _init_grad = frame_backward_queries(do, q, o, den, S, z, dq, geom, eps, den_floor, clamp, start)
+    phase("bwd_keys")
+    frame_backward_keys(k, v, dpre, dk, dv, geom, start, pair)
+
+
 # (phase, kernel name, occurrence in that phase) -> role; occurrence None matches every launch.
 # A launch not listed here still appears, named "<phase>_<kernel>_<occurrence>".
 VICINITY_ROLES = {
@@ -188,6 +228,30 @@ VICINITY_CLAMP_ROLES = {
     ("bwd", "state_partial_kernel", 0): "bwd_state",
     ("bwd", "state_grad_mask_kernel", 0): "clamp_grad_mask",
     ("bwd", "key_pass_kernel", 0): "bwd_keys",
+}
+
+
+# Frame-causal launches (``_run_vicinity_causal``): the per-slot state passes, the slot scans (prefix over
+# slots in the forward, the clamp mask and the sum over slots on the query side, the suffix on the key
+# side: S / dS first, then z / dz), and the per-token passes reading each token's slot.
+VICINITY_CAUSAL_ROLES = {
+    ("fwd", "state_partial_kernel", 0): "causal_fwd_state",
+    ("fwd", "slot_scan_kernel", 0): "causal_prefix_S",
+    ("fwd", "slot_scan_kernel", 1): "causal_prefix_z",
+    ("fwd", "output_pass_kernel", 0): "causal_fwd_output",
+    ("bwd", "output_pass_kernel", 0): "causal_bwd_numerator",      # the clamp only
+    ("bwd", "clamped_row_weights_kernel", 0): "bwd_row_weights_clamp",
+    ("bwd", "dq_pass_kernel", 0): "causal_bwd_dq",
+    ("bwd", "state_partial_kernel", 0): "causal_bwd_state",
+    ("bwd", "slot_scan_kernel", 0): "causal_mask_dS",
+    ("bwd", "slot_scan_kernel", 1): "causal_sum_dz",
+    ("bwd_kv", "row_weights_kernel", 0): "bwd_row_weights",
+    ("bwd_kv", "state_partial_kernel", 0): "causal_bwd_state",
+    ("bwd_kv", "slot_scan_kernel", 0): "causal_mask_dS",
+    ("bwd_kv", "slot_scan_kernel", 1): "causal_sum_dz",
+    ("bwd_keys", "slot_scan_kernel", 0): "causal_suffix_dS",
+    ("bwd_keys", "slot_scan_kernel", 1): "causal_suffix_dz",
+    ("bwd_keys", "key_pass_kernel", 0): "causal_bwd_keys",
 }
 
 
@@ -252,6 +316,8 @@ OPERATIONS: dict[str, Operation] = {"vicinity": Operation(_run_vicinity, VICINIT
                                     # Packed sequences (VARLEN=True launches of the same kernels).
                                     "vicinity_varlen": Operation(_run_vicinity_varlen, VICINITY_ROLES),
                                     "vicinity_varlen_clamp": Operation(_run_vicinity_varlen, VICINITY_CLAMP_ROLES),
+                                    # Frame-causal (causal="frames": FRAMES=True launches and the slot scans).
+                                    "vicinity_causal": Operation(_run_vicinity_causal, VICINITY_CAUSAL_ROLES),
                                     "knn": Operation(_run_knn, KNN_ROLES)}
 
 

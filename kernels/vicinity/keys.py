@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..common import dot_operand, feature_map, mma, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
+from .frames import frame_block
 from .positions import position_axes, position_feature, select_position_feature
 from .varlen import sequence_window, token_block
 
@@ -205,13 +206,17 @@ def key_pass_kernel(
     seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
     # the resident form (module docstring) and its token-loop pipelining depth
     RESIDENT: tl.constexpr = False, TOKEN_STAGES: tl.constexpr = 1,
+    # frame-causal launches only (frames.py): slots and their token counts
+    n_slots=None, slot0_len=None, frame_len=None, blocks_per_slot=None, FRAMES: tl.constexpr = False,
 ):
     """Resident (ONE_TILE only): grid (programs per head, BH, 1). Streaming: grid (cdiv(N, BLOCK_N), BH,
     n_programs): k [B, H, N, D], v [B, H, N, DV], dk [B, H, N, D], dv
     [B, H, N, DV], all strided; dk, dv written in their own dtype. Program j of
     a token block writes dk's D tile j (NEED_DK) and dv's Dv tile j (NEED_DV), so n_programs is the
     number of tiles of the gradients asked for (the larger when both). ONE_TILE: D <= BLOCK_D and
-    DV <= BLOCK_DV. VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_programs)."""
+    DV <= BLOCK_DV. VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_programs).
+    FRAMES (streaming only, frames.py): grid (n_slots * blocks_per_slot, BH, n_programs); a key of slot s reads
+    dS [BH, n_slots, F, D, DV], dz [BH, n_slots, F, D] at row bh * n_slots + s."""
     if RESIDENT:
         _resident_keys(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n_prefix, grid_0, grid_1, grid_2,
                        key_scale, stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h, stride_v_n,
@@ -220,8 +225,17 @@ def key_pass_kernel(
                        BLOCK_D, BLOCK_DV, ACC, DOT, PREC, TOKEN_STAGES, seq_ptr, factor_ptr, VARLEN)
     else:
         # Packed: the grid sizes are read per feature (``_key_feature``), not from here.
-        bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
-            H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, False, VARLEN)
+        if FRAMES:
+            bh, b, h, offs_n, mask_n, slot, start, active = frame_block(H, slot0_len, frame_len, blocks_per_slot,
+                                                                        BLOCK_N)
+            if not active:
+                return
+            state_row = bh.to(tl.int64) * n_slots + slot
+            n_prefix = n_prefix - start
+        else:
+            bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
+                H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, False, VARLEN)
+            state_row = bh.to(tl.int64)
         j = tl.program_id(2)
         if VARLEN:
             if not active:
@@ -231,8 +245,11 @@ def key_pass_kernel(
         else:
             k_base = k_ptr + b * stride_k_b + h * stride_k_h
             v_base = v_ptr + b * stride_v_b + h * stride_v_h
-        ds_base = ds_ptr + bh.to(tl.int64) * N_FEAT * D * DV
-        dz_base = dz_ptr + bh.to(tl.int64) * N_FEAT * D
+        if FRAMES:
+            k_base += start * stride_k_n
+            v_base += start * stride_v_n
+        ds_base = ds_ptr + state_row * N_FEAT * D * DV
+        dz_base = dz_ptr + state_row * N_FEAT * D
         offs_dj = j * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_ej = j * BLOCK_DV + tl.arange(0, BLOCK_DV)
         mask_dj = offs_dj < D
@@ -282,6 +299,9 @@ def key_pass_kernel(
         else:
             dk_base = dk_ptr + b * stride_dk_b + h * stride_dk_h
             dv_base = dv_ptr + b * stride_dv_b + h * stride_dv_h
+        if FRAMES:
+            dk_base += start * stride_dk_n
+            dv_base += start * stride_dv_n
         if NEED_DV:
             tl.store(dv_base + offs_n[:, None] * stride_dv_n + offs_ej[None, :] * stride_dv_d,
                      (acc_dv * key_scale).to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_ej[None, :])

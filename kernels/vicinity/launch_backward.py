@@ -26,6 +26,7 @@ from .configs import (
     resident_programs,
     resident_states,
 )
+from .frames import Slots
 from .geometry import Geometry
 from .keys import key_pass_kernel
 from .launch_forward import (
@@ -34,6 +35,7 @@ from .launch_forward import (
     QueryGradient,
     _copy_dtype,
     compute_states,
+    frame_tokens,
     fused_query_pass,
     operand_copy,
     output_pass,
@@ -214,12 +216,13 @@ def clamped_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_scale: float,
                  cfg: LaunchConfig, launch: str, tok_offset: int = 0, pack: Packing | None = None,
                  factor: torch.Tensor | None = None, o: torch.Tensor | None = None, den: torch.Tensor | None = None,
-                 den_floor: float = 0.0, eps: float = 0.0):
+                 den_floor: float = 0.0, eps: float = 0.0, frames: Slots | None = None):
     """The dq pass: out = out_scale * phi'(x) * (rs sum_m P_m y M_m^T + rz sum_m P_m z_m), y = dO.
     With ``o`` and ``den``, rs and rz are computed in the kernel from dO, o, den, den_floor and eps (scaled
     like den) and written into rs, rz; otherwise (the clamped backward) they are read from rs, rz.
     ``launch`` ("bwd_dq") picks the dot precision and launch options. Packed (``pack``):
-    factor[i] multiplies den_floor and eps (with ``o``) or out_scale (without) for sequence i."""
+    factor[i] multiplies den_floor and eps (with ``o``) or out_scale (without) for sequence i. ``frames``
+    (frame-causal, frames.py): states [BH, n_slots, F, D, Dv], z [BH, n_slots, F, D] per slot."""
     B, H, N, D = x.shape
     Dv = y.shape[-1]
     # One D tile holds all of phi(q) . acc: dO . o comes from the kernel's accumulator, o is not read.
@@ -227,22 +230,26 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
     if o is None:
         o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value)
-    if pack is None:
+    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value, frames is not None)
+    extra = varlen_kwargs(pack, factor)
+    if frames is not None:
+        grid = (frames.token_programs(block_n), B * H, cdiv(D, cfg.block_d))
+        extra = frames.token_kwargs(block_n)
+    elif pack is None:
         grid = (cdiv(N, block_n), B * H, cdiv(D, cfg.block_d))
     else:
         grid = (cdiv(pack.max_length(is_query), block_n), pack.n_seqs * H, cdiv(D, cfg.block_d))
     launch_kernel(dq_pass_kernel, grid,
                   x, y, states, z, rs, rz, o, den, out, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, out_scale,
-                  den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **kwargs,
-                  **varlen_kwargs(pack, factor))
+                  den_floor, eps, *x.stride(), *y.stride(), *o.stride(), *out.stride(), **kwargs, **extra)
 
 
 @plan_cache
 def _dq_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
-             rows: int) -> tuple[int, dict]:
-    """(tokens per program, constexprs and launch options) of a dq pass launch, planned once per shape."""
-    block_n = cfg.tokens_per_program(launch)
+             rows: int, frames: bool = False) -> tuple[int, dict]:
+    """(tokens per program, constexprs and launch options) of a dq pass launch, planned once per shape
+    (``frames``: frame-causal, ``frame_tokens``)."""
+    block_n = frame_tokens(cfg.tokens_per_program(launch), frames)
     return block_n, dict(**geom.constexprs(is_query), ROWS=rows, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
                          BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), **cfg.options(launch))
 
@@ -259,16 +266,21 @@ def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: 
 
 
 def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale: float, key_offset: int = 0,
-              pack: Packing | None = None, factor: torch.Tensor | None = None) -> None:
+              pack: Packing | None = None, factor: torch.Tensor | None = None, frames: Slots | None = None) -> None:
     """dk = key_scale * phi'(k) * sum_m P_m (dS_m v + dz_m) and dv = key_scale * sum_m P_m dS_m^T phi(k)
     (where not None) in one launch (keys.py); token i of k sits at sequence position ``key_offset + i``.
-    Packed (``pack``): factor[i] multiplies key_scale for sequence i."""
+    Packed (``pack``): factor[i] multiplies key_scale for sequence i. ``frames`` (frame-causal, frames.py): dS
+    [BH, n_slots, F, D, Dv], dz [BH, n_slots, F, D], each key reading its slot's."""
     B, H, N, D = k.shape
     Dv = v.shape[-1]
     block_n, resident, d_tiles, dv_tiles, kwargs = _key_plan(geom, k.dtype, D, Dv, cfg, dk is not None,
-                                                             dv is not None)
+                                                             dv is not None, frames is not None)
     rows = B * H if pack is None else pack.n_seqs * H
     n_blocks = cdiv(N if pack is None else pack.max_length(False), block_n)
+    extra = varlen_kwargs(pack, factor)
+    if frames is not None:
+        n_blocks = frames.token_programs(block_n)
+        extra = frames.token_kwargs(block_n)
     if resident:
         # Persistent programs, each walking its head's token blocks with the dS tiles on chip.
         grid = (resident_programs(n_blocks, rows, k.device, kwargs["num_warps"]), rows, 1)
@@ -279,18 +291,18 @@ def _key_pass(k, v, dS, dz, dk, dv, geom: Geometry, cfg: LaunchConfig, key_scale
     dk_out, dv_out = k if dk is None else dk, v if dv is None else dv
     launch_kernel(key_pass_kernel, grid,
                   k, v, dS, dz, dk_out, dv_out, H, N, D, Dv, geom.n_prefix - key_offset, *geom.k_sizes, key_scale,
-                  *k.stride(), *v.stride(), *dk_out.stride(), *dv_out.stride(), **kwargs,
-                  **varlen_kwargs(pack, factor))
+                  *k.stride(), *v.stride(), *dk_out.stride(), *dv_out.stride(), **kwargs, **extra)
 
 
 @plan_cache
 def _key_plan(geom: Geometry, dtype: torch.dtype, D: int, Dv: int, cfg: LaunchConfig, need_dk: bool,
-              need_dv: bool) -> tuple[int, bool, int, int, dict]:
+              need_dv: bool, frames: bool = False) -> tuple[int, bool, int, int, dict]:
     """(tokens per program block, resident form, D tiles, Dv tiles, constexprs and launch options) of a key
     pass launch. The resident form (keys.py) where ``configs.resident_states`` says, with
-    ``configs.resident_options``' blocks and warps; else the streaming form at ``cfg``'s."""
+    ``configs.resident_options``' blocks and warps; else (and for frame-causal launches, ``frames``) the
+    streaming form at ``cfg``'s."""
     d_tiles, dv_tiles = cdiv(D, cfg.block_d), cdiv(Dv, cfg.block_dv)
-    resident = resident_states("bwd_keys", dtype, geom.n_feat, D, Dv, cfg)
+    resident = not frames and resident_states("bwd_keys", dtype, geom.n_feat, D, Dv, cfg)
     if resident:
         opts = resident_options(cfg, "bwd_keys", geom.n_feat)
     else:
@@ -305,14 +317,14 @@ def _key_plan(geom: Geometry, dtype: torch.dtype, D: int, Dv: int, cfg: LaunchCo
 
 def _clamped_row_weights(do, q, den, S, z, rs, rz, geom: Geometry, cfg: LaunchConfig, eps: float,
                          den_floor: float, clamp: tuple[float, float], s_k: float,
-                         query_offset: int = 0) -> torch.Tensor:
+                         query_offset: int = 0, frames: Slots | None = None) -> torch.Tensor:
     """The clamped backward's row weights (clamp.py): recomputes the unclamped numerator from the
     clamped states (one output pass), fills rs = 1 and rz = c / s_k, and returns g / s_k [B, H, Nq, Dv]
     in dO's dtype, to be used in place of dO."""
     B, H, Nq, _ = q.shape
     Dv = do.shape[-1]
     num = torch.empty(B, H, Nq, Dv, dtype=den.dtype, device=q.device)
-    output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset)
+    output_pass(q, S, z, num, geom, True, cfg, "fwd_output", None, tok_offset=query_offset, frames=frames)
     g = torch.empty(B, H, Nq, Dv, dtype=clamped_grad_dtype(do.dtype), device=q.device)
     launch_kernel(clamped_row_weights_kernel, (cdiv(Nq, cfg.block_n), B * H),
         do, num, den, g, rs, rz, H, Nq, Dv, den_floor * s_k, eps * s_k, clamp[0], clamp[1], s_k,

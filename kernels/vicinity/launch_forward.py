@@ -30,6 +30,7 @@ from .configs import (
     state_operand_dtype,
     state_tiles,
 )
+from .frames import Slots
 from .geometry import Geometry
 from .output import output_pass_kernel
 from .queries import query_pass_kernel
@@ -133,7 +134,7 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
                    launch: str, rs: torch.Tensor | None = None,
                    rz: torch.Tensor | None = None, tok_offset: int = 0, pack: Packing | None = None,
                    factor: torch.Tensor | None = None, s_copy: torch.Tensor | None = None,
-                   dq: QueryGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   dq: QueryGradient | None = None, frames: Slots | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S [BH, F, D, Dv] = scale * sum_t P(t) (rs_t phi(x_t)) y_t^T and z [BH, F, D] = scale * sum_t P(t) rz_t phi(x_t).
 
     x [B, H, N, D], y [B, H, N, Dv] strided; rs, rz [BH, N] row weights (both 1 when None). ACC dtype.
@@ -147,6 +148,8 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     ``dq`` (the backward over the queries, x = q, y = dO, dense calls whose head dims fit one state tile:
     ``fused_query_pass``): the programs also compute dq and the row weights themselves (queries.py), and
     rs, rz are not given.
+    ``frames`` (a frame-causal launch, frames.py): the states of each slot's own tokens, S [BH, n_slots, F, D,
+    Dv] and z [BH, n_slots, F, D] (one program per slot, no chunk reduction; dense, without ``dq``).
     """
     B, H, N, D = x.shape
     Dv = y.shape[-1]
@@ -155,6 +158,8 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     row_weights = rs is not None
     sp = state_plan(geom, is_query, launch, x.dtype, D, Dv, N if pack is None else pack.max_length(is_query), lead,
                     dq is not None, row_weights, sm_count(x.device))
+    if frames is not None:
+        return _slot_states(x, y, geom, is_query, scale, rs, rz, tok_offset, sp, frames)
     plan = sp.chunks
     n_s, n_z = lead * F * D * Dv, lead * F * D
     S = torch.empty(lead, F, D, Dv, dtype=sp.acc_dtype, device=x.device)
@@ -194,17 +199,47 @@ def compute_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: b
     return S, z
 
 
+def _slot_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: bool, scale: float,
+                 rs: torch.Tensor | None, rz: torch.Tensor | None, tok_offset: int, sp: StatePlan,
+                 frames: Slots) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_states` of a frame-causal launch: grid (groups, slots), each program its slot's states."""
+    B, H, N, D = x.shape
+    Dv = y.shape[-1]
+    F = geom.n_feat
+    S = torch.empty(B * H, frames.n_slots, F, D, Dv, dtype=sp.acc_dtype, device=x.device)
+    z = torch.empty(B * H, frames.n_slots, F, D, dtype=sp.acc_dtype, device=x.device)
+    row_weights = rs is not None
+    if not row_weights:
+        rs = rz = S  # never read (ROW_WEIGHTS=False)
+    sizes = geom.q_sizes if is_query else geom.k_sizes
+    # s_part, z_part, count: never read (CHUNKED=False); blocks_per_chunk, part_stride: unused.
+    launch_kernel(state_partial_kernel, (B * H * sp.n_tiles, frames.n_slots),
+                  x, y, rs, rz, S, z, S, z, S, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, 1, frames.n_slots,
+                  0, scale, *x.stride(), *y.stride(), **sp.kwargs, CHUNKED=False, slot0_len=frames.slot0_len,
+                  frame_len=frames.frame_len, FRAMES=True)
+    return S, z
+
+
+def frame_tokens(block_n: int, frames: bool) -> int:
+    """Tokens per program of a streaming output or dq pass: frame-causal launches (``frames``) take half the
+    dense pass's (at least 16): their slot bookkeeping costs the registers the dense form has none of to spare
+    (it spilled on sm_80 at fp16 D64 and on sm_90a with fp32's 32-wide tiles), and halves the masked waste at
+    frame ends."""
+    return max(16, block_n // 2) if frames else block_n
+
+
 @plan_cache
 def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
-                with_den: bool, clamp: bool, D: int, Dv: int) -> tuple[int, bool, dict]:
+                with_den: bool, clamp: bool, D: int, Dv: int, frames: bool = False) -> tuple[int, bool, dict]:
     """(tokens per program block, resident form, constexprs and launch options) of an output pass launch,
     planned once per shape. The resident form (output.py) where ``configs.resident_states`` says, with
-    ``configs.resident_options``' blocks and warps; else the streaming form at ``cfg``'s."""
-    resident = resident_states(launch, dtype, geom.n_feat, D, Dv, cfg)
+    ``configs.resident_options``' blocks and warps; else (and for frame-causal launches, ``frames``) the
+    streaming form at ``cfg``'s."""
+    resident = not frames and resident_states(launch, dtype, geom.n_feat, D, Dv, cfg)
     if resident:
         opts = resident_options(cfg, launch, geom.n_feat)
     else:
-        opts = dict(BLOCK_N=cfg.tokens_per_program(launch), **cfg.options(launch))
+        opts = dict(BLOCK_N=frame_tokens(cfg.tokens_per_program(launch), frames), **cfg.options(launch))
     kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_D=cfg.block_d,
                   BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), RESIDENT=resident, **opts)
     return opts["BLOCK_N"], resident, kwargs
@@ -215,29 +250,35 @@ def output_pass(x: torch.Tensor, states: torch.Tensor, z: torch.Tensor, out: tor
                out_scale: float = 1.0, den_floor: float = 0.0,
                clamp: tuple[float, float] | None = None, state_scale: float = 1.0,
                tok_offset: int = 0, pack: Packing | None = None,
-               factor: torch.Tensor | None = None) -> torch.Tensor | None:
+               factor: torch.Tensor | None = None, frames: Slots | None = None) -> torch.Tensor | None:
     """out = out_scale * sum_m P_m phi(x) M_m, divided by den = max(sum_m P_m phi(x).z_m, den_floor) + eps
     when eps is given (then den [BH, N] is returned; eps, den_floor scaled like the states). With
     ``clamp`` (and eps), out = C(C(num) C(1/den)) on the values unscaled by ``state_scale`` (clamp.py).
     x [B, H, N, D], out [B, H, N, Dv] strided; token i of x sits at sequence position ``tok_offset + i``.
     ``launch`` ("fwd_output") picks the dot precision and launch options. Packed (``pack``):
     den is [H, T]; factor[i] multiplies eps, den_floor and state_scale (with eps) or out_scale
-    (without) for sequence i."""
+    (without) for sequence i. ``frames`` (frame-causal, frames.py): states [BH, n_slots, F, D, Dv], z [BH,
+    n_slots, F, D], each token reading its slot's."""
     B, H, N, D = x.shape
     Dv = out.shape[-1]
     with_den = eps is not None
     den = torch.empty(B * H, N, dtype=z.dtype, device=x.device) if with_den else z   # z: ACC (states may be a copy)
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n, resident, kwargs = output_plan(geom, is_query, launch, x.dtype, cfg, with_den, clamp is not None, D, Dv)
+    block_n, resident, kwargs = output_plan(geom, is_query, launch, x.dtype, cfg, with_den, clamp is not None, D, Dv,
+                                            frames is not None)
     rows, dv_tiles = (B * H if pack is None else pack.n_seqs * H), cdiv(Dv, cfg.block_dv)
     n_blocks = cdiv(N if pack is None else pack.max_length(is_query), block_n)
+    extra = varlen_kwargs(pack, factor)
+    if frames is not None:
+        n_blocks = frames.token_programs(block_n)
+        extra = frames.token_kwargs(block_n)
     # Resident: persistent programs, each walking its head's token blocks; streaming: one per token block.
     grid = (resident_programs(n_blocks, rows * dv_tiles, x.device, kwargs["num_warps"]) if resident else n_blocks,
             rows, dv_tiles)
     launch_kernel(output_pass_kernel, grid,
                   x, states, z, out, den, H, N, D, Dv, geom.n_prefix - tok_offset, *sizes, eps if with_den else 0.0,
                   out_scale, den_floor, *(clamp or (0.0, 0.0)), state_scale, *x.stride(), *out.stride(), **kwargs,
-                  **varlen_kwargs(pack, factor))
+                  **extra)
     return den if with_den else None
 
 

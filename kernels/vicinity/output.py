@@ -28,6 +28,7 @@ import triton.language as tl
 from ..common import dot_operand, feature_map, mma
 from ..runtime import launch_jit
 from .clamp import abs_clamp
+from .frames import frame_block
 from .positions import position_axes, position_feature, select_position_feature
 from .varlen import sequence_window, token_block
 
@@ -189,12 +190,16 @@ def output_pass_kernel(
     seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
     # the resident form (module docstring) and its token-loop pipelining depth
     RESIDENT: tl.constexpr = False, TOKEN_STAGES: tl.constexpr = 1,
+    # frame-causal launches only (frames.py): slots and their token counts
+    n_slots=None, slot0_len=None, frame_len=None, blocks_per_slot=None, FRAMES: tl.constexpr = False,
 ):
     """Streaming: grid (cdiv(N, BLOCK_N), BH, n_dv_tiles); resident: grid (programs per head, BH,
     n_dv_tiles), D <= BLOCK_D. x [B, H, N, D] strided; out [B, H, N, DV] strided (written in out's dtype);
     den [BH, N] ACC (written when WITH_DEN, by the first Dv tile). VARLEN: axis 1 is S * H (streaming: axis
     0 spans the longest sequence's blocks; resident: a program walks its own sequence's blocks);
-    factor[seq] multiplies eps, den_floor and state_scale with WITH_DEN, else out_scale."""
+    factor[seq] multiplies eps, den_floor and state_scale with WITH_DEN, else out_scale.
+    FRAMES (streaming only, frames.py): grid (n_slots * blocks_per_slot, BH, n_dv_tiles); a token of slot s
+    reads the states M [BH, n_slots, F, D, Dv], z [BH, n_slots, F, D] at row bh * n_slots + s."""
     if RESIDENT:
         _resident_output(x_ptr, m_ptr, z_ptr, out_ptr, den_ptr, H, N, D, DV, n_prefix, grid_0, grid_1, grid_2, eps,
                          out_scale, den_floor, clamp_lo, clamp_hi, state_scale, stride_x_b, stride_x_h, stride_x_n,
@@ -203,18 +208,30 @@ def output_pass_kernel(
                          TOKEN_STAGES, seq_ptr, factor_ptr, VARLEN)
     else:
         # Packed: the grid sizes are read per feature (``_output_feature``), not from here.
-        bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
-            H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
+        if FRAMES:
+            bh, b, h, offs_n, mask_n, slot, start, active = frame_block(H, slot0_len, frame_len, blocks_per_slot,
+                                                                        BLOCK_N)
+            if not active:
+                return
+            state_row = bh.to(tl.int64) * n_slots + slot
+            n_prefix = n_prefix - start
+        else:
+            bh, b, h, offs_n, mask_n, start, active, _grid_0, _grid_1, _grid_2 = token_block(
+                H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
+            state_row = bh.to(tl.int64)
         e0 = tl.program_id(2) * BLOCK_DV
         x_base = x_ptr + b * stride_x_b + h * stride_x_h
-        m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
-        z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
+        m_base = m_ptr + state_row * N_FEAT * D * DV
+        z_base = z_ptr + state_row * N_FEAT * D
         out_base = out_ptr + b * stride_out_b + h * stride_out_h
         if VARLEN:
             if not active:
                 return
             x_base = x_ptr + h * stride_x_h + start * stride_x_n
             out_base = out_ptr + h * stride_out_h + start * stride_out_n
+        if FRAMES:
+            x_base += start * stride_x_n
+            out_base += start * stride_out_n
 
         acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
         den = tl.zeros((BLOCK_N,), ACC)
@@ -233,6 +250,8 @@ def output_pass_kernel(
                 out_scale = out_scale * factor
         if VARLEN:
             den_row = den_ptr + h * N + start
+        elif FRAMES:
+            den_row = den_ptr + bh * N + start
         else:
             den_row = den_ptr + bh * N
         _finish_rows(acc, den, offs_n, mask_n, e0 + tl.arange(0, BLOCK_DV), den_row, out_base, stride_out_n,

@@ -37,6 +37,7 @@ import triton.language as tl
 from ..common import dot_operand, feature_map, mma, mul_feature_map_grad, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .clamp import without_floor_rows
+from .frames import frame_block
 from .positions import position_axes, select_position_feature
 from .state import accumulate_states, feature_columns, finish_states
 from .varlen import token_block
@@ -166,18 +167,31 @@ def dq_pass_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     # packed (varlen) launches only: the sequence table and the per-sequence factors
     seq_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
+    # frame-causal launches only (frames.py): slots and their token counts
+    n_slots=None, slot0_len=None, frame_len=None, blocks_per_slot=None, FRAMES: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), BH, n_d_tiles). x [B, H, N, D], y [B, H, N, DV], out [B, H, N, D] strided;
     rs, rz [BH, N] ACC: read (ROWS_LOAD), or computed here (ROWS_COMPUTE / ROWS_FROM_ACC: y = dO, den
     [BH, N] ACC, den_floor and eps scaled like den; ROWS_COMPUTE also reads o [B, H, N, DV] strided;
     written by the first D tile). ROWS_FROM_ACC needs D <= BLOCK_D.
     VARLEN: grid (cdiv(longest sequence, BLOCK_N), S * H, n_d_tiles); factor[seq]
-    multiplies den_floor and eps when the row weights are computed here, else out_scale."""
-    bh, b, h, offs_n, mask_n, start, active, grid_0, grid_1, grid_2 = token_block(
-        H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
+    multiplies den_floor and eps when the row weights are computed here, else out_scale.
+    FRAMES (frames.py): grid (n_slots * blocks_per_slot, BH, n_d_tiles); a query of slot s reads the states M
+    [BH, n_slots, F, D, DV], z [BH, n_slots, F, D] at row bh * n_slots + s."""
+    if FRAMES:
+        bh, b, h, offs_n, mask_n, slot, start, active = frame_block(H, slot0_len, frame_len, blocks_per_slot,
+                                                                    BLOCK_N)
+        if not active:
+            return
+        state_row = bh.to(tl.int64) * n_slots + slot
+        n_prefix = n_prefix - start
+    else:
+        bh, b, h, offs_n, mask_n, start, active, grid_0, grid_1, grid_2 = token_block(
+            H, N, grid_0, grid_1, grid_2, seq_ptr, BLOCK_N, IS_QUERY, VARLEN)
+        state_row = bh.to(tl.int64)
     d0 = tl.program_id(2) * BLOCK_D
-    m_base = m_ptr + bh.to(tl.int64) * N_FEAT * D * DV
-    z_base = z_ptr + bh.to(tl.int64) * N_FEAT * D
+    m_base = m_ptr + state_row * N_FEAT * D * DV
+    z_base = z_ptr + state_row * N_FEAT * D
     y_base = y_ptr + b * stride_y_b + h * stride_y_h
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -188,6 +202,8 @@ def dq_pass_kernel(
         # The other pointers move into the sequence's window (tokens from start, rows h * N + start of
         # the [H, N] buffers) where they are used, not here: held across the loop, they cost registers
         # the kernel parameters do not.
+    if FRAMES:
+        y_base += start * stride_y_n
 
     # Every feature is picked from the same per-axis cos / sin: computed once per program, not per feature.
     axes = position_axes(offs_n, n_prefix, grid_0, grid_1, grid_2, N_AXES, VARIANT, HAS_PREFIX, ACC)
@@ -198,6 +214,9 @@ def dq_pass_kernel(
     if VARLEN:
         rows = h * N + start
         x_base = x_ptr + h * stride_x_h + start * stride_x_n
+    elif FRAMES:
+        rows = bh * N + start
+        x_base = x_ptr + b * stride_x_b + h * stride_x_h + start * stride_x_n
     else:
         rows = bh * N   # B * H * N < 2^31: checked by the library
         x_base = x_ptr + b * stride_x_b + h * stride_x_h
@@ -217,6 +236,8 @@ def dq_pass_kernel(
                 o_base = o_ptr + h * stride_o_h + start * stride_o_n
             else:
                 o_base = o_ptr + b * stride_o_b + h * stride_o_h
+            if FRAMES:
+                o_base += start * stride_o_n
             delta = row_delta(y_base, o_base, offs_n, mask_n, DV, stride_y_n, stride_y_d, stride_o_n, stride_o_d,
                               BLOCK_N, BLOCK_DV, ACC)
             den = tl.load(den_ptr + rows + offs_n, mask=mask_n, other=1.0)
@@ -243,6 +264,8 @@ def dq_pass_kernel(
         out_base = out_ptr + h * stride_out_h + start * stride_out_n
     else:
         out_base = out_ptr + b * stride_out_b + h * stride_out_h
+    if FRAMES:
+        out_base += start * stride_out_n
     tl.store(out_base + offs_n[:, None] * stride_out_n + offs_d[None, :] * stride_out_d,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 

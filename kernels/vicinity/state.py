@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..common import feature_map, mma
 from ..runtime import launch_jit
+from .frames import frame_span
 from .positions import position_feature
 from .varlen import sequence_window
 
@@ -116,6 +117,8 @@ def state_partial_kernel(
     seq_ptr=None, chunks_ptr=None, factor_ptr=None, VARLEN: tl.constexpr = False,
     # a copy of S in its dot operand dtype
     s_copy_ptr=None, COPY: tl.constexpr = False,
+    # frame-causal launches only (frames.py): the slots' token counts
+    slot0_len=None, frame_len=None, FRAMES: tl.constexpr = False,
 ):
     """Grid (BH * n_d_tiles * n_dv_tiles, n_chunks): one program per (bh, D tile, Dv tile) group and chunk.
 
@@ -131,6 +134,11 @@ def state_partial_kernel(
     program past them exits at once; the election counts chunks[seq]).
     COPY: S is also written to s_copy ([BH, N_FEAT, D, DV], its own dtype: a dot operand copy, see
     ``compute_states``).
+
+    FRAMES (frames.py): chunk c is slot c of n_chunks slots (slot 0: the first slot0_len tokens, slot 1 + f:
+    the frame_len tokens of frame f); the program walks the slot's token blocks (the last one masked to the
+    slot) and writes the slot's own states, scaled, to S [BH, n_chunks, N_FEAT, D, DV] and z [BH, n_chunks,
+    N_FEAT, D] at row bh * n_chunks + c (CHUNKED False: no partials, no election).
     """
     n_d_tiles = tl.cdiv(D, BLOCK_D)
     n_e_tiles = tl.cdiv(DV, BLOCK_DV)
@@ -161,16 +169,33 @@ def state_partial_kernel(
 
     s_acc = tl.zeros((F_PAD * BLOCK_D, BLOCK_DV), ACC)
     z_acc = tl.zeros((F_PAD * BLOCK_D, Z_COLS), ACC)
-    first = chunk * blocks_per_chunk
-    for blk in range(first, first + blocks_per_chunk):
-        s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, blk * BLOCK_N,
-                                    N, D, DV, n_prefix, grid_0, grid_1, grid_2, d0, e0, stride_x_n, stride_x_d,
-                                    stride_y_n, stride_y_d, N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX,
-                                    IS_QUERY, FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq,
-                                    row0, VARLEN)
-
-    finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr, pid, chunk, n_chunks, part_stride,
-                  bh, d0, e0, e_tile, D, DV, scale, N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, CHUNKED, s_copy_ptr, COPY)
+    if FRAMES:
+        lo, hi = frame_span(chunk, slot0_len, frame_len)
+        # The slot as a window (the VARLEN form of the block): tokens from lo (the pointers and the position
+        # offset moved there, so block offsets stay multiples of BLOCK_N: wide, pipelined loads), masked
+        # to the slot's hi - lo tokens, row weights at bh * N + lo.
+        x_slot = x_base + lo * stride_x_n     # int32: token offsets within a (batch, head) fit (checked)
+        y_slot = y_base + lo * stride_y_n
+        for n0 in range(0, hi - lo, BLOCK_N):
+            s_acc, z_acc = _state_block(x_slot, y_slot, rs_ptr, rz_ptr, s_acc, z_acc, bh, n0, N, D, DV,
+                                        n_prefix - lo, grid_0, grid_1, grid_2, d0, e0, stride_x_n, stride_x_d,
+                                        stride_y_n, stride_y_d, N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX,
+                                        IS_QUERY, FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC,
+                                        hi - lo, bh * N + lo, True)
+        finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr, pid, chunk, n_chunks,
+                      part_stride, bh * n_chunks + chunk, d0, e0, e_tile, D, DV, scale, N_FEAT, F_PAD, Z_COLS,
+                      BLOCK_D, BLOCK_DV, False, s_copy_ptr, COPY)
+    else:
+        first = chunk * blocks_per_chunk
+        for blk in range(first, first + blocks_per_chunk):
+            s_acc, z_acc = _state_block(x_base, y_base, rs_ptr, rz_ptr, s_acc, z_acc, bh, blk * BLOCK_N,
+                                        N, D, DV, n_prefix, grid_0, grid_1, grid_2, d0, e0, stride_x_n, stride_x_d,
+                                        stride_y_n, stride_y_d, N_FEAT, F_PAD, Z_COLS, N_AXES, VARIANT, HAS_PREFIX,
+                                        IS_QUERY, FMAP, ROW_WEIGHTS, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, DOT, PREC, n_seq,
+                                        row0, VARLEN)
+        finish_states(s_acc, z_acc, s_ptr, z_ptr, s_part_ptr, z_part_ptr, count_ptr, pid, chunk, n_chunks,
+                      part_stride, bh, d0, e0, e_tile, D, DV, scale, N_FEAT, F_PAD, Z_COLS, BLOCK_D, BLOCK_DV, CHUNKED,
+                      s_copy_ptr, COPY)
 
 
 @triton.jit

@@ -1,0 +1,87 @@
+"""Frame-causal vicinity attention (``causal="frames"``) on the fused kernels: the window API of the
+contract shared with the torch backend (``vicinity_attn/vicinity/frames.py``), over
+``vicinity_attn.kernels.vicinity.launch_frames``.
+
+A window holds the grid tokens of frames ``start .. start + n - 1`` of ``spec.grid`` / ``spec.kv_grid``,
+preceded by the spec's prefix tokens only when ``start == 0``; position features are those of the full grid
+(local frame f has the time angle of frame start + f). The saved formats are the kernels': S [B*H, n + 1, F, D,
+Dv] (dtype :func:`triton_backend.saved_state_dtype`), z [B*H, n + 1, F, D], den [B*H, Nq], all scaled by a
+power of two; dpre likewise per slot. ``init``, ``carry``, ``carry_grad`` and ``init_grad`` are pairs (S [B, H,
+F, D, Dv], z [B, H, F, D]) in the compute dtype, unscaled and unclamped.
+
+    window_forward(q, k, v, spec, start=0, init=None) -> (o, den, S, z, carry)
+    window_query_backward(do, q, o, den, S, z, spec, start, need_dq) -> (dq_or_None, dpre, init_grad)
+    window_key_backward(k, v, dpre, spec, start, carry_grad, need_dk, need_dv) -> (dk_or_None, dv_or_None)
+
+The full call is ``window_forward(q, k, v, spec)[:4]``, then ``window_query_backward`` and
+``window_key_backward`` with ``carry_grad=None`` (``triton_backend.forward`` / ``backward`` dispatch here).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
+from ..common.device import launch_device
+from ..common.spec import VicinitySpec
+from ..kernels.vicinity.launch_frames import frame_backward_keys, frame_backward_queries, frame_forward
+from .triton_backend import _checked_geometry, _geometry, check_token_offsets
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_pair(pair: Pair | None, name: str, q: torch.Tensor, v: torch.Tensor, n_feat: int) -> None:
+    if pair is None:
+        return
+    B, H, _, D = q.shape
+    Dv = v.shape[-1]
+    S, z = pair
+    want = compute_dtype(q.dtype)
+    if tuple(S.shape) != (B, H, n_feat, D, Dv) or tuple(z.shape) != (B, H, n_feat, D):
+        raise ValueError(f"{name}: expected S [B, H, F, D, Dv] = {(B, H, n_feat, D, Dv)} and z [B, H, F, D], got "
+                         f"{tuple(S.shape)} and {tuple(z.shape)}")
+    if S.dtype != want or z.dtype != want:
+        raise TypeError(f"{name}: expected the compute dtype {want}, got {S.dtype} / {z.dtype}")
+
+
+def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int = 0,
+                   init: Pair | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Pair]:
+    """(o, den, S, z, carry) of one window (module docstring)."""
+    assert spec.causal == "frames", spec.causal
+    o = empty_output_like(q, v.shape[-1])
+    geom = _checked_geometry(q, k, v, o, spec)
+    _check_pair(init, "init", q, v, geom.n_feat)
+    with launch_device(q):
+        den, S, z, carry = frame_forward(q, k, v, o, geom, spec.eps, spec.den_floor, spec.clamp, start, init)
+    return o, den, S, z, carry
+
+
+def window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
+                          z: torch.Tensor, spec: VicinitySpec, start: int,
+                          need_dq: bool) -> tuple[torch.Tensor | None, Pair, Pair]:
+    """(dq or None, dpre, init_grad) of one window from dO and :func:`window_forward`'s o, den, S, z."""
+    assert spec.causal == "frames", spec.causal
+    geom = _geometry(spec)
+    (dq,) = empty_grads_like((q,), (need_dq,))
+    check_token_offsets(do, "the output gradient dO")
+    if dq is not None:
+        check_token_offsets(dq, "dq")
+    with launch_device(q):
+        dpre, init_grad = frame_backward_queries(do, q, o, den, S, z, dq, geom, spec.eps, spec.den_floor,
+                                                 spec.clamp, start)
+    return dq, dpre, init_grad
+
+
+def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: Pair, spec: VicinitySpec, start: int,
+                        carry_grad: Pair | None, need_dk: bool,
+                        need_dv: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dk or None, dv or None) of one window from :func:`window_query_backward`'s dpre and ``carry_grad``."""
+    assert spec.causal == "frames", spec.causal
+    geom = _geometry(spec)
+    _check_pair(carry_grad, "carry_grad", k, v, geom.n_feat)
+    dk, dv = empty_grads_like((k, v), (need_dk, need_dv))
+    for t, name in ((dk, "dk"), (dv, "dv")):
+        if t is not None:
+            check_token_offsets(t, name)
+    with launch_device(k):
+        frame_backward_keys(k, v, dpre, dk, dv, geom, start, carry_grad)
+    return dk, dv
