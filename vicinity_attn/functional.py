@@ -132,8 +132,6 @@ def vicinity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp,
                                      causal=causal, sharded=group is not None)
     name = resolve_backend(backend, q.device, q.dtype)
-    if spec.causal is not None and name == "triton":
-        raise NotImplementedError(f"causal={spec.causal!r} is not implemented for backend {name!r} yet")
     if group is not None:
         return _context_parallel(name, q4, k4, v4, spec, group, layout, token_offsets)
     if token_offsets is not None:
@@ -211,8 +209,6 @@ def vicinity_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 num_prefix_tokens=num_prefix_tokens, den_floor=den_floor, clamp=clamp,
                                 host_check=check_cu_seqlens_on_host, causal=causal)
     name = resolve_backend(backend, q.device, q.dtype)
-    if spec.causal is not None and name == "triton":
-        raise NotImplementedError(f"causal={spec.causal!r} is not implemented for backend {name!r} yet")
     if name == "triton" and not triton_available():
         from .vicinity import triton_backend  # noqa: F401  (raises the ImportError's reason)
     q, k, v = autocast_inputs(q, k, v)

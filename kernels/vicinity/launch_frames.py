@@ -92,6 +92,23 @@ def frame_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     return den, S if S_op is None else S_op, z, (carry[0].view(B, H, F, D, Dv), carry[1].view(B, H, F, D))
 
 
+def frame_key_totals(k: torch.Tensor, v: torch.Tensor, geom: Geometry, start: int = 0) -> Pair:
+    """(S [B, H, F, D, Dv], z [B, H, F, D]): the states of a window's keys alone (its carry from no init),
+    unscaled and unclamped, in the accumulation dtype: the state pass and a sum over slots in slot order."""
+    B, H, Nk, D = k.shape
+    Dv = v.shape[-1]
+    BH, F = B * H, geom.n_feat
+    p_win = geom.n_prefix if start == 0 else 0
+    n = (Nk - p_win) // (geom.k_sizes[1] * geom.k_sizes[2])
+    win = frame_window(geom, start, p_win + n * geom.q_sizes[1] * geom.q_sizes[2], Nk)
+    S, z = compute_states(k, v, geom, False, 1.0, "fwd_state", tok_offset=win.tok_offset_k, frames=win.k_slots)
+    totals = (torch.empty(BH, F, D, Dv, dtype=S.dtype, device=S.device),
+              torch.empty(BH, F, D, dtype=z.dtype, device=z.device))
+    scan_slots(S, None, total=totals[0], cumulative=False)
+    scan_slots(z, None, total=totals[1], cumulative=False)
+    return totals[0].view(B, H, F, D, Dv), totals[1].view(B, H, F, D)
+
+
 def frame_backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
                            z: torch.Tensor, dq: torch.Tensor | None, geom: Geometry, eps: float, den_floor: float,
                            clamp: tuple[float, float] | None, start: int = 0) -> tuple[Pair, Pair]:

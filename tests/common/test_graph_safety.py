@@ -65,6 +65,8 @@ CALLS = {   # q, k, v: 25 tokens (a prefix token and a 4 x 6 grid)
                                                                   backend=backend),
     "vicinity-clamp": lambda q, k, v, backend: vicinity_attention(q, k, v, (4, 6), clamp=(1e-4, 1e4),
                                                                   num_prefix_tokens=1, backend=backend),
+    "vicinity-causal-floor-clamp": lambda q, k, v, backend: vicinity_attention(
+        q, k, v, (4, 6), den_floor=2.0, clamp=(1e-4, 1e4), num_prefix_tokens=1, causal="frames", backend=backend),
     "knn": lambda q, k, v, backend: knn_attention(q, k, v, 7, backend=backend),
 }
 

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from tests.helpers import check_against_reference, check_jacobian, close_fp64, make_inputs, token_counts
+from tests.helpers import check_against_reference, check_jacobian, close_fp64, interpreting, make_inputs, token_counts
 from vicinity_attn import FrameCache, VicinityAttention, vicinity_attention, vicinity_attention_step
 from vicinity_attn import vicinity_attention_varlen as varlen
 from vicinity_attn.common.spec import VicinitySpec
 from vicinity_attn.vicinity import frames
 from vicinity_attn.vicinity.reference import frame_mask
+
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1"))
 
 # (grid, kv_grid, prefix, options)
 CASES = [
@@ -88,12 +90,13 @@ def test_torch_backend_low_precision_by_the_tolerance_rule(case, dtype):
                             **opts)
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("transform", ["jacfwd", "jacrev"])
-def test_jacobians_match_the_reference(transform):
+def test_jacobians_match_the_reference(transform, backend):
     grid, P = (3, 2, 2), 1
     inputs = tuple(t.detach() for t in make_inputs(1, 2, *token_counts(grid, None, P), 4, 3))
     kw = dict(num_prefix_tokens=P, causal="frames", feature_map="elu1", den_floor=0.5)
-    check_jacobian(lambda q, k, v: vicinity_attention(q, k, v, grid, backend="torch", **kw),
+    check_jacobian(lambda q, k, v: vicinity_attention(q, k, v, grid, backend=backend, **kw),
                    lambda q, k, v: vicinity_attention(q, k, v, grid, backend="reference", **kw), inputs, transform)
 
 
@@ -129,7 +132,7 @@ def test_custom_ops_opcheck_with_causal():
                                                *args, True, False, True))
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference", TRITON])
 def test_varlen_packs_give_each_sequence_its_own_frames(backend):
     P, H = 1, 2
     grids = [(3, 2, 2), (4, 3, 1), (3, 2, 2)]
@@ -188,7 +191,7 @@ def test_windows_chained_by_their_carry_equal_the_whole_call(clamp):
         carry_grad = init_grad if carry_grad is None else tuple(a + b for a, b in zip(init_grad, carry_grad))
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference", TRITON])
 @pytest.mark.parametrize("P, clamp", [(0, None), (2, (1e-4, 1e4)), (1, (0.05, 0.8))])
 def test_stream_equals_the_whole_call_frame_by_frame(backend, P, clamp):
     grid, kv, B, H = (17, 3, 4), (17, 2, 2), 2, 2
@@ -203,7 +206,7 @@ def test_stream_equals_the_whole_call_frame_by_frame(backend, P, clamp):
         iq, ik = iq + nq, ik + nk
     assert cache.frame == 17 and len(steps) >= 14
     close_fp64(torch.cat(outs, 1), want, "streamed o")
-    if backend == "torch":   # constant memory: the states alone, F x D x Dv per head
+    if backend != "reference":   # constant memory: the states alone, F x D x Dv per head
         S, z = cache.states
         F = 6 + (2 if P else 0)
         assert S.shape == (B, H, F, 8, 5) and z.shape == (B, H, F, 8)

@@ -1,6 +1,6 @@
 """Frame-causal vicinity attention (``causal="frames"``) on the fused kernels, under the Triton interpreter.
 
-The full call (the custom op ``vicinity_attn::triton_forward`` and its autograd, i.e. ``triton_backend.forward`` /
+The full call (the custom op ``vicinity_attn::triton_forward`` and its autograd, i.e. ``triton_frames.forward`` /
 ``backward``) against the float64 reference by the tolerance rule (tests.helpers.assert_rule: the error against
 float64 at most 2x the plain PyTorch computation's in the same dtype, plus a floor), and the window API of
 ``vicinity_attn.vicinity.triton_frames``: windows run one after another (carry -> next init) give the full
@@ -96,18 +96,18 @@ def test_saved_states_and_determinism():
     spec = make_spec((3, 2, 3), (3, 1, 3), 2, "sum", "relu", BITES)
     q, k, v = make_qkv(spec, 8, 8, F32, H=1)
     q, k, v = (t.float() for t in (q, k, v))
-    o, den, S, z = triton_backend.forward(q, k, v, spec)
+    o, den, S, z = triton_frames.forward(q, k, v, spec)
     F = 8   # 3-d "sum" (6) + the two prefix features
     assert S.shape == (1, 4, F, 8, 8) and z.shape == (1, 4, F, 8) and den.shape == (1, q.shape[2])
     assert S.dtype == triton_backend.saved_state_dtype(q, v, spec.clamp)
     do = torch.randn_like(o)
-    grads = triton_backend.backward(do, q, k, v, o, den, S, z, spec)
-    o2, den2, S2, z2 = triton_backend.forward(q, k, v, spec)
-    grads2 = triton_backend.backward(do, q, k, v, o2, den2, S2, z2, spec)
+    grads = triton_frames.backward(do, q, k, v, o, den, S, z, spec)
+    o2, den2, S2, z2 = triton_frames.forward(q, k, v, spec)
+    grads2 = triton_frames.backward(do, q, k, v, o2, den2, S2, z2, spec)
     for a, b in zip((o, den, S, z, *grads), (o2, den2, S2, z2, *grads2)):
         assert torch.equal(a, b)
     # Gradients not asked for are skipped.
-    dq, dk, dv = triton_backend.backward(do, q, k, v, o, den, S, z, spec, (False, True, False))
+    dq, dk, dv = triton_frames.backward(do, q, k, v, o, den, S, z, spec, (False, True, False))
     assert dq is None and dv is None and torch.equal(dk, grads[1])
 
 

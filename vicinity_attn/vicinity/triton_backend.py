@@ -107,12 +107,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B*H, Nq], S [B*H, F, D, Dv], z [B*H, F, D] stored scaled by a power of two (see
     ``kernels/forward.py``), in float32 (float64 for float64 inputs; S in bfloat16 where
     :func:`saved_state_dtype` says). The body of the custom
-    op of :mod:`vicinity_attn.vicinity.ops`, which also carries the autograd formula. Frame-causal specs
-    (``spec.causal == "frames"``, T frames): S [B*H, T + 1, F, D, Dv] and z [B*H, T + 1, F, D], the states
-    each slot's tokens read (:mod:`vicinity_attn.vicinity.triton_frames`)."""
-    if spec.causal == "frames":
-        from .triton_frames import window_forward
-        return window_forward(q, k, v, spec)[:4]
+    op of :mod:`vicinity_attn.vicinity.ops`, which also carries the autograd formula. Frame-causal calls run
+    :mod:`vicinity_attn.vicinity.triton_frames` instead (the ops pick it)."""
     o = empty_output_like(q, v.shape[-1])
     geom = _checked_geometry(q, k, v, o, spec)
     with launch_device(q):
@@ -126,11 +122,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              needs: tuple[bool, bool, bool] = (True, True, True),
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
-    kernel passes behind it skipped) where ``needs`` says a gradient is not wanted. Frame-causal specs
-    (``spec.causal == "frames"``): S [B*H, T + 1, F, D, Dv], z [B*H, T + 1, F, D] per slot, see
-    :mod:`vicinity_attn.vicinity.triton_frames`."""
-    if spec.causal == "frames":
-        return _frames_backward(do, q, k, v, o, den, S, z, spec, needs)
+    kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
     # The checks and the gradients' memory order are a function of the shapes and strides: decided once per
     # layout, then the gradients are allocated as decided.
     key = (do.shape, do.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), needs, spec)
@@ -152,17 +144,4 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   else torch.empty(a[0], dtype=dtype, device=device) for a in allocs)
     with launch_device(q):
         vicinity_backward(do, q, k, v, o, den, S, z, dq, dk, dv, geom, spec.eps, spec.den_floor, spec.clamp)
-    return dq, dk, dv
-
-
-
-def _frames_backward(do, q, k, v, o, den, S, z, spec: VicinitySpec, needs: tuple[bool, bool, bool]):
-    """:func:`backward` of a frame-causal call: the window API's query and key sides over the whole call."""
-    from .triton_frames import window_key_backward, window_query_backward
-    dq = None
-    dk = dv = None
-    if needs[0] or needs[1] or needs[2]:
-        dq, dpre, _init_grad = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
-        if needs[1] or needs[2]:
-            dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2])
     return dq, dk, dv

@@ -12,9 +12,11 @@ F, D, Dv], z [B, H, F, D]) in the compute dtype, unscaled and unclamped.
     window_forward(q, k, v, spec, start=0, init=None) -> (o, den, S, z, carry)
     window_query_backward(do, q, o, den, S, z, spec, start, need_dq) -> (dq_or_None, dpre, init_grad)
     window_key_backward(k, v, dpre, spec, start, carry_grad, need_dk, need_dv) -> (dk_or_None, dv_or_None)
+    window_key_totals(k, v, spec, start) -> (S, z)     the window's keys alone (context parallelism's exchange)
 
-The full call is ``window_forward(q, k, v, spec)[:4]``, then ``window_query_backward`` and
-``window_key_backward`` with ``carry_grad=None`` (``triton_backend.forward`` / ``backward`` dispatch here).
+The full call (:func:`forward` / :func:`backward`, the bodies of the triton custom ops for frame-causal specs)
+is ``window_forward(q, k, v, spec)[:4]``, then ``window_query_backward`` and ``window_key_backward`` with
+``carry_grad=None``; saved S [B*H, T + 1, F, D, Dv], z [B*H, T + 1, F, D].
 """
 from __future__ import annotations
 
@@ -22,8 +24,14 @@ import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
 from ..common.device import launch_device
+from ..common.overflow import raises_on_overflow
 from ..common.spec import VicinitySpec
-from ..kernels.vicinity.launch_frames import frame_backward_keys, frame_backward_queries, frame_forward
+from ..kernels.vicinity.launch_frames import (
+    frame_backward_keys,
+    frame_backward_queries,
+    frame_forward,
+    frame_key_totals,
+)
 from .triton_backend import _checked_geometry, _geometry, check_token_offsets
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -85,3 +93,34 @@ def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: Pair, spec: Vici
     with launch_device(k):
         frame_backward_keys(k, v, dpre, dk, dv, geom, start, carry_grad)
     return dk, dv
+
+
+def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int) -> Pair:
+    """(S [B, H, F, D, Dv], z [B, H, F, D]): the states of a window's keys alone, unscaled and unclamped, in
+    the compute dtype (what context parallelism exchanges before the window's forward)."""
+    assert spec.causal == "frames", spec.causal
+    geom = _geometry(spec)
+    for t, name in ((k, "k"), (v, "v")):
+        check_token_offsets(t, name)
+    with launch_device(k):
+        return frame_key_totals(k, v, geom, start)
+
+
+@raises_on_overflow("forward", 3)
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole frame-causal call: (o, den, S, z) of the window of every frame."""
+    return window_forward(q, k, v, spec)[:4]
+
+
+@raises_on_overflow("backward", 4)
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
+             S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec, needs: tuple[bool, bool, bool] = (True, True, True)
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk, dv) of the whole frame-causal call (None where ``needs`` says not wanted)."""
+    if not any(needs):
+        return None, None, None
+    dq, dpre, _ = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
+    dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
+        else (None, None)
+    return dq, dk, dv
