@@ -107,10 +107,11 @@ def test_forward_ad_with_a_clamp_is_refused():
                                                     backend="torch"), (q,), (torch.randn_like(q),))
 
 
-def test_compiles_without_graph_breaks_and_matches_eager():
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_compiles_without_graph_breaks_and_matches_eager(backend):
     grid, kv, P = (3, 4, 4), (3, 2, 2), 1
     q, k, v = make_inputs(1, 2, *token_counts(grid, kv, P), 8, 8)
-    fn = lambda a, b, c: _call(a, b, c, grid, kv, P, "torch", clamp=(1e-4, 1e4))  # noqa: E731
+    fn = lambda a, b, c: _call(a, b, c, grid, kv, P, backend, clamp=(1e-4, 1e4))  # noqa: E731
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
     out, want = compiled(q, k, v), fn(q, k, v)
@@ -120,16 +121,20 @@ def test_compiles_without_graph_breaks_and_matches_eager():
         close_fp64(g, w, f"compiled d{name}")
 
 
-def test_custom_ops_opcheck_with_causal():
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_custom_ops_opcheck_with_causal(backend):
+    """The ops' schema, fakes (the per-slot saved states) and autograd with causal="frames"."""
     from vicinity_attn.vicinity import ops
     q, k, v = make_inputs(1, 2, 1 + 12, 1 + 6, 4, 3)
     args = [[3, 4], [3, 2], "sum", "relu", 1e-4, 1, 0.0, [], "frames"]
-    torch.library.opcheck(ops.torch_forward, (q, k, v, *args))
+    fwd, bwd = ops.FORWARD_OPS[backend], ops.BACKWARD_OPS[backend]
+    torch.library.opcheck(fwd, (q, k, v, *args))
     with torch.no_grad():
-        o, den, S, z = ops.torch_forward(q, k, v, *args)
-    assert S.shape == (1, 2, 3 + 1, ops.feature_count(2, "sum", True) * 4, 3)
-    torch.library.opcheck(ops.torch_backward, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, den, S, z,
-                                               *args, True, False, True))
+        o, den, S, z = fwd(q, k, v, *args)
+    F = ops.feature_count(2, "sum", True)
+    assert S.shape == ((1, 2, 3 + 1, F * 4, 3) if backend == "torch" else (2, 3 + 1, F, 4, 3))
+    torch.library.opcheck(bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, den, S, z,
+                                *args, True, False, True))
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", TRITON])
