@@ -20,9 +20,7 @@ import torch
 from ..common.custom_ops import autocast_disabled, autocast_inputs
 from ..common.overflow import check_overflow, checks_overflow
 from ..common.spec import VicinitySpec
-from ..common.validation import check_frame_grids, check_option, check_options, check_qkv, normalize_grid
-
-LAYOUTS = ("bhnd", "bnhd")
+from ..common.validation import LAYOUTS, check_frame_grids, check_option, check_options, check_qkv, normalize_grid
 
 
 class FrameCache:
