@@ -139,8 +139,11 @@ def timed_shapes(dry: bool) -> dict:
     from .gpu_model import SHAPES
     out = {}
     for name, s in SHAPES.items():
-        shape = dict(op=s.get("op", "vicinity"), dtype=s["dtype"], batch=s["batch"], heads=s["heads"],
-                     grid=tuple(s["grid"]), d=s["d"], dv=s["dv"], **dict(s.get("extra", ())))
+        op = s.get("op", "vicinity")
+        shape = dict(op="vicinity" if op == "vicinity_causal" else op, dtype=s["dtype"], batch=s["batch"],
+                     heads=s["heads"], grid=tuple(s["grid"]), d=s["d"], dv=s["dv"], **dict(s.get("extra", ())))
+        if op == "vicinity_causal":
+            shape["causal"] = "frames"
         if dry:
             shape.update(batch=1, heads=1, d=16, dv=16)
             shape.update(grid=(16,), topk=5) if shape["op"] == "knn" else shape.update(grid=(2, 3))
@@ -162,9 +165,10 @@ def small_cases(dry: bool) -> list[dict]:
         dict(name="varlen", op="varlen", grids=[(2, 2), (1, 3)] if dry else [(14, 14), (7, 9), (28, 28)], d=32, dv=32,
              prefix=1),
         dict(name="k-NN", op="knn", grid=(20,) if dry else (300,), d=32, dv=32, topk=7 if dry else 100),
+        dict(name="frame-causal 3d + 1 prefix", op="vicinity", grid=g3, d=32, dv=32, prefix=1, causal="frames"),
     ]
     if dry:
-        return [dict(c, dtype=("fp32", "bf16", "bf16", "bf16", "bf16", "fp32", "fp16")[i], batch=1, heads=1,
+        return [dict(c, dtype=("fp32", "bf16", "bf16", "bf16", "bf16", "fp32", "fp16", "bf16")[i], batch=1, heads=1,
                      d=16, dv=16) for i, c in enumerate(cases)]
     out = []
     for i, c in enumerate(cases):
@@ -348,7 +352,7 @@ def vicinity_call(shape: dict, backend: str):
     from vicinity_attn import vicinity_attention
     kw = dict(grid=shape["grid"], kv_grid=shape.get("kv_grid"), variant=shape.get("variant", "sum"),
               num_prefix_tokens=shape.get("prefix", 0), den_floor=shape.get("den_floor", 0.0),
-              eps=shape.get("eps", 1e-4), clamp=shape.get("clamp"))
+              eps=shape.get("eps", 1e-4), clamp=shape.get("clamp"), causal=shape.get("causal"))
     return lambda q, k, v: vicinity_attention(q, k, v, backend=backend, **kw)
 
 
@@ -625,19 +629,28 @@ def providers(shape: dict, device) -> dict:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
         return dict(out, sdpa="torch.nn.attention.sdpa_kernel is missing (torch < 2.3)")
+    # Frame-causal shapes: softmax attention with the block-causal mask (N x N booleans) of the same frames.
+    mask = None
+    if shape.get("causal"):
+        from .video import block_causal_mask
+        mask = block_causal_mask(shape["grid"], device)
 
     def restricted(backend):
         def fn(q, k, v):
             with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return fn
+    if mask is not None:
+        out["sdpa-efficient"] = restricted(SDPBackend.EFFICIENT_ATTENTION)
     out["sdpa-flash"] = restricted(SDPBackend.FLASH_ATTENTION)
     cudnn = getattr(SDPBackend, "CUDNN_ATTENTION", None)
     out["sdpa-cudnn"] = restricted(cudnn) if cudnn is not None and device.type == "cuda" else \
         "SDPA's cuDNN backend needs CUDA (and torch >= 2.5)"
     from .providers import flash_attn_module
     fa = flash_attn_module() if device.type == "cuda" else None
-    if fa is None:
+    if mask is not None:
+        out["flash-attn-2"] = "flash_attn takes no block-causal mask"
+    elif fa is None:
         out["flash-attn-2"] = "flash_attn does not import here"
     else:
         from flash_attn import flash_attn_func

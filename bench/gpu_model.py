@@ -72,7 +72,14 @@ topk = N): 4 N^2 D B H FLOPs forward, 2.5x that backward. The new model runs the
 FlashAttention-3 paper publishes for FlashAttention-2 at head dim 64 on an H100 SXM5 (Shah et al. 2024,
 arXiv:2407.08608, benchmark figures: forward 282-324 TFLOP/s, backward 198-291 TFLOP/s for sequence
 lengths 512-16k; ``FA2_HDIM64_TFLOPS``), the old model at FA2_FRACTION of the tensor peak; either
-bounded below by its HBM floor, plus its launches.
+bounded below by its HBM floor, plus its launches. Beside a frame-causal shape, FA2 with a block-causal mask:
+its FLOPs are the dense ones times ``fa2_work_fraction`` ((F + 1) / (2 F) for F frames: the masked frame blocks
+skipped whole) at the same rates; ``fa2_dense_modelled_us`` is dense FA2 over the same tokens.
+
+Frame-causal launches (``causal="frames"``) give each slot (prefix tokens, then one per frame) its own
+programs; the traffic stage traces the first program of the first frame instead of program (0, 0, 0) (the
+prefix slot's, empty without prefix tokens) and counts the programs that do work
+(``representative_program``).
 """
 from __future__ import annotations
 
@@ -141,12 +148,18 @@ SHAPES = {   # name -> (LaunchCase keyword arguments); the compile gate builds t
     "knn1024": _knn_shape(1, 4, 1024, 512),
     "knn4096": _knn_shape(1, 4, 4096, 2048),
     "knn-deits": _knn_shape(64, 6, 197, 100),
+    # Video (issue 28): 16 frames of 32 x 32 tokens, frame-causal (causal="frames": each frame attends to itself
+    # and every earlier frame) and the same shape bidirectional.
+    "video": dict(op="vicinity_causal", dtype="bf16", d=64, dv=64, batch=1, heads=8, grid=(16, 32, 32)),
+    "video-bidir": dict(dtype="bf16", d=64, dv=64, batch=1, heads=8, grid=(16, 32, 32)),
 }
 SHAPE_TITLES = {"a": "B=32, H=1, 56x56, D=Dv=48 (VVT stage 1)", "b": "B=1, H=4, 224x224, D=Dv=64",
                 "c": "B=8, H=8, 14x14, D=Dv=32",
                 "knn197": "k-NN B=1, H=4, N=197, D=64, topk=98", "knn1024": "k-NN B=1, H=4, N=1024, D=64, topk=512",
                 "knn4096": "k-NN B=1, H=4, N=4096, D=64, topk=2048",
-                "knn-deits": "k-NN DeiT-S layer: B=64, H=6, N=197, D=64, topk=100"}
+                "knn-deits": "k-NN DeiT-S layer: B=64, H=6, N=197, D=64, topk=100",
+                "video": "video B=1, H=8, 16x32x32, D=Dv=64, frame-causal",
+                "video-bidir": "video B=1, H=8, 16x32x32, D=Dv=64, bidirectional"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu-model.json")
 # The host time of eager calls (python -m bench.host), measured under the pinned triton.
 HOST_RESULTS = os.path.join(os.path.dirname(RESULTS), "host-cpu-triton3.9.0.json")
@@ -216,6 +229,28 @@ def _back_edge_tracer(counts: dict, kernel_dir: str):
     return hook
 
 
+def representative_program(kernel: str, grid: tuple, kwargs: dict) -> tuple[tuple | None, int | None]:
+    """(the program to trace instead of (0, 0, 0), or None; the programs that do work, or None: all of the
+    grid) for a launch of ``kernel`` over ``grid`` with keyword arguments ``kwargs``.
+
+    Frame-causal launches (FRAMES, kernels/vicinity/frames.py) give each slot its own programs, and slot 0 holds
+    the prefix tokens: none (its programs return at once) or a few. Their program (0, 0, 0) is slot 0's, so the
+    traced program is the first one of slot 1 (the window's first frame, always whole): program (blocks_per_slot,
+    0, 0) of a per-token pass (axis 0: slot x blocks_per_slot + block), (0, 1, 0) of the state pass (axis 1: the
+    slot). The programs doing work: slot 0's blocks that hold prefix tokens and every frame's blocks (a frame's
+    partial last block counted whole, as a grid's tails are). Other launches: (None, None)."""
+    if not kwargs.get("FRAMES"):
+        return None, None
+    slot0, frame = int(kwargs["slot0_len"]), int(kwargs["frame_len"])
+    if "blocks_per_slot" in kwargs:
+        per_slot, block_n = int(kwargs["blocks_per_slot"]), int(kwargs["BLOCK_N"])
+        n_slots = grid[0] // per_slot
+        active = (math.ceil(slot0 / block_n) + (n_slots - 1) * math.ceil(frame / block_n)) * grid[1] * grid[2]
+        return (per_slot, 0, 0), active
+    n_slots = grid[1]
+    return (0, 1, 0), grid[0] * (n_slots - (slot0 == 0)) * grid[2]
+
+
 def stage_traffic(names: list[str]) -> dict:
     import numpy as np
     import torch
@@ -229,8 +264,9 @@ def stage_traffic(names: list[str]) -> dict:
     # The kernel sources as imported (the package's own mapping decides where they live).
     kernel_dir = os.path.dirname(os.path.abspath(sys.modules["vicinity_attn.kernels"].__file__)) + os.sep
     builder_cls = type(interp.interpreter_builder)
-    state = dict(full=None, ranges=None, counts=None)
+    state = dict(full=None, ranges=None, counts=None, program=None)
     orig = dict(getitem=interp.InterpretedFunction.__getitem__, set_grid_dim=builder_cls.set_grid_dim,
+                set_grid_idx=builder_cls.set_grid_idx,
                 load=builder_cls.create_masked_load, store=builder_cls.create_masked_store,
                 dot=builder_cls.create_dot, init=interp.GridExecutor._init_args_hst)
 
@@ -265,6 +301,9 @@ def stage_traffic(names: list[str]) -> dict:
     def set_grid_dim(self, nx, ny, nz):
         return orig["set_grid_dim"](self, *(state["full"] or (nx, ny, nz)))
 
+    def set_grid_idx(self, x, y, z):
+        return orig["set_grid_idx"](self, *(state["program"] or (x, y, z)))
+
     def init(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig["init"](self, args_dev, kwargs)
         names = list(inspect.signature(self.fn).parameters)
@@ -285,6 +324,7 @@ def stage_traffic(names: list[str]) -> dict:
 
         def call(*args, **kwargs):
             state["full"], state["counts"] = full, dict(bytes={}, flops=0)
+            state["program"], active = representative_program(self.fn.__name__, full, kwargs)
             os.environ["TRITON_INTERPRET"] = "1"   # Triton itself reads it while interpreting
             runtime._INTERPRET = True
             back_edges = {}
@@ -296,16 +336,19 @@ def stage_traffic(names: list[str]) -> dict:
                 os.environ["TRITON_INTERPRET"] = "0"
                 runtime._INTERPRET = False
                 record = dict(kernel=self.fn.__name__, phase=state["phase"], grid=list(full),
-                              program_bytes=state["counts"]["bytes"],
+                              program=list(state["program"] or (0, 0, 0)), program_bytes=state["counts"]["bytes"],
                               program_flops=state["counts"]["flops"], tensor_bytes=state["sizes"],
                               back_edges=back_edges)
+                if active is not None:
+                    record["active_programs"] = active
                 state["launches"].append(record)
-                state["full"], state["counts"] = None, None
+                state["full"], state["counts"], state["program"] = None, None, None
         return call
 
     saved_env, saved_flag = os.environ.get("TRITON_INTERPRET"), runtime._INTERPRET
     interp.InterpretedFunction.__getitem__ = getitem
     builder_cls.set_grid_dim, builder_cls.create_masked_load = set_grid_dim, load
+    builder_cls.set_grid_idx = set_grid_idx
     builder_cls.create_masked_store, builder_cls.create_dot = store, dot
     interp.GridExecutor._init_args_hst = init
     # The launchers pick their GPU configuration (block sizes, warps, chunking, dot dtype) when they
@@ -329,6 +372,7 @@ def stage_traffic(names: list[str]) -> dict:
         runtime._INTERPRET = saved_flag
         interp.InterpretedFunction.__getitem__ = orig["getitem"]
         builder_cls.set_grid_dim, builder_cls.create_masked_load = orig["set_grid_dim"], orig["load"]
+        builder_cls.set_grid_idx = orig["set_grid_idx"]
         builder_cls.create_masked_store, builder_cls.create_dot = orig["store"], orig["dot"]
         interp.GridExecutor._init_args_hst = orig["init"]
     return out
@@ -338,7 +382,7 @@ def stage_traffic(names: list[str]) -> dict:
 # Combining: the model
 
 def kernel_time(plan: dict, traffic: dict, chip: dict = H100_SXM) -> dict:
-    programs = math.prod(plan["grid"])
+    programs = traffic.get("active_programs") or math.prod(plan["grid"])
     l2_bytes = sum(traffic["program_bytes"].values()) * programs
     hbm = 0
     for key, per_program in traffic["program_bytes"].items():
@@ -494,11 +538,27 @@ def fa2_hdim64_tflops(n_tokens: int, direction: str) -> float:
     return ys[i - 1] + f * (ys[i] - ys[i - 1])
 
 
-def fa2_published_time(case, direction: str, chip: dict = H100_SXM) -> dict:
+def fa2_work_fraction(case) -> float:
+    """The share of dense attention's query-key pairs FlashAttention-2 computes for ``case`` (a MODEL input):
+    1 for a bidirectional call. Frame-causal (op "vicinity_causal": F frames of L tokens along the grid's first
+    axis, no prefix tokens): frame t attends to frames 0..t, so sum_t (t + 1) L^2 of the (F L)^2 pairs,
+    (F + 1) / (2 F) (17 / 32 at 16 frames): FA2 with a block-causal mask that skips the masked frame blocks
+    whole (frames of 32 x 32 = 1024 tokens are multiples of its 128-token tiles; no partially masked tile), at
+    its dense rate: the optimistic end for FA2 (its causal kernels run below their dense rate on short
+    sequences)."""
+    if case.op != "vicinity_causal":
+        return 1.0
+    assert case.n_prefix == 0, "the block-causal count has no prefix tokens"
+    frames = case.grid[0]
+    return (frames + 1) / (2 * frames)
+
+
+def fa2_published_time(case, direction: str, chip: dict = H100_SXM, dense: bool = False) -> dict:
     """FlashAttention-2 at its published head-dim-64 Hopper rate (forward and backward separately),
-    or its HBM floor on ``chip``, whichever is longer, plus its launches (a MODEL)."""
+    or its HBM floor on ``chip``, whichever is longer, plus its launches (a MODEL). Its FLOPs: dense attention's
+    times ``fa2_work_fraction`` (``dense``: all of them)."""
     B, H, N, D, Dv = case.batch, case.heads, case.n_tokens, case.d, case.dv
-    fwd_flops = 4 * N * N * D * B * H
+    fwd_flops = 4 * N * N * D * B * H * (1.0 if dense else fa2_work_fraction(case))
     elem = 2
     fwd_bytes = B * H * N * (2 * D + 2 * Dv) * elem + B * H * N * 4
     bwd_bytes = B * H * N * (2 * D + 3 * Dv + 2 * D + Dv) * elem + B * H * N * 8
@@ -515,7 +575,7 @@ def fa2_published_time(case, direction: str, chip: dict = H100_SXM) -> dict:
 
 def fa2_time(case, direction: str, chip: dict = H100_SXM) -> dict:
     B, H, N, D, Dv = case.batch, case.heads, case.n_tokens, case.d, case.dv
-    fwd_flops = 4 * N * N * D * B * H
+    fwd_flops = 4 * N * N * D * B * H * fa2_work_fraction(case)
     elem = 2  # bf16
     fwd_bytes = B * H * N * (2 * D + 2 * Dv) * elem + B * H * N * 4   # q, k, v, o + logsumexp
     bwd_bytes = B * H * N * (2 * D + 3 * Dv + 2 * D + Dv) * elem + B * H * N * 8
@@ -584,7 +644,8 @@ def combine(plan: dict, traffic: dict) -> dict:
                 launches=len(ks),
                 fa2_modelled_us=fa2_new["modelled_us"], fa2_published=fa2_new,
                 fa2_h200_modelled_us=fa2_published_time(case, direction, H200)["modelled_us"],
-                fa2_old_modelled_us=fa2["modelled_us"], fa2=fa2, kernels=ks)
+                fa2_old_modelled_us=fa2["modelled_us"], fa2=fa2, fa2_work_fraction=fa2_work_fraction(case),
+                fa2_dense_modelled_us=fa2_published_time(case, direction, dense=True)["modelled_us"], kernels=ks)
         shapes[name] = entry
     return shapes
 

@@ -77,6 +77,17 @@ def render(model: dict) -> str:
                   "topk = N). Share of the selection pass (tau by bisection over the 32 score bits, recomputing "
                   "q k^T per bit unless the row fits one key tile) in the new modelled forward: " + "; ".join(
                       f"({name}) {_select_share(e):.0%}" for name, e in knn.items()) + " (model)."]
+    causal = {name: e for name, e in model["shapes"].items() if e["fwd"].get("fa2_work_fraction", 1.0) != 1.0}
+    if causal:
+        lines += ["", "Frame-causal rows (`causal=\"frames\"`): FlashAttention-2 with a block-causal mask, counted as "
+                  "dense attention's FLOPs times (F + 1) / (2 F) for F frames (frame t attends to frames 0..t; the "
+                  "masked frame blocks skipped whole, no partially masked tile) at the same published rates: the "
+                  "optimistic end for FA2. Dense FA2 over the same tokens beside it: " + "; ".join(
+                      f"({name}) fwd {_us(e['fwd']['fa2_dense_modelled_us'])}, fwd+bwd "
+                      f"{_us(e['fwdbwd']['fa2_dense_modelled_us'])} us (work fraction "
+                      f"{e['fwd']['fa2_work_fraction']:.4g})" for name, e in causal.items()) + " (model). Each "
+                  "slot (prefix tokens, then one per frame) has its own programs: the traced program is the first "
+                  "one of the first frame, and only the programs that do work are counted."]
     lines += ["", "Per kernel (forward + backward launches). Regs, CTAs per SM and the per-iteration counts of the "
               "main loop (the innermost loop with the most tensor-core instructions) come from the sm_90a SASS: "
               "RT = exposed dependent global round trips, BAR = BAR.SYNC, wait = wgmma waits, STS = shared "

@@ -145,6 +145,34 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
     return cfg
 
 
+# Frame-causal per-token passes (FRAMES, frames.py: the output pass, the clamped backward's numerator and the dq
+# pass; streaming form). Their slot bookkeeping costs registers, and where the dots take fp32 operands (fp16's
+# TF32, fp32's TF32x3) the dense tokens per program spill (compile gate: fp16 D64 output pass on sm_80, fp32
+# output and dq passes of unaligned heads on sm_90a): those take half the dense tokens (at least 16). bf16 keeps
+# the dense count: at half of it the clamped numerator spilled on sm_80 (84 B under triton 3.9, 80 B under 3.6)
+# and the 3-d product output pass with prefix tokens on sm_90a (8 B under 3.6); only its clamped forward output
+# (the C(C(num) C(1/den)) epilogue) takes half, at the dense 128 it spills on sm_80 under 3.6. The dq pass of
+# unaligned fp32 heads (already at 32 tokens, see pick_config) spills at 4 warps with 16 or 32 tokens: it takes
+# 32 tokens at 8 warps (as many warps per SM, 238-248 registers).
+FRAME_HALF_DTYPES = (torch.float16, torch.float32)
+FRAME_UNALIGNED_FP32_DQ_WARPS = 8
+
+
+def frame_launch(cfg: LaunchConfig, launch: str, dtype: torch.dtype, unaligned: bool,
+                 clamp: bool = False) -> tuple[int, dict]:
+    """(BLOCK_N, launch options) of the frame-causal streaming pass ``launch`` ("fwd_output": the output pass,
+    with its den where ``clamp`` says it takes the clamped epilogue, or the numerator; "bwd_dq") under ``cfg``
+    for inputs of ``dtype`` (``unaligned``: head dims not multiples of 16). See FRAME_HALF_DTYPES."""
+    tokens, opts = cfg.tokens_per_program(launch), cfg.options(launch)
+    if cfg.max_registers is None:    # the interpreter: nothing to fit
+        return max(16, tokens // 2), opts
+    if launch == "bwd_dq" and dtype == torch.float32 and unaligned:
+        return tokens, dict(opts, num_warps=FRAME_UNALIGNED_FP32_DQ_WARPS)
+    if dtype in FRAME_HALF_DTYPES or (launch == "fwd_output" and clamp):
+        return max(16, tokens // 2), opts
+    return tokens, opts
+
+
 def clamped_packed_config(cfg: LaunchConfig) -> LaunchConfig:
     """``cfg`` for a packed backward with the VVT clamp, whose dq pass reads the row weights clamp.py
     computed: on a GPU that pass takes half the tokens (at the full count it spills on sm_80; the dq
@@ -297,6 +325,8 @@ STATE_ELEMENTS = 16384
 # 8 warps when the stacked operand / accumulator exceed 16 KB of operands (at 4 warps, TF32 operands of
 # 8192 elements spill; 16-bit ones fit).
 STATE_SMALL_BYTES = 16384
+# fp32 token tiles of at most this many elements (16 x 16) take 4 warps (see state_tiles).
+STATE_NARROW_TILE = 256
 
 
 @dataclass(frozen=True)
@@ -351,8 +381,13 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
             break
     if interpreting():
         return StateTiles(block_n, block_d, block_dv, num_warps=1, num_stages=1)
-    # fp32 inputs: 8 warps and 2 stages (TF32x3 spills at 4 warps, and at 8 warps with 3 stages).
+    # fp32 inputs: 8 warps and 2 stages (TF32x3 spills at 4 warps, and at 8 warps with 3 stages), unless the
+    # token tiles are the smallest (STATE_NARROW_TILE: F_PAD >= 8, e.g. 3-d grids): a [16, 16] fp32 tile of x
+    # or y is one element a thread at 8 warps, so every cp.async would move 32 bits (the compile gate's
+    # wide_tiles); at 4 warps it is two (64-bit copies) and the stacked [F_PAD * 16, 16] accumulator fits.
     big = f_pad * block_d * max(block_dv, block_n) * operand_bytes > STATE_SMALL_BYTES or dtype == torch.float32
+    if dtype == torch.float32 and block_n * min(block_d, block_dv) <= STATE_NARROW_TILE:
+        big = False
     stages = 2 if dtype == torch.float32 else 3
     return StateTiles(block_n, block_d, block_dv, 8 if big else 4, num_stages=stages, max_registers=GPU_MAX_REGISTERS)
 

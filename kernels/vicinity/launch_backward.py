@@ -20,6 +20,7 @@ from .configs import (
     LaunchConfig,
     clamped_packed_config,
     dot_precision,
+    frame_launch,
     pick_config,
     pow2_scale,
     resident_options,
@@ -35,7 +36,6 @@ from .launch_forward import (
     QueryGradient,
     _copy_dtype,
     compute_states,
-    frame_tokens,
     fused_query_pass,
     operand_copy,
     output_pass,
@@ -230,7 +230,8 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
     if o is None:
         o, den = y, z  # never read
     sizes = geom.q_sizes if is_query else geom.k_sizes
-    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value, frames is not None)
+    block_n, kwargs = _dq_plan(geom, is_query, launch, x.dtype, cfg, mode.value, frames is not None,
+                               bool(D % 16 or Dv % 16))
     extra = varlen_kwargs(pack, factor)
     if frames is not None:
         grid = (frames.token_programs(block_n), B * H, cdiv(D, cfg.block_d))
@@ -246,12 +247,14 @@ def _dq_pass(x, y, states, z, rs, rz, out, geom: Geometry, is_query: bool, out_s
 
 @plan_cache
 def _dq_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
-             rows: int, frames: bool = False) -> tuple[int, dict]:
+             rows: int, frames: bool = False, unaligned: bool = False) -> tuple[int, dict]:
     """(tokens per program, constexprs and launch options) of a dq pass launch, planned once per shape
-    (``frames``: frame-causal, ``frame_tokens``)."""
-    block_n = frame_tokens(cfg.tokens_per_program(launch), frames)
+    (``frames``: frame-causal, ``configs.frame_launch``; ``unaligned``: head dims not multiples of 16)."""
+    block_n, opts = cfg.tokens_per_program(launch), cfg.options(launch)
+    if frames:
+        block_n, opts = frame_launch(cfg, launch, dtype, unaligned)
     return block_n, dict(**geom.constexprs(is_query), ROWS=rows, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
-                         BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), **cfg.options(launch))
+                         BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), **opts)
 
 
 def _row_weights(do, o, den, rs, rz, cfg: LaunchConfig, grid: tuple, den_floor: float, eps: float,

@@ -21,6 +21,7 @@ from .configs import (
     StateTiles,
     chunk_plan,
     dot_precision,
+    frame_launch,
     pick_config,
     pow2_scale,
     resident_options,
@@ -220,26 +221,21 @@ def _slot_states(x: torch.Tensor, y: torch.Tensor, geom: Geometry, is_query: boo
     return S, z
 
 
-def frame_tokens(block_n: int, frames: bool) -> int:
-    """Tokens per program of a streaming output or dq pass: frame-causal launches (``frames``) take half the
-    dense pass's (at least 16): their slot bookkeeping costs the registers the dense form has none of to spare
-    (it spilled on sm_80 at fp16 D64 and on sm_90a with fp32's 32-wide tiles), and halves the masked waste at
-    frame ends."""
-    return max(16, block_n // 2) if frames else block_n
-
-
 @plan_cache
 def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype, cfg: LaunchConfig,
                 with_den: bool, clamp: bool, D: int, Dv: int, frames: bool = False) -> tuple[int, bool, dict]:
     """(tokens per program block, resident form, constexprs and launch options) of an output pass launch,
     planned once per shape. The resident form (output.py) where ``configs.resident_states`` says, with
-    ``configs.resident_options``' blocks and warps; else (and for frame-causal launches, ``frames``) the
-    streaming form at ``cfg``'s."""
+    ``configs.resident_options``' blocks and warps; else the streaming form at ``cfg``'s (frame-causal launches,
+    ``frames``: at ``configs.frame_launch``'s)."""
     resident = not frames and resident_states(launch, dtype, geom.n_feat, D, Dv, cfg)
     if resident:
         opts = resident_options(cfg, launch, geom.n_feat)
+    elif frames:
+        block_n, frame_opts = frame_launch(cfg, launch, dtype, bool(D % 16 or Dv % 16), with_den and clamp)
+        opts = dict(BLOCK_N=block_n, **frame_opts)
     else:
-        opts = dict(BLOCK_N=frame_tokens(cfg.tokens_per_program(launch), frames), **cfg.options(launch))
+        opts = dict(BLOCK_N=cfg.tokens_per_program(launch), **cfg.options(launch))
     kwargs = dict(**geom.constexprs(is_query), WITH_DEN=with_den, CLAMP=with_den and clamp, BLOCK_D=cfg.block_d,
                   BLOCK_DV=cfg.block_dv, **dot_precision(launch, dtype).constexprs(), RESIDENT=resident, **opts)
     return opts["BLOCK_N"], resident, kwargs

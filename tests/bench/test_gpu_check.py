@@ -45,6 +45,7 @@ def test_dry_run_runs_every_stage_and_writes_json_and_log(tmp_path):
     paths = items["(a) timed shape bf16"]["paths"]          # the interpreter takes the fused query pass
     assert paths["fused_query_pass"] and "query_pass_kernel" in paths["kernels"]
     assert all(i["deterministic"] for i in corr["items"])
+    assert items["frame-causal 3d + 1 prefix bf16"]["ok"] and items["(video) timed shape bf16"]["ok"]
     kern = {i["item"]: i for i in data["stages"]["kernels"]["items"]}
     rows = {r["kernel"]: r for r in kern["(b) bf16"]["kernels"]}
     assert "DRY RUN" in kern["(b) bf16"]["method"]
@@ -215,6 +216,8 @@ def test_timed_shapes_are_the_models():
     real, dry = gc.timed_shapes(False), gc.timed_shapes(True)
     assert list(real) == list(SHAPES) == list(dry)
     assert real["knn1024"]["topk"] == 512 and real["b"]["grid"] == (224, 224)
+    assert real["video"]["op"] == "vicinity" and real["video"]["causal"] == "frames"
+    assert "causal" not in real["video-bidir"] and dry["video"]["causal"] == "frames"
     assert all(math_prod(s["grid"]) <= 16 for s in dry.values())
 
 

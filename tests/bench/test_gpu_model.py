@@ -74,6 +74,43 @@ def test_knn_traffic_and_phases(monkeypatch):
     assert fwd["program_bytes"]["read:q_ptr"] == 64 * 16 * 2 and fwd["program_bytes"]["write:o_ptr"] == 64 * 16 * 2
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the traffic stage runs the kernels in the Triton interpreter")
+def test_frame_causal_traffic_traces_a_frame_not_the_empty_prefix_slot(monkeypatch):
+    """Frame-causal (no prefix tokens: slot 0 is empty): 2 frames of 8 x 16 = 128 tokens, D = Dv = 16. The traced
+    program is the first frame's, and only the frames' programs are counted."""
+    shape = dict(op="vicinity_causal", dtype="bf16", d=16, dv=16, batch=1, heads=2, grid=(2, 8, 16))
+    monkeypatch.setitem(gm.SHAPES, "v", shape)
+    launches = gm.stage_traffic(["v"])["v"]
+    state = next(x for x in launches if x["kernel"] == "state_partial_kernel")
+    assert state["grid"][1] == 3 and state["program"] == [0, 1, 0]            # slots: prefix, frame 0, frame 1
+    assert state["active_programs"] == state["grid"][0] * 2
+    assert state["program_bytes"]["read:x_ptr"] == 128 * 16 * 2               # the frame's keys
+    out = next(x for x in launches if x["kernel"] == "output_pass_kernel")
+    per_slot = out["grid"][0] // 3
+    assert out["program"] == [per_slot, 0, 0] and out["program_bytes"]["read:x_ptr"] == 128 * 16 * 2 // per_slot
+    assert out["active_programs"] == 2 * per_slot * out["grid"][1] * out["grid"][2]
+    assert all(x["program"] == [0, 0, 0] and "active_programs" not in x for x in launches
+               if x["kernel"] == "slot_scan_kernel")
+
+
+def test_representative_program_of_frame_causal_launches():
+    per_token = dict(FRAMES=True, slot0_len=3, frame_len=200, blocks_per_slot=4, BLOCK_N=64)
+    assert gm.representative_program("output_pass_kernel", (12, 8, 1), per_token) == ((4, 0, 0), (1 + 2 * 4) * 8)
+    state = dict(FRAMES=True, slot0_len=0, frame_len=200)
+    assert gm.representative_program("state_partial_kernel", (16, 5, 1), state) == ((0, 1, 0), 16 * 4)
+    assert gm.representative_program("state_partial_kernel", (16, 5, 1), dict(state, slot0_len=2))[1] == 16 * 5
+    assert gm.representative_program("output_pass_kernel", (12, 8, 1), dict(BLOCK_N=64)) == (None, None)
+
+
+def test_fa2_block_causal_counts_the_frames_each_frame_sees():
+    video, bidir = gm._case("video"), gm._case("video-bidir")
+    assert video.op == "vicinity_causal" and video.grid == bidir.grid == (16, 32, 32)
+    assert gm.fa2_work_fraction(video) == 17 / 32 and gm.fa2_work_fraction(bidir) == 1.0
+    assert gm.fa2_time(video, "fwd")["flops"] == pytest.approx(17 / 32 * gm.fa2_time(bidir, "fwd")["flops"])
+    assert gm.fa2_published_time(video, "fwdbwd", dense=True) == gm.fa2_published_time(bidir, "fwdbwd")
+    assert gm.fa2_published_time(video, "fwdbwd")["modelled_us"] < gm.fa2_published_time(bidir, "fwdbwd")["modelled_us"]
+
+
 def _plan(**kw):
     base = dict(role="fwd_state", kernel="k", grid=[264, 1], num_warps=4, regs=100, smem=0, ctas_per_sm=2,
                 sass_instructions=1000, main_loop=dict(instructions=100, tensor_core=8, load_bits=256,
