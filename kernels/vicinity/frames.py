@@ -62,7 +62,7 @@ def slot_scan_kernel(
     # clamped states whose clamp mask is applied (MASK), a copy of the results in another dtype (COPY)
     part_ptr, out_ptr, add_ptr, total_ptr, mask_ptr, copy_ptr,
     # sizes (runtime, never specialised) and scalars
-    n_slots, n_elems, scale, add_scale, total_scale, lo, hi,
+    n_slots, n_elems, scale, add_scale, total_scale, lo, hi, mask_scale,
     # constexprs: the scan's form
     BLOCK: tl.constexpr, REVERSE: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_ADD: tl.constexpr,
     CLAMP: tl.constexpr, MASK: tl.constexpr, OUT: tl.constexpr, TOTAL: tl.constexpr, COPY: tl.constexpr,
@@ -71,7 +71,9 @@ def slot_scan_kernel(
     (all contiguous; part, out, add, total, mask in the accumulation dtype).
 
     Walks the slots in order 0, 1, ... (REVERSE: n_slots - 1, ..., 0) with run = add_scale * add (HAS_ADD;
-    else 0): val = part[s] (MASK: 0 where the clamp mask of mask[s] is 0, i.e. unless lo < |mask[s]| < hi),
+    else 0): val = part[s] (MASK: 0 where the clamp mask of mask[s] is 0, i.e. unless lo < |mask[s]| / mask_scale
+    < hi, tested as |mask[s]| against lo * mask_scale: how the forward's scan stored a clamped state, so that a
+    state clamped onto a bound compares equal to it whatever precision the bounds arrive in),
     run += val, res = run (CUMULATIVE) or val; CLAMP: res = C(res) with the bounds lo, hi; out[s] = scale * res
     (OUT; COPY: also into copy, its dtype). TOTAL: total = total_scale * run at the end.
     Elementwise within a (bh, element): out may be part (read before written)."""
@@ -91,7 +93,10 @@ def slot_scan_kernel(
         val = tl.load(part_ptr + row + offs, mask=mask, other=0.0)
         if MASK:
             a = tl.abs(tl.load(mask_ptr + row + offs, mask=mask, other=0.0))
-            val = tl.where((a > lo) & (a < hi), val, 0.0)
+            # The bounds in a's dtype first, then scaled: the arithmetic of the forward's clamped, scaled store.
+            lo_s = (tl.zeros_like(a) + lo) * mask_scale
+            hi_s = (tl.zeros_like(a) + hi) * mask_scale
+            val = tl.where((a > lo_s) & (a < hi_s), val, 0.0)
         run += val
         if CUMULATIVE:
             res = run
@@ -136,10 +141,10 @@ def scan_slots(part: torch.Tensor, out: torch.Tensor | None = None, *, add: torc
                total: torch.Tensor | None = None, mask: torch.Tensor | None = None, copy: torch.Tensor | None = None,
                scale: float = 1.0, add_scale: float = 1.0, total_scale: float = 1.0,
                bounds: tuple[float, float] | None = None, reverse: bool = False, cumulative: bool = True,
-               clamp: bool = False) -> None:
+               clamp: bool = False, mask_scale: float = 1.0) -> None:
     """One ``slot_scan_kernel`` launch over part [BH, n_slots, ...] (contiguous; out, mask, copy alike; add,
     total [BH, ...] with the trailing size of part's): see the kernel. ``bounds``: (lo, hi) of the clamp
-    (``clamp``) or of the mask (``mask``)."""
+    (``clamp``) or of the mask (``mask``, whose values are scaled by ``mask_scale``)."""
     BH, n_slots = part.shape[:2]
     n_elems = part[0, 0].numel()
     assert part.is_contiguous()
@@ -151,6 +156,7 @@ def scan_slots(part: torch.Tensor, out: torch.Tensor | None = None, *, add: torc
     launch_kernel(slot_scan_kernel, (cdiv(n_elems, SCAN_BLOCK), BH),
                   part, part if out is None else out, part if add is None else add,
                   part if total is None else total, part if mask is None else mask, part if copy is None else copy,
-                  n_slots, n_elems, scale, add_scale, total_scale, lo, hi, BLOCK=SCAN_BLOCK, REVERSE=reverse,
+                  n_slots, n_elems, scale, add_scale, total_scale, lo, hi, mask_scale, BLOCK=SCAN_BLOCK,
+                  REVERSE=reverse,
                   CUMULATIVE=cumulative, HAS_ADD=add is not None, CLAMP=clamp, MASK=mask is not None,
                   OUT=out is not None, TOTAL=total is not None, COPY=copy is not None, num_warps=SCAN_WARPS)

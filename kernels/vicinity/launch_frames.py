@@ -142,8 +142,7 @@ def frame_backward_queries(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
     # dpre = dS * C'(S) per slot (in place, with a clamp), and the sum over slots (in slot order).
     masked = clamp is not None
     scan_slots(dS, dS if masked else None, total=init_grad[0], mask=S if masked else None,
-               total_scale=s_k / s_q, cumulative=False,
-               bounds=(clamp[0] * s_k, clamp[1] * s_k) if masked else None)
+               total_scale=s_k / s_q, cumulative=False, bounds=clamp, mask_scale=s_k)
     scan_slots(dz, None, total=init_grad[1], total_scale=s_k / s_q, cumulative=False)
     return (dS, dz), (init_grad[0].view(B, H, F, D, Dv), init_grad[1].view(B, H, F, D))
 
