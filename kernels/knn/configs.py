@@ -88,11 +88,13 @@ def gpu_dkdv_warps(tile: int, dtype: torch.dtype, num_warps: int) -> int:
 
 
 def gpu_chunk(tile: int, dtype: torch.dtype) -> int:
-    """The head-dim chunk of the row dots: 64 for fp16 / bf16, 128 at 256-wide heads (two chunks, a
-    loop ptxas keeps rolled: with four, unrolled, the dk / dv pass spills 16-44 bytes on sm_80 (and
-    sm_90a under triton 3.6) with unaligned strides); 32 for fp32 (tf32x3 splits each operand)."""
+    """The head-dim chunk of the row dots: 64 for fp16 / bf16, except at 256-wide heads: the whole head,
+    one chunk (its 16 x 16 tiles make a [16, 256] operand 16 registers a thread; in four 64-wide chunks
+    the dk / dv pass spilled 16-44 bytes on sm_80, and sm_90a under triton 3.6, with unaligned strides,
+    in two 128-wide ones the dq pass 48-84 bytes on sm_80 at ragged head dims such as 200); 32 for fp32
+    (tf32x3 splits each operand in two)."""
     if dtype in (torch.float16, torch.bfloat16):
-        return 128 if tile == 256 else 64
+        return 256 if tile == 256 else 64
     return 32
 
 

@@ -187,7 +187,7 @@ def test_triton_head_dim_chunks(monkeypatch):
 
 @pytest.mark.parametrize("d, dv, n_keys, config_dtype, tiles", [
     (40, 40, 70, torch.float16, (64, 32, 64)),      # a ragged 64-wide head: 32 keys a tile (three, one partial)
-    (256, 200, 30, torch.bfloat16, (16, 16, 128)),  # 256-wide heads: two 128-wide chunks (Dv: the 2nd padded)
+    (256, 200, 30, torch.bfloat16, (16, 16, 256)),  # 256-wide heads: one chunk, the whole (padded) head
     (256, 256, 30, torch.float32, (16, 16, 32)),    # fp32 at 256: the dk / dv pass's own warps (8)
 ])
 def test_triton_gpu_configs_run_in_the_interpreter(monkeypatch, d, dv, n_keys, config_dtype, tiles):
