@@ -183,3 +183,24 @@ def test_triton_head_dim_chunks(monkeypatch):
     assert chunked(40, 20, 30, torch.float32).chunks() == dict(BLOCK_K=16, N_K=4, BLOCK_KV=16, N_KV=2)
     q, k, v = make_inputs(1, 2, 20, 30, 40, 20, dtype=torch.float32)
     check_knn_against_reference(q, k, v, 9, "triton")
+
+
+@pytest.mark.parametrize("d, dv, n_keys, config_dtype, tiles", [
+    (40, 40, 70, torch.float16, (64, 32, 64)),      # a ragged 64-wide head: 32 keys a tile (three, one partial)
+    (256, 200, 30, torch.bfloat16, (16, 16, 256)),  # 256-wide heads: one chunk, the whole (padded) head
+    (256, 256, 30, torch.float32, (16, 16, 32)),    # fp32 at 256: the dk / dv pass's own warps (8)
+])
+def test_triton_gpu_configs_run_in_the_interpreter(monkeypatch, d, dv, n_keys, config_dtype, tiles):
+    """The kernels with the config a GPU launch of ``config_dtype`` picks (its tiles and head-dim chunks;
+    warps do not reach the interpreter) on fp32 inputs, against the reference."""
+    from vicinity_attn.kernels.knn import configs, launch
+
+    cfg = configs.gpu_config(d, dv, config_dtype)
+    assert (cfg.block_m, cfg.block_n, cfg.chunk) == tiles, cfg
+    monkeypatch.setattr(launch, "pick_config", lambda *args: cfg)
+    launch.knn_plan.cache_clear()
+    try:
+        q, k, v = make_inputs(1, 2, 20, n_keys, d, dv, dtype=torch.float32)
+        check_knn_against_reference(q, k, v, 9, "triton")
+    finally:
+        launch.knn_plan.cache_clear()     # no plan of the forced config outlives the test
