@@ -12,8 +12,10 @@ each gets two, over its ``forward()`` / ``backward()`` functions:
 
 ``<spec>`` is the :class:`~vicinity_attn.common.spec.VicinitySpec` flattened into schema-friendly values:
 ``grid: int[]``, ``kv_grid: int[]``, ``variant: str``, ``feature_map: str``, ``eps: float``,
-``num_prefix_tokens: int``, ``den_floor: float``, ``clamp: float[]`` (empty: no clamp). den, S and z are
-the backend's saved state (compute dtype, backend-specific shapes); only ``o`` is handed to users. A
+``num_prefix_tokens: int``, ``den_floor: float``, ``clamp: float[]`` (empty: no clamp), ``causal: str`` ("":
+bidirectional; "frames": frame-causal, run by :mod:`.frames` / :mod:`.triton_frames`, whose saved S and z hold
+one set of states per slot). den, S and z are the backend's saved state (compute dtype, backend-specific
+shapes); only ``o`` is handed to users. A
 gradient not asked for comes back as an empty tensor (custom ops cannot return None) and is turned back into None here.
 
 The forward op's autograd formula calls the backward op, so the compiled backward graph holds one
@@ -213,17 +215,19 @@ _TransformableAttention, _TransformableBackward = transformable_functions(
 
 
 def _eager_forward(q, k, v, backend, spec):
+    module = _backend_module(backend, spec.causal)
     if backend == "triton":     # allocations and launches only: autocast changes nothing there
-        return _backend_module(backend, spec.causal).forward(q, k, v, spec)
+        return module.forward(q, k, v, spec)
     with autocast_disabled(q.device):
-        return _backend_module(backend, spec.causal).forward(q, k, v, spec)
+        return module.forward(q, k, v, spec)
 
 
 def _eager_backward(do, q, k, v, o, den, S, z, backend, spec, needs):
+    module = _backend_module(backend, spec.causal)
     if backend == "triton":
-        return _backend_module(backend, spec.causal).backward(do, q, k, v, o, den, S, z, spec, needs)
+        return module.backward(do, q, k, v, o, den, S, z, spec, needs)
     with autocast_disabled(q.device):
-        return _backend_module(backend, spec.causal).backward(do, q, k, v, o, den, S, z, spec, needs)
+        return module.backward(do, q, k, v, o, den, S, z, spec, needs)
 
 
 # Plain eager calls: the backends directly, without the custom ops' dispatch (see eager_function).
