@@ -90,7 +90,9 @@ def _split(x: torch.Tensor, prefix: int, n: int) -> tuple[torch.Tensor, torch.Te
     return x[:, :, :prefix], x[:, :, prefix:].reshape(B, H, n, (N - prefix) // n, E)
 
 
-def _check_pair(pair: States | None, name: str, shape: tuple, dtype: torch.dtype, device) -> None:
+def check_state_pair(pair: States | None, name: str, shape: tuple, dtype: torch.dtype, device) -> None:
+    """A window's ``init`` / ``carry_grad`` (None, or (S ``shape``, z ``shape[:-1]``) of ``dtype`` on ``device``):
+    ValueError naming it otherwise. Shared by both backends' window functions."""
     if pair is None:
         return
     S, z = pair
@@ -114,7 +116,7 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Vici
     Dv, F = v.shape[-1], spec.n_features
     n = window_frames(spec, start, Nq, k.shape[2])
     dtype = compute_dtype(q.dtype)
-    _check_pair(init, "init", (B, H, F, D, Dv), dtype, q.device)
+    check_state_pair(init, "init", (B, H, F, D, Dv), dtype, q.device)
     P = spec.num_prefix_tokens if start == 0 else 0
     pos_k, pos_kp = slot_features(spec, "key", start, n, dtype, q.device)
     U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P)
@@ -248,7 +250,7 @@ def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: Vi
     dS, dz = dpre
     B, H, n1, F, D, Dv = dS.shape
     n, dtype = n1 - 1, dS.dtype
-    _check_pair(carry_grad, "carry_grad", (B, H, F, D, Dv), dtype, dS.device)
+    check_state_pair(carry_grad, "carry_grad", (B, H, F, D, Dv), dtype, dS.device)
     P = spec.num_prefix_tokens if start == 0 else 0
     # The keys of slot s feed every slot >= s: the suffix sums, in fixed (reverse slot) order.
     dSk, dzk = dS.flip(2).cumsum(2).flip(2), dz.flip(2).cumsum(2).flip(2)
@@ -283,24 +285,6 @@ def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: Vi
     return dk, (torch.empty_like(v).copy_(dv) if need_dv else None)
 
 
-@raises_on_overflow("forward", 3)
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole frame-causal call: (o, den, S, z) of the window of every frame."""
-    return window_forward(q, k, v, spec)[:4]
-
-
-@raises_on_overflow("backward", 4)
-def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
-             S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec, needs: tuple[bool, bool, bool]
-             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dq, dk, dv) of the whole frame-causal call (None where ``needs`` says not wanted)."""
-    dq, dpre, _ = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
-    dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
-        else (None, None)
-    return dq, dk, dv
-
-
 def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int) -> States:
     """(S [B, H, F, D, Dv], z [B, H, F, D]): the states of a window's keys alone (its carry from no init),
     unscaled and unclamped, in the compute dtype."""
@@ -311,3 +295,29 @@ def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, star
     pos_k, pos_kp = slot_features(spec, "key", start, n, dtype, k.device)
     U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P)
     return U.sum(2), Uz.sum(2)
+
+
+def whole_call(window_forward, window_query_backward, window_key_backward):
+    """The whole frame-causal call over a backend's window functions: (forward, backward), the bodies of its
+    custom ops (with the overflow check): forward = the window of every frame, (o, den, S, z); backward = its
+    query side, then its key side without carry_grad, (dq, dk, dv) with None where ``needs`` says not wanted."""
+    @raises_on_overflow("forward", 3)
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return window_forward(q, k, v, spec)[:4]
+
+    @raises_on_overflow("backward", 4)
+    def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
+                 needs: tuple[bool, bool, bool] = (True, True, True)
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if not any(needs):
+            return None, None, None
+        dq, dpre, _ = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
+        dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
+            else (None, None)
+        return dq, dk, dv
+    return forward, backward
+
+
+forward, backward = whole_call(window_forward, window_query_backward, window_key_backward)

@@ -24,7 +24,6 @@ import torch
 
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
 from ..common.device import launch_device
-from ..common.overflow import raises_on_overflow
 from ..common.spec import VicinitySpec
 from ..kernels.vicinity.launch_frames import (
     frame_backward_keys,
@@ -32,23 +31,10 @@ from ..kernels.vicinity.launch_frames import (
     frame_forward,
     frame_key_totals,
 )
+from .frames import check_state_pair, whole_call
 from .triton_backend import _checked_geometry, _geometry, check_token_offsets
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-def _check_pair(pair: Pair | None, name: str, q: torch.Tensor, v: torch.Tensor, n_feat: int) -> None:
-    if pair is None:
-        return
-    B, H, _, D = q.shape
-    Dv = v.shape[-1]
-    S, z = pair
-    want = compute_dtype(q.dtype)
-    if tuple(S.shape) != (B, H, n_feat, D, Dv) or tuple(z.shape) != (B, H, n_feat, D):
-        raise ValueError(f"{name}: expected S [B, H, F, D, Dv] = {(B, H, n_feat, D, Dv)} and z [B, H, F, D], got "
-                         f"{tuple(S.shape)} and {tuple(z.shape)}")
-    if S.dtype != want or z.dtype != want:
-        raise TypeError(f"{name}: expected the compute dtype {want}, got {S.dtype} / {z.dtype}")
 
 
 def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int = 0,
@@ -57,7 +43,8 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Vici
     assert spec.causal == "frames", spec.causal
     o = empty_output_like(q, v.shape[-1])
     geom = _checked_geometry(q, k, v, o, spec)
-    _check_pair(init, "init", q, v, geom.n_feat)
+    check_state_pair(init, "init", (*q.shape[:2], geom.n_feat, q.shape[-1], v.shape[-1]), compute_dtype(q.dtype),
+                     q.device)
     with launch_device(q):
         den, S, z, carry = frame_forward(q, k, v, o, geom, spec.eps, spec.den_floor, spec.clamp, start, init)
     return o, den, S, z, carry
@@ -85,7 +72,8 @@ def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: Pair, spec: Vici
     """(dk or None, dv or None) of one window from :func:`window_query_backward`'s dpre and ``carry_grad``."""
     assert spec.causal == "frames", spec.causal
     geom = _geometry(spec)
-    _check_pair(carry_grad, "carry_grad", k, v, geom.n_feat)
+    check_state_pair(carry_grad, "carry_grad", (*k.shape[:2], geom.n_feat, k.shape[-1], v.shape[-1]),
+                     compute_dtype(k.dtype), k.device)
     dk, dv = empty_grads_like((k, v), (need_dk, need_dv))
     for t, name in ((dk, "dk"), (dv, "dv")):
         if t is not None:
@@ -106,21 +94,4 @@ def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, star
         return frame_key_totals(k, v, geom, start)
 
 
-@raises_on_overflow("forward", 3)
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole frame-causal call: (o, den, S, z) of the window of every frame."""
-    return window_forward(q, k, v, spec)[:4]
-
-
-@raises_on_overflow("backward", 4)
-def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
-             S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec, needs: tuple[bool, bool, bool] = (True, True, True)
-             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dq, dk, dv) of the whole frame-causal call (None where ``needs`` says not wanted)."""
-    if not any(needs):
-        return None, None, None
-    dq, dpre, _ = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
-    dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
-        else (None, None)
-    return dq, dk, dv
+forward, backward = whole_call(window_forward, window_query_backward, window_key_backward)
