@@ -395,7 +395,8 @@ def sm90_paths(shape: dict, dtype, launches: LaunchRecorder) -> dict:
 
 def check_case(shape: dict, device) -> dict:
     """One correctness item: the triton backend against the torch backend (float64 reference, and the plain
-    computation in the case's dtype), forward and dq / dk / dv, twice (bitwise equal); k-NN also the kept-key count."""
+    computation in the case's dtype), forward and dq / dk / dv, four times (bitwise equal: the fourth call replays
+    the recorded launches of the third, kernels/replay.py); k-NN also the kept-key count."""
     import torch
     dtype_name = shape["dtype"]
     dtype = _torch_dtype(dtype_name)
@@ -412,11 +413,12 @@ def check_case(shape: dict, device) -> dict:
     q, k, v, do = _inputs(shape, device, dtype, gen)
     with LaunchRecorder() as launches:
         got = _run_with_grads(fn_t, (q, k, v), do)
-    again = _run_with_grads(fn_t, (q, k, v), do)
+    # Three more calls: the launchers, the launchers while recorded, a replay (kernels/replay.py).
+    again = [_run_with_grads(fn_t, (q, k, v), do) for _ in range(3)]
     ref = _run_with_grads(fn_r, [t.double() for t in (q, k, v)], do.double())
     plain = ref if dtype == torch.float64 else _run_with_grads(fn_r, (q, k, v), do)
     result = dict(tensors=rule(("out", "dq", "dk", "dv"), got, ref, plain, dtype_name),
-                  deterministic=all(torch.equal(a, b) for a, b in zip(got, again)),
+                  deterministic=all(torch.equal(a, b) for run in again for a, b in zip(got, run)),
                   finite=all(bool(torch.isfinite(t).all()) for t in got))
     if op == "knn":
         result["kept"] = knn_kept(q, k, v, shape["topk"])

@@ -17,8 +17,9 @@ Measured per shape, forward, backward and forward + backward:
   (i) the public function ``vicinity_attention``; (ii) ``VicinityAttention`` minus the same module with
   its attention core replaced by a no-op (what the layer adds to its Linear layers); (iii) the triton
   backend's own forward / backward (no validation, no autograd: public minus backend is what those
-  cost); (iv) the launchers alone (``vicinity_forward`` / ``vicinity_backward`` on preallocated tensors:
-  backend minus launchers is the backend's checks, allocation and device guard); and the
+  cost), which from the third call of a layout on replays the launches it recorded
+  (``kernels/replay.py``); (iv) the launchers alone (``vicinity_forward`` / ``vicinity_backward`` on
+  preallocated tensors), as they run on a layout's first two calls (what the replay saves); and the
   calibrations: Triton's bare launch of a kernel with a comparable argument list (``calibration_kernel``,
   40 runtime arguments, 4 constexprs), times the call's launch count (the target's yardstick); and the
   call's own launches replayed bare through Triton's binding (the same kernels, arguments, constexprs and
@@ -461,7 +462,9 @@ def format_table(result: dict) -> str:
     lines.append("bare x n: the call's launch count x Triton's bare launch of a 40-argument kernel; ratio: "
                  f"public / that (target <= {TARGET_FACTOR:g}); own bare: the call's own launches replayed through "
                  "Triton's binding, and public / that; backend: the triton backend's forward / backward "
-                 "without validation and autograd; layer+: VicinityAttention minus the same layer without attention")
+                 "without validation and autograd (replaying its recorded launches); launchers: the launchers "
+                 "alone, as a layout's first two calls run them; layer+: VicinityAttention minus the same layer "
+                 "without attention")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ Triton's knobs (``TRITON_DEBUG``, instrumentation) are read at the first launch 
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 from triton.compiler import CompiledKernel
@@ -33,18 +34,21 @@ _TRITON_RUN = JITFunction.run      # what "nothing hooks Triton's launches" look
 CACHE_SIZE = 4096
 _compiled: dict = {}               # key -> (compiled kernel, names of the parameters after the positional ones)
 _Tensor = torch.Tensor
+# While replay.py records a call on this thread: .launches, a list of (compiled kernel, grid, full arguments).
+recording = threading.local()
+recording.launches = None
 
 
 def launch_kernel(kernel: JITFunction, grid: tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: the same launch; see the module docstring for what is cached."""
     if interpreting() or not isinstance(kernel, JITFunction) or JITFunction.run is not _TRITON_RUN:
-        kernel[grid](*args, **kwargs)
+        _slow(kernel, grid, args, kwargs)
         return
     try:
         active = driver.active
         device = active.get_current_device()
     except RuntimeError:         # no GPU driver: Triton's own path says so
-        kernel[grid](*args, **kwargs)
+        _slow(kernel, grid, args, kwargs)
         return
     key = (kernel, grid, active, device,
            *[(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a for a in args],
@@ -52,18 +56,40 @@ def launch_kernel(kernel: JITFunction, grid: tuple[int, ...], *args, **kwargs) -
     try:
         entry = _compiled.get(key)
     except TypeError:            # an unhashable argument: Triton's own path decides what to do with it
-        kernel[grid](*args, **kwargs)
+        _slow(kernel, grid, args, kwargs)
         return
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        if isinstance(compiled, CompiledKernel):    # not a future of an asynchronous compile
-            if len(_compiled) >= CACHE_SIZE:
-                _compiled.clear()
-            _compiled[key] = (compiled, _tail(kernel, len(args)))
+        if not isinstance(compiled, CompiledKernel):    # a future of an asynchronous compile
+            _record(None)
+            return
+        if len(_compiled) >= CACHE_SIZE:
+            _compiled.clear()
+        entry = _compiled[key] = (compiled, _tail(kernel, len(args)))
+        _record((compiled, _grid3(grid), _full_args(entry[1], args, kwargs)))
         return
     compiled, tail = entry
-    full = (*args, *[kwargs[name] if name in kwargs else default for name, default in tail])
+    full = _full_args(tail, args, kwargs)
+    _record((compiled, _grid3(grid), full))
     compiled[_grid3(grid)](*full, stream=active.get_current_stream(device))
+
+
+def _full_args(tail: tuple[tuple[str, object], ...], args: tuple, kwargs: dict) -> tuple:
+    """The positional arguments, then every later parameter in signature order (given or its default)."""
+    return (*args, *[kwargs[name] if name in kwargs else default for name, default in tail])
+
+
+def _slow(kernel, grid, args, kwargs) -> None:
+    """A launch through Triton's own path (a launch recording, ``replay.py``, cannot replay it)."""
+    _record(None)
+    kernel[grid](*args, **kwargs)
+
+
+def _record(launch) -> None:
+    """Hands a launch to this thread's recording, if one is running (None: a launch it cannot replay)."""
+    launches = getattr(recording, "launches", None)
+    if launches is not None:
+        launches.append(launch)
 
 
 def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
@@ -85,5 +111,8 @@ def _tail(kernel: JITFunction, n_positional: int) -> tuple[tuple[str, object], .
 
 
 def clear() -> None:
-    """Forget every kept compiled kernel (the next launch of each goes through Triton's binding again)."""
+    """Forget every kept compiled kernel (the next launch of each goes through Triton's binding again), and
+    the recorded calls that launch them (``replay.py``)."""
+    from . import replay
     _compiled.clear()
+    replay.clear()

@@ -2,7 +2,8 @@
 Triton's own ``JITFunction.run`` hands it, and a new specialisation (here: a misaligned tensor) goes
 back through Triton. Real launches need compiled kernels, so the check runs in a subprocess without
 the interpreter, with the host benchmark's stand-in for a GPU (a fake sm_90 driver whose compiled
-kernels record their launches instead of running)."""
+kernels record their launches instead of running), and with the replay of recorded calls (kernels/replay.py,
+tested in test_launch_replay.py) switched off, so that every call goes through the launchers."""
 from __future__ import annotations
 
 import json
@@ -70,6 +71,7 @@ PROBE = textwrap.dedent("""
 def run_probe() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["VICINITY_ATTN_LAUNCH_REPLAY"] = "0"
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

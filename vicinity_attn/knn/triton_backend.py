@@ -15,6 +15,7 @@ import torch
 from ..common.allocation import empty_grads_like, empty_output_like
 from ..common.device import launch_device
 from ..kernels.knn import knn_backward, knn_forward
+from ..kernels.replay import replayable
 from ..kernels.runtime import interpreting
 
 MAX_HEAD_DIM = 256
@@ -46,6 +47,7 @@ def check_knn_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}")
 
 
+@replayable
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, tau, lse): o [B, H, Nq, Dv] in q's dtype and memory order, tau and lse [B, H, Nq] in float32
@@ -63,6 +65,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              needs: tuple[bool, bool, bool] = (True, True, True),
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv) laid out like q, k, v; None (and its kernel work skipped) where not needed."""
+    return _backward(do, q, k, v, o, tau, lse, topk, scale, tuple(bool(n) for n in needs))
+
+
+@replayable
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              tau: torch.Tensor, lse: torch.Tensor, topk: int, scale: float,
+              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     dq, dk, dv = empty_grads_like((q, k, v), needs)
     B, H, Nq, _ = q.shape
     with launch_device(q):

@@ -16,6 +16,7 @@ from ..common.allocation import compute_dtype, empty_grads_like, empty_output_li
 from ..common.device import launch_device
 from ..common.overflow import raises_on_overflow
 from ..common.spec import VicinitySpec
+from ..kernels.replay import replayable
 from ..kernels.runtime import interpreting
 from ..kernels.vicinity import Geometry, vicinity_backward, vicinity_forward
 from ..kernels.vicinity import saved_state_dtype as kernel_saved_state_dtype
@@ -109,6 +110,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :func:`saved_state_dtype` says). The body of the custom
     op of :mod:`vicinity_attn.vicinity.ops`, which also carries the autograd formula. Frame-causal calls run
     :mod:`vicinity_attn.vicinity.triton_frames` instead (the ops pick it)."""
+    return _forward(q, k, v, spec)
+
+
+@replayable
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             spec: VicinitySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     o = empty_output_like(q, v.shape[-1])
     geom = _checked_geometry(q, k, v, o, spec)
     with launch_device(q):
@@ -123,6 +130,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv) from dO and :func:`forward`'s outputs, laid out like q, k, v; None (and the
     kernel passes behind it skipped) where ``needs`` says a gradient is not wanted."""
+    return _backward(do, q, k, v, o, den, S, z, spec, tuple(bool(n) for n in needs))
+
+
+@replayable
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VicinitySpec,
+              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     # The checks and the gradients' memory order are a function of the shapes and strides: decided once per
     # layout, then the gradients are allocated as decided.
     key = (do.shape, do.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), needs, spec)
