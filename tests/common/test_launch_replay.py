@@ -53,7 +53,8 @@ PROBE = textwrap.dedent("""
 
     def make(case, offset=0):
         g = torch.Generator().manual_seed(0)
-        B, H, N, D, dtype, layout = case["B"], case["H"], case["N"], case["D"], getattr(torch, case["dtype"]), case["layout"]
+        B, H, N, D, layout = case["B"], case["H"], case["N"], case["D"], case["layout"]
+        dtype = getattr(torch, case["dtype"])
         shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
         numel = B * H * N * D
         if case.get("shared"):      # q, k, v as views of one projection's output
