@@ -17,6 +17,8 @@ What does not take the shortcut: the interpreter (and interpreted kernels: the G
 and any launch while something has replaced ``JITFunction.run`` (the compile gate's launch capture, a
 launch counter): those see every launch.
 Triton's knobs (``TRITON_DEBUG``, instrumentation) are read at the first launch of a specialisation.
+While ``replay.py`` records a call on this thread, each launch is also handed to it (the compiled kernel, the
+grid and the full argument list), or marked as one it cannot replay.
 """
 from __future__ import annotations
 

@@ -47,6 +47,8 @@ UNALIGNED_NUM_WARPS = 8
 # programs spill. The key pass (two accumulators) takes 128 for bf16 heads of one tile on sm_90+ only
 # (elsewhere it spills, see pick_config).
 WIDE_BLOCK_N = 128
+# fp32 output passes of unaligned heads take a quarter of the tokens past this many features (compile gate).
+FP32_UNALIGNED_OUTPUT_MAX_FEATURES = 4
 WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
 # State pass chunking: enough (chunk, head, tile) programs for one per SM of the device (the state
 # programs hold all F states: 8-warp ones run 1 CTA per SM; a fixed count would run a second wave on a
@@ -111,6 +113,9 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         if unaligned:
             # Already at 32-wide tiles: the per-token passes take 32 tokens instead (at 64 they spill).
             tokens = {launch: cfg.block_n // 2 for launch in REGISTER_BUDGET_LAUNCHES}
+            if n_feat is None or n_feat > FP32_UNALIGNED_OUTPUT_MAX_FEATURES:
+                # With many features (a 3-d product: F = 8) the output pass spills at 32 tokens on sm_90a.
+                tokens["fwd_output"] = cfg.block_n // 4
         # The key pass holds two accumulators and runs two tf32x3 dots per feature: half as many tokens
         # again (a quarter for unaligned heads), where it fits without spills.
         tokens["bwd_keys"] = cfg.block_n // (4 if unaligned else 2)
@@ -227,10 +232,11 @@ def gpu_num_warps(tile: int) -> int:
 RESIDENT_MIN_ARCH = 90
 RESIDENT_STATE_BYTES = {"fwd_output": 64 * 1024, "bwd_keys": 32 * 1024}
 # Tokens per block, token-loop stages and warps of the resident passes on a GPU, from the compile gate:
-# the output pass at 4 warps (two CTAs an SM) for narrow head tiles or few features
-# (RESIDENT_FEW_FEATURES), else 8 (at 4 its 64-wide tiles spill); the key pass, with two accumulators
-# and the phi and v tiles, at the streaming config's warps (8 for 64-wide and unaligned heads: at 4
-# they spill; 4 for narrow aligned ones, whose 16-wide dS tiles would load in 32-bit pieces at 8).
+# the output pass at 4 warps (two CTAs an SM) for few features (RESIDENT_FEW_FEATURES) or narrow head tiles
+# of 16-bit operands, else 8 (at 4, 64-wide tiles and fp16's TF32 tiles of many features spill); the key
+# pass, with two accumulators and the phi and v tiles, at the streaming config's warps (8 for 64-wide and
+# unaligned heads: at 4 they spill; 4 for narrow aligned ones, whose 16-wide dS tiles would load in 32-bit
+# pieces at 8); unaligned heads with many features take the streaming key pass.
 RESIDENT_BLOCK_N = 64
 RESIDENT_TOKEN_STAGES = 2
 RESIDENT_FEW_FEATURES = 4
@@ -269,18 +275,23 @@ def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: in
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
     if operand_bytes == 4 and (launch == "bwd_keys" or cfg.block_d >= HEAD_BLOCKS[-1]):
         return False
+    if launch == "bwd_keys" and (d % 16 or dv % 16) and n_feat > RESIDENT_FEW_FEATURES:
+        return False    # (unaligned heads, a 3-d product's 8 features: the resident key pass spills, triton 3.6)
     return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES[launch]
 
 
-def resident_options(cfg: LaunchConfig, launch: str, n_feat: int) -> dict:
-    """BLOCK_N, TOKEN_STAGES and the launch options of resident pass ``launch`` with F = n_feat (see
-    RESIDENT_BLOCK_N; ``cfg``'s blocks and options under the interpreter)."""
+def resident_options(cfg: LaunchConfig, launch: str, n_feat: int, dtype: torch.dtype, unaligned: bool) -> dict:
+    """BLOCK_N, TOKEN_STAGES and the launch options of resident pass ``launch`` with F = n_feat, for inputs of
+    ``dtype`` (``unaligned``: head dims not multiples of 16; see RESIDENT_BLOCK_N; ``cfg``'s blocks and options
+    under the interpreter)."""
     if cfg.max_registers is None:
         return dict(BLOCK_N=cfg.block_n, TOKEN_STAGES=1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if launch == "bwd_keys":
         warps = cfg.num_warps
     else:
-        warps = 4 if cfg.block_d < HEAD_BLOCKS[-1] or n_feat <= RESIDENT_FEW_FEATURES else 8
+        wide_operands = dot_operand_dtype(launch, dtype) not in (torch.float16, torch.bfloat16)   # fp16's TF32
+        wide = cfg.block_d >= HEAD_BLOCKS[-1] or (wide_operands and cfg.block_d > HEAD_BLOCKS[0])
+        warps = 8 if n_feat > RESIDENT_FEW_FEATURES and wide else 4
     return dict(BLOCK_N=RESIDENT_BLOCK_N, TOKEN_STAGES=RESIDENT_TOKEN_STAGES, num_warps=warps,
                 num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 

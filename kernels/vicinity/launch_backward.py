@@ -307,7 +307,7 @@ def _key_plan(geom: Geometry, dtype: torch.dtype, D: int, Dv: int, cfg: LaunchCo
     d_tiles, dv_tiles = cdiv(D, cfg.block_d), cdiv(Dv, cfg.block_dv)
     resident = not frames and resident_states("bwd_keys", dtype, geom.n_feat, D, Dv, cfg)
     if resident:
-        opts = resident_options(cfg, "bwd_keys", geom.n_feat)
+        opts = resident_options(cfg, "bwd_keys", geom.n_feat, dtype, bool(D % 16 or Dv % 16))
     else:
         opts = dict(BLOCK_N=cfg.tokens_per_program("bwd_keys"), **cfg.options("bwd_keys"))
     consts = geom.constexprs(False)

@@ -92,6 +92,9 @@ def fused_query_options(tiles: StateTiles, dtype: torch.dtype, n_feat: int) -> d
     opts = tiles.options()
     if tiles.block_d >= HEAD_BLOCKS[-1]:
         opts["num_warps"] = max(opts["num_warps"], 8)
+    elif tiles.block_d == tiles.block_dv == HEAD_BLOCKS[0] and tiles.max_registers is not None:
+        # 16 x 16 state tiles (fp32: S, dq's operand) load one element a thread at 8 warps: 4 take 64-bit loads.
+        opts["num_warps"] = 4
     resident = resident_query_features(dtype, n_feat, tiles)
     if resident:
         # The token loop is pipelined only where it is innermost: every feature resident.
@@ -230,7 +233,7 @@ def output_plan(geom: Geometry, is_query: bool, launch: str, dtype: torch.dtype,
     ``frames``: at ``configs.frame_launch``'s)."""
     resident = not frames and resident_states(launch, dtype, geom.n_feat, D, Dv, cfg)
     if resident:
-        opts = resident_options(cfg, launch, geom.n_feat)
+        opts = resident_options(cfg, launch, geom.n_feat, dtype, bool(D % 16 or Dv % 16))
     elif frames:
         block_n, frame_opts = frame_launch(cfg, launch, dtype, bool(D % 16 or Dv % 16), with_den and clamp)
         opts = dict(BLOCK_N=block_n, **frame_opts)
