@@ -1,6 +1,7 @@
-"""kernels/replay.py: a replayed call hands the compiled kernels what the launchers hand them (same kernels,
-grids, scalars, and tensors in the same roles: the call's arguments, its results, its fresh buffers), returns
-fresh results, and a layout it has not recorded (an alignment, an aliasing of arguments) runs the launchers.
+"""kernels/replay.py: a replayed call (dense, packed and frame-causal vicinity attention, k-NN attention) hands
+the compiled kernels what the launchers hand them (same kernels, grids, scalars, and tensors in the same roles:
+the call's arguments, its results, its fresh buffers), returns fresh results, and a layout it has not recorded
+(an alignment, an aliasing of arguments) runs the launchers.
 
 Replays need compiled kernels, so the checks run in a subprocess without the interpreter, with the host
 benchmark's stand-in for a GPU (a fake sm_90 driver whose compiled kernels record their launches instead of
@@ -21,7 +22,7 @@ PROBE = textwrap.dedent("""
     import json, sys
     import torch
     from bench import host
-    from vicinity_attn import knn_attention, vicinity_attention
+    from vicinity_attn import knn_attention, vicinity_attention, vicinity_attention_varlen
     from vicinity_attn.kernels import replay
 
     launches = []
@@ -55,7 +56,7 @@ PROBE = textwrap.dedent("""
         g = torch.Generator().manual_seed(0)
         B, H, N, D, layout = case["B"], case["H"], case["N"], case["D"], case["layout"]
         dtype = getattr(torch, case["dtype"])
-        shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
+        shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D) if layout == "bnhd" else (N, H, D)
         numel = B * H * N * D
         if case.get("shared"):      # q, k, v as views of one projection's output
             qkv = torch.randn(numel * 3 + offset, generator=g).to(dtype)[offset:].view(*shape[:-1], 3 * D)
@@ -67,11 +68,16 @@ PROBE = textwrap.dedent("""
         leaves = [t.detach().requires_grad_(i in grads_of) for i, t in enumerate(qkv)]
         if case["op"] == "knn":
             o = knn_attention(*leaves, topk=case["topk"], layout=case["layout"], backend="triton")
+        elif case["op"] == "varlen":     # a pack of case["grids"] (B = 1), checked on the device
+            cu = torch.tensor([0, *torch.tensor([g[0] * g[1] for g in case["grids"]]).cumsum(0).tolist()],
+                              dtype=torch.int32)
+            o = vicinity_attention_varlen(*leaves, cu, cu, case["grids"], check_cu_seqlens_on_host=False,
+                                          backend="triton")
         else:
             o = vicinity_attention(*leaves, case["grid"], case.get("kv_grid"), layout=case["layout"],
                                    num_prefix_tokens=case.get("prefix", 0), clamp=case.get("clamp"),
                                    den_floor=case.get("den_floor", 0.0), variant=case.get("variant", "sum"),
-                                   backend="triton")
+                                   causal=case.get("causal"), backend="triton")
         do = torch.randn_like(o)
         wanted = [leaves[i] for i in grads_of]
         grads = torch.autograd.grad(o, wanted, do)
@@ -113,6 +119,10 @@ CASES = {
                                 grid=[3, 4, 5], variant="product", grads_of=[0]),
     "bf16_shared_qkv": dict(op="vicinity", B=2, H=2, N=49, D=48, dtype="bfloat16", layout="bnhd", grid=[7, 7],
                             shared=True, grads_of=[1, 2]),
+    "bf16_frame_causal_prefix": dict(op="vicinity", B=2, H=2, N=61, D=32, dtype="bfloat16", layout="bnhd",
+                                     grid=[3, 4, 5], prefix=1, causal="frames"),
+    "varlen_bf16": dict(op="varlen", B=1, H=2, N=52, D=32, dtype="bfloat16", layout="packed",
+                        grids=[[4, 5], [6, 3], [2, 7]]),
     "knn_bf16": dict(op="knn", B=2, H=3, N=37, D=64, dtype="bfloat16", layout="bhnd", topk=9),
 }
 

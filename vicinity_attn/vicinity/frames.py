@@ -297,14 +297,26 @@ def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, star
     return U.sum(2), Uz.sum(2)
 
 
-def whole_call(window_forward, window_query_backward, window_key_backward):
+def whole_call(window_forward, window_query_backward, window_key_backward, wrap=lambda fn: fn):
     """The whole frame-causal call over a backend's window functions: (forward, backward), the bodies of its
     custom ops (with the overflow check): forward = the window of every frame, (o, den, S, z); backward = its
-    query side, then its key side without carry_grad, (dq, dk, dv) with None where ``needs`` says not wanted."""
+    query side, then its key side without carry_grad, (dq, dk, dv) with None where ``needs`` says not wanted.
+    ``wrap`` decorates both bodies inside the overflow check (the triton backend's: launch replay)."""
+    @wrap
+    def forward_body(q, k, v, spec):
+        return window_forward(q, k, v, spec)[:4]
+
+    @wrap
+    def backward_body(do, q, k, v, o, den, S, z, spec, needs):
+        dq, dpre, _ = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
+        dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
+            else (None, None)
+        return dq, dk, dv
+
     @raises_on_overflow("forward", 3)
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return window_forward(q, k, v, spec)[:4]
+        return forward_body(q, k, v, spec)
 
     @raises_on_overflow("backward", 4)
     def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -313,10 +325,7 @@ def whole_call(window_forward, window_query_backward, window_key_backward):
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         if not any(needs):
             return None, None, None
-        dq, dpre, _ = window_query_backward(do, q, o, den, S, z, spec, 0, needs[0])
-        dk, dv = window_key_backward(k, v, dpre, spec, 0, None, needs[1], needs[2]) if needs[1] or needs[2] \
-            else (None, None)
-        return dq, dk, dv
+        return backward_body(do, q, k, v, o, den, S, z, spec, tuple(bool(n) for n in needs))
     return forward, backward
 
 

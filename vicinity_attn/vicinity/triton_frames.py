@@ -25,6 +25,7 @@ import torch
 from ..common.allocation import compute_dtype, empty_grads_like, empty_output_like
 from ..common.device import launch_device
 from ..common.spec import VicinitySpec
+from ..kernels.replay import replayable
 from ..kernels.vicinity.launch_frames import (
     frame_backward_keys,
     frame_backward_queries,
@@ -94,4 +95,5 @@ def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, star
         return frame_key_totals(k, v, geom, start)
 
 
-forward, backward = whole_call(window_forward, window_query_backward, window_key_backward)
+# The whole call's launches are replayed per layout from its third call on (kernels/replay.py).
+forward, backward = whole_call(window_forward, window_query_backward, window_key_backward, wrap=replayable)

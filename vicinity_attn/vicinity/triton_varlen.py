@@ -3,6 +3,7 @@
 The packed q [Tq, H, D], k, v [Tk, H, *] are handed to the kernels as one batch entry ([1, H, T, E]
 views) with a per-sequence table (``kernels/vicinity/varlen.py``); the bodies of the
 ``vicinity_attn::triton_varlen_*`` custom ops of :mod:`vicinity_attn.vicinity.varlen` (never imported back).
+Their launches are replayed per layout from a pack's third call on (kernels/replay.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ..common.device import launch_device
 from ..common.overflow import raises_on_overflow
 from ..common.spec import VarlenSpec
+from ..kernels.replay import replayable
 from ..kernels.vicinity import Geometry, Packing, vicinity_backward, vicinity_forward
 from .triton_backend import check_token_offsets, check_triton_inputs
 
@@ -60,6 +62,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: VarlenSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [Tq, H, Dv] contiguous in q's dtype, den [H, Tq], S [S * H, F, D, Dv], z [S * H, F, D]); den, S
     and z in float32 (float64 for float64 inputs), scaled per sequence as a dense call scales them."""
+    return _forward(q, k, v, spec)
+
+
+@replayable
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             spec: VarlenSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_triton_varlen_inputs(q, k, v, spec)
     o = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     geom, pack = _geometry_and_pack(spec, q.device)
@@ -75,6 +83,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              needs: tuple[bool, bool, bool] = (True, True, True),
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv), contiguous [T, H, E] in the inputs' dtype; None where ``needs`` says not wanted."""
+    return _backward(do, q, k, v, o, den, S, z, spec, tuple(bool(n) for n in needs))
+
+
+@replayable
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, spec: VarlenSpec,
+              needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None
                   for t, need in zip((q, k, v), needs))
     check_token_offsets(_as_batch(do), "the output gradient dO")
