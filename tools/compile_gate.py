@@ -80,9 +80,11 @@ GEOMETRIES = tuple(
 # prefix; relu and elu1 are the GEOMETRIES' maps.
 IDENTITY_CASES = tuple(LaunchCase(dtype=t, feature_map="identity") for t in ("fp16", "bf16", "fp32")) + (
     LaunchCase(dtype="fp16", d=40, dv=40, layout="bnhd", strides="unaligned", n_prefix=1, feature_map="identity"),)
-# The most features a grid gives (product on a 3-d grid: F = 8), at every dtype x head dim x stride mode: the
-# tiles and warps the configs pick for many features (fp32 state tiles, the dq pass's F state tiles).
-WIDE_FEATURES = dict(variant="product", grid=(8, 8, 16))
+# The most features a grid gives (product on a 3-d grid: F = 8; with prefix tokens F = 9, padded to 16), at every
+# dtype x head dim x stride mode: the tiles and warps the configs pick for many features (fp32 state tiles, the
+# dq pass's F state tiles, the resident passes).
+WIDE_FEATURES = (dict(variant="product", grid=(8, 8, 16)),
+                 dict(variant="product", grid=(8, 8, 16), n_prefix=1, feature_map="elu1"))
 # The GPU model's shapes (bench/gpu_model.py), so the model reads kernels the gate has built.
 MODEL_CASES = (
     LaunchCase(dtype="bf16", d=48, dv=48, batch=32, heads=1, grid=(56, 56)),
@@ -152,7 +154,7 @@ def vicinity_matrix(quick: bool) -> list[LaunchCase]:
     cases += [LaunchCase(dtype=t, d=d, dv=d, strides=st, extra=NO_DQ) for t in DTYPE_NAMES for d in HEAD_DIMS
               for st in STRIDES]
     cases += [LaunchCase(**g) for g in GEOMETRIES]
-    cases += [LaunchCase(dtype=t, d=d, dv=d, strides=st, **WIDE_FEATURES) for t in DTYPE_NAMES
+    cases += [LaunchCase(dtype=t, d=d, dv=d, strides=st, **g) for g in WIDE_FEATURES for t in DTYPE_NAMES
               for d in HEAD_DIMS + ODD_HEAD_DIMS for st in STRIDES]
     cases += [LaunchCase(dtype=t, op="vicinity_clamp", extra=CLAMP_CASE.extra) for t in DTYPE_NAMES]
     return cases + list(IDENTITY_CASES) + list(MODEL_CASES)

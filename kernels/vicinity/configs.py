@@ -119,6 +119,9 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         # The key pass holds two accumulators and runs two tf32x3 dots per feature: half as many tokens
         # again (a quarter for unaligned heads), where it fits without spills.
         tokens["bwd_keys"] = cfg.block_n // (4 if unaligned else 2)
+        if n_feat is None or n_feat > 8:
+            # F_PAD = 16 (a 3-d product with prefix tokens): half that again, at least 16 (at 32 it spills).
+            tokens["bwd_keys"] = max(16, tokens["bwd_keys"] // 2)
         cfg = dataclasses.replace(cfg, block_n_of=tuple(tokens.items()))
     elif cfg.block_n >= 64 and (dtype == torch.float16 or unaligned):
         # The key pass at 32 tokens per program for fp16 (its dots take fp32 (TF32) operands, see
@@ -275,8 +278,8 @@ def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: in
     operand_bytes = 2 if dot_operand_dtype(launch, dtype) in (torch.float16, torch.bfloat16) else 4
     if operand_bytes == 4 and (launch == "bwd_keys" or cfg.block_d >= HEAD_BLOCKS[-1]):
         return False
-    if launch == "bwd_keys" and (d % 16 or dv % 16) and n_feat > RESIDENT_FEW_FEATURES:
-        return False    # (unaligned heads, a 3-d product's 8 features: the resident key pass spills, triton 3.6)
+    if launch == "bwd_keys" and (n_feat > 8 or ((d % 16 or dv % 16) and n_feat > RESIDENT_FEW_FEATURES)):
+        return False    # (F = 9, or unaligned heads with a 3-d product's 8 features: it spills under triton 3.6)
     return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES[launch]
 
 
@@ -291,7 +294,8 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int, dtype: torch.d
     else:
         wide_operands = dot_operand_dtype(launch, dtype) not in (torch.float16, torch.bfloat16)   # fp16's TF32
         wide = cfg.block_d >= HEAD_BLOCKS[-1] or (wide_operands and cfg.block_d > HEAD_BLOCKS[0])
-        warps = 8 if n_feat > RESIDENT_FEW_FEATURES and wide else 4
+        # (F_PAD = 16, a 3-d product with prefix tokens: 32-wide tiles spill at 4 warps; 16-wide ones load narrow at 8)
+        warps = 8 if (n_feat > RESIDENT_FEW_FEATURES and wide) or (n_feat > 8 and cfg.block_d > HEAD_BLOCKS[0]) else 4
     return dict(BLOCK_N=RESIDENT_BLOCK_N, TOKEN_STAGES=RESIDENT_TOKEN_STAGES, num_warps=warps,
                 num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 
@@ -397,9 +401,11 @@ def state_tiles(n_feat: int, d: int, dv: int, dtype: torch.dtype, launch: str) -
     # or y is one element a thread at 8 warps, so every cp.async would move 32 bits (the compile gate's
     # wide_tiles); at 4 warps it is two (64-bit copies) and the stacked [F_PAD * 16, 16] accumulator fits.
     big = f_pad * block_d * max(block_dv, block_n) * operand_bytes > STATE_SMALL_BYTES or dtype == torch.float32
-    if dtype == torch.float32 and block_n * min(block_d, block_dv) <= STATE_NARROW_TILE:
-        big = False
+    if dtype == torch.float32 and block_n * min(block_d, block_dv) <= STATE_NARROW_TILE and f_pad <= 8:
+        big = False     # (F_PAD = 16, a 3-d product with prefix tokens: at 4 warps the accumulators spill)
     stages = 2 if dtype == torch.float32 else 3
+    if f_pad >= 16 and dtype == torch.float32:
+        stages = 1      # (F_PAD = 16, a 3-d product with prefix tokens: with 2 stages the backward's spills)
     return StateTiles(block_n, block_d, block_dv, 8 if big else 4, num_stages=stages, max_registers=GPU_MAX_REGISTERS)
 
 
