@@ -33,12 +33,12 @@ print(f"triton {triton.__version__} (from {triton.__file__}), torch {torch.__ver
 PYEOF
 # Default: every triton-backend test, of the GPU-numerics file the emulation checks plus its hardest
 # realistic case (fp16, sigma 0.03), the k-NN triton tests (kernels, autograd modes; ~20 s), the
-# fast-launch check (Triton's CompiledKernel interface under 3.6), the elected chunk reduction (atomics
-# with memory semantics in 3.6's interpreter), the resident passes' persistent loops and the frame-causal
-# kernels (~1 min): ~5 min in all on 2 cores. Arguments replace the default.
+# fast-launch and launch-replay checks (Triton's CompiledKernel interface under 3.6), the elected chunk
+# reduction (atomics with memory semantics in 3.6's interpreter), the resident passes' persistent loops and
+# the frame-causal kernels (~1 min): ~6 min in all on 2 cores. Arguments replace the default.
 if [ "$#" -eq 0 ]; then
     set -- tests/vicinity/test_triton_backend.py tests/vicinity/test_gpu_numerics.py tests/knn/test_backends.py tests/knn/test_autograd_modes.py \
-        tests/common/test_fast_launch.py tests/vicinity/test_chunk_election.py tests/vicinity/test_resident_passes.py \
+        tests/common/test_fast_launch.py tests/common/test_launch_replay.py tests/vicinity/test_chunk_election.py tests/vicinity/test_resident_passes.py \
         tests/vicinity/test_causal_triton.py \
         -k "not knn and (not realistic_scales or 0.03-fp16) or knn and triton"
 fi

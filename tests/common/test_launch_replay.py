@@ -137,7 +137,7 @@ def run_probe(case: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_replay_launches_what_the_launchers_launch(name):
+def test_replayed_triton_launches_match_the_launchers(name):
     result = run_probe(CASES[name])
     first, recorded, replayed, again = result["calls"]
     assert len(first) >= 2
@@ -153,7 +153,7 @@ def test_replay_launches_what_the_launchers_launch(name):
 
 
 @pytest.mark.parametrize("name", ["bf16_bnhd_prefix_d64", "knn_bf16"])
-def test_new_layouts_run_the_launchers(name):
+def test_new_layouts_run_the_triton_launchers(name):
     result = run_probe(CASES[name])
     first = result["calls"][0]
     # Misaligned inputs: other specialisations of some kernels, and two more layouts seen (not replayed yet).
