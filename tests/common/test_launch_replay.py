@@ -142,7 +142,7 @@ def test_replayed_triton_launches_match_the_launchers(name):
     first, recorded, replayed, again = result["calls"]
     assert len(first) >= 2
     # First call: the launchers; second: recorded while the launchers run; then replays (forward + backward).
-    assert result["kinds"][0] == [] or "Replay" not in result["kinds"][0]
+    assert "Replay" not in result["kinds"][0]
     assert result["kinds"][2] == ["Replay", "Replay"], result["kinds"]
     assert recorded == first and replayed == first and again == first
     # Replays return fresh tensors: no result of one call shares storage with another's.
