@@ -36,9 +36,15 @@ _TRITON_RUN = JITFunction.run      # what "nothing hooks Triton's launches" look
 CACHE_SIZE = 4096
 _compiled: dict = {}               # key -> (compiled kernel, names of the parameters after the positional ones)
 _Tensor = torch.Tensor
-# While replay.py records a call on this thread: .launches, a list of (compiled kernel, grid, full arguments).
-recording = threading.local()
-recording.launches = None
+
+
+class _Recording(threading.local):
+    """While replay.py records a call on this thread: .launches, a list of (compiled kernel, grid, full arguments)."""
+
+    launches: list | None = None       # the class default: None on every thread until replay.py sets it
+
+
+recording = _Recording()
 
 
 def launch_kernel(kernel: JITFunction, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -72,8 +78,10 @@ def launch_kernel(kernel: JITFunction, grid: tuple[int, ...], *args, **kwargs) -
         return
     compiled, tail = entry
     full = _full_args(tail, args, kwargs)
-    _record((compiled, _grid3(grid), full))
-    compiled[_grid3(grid)](*full, stream=active.get_current_stream(device))
+    grid3 = _grid3(grid)
+    if recording.launches is not None:
+        recording.launches.append((compiled, grid3, full))
+    compiled[grid3](*full, stream=active.get_current_stream(device))
 
 
 def _full_args(tail: tuple[tuple[str, object], ...], args: tuple, kwargs: dict) -> tuple:
@@ -89,7 +97,7 @@ def _slow(kernel, grid, args, kwargs) -> None:
 
 def _record(launch) -> None:
     """Hands a launch to this thread's recording, if one is running (None: a launch it cannot replay)."""
-    launches = getattr(recording, "launches", None)
+    launches = recording.launches
     if launches is not None:
         launches.append(launch)
 

@@ -200,7 +200,9 @@ def _build(tensors, allocs, launches, out, device) -> Replay | None:
             input_storages[address] = None
     n_fixed = n_inputs + len(allocs)
 
-    def view_of(base: int, t: _Tensor, base_offset: int) -> int:
+    def view_of(base: int, t: _Tensor, base_dtype: torch.dtype, base_offset: int) -> int | None:
+        if t.dtype != base_dtype:
+            return None                 # a view that reinterprets the bytes: as_strided would keep the dtype
         view = (base, tuple(t.shape), t.stride(), t.storage_offset() - base_offset)
         if view in views:
             return n_fixed + views.index(view)
@@ -216,18 +218,20 @@ def _build(tensors, allocs, launches, out, device) -> Replay | None:
         if t.numel() == 0:
             return None                 # no storage to tell where it comes from
         if base is not None:
-            if (tuple(t.shape), t.stride(), t.storage_offset()) == (*alloc_specs[base - n_inputs][:2], 0):
+            if (tuple(t.shape), t.stride(), t.dtype) == alloc_specs[base - n_inputs] and t.storage_offset() == 0:
                 index = base            # the whole allocation, as allocated
             else:
-                index = view_of(base, t, 0)
+                index = view_of(base, t, alloc_specs[base - n_inputs][2], 0)
         elif address in input_storages:
             owner = input_storages[address]
             if owner is None:
                 return None             # a view of one of several arguments on one storage: which one?
-            index = view_of(owner, t, tensors[owner].storage_offset())
+            index = view_of(owner, t, tensors[owner].dtype, tensors[owner].storage_offset())
         else:
             kept.append(t)
             index = -len(kept)          # fixed up below, once the views are known
+        if index is None:
+            return None
         pool_ids[id(t)] = index
         return index
 

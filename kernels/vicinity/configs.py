@@ -47,8 +47,9 @@ UNALIGNED_NUM_WARPS = 8
 # programs spill. The key pass (two accumulators) takes 128 for bf16 heads of one tile on sm_90+ only
 # (elsewhere it spills, see pick_config).
 WIDE_BLOCK_N = 128
-# fp32 output passes of unaligned heads take a quarter of the tokens past this many features (compile gate).
-FP32_UNALIGNED_OUTPUT_MAX_FEATURES = 4
+# Past this many features, fp32 output passes of unaligned heads take a quarter of the tokens, and their dq passes
+# 8 warps (compile gate).
+FP32_UNALIGNED_MAX_FEATURES = 4
 WIDE_MAX_FEATURES = {"fwd_output": 8, "bwd_dq": 4, "bwd_keys": 4}   # bwd_keys: bf16 on sm_90+ only (pick_config)
 # State pass chunking: enough (chunk, head, tile) programs for one per SM of the device (the state
 # programs hold all F states: 8-warp ones run 1 CTA per SM; a fixed count would run a second wave on a
@@ -76,6 +77,7 @@ class LaunchConfig:
     num_stages: int
     max_registers: int | None = None  # ptxas register budget (.maxnreg); None under the interpreter
     block_n_of: tuple = ()  # ((launch, tokens per program), ...): BLOCK_N where not block_n (pick_config)
+    warps_of: tuple = ()    # ((launch, warps), ...): num_warps where not num_warps (pick_config)
 
     def tokens_per_program(self, launch: str) -> int:
         """BLOCK_N of ``launch`` (one of LAUNCHES): ``block_n`` unless ``block_n_of`` names the launch."""
@@ -85,7 +87,7 @@ class LaunchConfig:
     def options(self, launch: str) -> dict:
         """The launch options (num_warps, num_stages, maxnreg) of ``launch`` (one of LAUNCHES)."""
         assert launch in LAUNCHES, launch
-        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        opts = dict(num_warps=dict(self.warps_of).get(launch, self.num_warps), num_stages=self.num_stages)
         if self.max_registers is not None and launch in REGISTER_BUDGET_LAUNCHES:
             opts["maxnreg"] = self.max_registers
         return opts
@@ -113,9 +115,11 @@ def pick_config(d: int, dv: int, dtype: torch.dtype, n_feat: int | None = None) 
         if unaligned:
             # Already at 32-wide tiles: the per-token passes take 32 tokens instead (at 64 they spill).
             tokens = {launch: cfg.block_n // 2 for launch in REGISTER_BUDGET_LAUNCHES}
-            if n_feat is None or n_feat > FP32_UNALIGNED_OUTPUT_MAX_FEATURES:
-                # With many features (a 3-d product: F = 8) the output pass spills at 32 tokens on sm_90a.
+            if n_feat is None or n_feat > FP32_UNALIGNED_MAX_FEATURES:
+                # With many features the output pass (a 3-d product: F = 8) spills at 32 tokens on sm_90a, and
+                # the dq pass (a 3-d sum: F = 6) at 4 warps with 16 or 32 tokens (as the frame-causal one).
                 tokens["fwd_output"] = cfg.block_n // 4
+                cfg = dataclasses.replace(cfg, warps_of=(("bwd_dq", 8),))
         # The key pass holds two accumulators and runs two tf32x3 dots per feature: half as many tokens
         # again (a quarter for unaligned heads), where it fits without spills.
         tokens["bwd_keys"] = cfg.block_n // (4 if unaligned else 2)
@@ -294,8 +298,11 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int, dtype: torch.d
     else:
         wide_operands = dot_operand_dtype(launch, dtype) not in (torch.float16, torch.bfloat16)   # fp16's TF32
         wide = cfg.block_d >= HEAD_BLOCKS[-1] or (wide_operands and cfg.block_d > HEAD_BLOCKS[0])
-        # (F_PAD = 16, a 3-d product with prefix tokens: 32-wide tiles spill at 4 warps; 16-wide ones load narrow at 8)
-        warps = 8 if (n_feat > RESIDENT_FEW_FEATURES and wide) or (n_feat > 8 and cfg.block_d > HEAD_BLOCKS[0]) else 4
+        # (F_PAD = 16, a 3-d product with prefix tokens: 32-wide tiles spill at 4 warps; 16-wide ones load narrow at 8.
+        # Unaligned heads in a 32-wide tile past F = 4: a 3-d sum spilled 8 B at 4 warps under triton 3.6.)
+        many = n_feat > RESIDENT_FEW_FEATURES
+        warps = 8 if ((many and (wide or (unaligned and cfg.block_d > HEAD_BLOCKS[0])))
+                      or (n_feat > 8 and cfg.block_d > HEAD_BLOCKS[0])) else 4
     return dict(BLOCK_N=RESIDENT_BLOCK_N, TOKEN_STAGES=RESIDENT_TOKEN_STAGES, num_warps=warps,
                 num_stages=RESIDENT_TOKEN_STAGES, maxnreg=cfg.max_registers)
 

@@ -13,8 +13,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+import torch
 
 from tests.helpers import REPO
 
@@ -165,3 +167,36 @@ def test_new_layouts_run_the_triton_launchers(name):
     aliased = result["aliased"]
     assert aliased[0] == aliased[1] == aliased[2]
     assert any(arg[0] == "q" for row in aliased[2] for arg in row[4:] if isinstance(arg, list))
+
+
+class _Runner:
+    """A stand-in for a compiled kernel: ``kernel[grid]`` is a runner (replay.py stores it, never calls it here)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: None
+
+
+def _build(allocs, launch_args, out):
+    from vicinity_attn.kernels import replay
+    x = torch.randn(4, 8)
+    return replay._build([x], allocs, [(_Runner(), (1, 1, 1), (x, *launch_args))], out, x.device)
+
+
+def test_a_view_that_reinterprets_the_bytes_is_not_replayed():
+    """A view of a fresh buffer as another dtype (whole or in part) cannot be rebuilt by ``as_strided`` (which keeps
+    the base's dtype): the recording refuses it; a same-dtype view and the buffer itself are recorded."""
+    buffer = torch.empty(16, dtype=torch.float32)
+    assert _build([buffer], (buffer, buffer[4:8]), buffer) is not None
+    assert _build([buffer], (buffer.view(torch.int32),), buffer) is None
+    assert _build([buffer], (buffer[4:8].view(torch.int32),), buffer) is None
+    assert _build([buffer], (buffer,), buffer.view(torch.int32)) is None
+
+
+def test_launch_recording_is_off_on_every_thread():
+    """``fast_launch.recording.launches`` reads None on a thread that never set it (no AttributeError in a launch)."""
+    from vicinity_attn.kernels import fast_launch
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(fast_launch.recording.launches))
+    thread.start()
+    thread.join()
+    assert seen == [None]
