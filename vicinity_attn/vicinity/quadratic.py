@@ -149,8 +149,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 dv_chunk = torch.bmm(a.transpose(1, 2), g_rows[i:j], out=G[:m * Nk * Dv].view(m, Nk, Dv))
                 out.copy_(dv_chunk.view(out.shape))
             if scores_grad:
-                # dS = (g v^T + c 1^T) * W, into A's buffer (A is not needed past dv).
-                dS = torch.bmm(g_rows[i:j], values[i:j].transpose(1, 2), out=a).add_(c_rows[i:j]).mul_(W)
+                # dS = (g v^T + c 1^T) * W, into A's buffer (A is not needed past dv); c added by the matmul.
+                dS = torch.baddbmm(c_rows[i:j], g_rows[i:j], values[i:j].transpose(1, 2), out=a).mul_(W)
                 if dq is not None:
                     out = dq[bs, hs]
                     dphi = torch.bmm(dS, phi_k[i:j], out=G[:m * Nq * D].view(m, Nq, D))
