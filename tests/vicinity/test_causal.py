@@ -90,6 +90,23 @@ def test_torch_backend_low_precision_by_the_tolerance_rule(case, dtype):
                             **opts)
 
 
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=_ids)
+def test_torch_backend_in_head_chunks_matches_the_reference(monkeypatch, case, layout):
+    """The window functions split into (batch, head) chunks (CHUNK_BYTES made small: one slice per chunk, B = 2,
+    H = 3) stay exact, in both memory orders, with a prefix and a clamp that bites."""
+    from vicinity_attn.vicinity import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 1)
+    seen = []
+    monkeypatch.setattr(frames, "_chunks", lambda x, width, chunks=frames._chunks: seen.append(chunks(x, width))
+                        or seen[-1])
+    grid, kv, P, opts = case
+    q, k, v = make_inputs(2, 3, *token_counts(grid, kv, P), 8, 6, layout=layout)
+    check_against_reference(q, k, v, grid=grid, kv_grid=kv, num_prefix_tokens=P, causal="frames", backend="torch",
+                            layout=layout, **opts)
+    assert seen and all(len(c) == 6 for c in seen)   # forward, query side and key side each ran in 6 chunks
+
+
 # triton: jacfwd only (its jacrev takes ~150 s interpreted)
 @pytest.mark.parametrize("transform, backend", [("jacfwd", "torch"), ("jacrev", "torch"),
                                                 pytest.param("jacfwd", "triton", marks=TRITON.marks)])
@@ -165,13 +182,17 @@ def test_varlen_packs_give_each_sequence_its_own_frames(backend):
             close_fp64(got[a:b], w[0], f"sequence {i} d{name}")
 
 
-@pytest.mark.parametrize("clamp", [None, (0.05, 0.8)])
-def test_windows_chained_by_their_carry_equal_the_whole_call(clamp):
+@pytest.mark.parametrize("clamp, chunked", [(None, False), ((0.05, 0.8), False), ((0.05, 0.8), True)])
+def test_windows_chained_by_their_carry_equal_the_whole_call(monkeypatch, clamp, chunked):
     """Windows of 1, 3 and 2 frames, each from the previous one's carry; the key side with the gradient of
-    the carry (what later windows send back) equals autograd of the reference over the whole clip."""
+    the carry (what later windows send back) equals autograd of the reference over the whole clip. Chunked:
+    every window function one (batch, head) slice at a time (init, carry and carry_grad split with them)."""
+    if chunked:
+        from vicinity_attn.vicinity import torch_backend
+        monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 1)
     grid, kv, P = (6, 2, 3), (6, 2, 1), 2
     spec = VicinitySpec(grid=grid, kv_grid=kv, num_prefix_tokens=P, clamp=clamp, causal="frames")
-    q, k, v = make_inputs(1, 2, *token_counts(grid, kv, P), 5, 4)
+    q, k, v = make_inputs(2 if chunked else 1, 2, *token_counts(grid, kv, P), 5, 4)
     want = vicinity_attention(q, k, v, grid, kv, num_prefix_tokens=P, clamp=clamp, causal="frames",
                               backend="reference")
     do = torch.randn_like(want)
