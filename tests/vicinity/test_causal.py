@@ -107,6 +107,29 @@ def test_torch_backend_in_head_chunks_matches_the_reference(monkeypatch, case, l
     assert seen and all(len(c) == 6 for c in seen)   # forward, query side and key side each ran in 6 chunks
 
 
+def test_torch_window_functions_take_the_cpu_thread_policy(monkeypatch):
+    """Forward and both backward sides run with the threads cpu_threads.call_threads picks (here 1 of 2), as
+    the bidirectional path does, and torch's setting is restored after each."""
+    from vicinity_attn.vicinity import cpu_threads
+    monkeypatch.setattr(cpu_threads, "call_threads", lambda work: 1)
+    seen = {}
+    for name in ("_window_forward", "_window_query_backward", "_window_key_backward"):
+        def record(*args, _name=name, _fn=getattr(frames, name), **kwargs):
+            seen[_name] = torch.get_num_threads()
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(frames, name, record)
+    grid, kv, P, opts = CASES[0]
+    q, k, v = make_inputs(1, 2, *token_counts(grid, kv, P), 8, 6)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _call(q, k, v, grid, kv, P, "torch").sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == {"_window_forward": 1, "_window_query_backward": 1, "_window_key_backward": 1}
+
+
 # triton: jacfwd only (its jacrev takes ~150 s interpreted)
 @pytest.mark.parametrize("transform, backend", [("jacfwd", "torch"), ("jacrev", "torch"),
                                                 pytest.param("jacfwd", "triton", marks=TRITON.marks)])

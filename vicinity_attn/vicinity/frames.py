@@ -22,7 +22,8 @@ Cost: O(N F D Dv) time, O(N D + n F D Dv) memory: no F*D-wide expanded features 
 state is one batched matmul over the frames), nothing N x N. Computed in float32 (float64 for float64
 inputs). The window functions run in chunks of whole (batch, head) slices of about
 ``torch_backend.CHUNK_BYTES`` per token-sized tensor, as the bidirectional torch backend does: heads are
-independent, and a chunk's temporaries (several elementwise passes per feature) stay in the CPU's caches.
+independent, and a chunk's temporaries (several elementwise passes per feature) stay in the CPU's caches;
+each call picks its CPU threads from its size and the cores left idle (:mod:`.cpu_threads`), as there.
 The triton backend's :mod:`.triton_frames` has the same functions over the kernels.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..common.overflow import raises_on_overflow
 from ..common.positions import position_features
 from ..common.spec import VicinitySpec
 from . import torch_backend
+from .cpu_threads import with_call_threads
 from .scratch import scratch_session
 from .torch_backend import _head_chunks, abs_clamp_, clamped_row_grads, clamped_state_passes, floor_active, normalise_
 
@@ -120,6 +122,7 @@ def check_state_pair(pair: States | None, name: str, shape: tuple, dtype: torch.
         raise ValueError(f"{name} must be {dtype} on {device}, got {S.dtype} / {z.dtype} on {S.device}")
 
 
+@with_call_threads
 def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int = 0,
                    init: States | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, States]:
     """(o, den, S, z, carry) of a window (module docstring).
@@ -218,6 +221,7 @@ def _divide(num: torch.Tensor, den: torch.Tensor, spec: VicinitySpec) -> torch.T
     return abs_clamp_(abs_clamp_(num, spec.clamp) * abs_clamp_(den.reciprocal()[..., None], spec.clamp), spec.clamp)
 
 
+@with_call_threads
 def window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
                           z: torch.Tensor, spec: VicinitySpec, start: int, need_dq: bool
                           ) -> tuple[torch.Tensor | None, States, States]:
@@ -302,6 +306,7 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
     return dq, (dS, dz)
 
 
+@with_call_threads
 def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: VicinitySpec, start: int,
                         carry_grad: States | None, need_dk: bool, need_dv: bool
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -366,6 +371,7 @@ def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: V
     return dk, (torch.empty_like(v).copy_(dv) if need_dv else None)
 
 
+@with_call_threads
 def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int) -> States:
     """(S [B, H, F, D, Dv], z [B, H, F, D]): the states of a window's keys alone (its carry from no init),
     unscaled and unclamped, in the compute dtype."""
