@@ -109,6 +109,19 @@ def _split(x: torch.Tensor, prefix: int, n: int) -> tuple[torch.Tensor, torch.Te
     return x[:, :, :prefix], x[:, :, prefix:].reshape(B, H, n, (N - prefix) // n, E)
 
 
+def frame_constant(pos: torch.Tensor) -> list[int]:
+    """The features m whose grid-token values pos [n, per, F] are constant within each frame (the time
+    axis' own features, and the prefix scheme's 0 / 1 ones): their per-frame terms take one matrix product
+    for all of them, the frame's value scaling the small per-frame states instead of the tokens."""
+    return torch.nonzero((pos == pos[:, :1]).all(1).all(0)).flatten().tolist()
+
+
+def _per_frame_sum(states: torch.Tensor, pos: torch.Tensor, features: list[int]) -> torch.Tensor:
+    """sum over m in ``features`` of pos[f, 0, m] * states[:, :, f, m] ([B, H, n, F, ...] -> [B, H, n, ...])."""
+    weights = pos[:, 0, features].reshape(pos.shape[0], len(features), *([1] * (states.dim() - 4)))
+    return (states[:, :, :, features] * weights).sum(3)
+
+
 def check_state_pair(pair: States | None, name: str, shape: tuple, dtype: torch.dtype, device) -> None:
     """A window's ``init`` / ``carry_grad`` (None, or (S ``shape``, z ``shape[:-1]``) of ``dtype`` on ``device``):
     ValueError naming it otherwise. Shared by both backends' window functions."""
@@ -183,7 +196,10 @@ def slot_states(phi_k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor, pos_k
     n, F = pos_k.shape[0], pos_k.shape[-1]
     k_pre, k_grid = _split(phi_k, P, n)
     v_pre, v_grid = _split(v, P, n)
-    U = torch.stack([(k_grid * pos_k[:, :, m, None]).transpose(-1, -2) @ v_grid for m in range(F)], dim=3)
+    const = frame_constant(pos_k)
+    frame_states = k_grid.transpose(-1, -2) @ v_grid if const else None         # [B, H, n, D, Dv]
+    U = torch.stack([frame_states * pos_k[:, 0, m, None, None] if m in const
+                     else (k_grid * pos_k[:, :, m, None]).transpose(-1, -2) @ v_grid for m in range(F)], dim=3)
     Uz = torch.einsum("bhnpd,npm->bhnmd", k_grid, pos_k)
     if P:
         U0 = torch.stack([(k_pre * pos_kp[:, m, None]).transpose(-1, -2) @ v_pre for m in range(F)], dim=2)
@@ -200,9 +216,11 @@ def read_slots(phi_q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, pos_q: tor
     summed in feature order. Out of place (forward-mode AD vmaps it)."""
     n, F = pos_q.shape[0], pos_q.shape[-1]
     q_pre, q_grid = _split(phi_q, P, n)
-    num = rows = 0
+    const = frame_constant(pos_q)
+    num = q_grid @ _per_frame_sum(S[:, :, 1:], pos_q, const) if const else 0
     for m in range(F):
-        num = num + (q_grid @ S[:, :, 1:, m]) * pos_q[:, :, m, None]
+        if m not in const:
+            num = num + (q_grid @ S[:, :, 1:, m]) * pos_q[:, :, m, None]
     rows = torch.einsum("bhnpd,bhnmd,npm->bhnp", q_grid, z[:, :, 1:], pos_q)
     num, rows = num.flatten(2, 3), rows.flatten(2, 3)
     if P:
@@ -281,14 +299,26 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
     dz = q.new_zeros((B, H, n + 1, F, D), dtype=dtype)
     dphi = torch.zeros_like(phi_q) if need_dq else None
     dphi_pre, dphi_grid = _split(dphi, P, n) if need_dq else (None, None)
-    for m in range(F):
-        w = pos_q[:, :, m]
-        weighted = q_grid * w[..., None]                               # [B, H, n, per, D]
-        dS[:, :, 1:, m] = weighted.transpose(-1, -2) @ g_grid
-        dz[:, :, 1:, m] = (weighted * c_grid[..., None]).sum(-2)
+    const = frame_constant(pos_q)
+    if const:
+        # The frame-constant features: one product per frame for all of them (frame_constant).
+        frame_dS = q_grid.transpose(-1, -2) @ g_grid                   # [B, H, n, D, Dv]
+        frame_dz = (c_grid[..., None, :] @ q_grid).squeeze(-2)         # [B, H, n, D]
+        for m in const:
+            dS[:, :, 1:, m] = frame_dS * pos_q[:, 0, m, None, None]
+            dz[:, :, 1:, m] = frame_dz * pos_q[:, 0, m, None]
         if need_dq:
-            part = g_grid @ S6[:, :, 1:, m].transpose(-1, -2) + c_grid[..., None] * z5[:, :, 1:, m, None, :]
-            dphi_grid.addcmul_(part, w[..., None])
+            dphi_grid += g_grid @ _per_frame_sum(S6[:, :, 1:], pos_q, const).transpose(-1, -2)
+            dphi_grid += c_grid[..., None] * _per_frame_sum(z5[:, :, 1:], pos_q, const)[:, :, :, None, :]
+    for m in range(F):
+        if m not in const:
+            w = pos_q[:, :, m]
+            weighted = q_grid * w[..., None]                           # [B, H, n, per, D]
+            dS[:, :, 1:, m] = weighted.transpose(-1, -2) @ g_grid
+            dz[:, :, 1:, m] = (c_grid[..., None, :] @ weighted).squeeze(-2)
+            if need_dq:
+                part = g_grid @ S6[:, :, 1:, m].transpose(-1, -2) + c_grid[..., None] * z5[:, :, 1:, m, None, :]
+                dphi_grid.addcmul_(part, w[..., None])
         if P:
             wp = pos_qp[:, m]
             weighted = q_pre * wp[:, None]
@@ -351,13 +381,23 @@ def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: V
     dphi = torch.zeros_like(phi_k) if need_dk else None
     dv_pre, dv_grid = _split(dv, P, n) if need_dv else (None, None)
     dphi_pre, dphi_grid = _split(dphi, P, n) if need_dk else (None, None)
-    for m in range(F):
-        w = pos_k[:, :, m]
+    const = frame_constant(pos_k)
+    if const:
+        # The frame-constant features: one product per frame for all of them (frame_constant).
+        frame_dS = _per_frame_sum(dSk[:, :, 1:], pos_k, const)            # [B, H, n, D, Dv]
         if need_dv:
-            dv_grid.addcmul_(k_grid @ dSk[:, :, 1:, m], w[..., None])
+            dv_grid += k_grid @ frame_dS
         if need_dk:
-            part = v_grid @ dSk[:, :, 1:, m].transpose(-1, -2) + dzk[:, :, 1:, m, None, :]
-            dphi_grid.addcmul_(part, w[..., None])
+            dphi_grid += v_grid @ frame_dS.transpose(-1, -2)
+            dphi_grid += _per_frame_sum(dzk[:, :, 1:], pos_k, const)[:, :, :, None, :]
+    for m in range(F):
+        if m not in const:
+            w = pos_k[:, :, m]
+            if need_dv:
+                dv_grid.addcmul_(k_grid @ dSk[:, :, 1:, m], w[..., None])
+            if need_dk:
+                part = v_grid @ dSk[:, :, 1:, m].transpose(-1, -2) + dzk[:, :, 1:, m, None, :]
+                dphi_grid.addcmul_(part, w[..., None])
         if P:
             wp = pos_kp[:, m, None]
             if need_dv:
