@@ -107,6 +107,19 @@ def test_torch_backend_in_head_chunks_matches_the_reference(monkeypatch, case, l
     assert seen and all(len(c) == 6 for c in seen)   # forward, query side and key side each ran in 6 chunks
 
 
+@pytest.mark.parametrize("grid, variant, P, want", [
+    ((4, 5, 6), "sum", 0, (0, 1)),              # the time axis' cos / sin
+    ((4, 5, 6), "sum", 1, (0, 1, 6, 7)),        # + the prefix scheme's two (0 / 1 on grid tokens)
+    ((4, 1, 6), "sum", 0, (0, 1, 2, 3)),        # an axis of size 1: its features are constant too
+    ((3, 8, 8), "product", 2, (8, 9)),          # products with the other axes vary within a frame
+    ((5,), "product", 0, (0, 1)),               # 1-d: every feature is the time axis'
+    ((5, 6), "none", 0, (0,)),
+])
+def test_frame_constant_features(grid, variant, P, want):
+    spec = VicinitySpec(grid=grid, kv_grid=grid, variant=variant, num_prefix_tokens=P, causal="frames")
+    assert (frames.frame_constant(spec, "query"), frames.frame_constant(spec, "key")) == (want, want)
+
+
 def test_torch_window_functions_take_the_cpu_thread_policy(monkeypatch):
     """Forward and both backward sides run with the threads cpu_threads.call_threads picks (here 1 of 2), as
     the bidirectional path does, and torch's setting is restored after each."""

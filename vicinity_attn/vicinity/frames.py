@@ -109,17 +109,25 @@ def _split(x: torch.Tensor, prefix: int, n: int) -> tuple[torch.Tensor, torch.Te
     return x[:, :, :prefix], x[:, :, prefix:].reshape(B, H, n, (N - prefix) // n, E)
 
 
-def frame_constant(pos: torch.Tensor) -> list[int]:
-    """The features m whose grid-token values pos [n, per, F] are constant within each frame (the time
-    axis' own features, and the prefix scheme's 0 / 1 ones): their per-frame terms take one matrix product
-    for all of them, the frame's value scaling the small per-frame states instead of the tokens."""
-    return torch.nonzero((pos == pos[:, :1]).all(1).all(0)).flatten().tolist()
+def frame_constant(spec: VicinitySpec, side: str) -> tuple[int, ...]:
+    """The features m whose values on ``side``'s grid tokens are constant within each frame (the time axis'
+    own features, and the prefix scheme's 0 / 1 ones): their per-frame terms take one matrix product for
+    all of them, the frame's value scaling the small per-frame states instead of the tokens. Found on the
+    host from the whole grid's features (once per grid: no device read, as CUDA graphs need)."""
+    grid = spec.grid if side == "query" else spec.kv_grid
+    return _frame_constant(tuple(grid), spec.variant, side, spec.num_prefix_tokens)
 
 
-def _per_frame_sum(states: torch.Tensor, pos: torch.Tensor, features: list[int]) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _frame_constant(grid: tuple[int, ...], variant: str, side: str, num_prefix_tokens: int) -> tuple[int, ...]:
+    pos, _ = _positions(grid, variant, side, num_prefix_tokens, 0, grid[0], torch.float64, torch.device("cpu"))
+    return tuple(m for m, same in enumerate((pos == pos[:, :1]).all(1).all(0).tolist()) if same)
+
+
+def _per_frame_sum(states: torch.Tensor, pos: torch.Tensor, features: tuple[int, ...]) -> torch.Tensor:
     """sum over m in ``features`` of pos[f, 0, m] * states[:, :, f, m] ([B, H, n, F, ...] -> [B, H, n, ...])."""
-    weights = pos[:, 0, features].reshape(pos.shape[0], len(features), *([1] * (states.dim() - 4)))
-    return (states[:, :, :, features] * weights).sum(3)
+    weights = pos[:, 0, list(features)].reshape(pos.shape[0], len(features), *([1] * (states.dim() - 4)))
+    return (states[:, :, :, list(features)] * weights).sum(3)
 
 
 def check_state_pair(pair: States | None, name: str, shape: tuple, dtype: torch.dtype, device) -> None:
@@ -172,7 +180,8 @@ def _window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Vic
     Dv, F = v.shape[-1], spec.n_features
     P = spec.num_prefix_tokens if start == 0 else 0
     pos_k, pos_kp = slot_features(spec, "key", start, n, dtype, q.device)
-    U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P)
+    U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P,
+                        frame_constant(spec, "key"))
     if init is not None:
         U[:, :, 0] += init[0]
         Uz[:, :, 0] += init[1]
@@ -181,22 +190,23 @@ def _window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Vic
     if spec.clamp is not None:
         abs_clamp_(S, spec.clamp)
     pos_q, pos_qp = slot_features(spec, "query", start, n, dtype, q.device)
-    num, rows = read_slots(apply_feature_map(q.to(dtype), spec.feature_map), S, z, pos_q, pos_qp, P)
+    num, rows = read_slots(apply_feature_map(q.to(dtype), spec.feature_map), S, z, pos_q, pos_qp, P,
+                           frame_constant(spec, "query"))
     den = normalise_(rows, spec)
     o = empty_output_like(q, Dv)
     o.copy_(_divide(num, den, spec))
     return o, den, S.view(B, H, n + 1, F * D, Dv), z.view(B, H, n + 1, F * D), carry
 
 
-def slot_states(phi_k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor, pos_kp: torch.Tensor, P: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_states(phi_k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor, pos_kp: torch.Tensor, P: int,
+                const: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Each slot's own states, U [B, H, n + 1, F, D, Dv] and Uz [B, H, n + 1, F, D] (slot 0: the P prefix keys;
     slot 1 + f: frame f's keys), from phi(k) [B, H, P + n * per, D], v [B, H, P + n * per, Dv] and the keys'
-    position features ``pos_k`` [n, per, F] / ``pos_kp`` [P, F]. Out of place (forward-mode AD vmaps it)."""
+    position features ``pos_k`` [n, per, F] / ``pos_kp`` [P, F]; ``const``: features constant within each frame
+    (:func:`frame_constant`; () treats every feature alike). Out of place (forward-mode AD vmaps it)."""
     n, F = pos_k.shape[0], pos_k.shape[-1]
     k_pre, k_grid = _split(phi_k, P, n)
     v_pre, v_grid = _split(v, P, n)
-    const = frame_constant(pos_k)
     frame_states = k_grid.transpose(-1, -2) @ v_grid if const else None         # [B, H, n, D, Dv]
     U = torch.stack([frame_states * pos_k[:, 0, m, None, None] if m in const
                      else (k_grid * pos_k[:, :, m, None]).transpose(-1, -2) @ v_grid for m in range(F)], dim=3)
@@ -210,13 +220,13 @@ def slot_states(phi_k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor, pos_k
 
 
 def read_slots(phi_q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, pos_q: torch.Tensor, pos_qp: torch.Tensor,
-               P: int) -> tuple[torch.Tensor, torch.Tensor]:
+               P: int, const: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(num [B, H, Nq, Dv], row sums [B, H, Nq]) of the queries phi(q) [B, H, P + n * per, D] from the slots'
     states S [B, H, n + 1, F, D, Dv], z [B, H, n + 1, F, D]: num_i = sum_m P_q(i)_m phi(q_i)^T S_m(slot(i)),
-    summed in feature order. Out of place (forward-mode AD vmaps it)."""
+    the ``const`` features (as for :func:`slot_states`) first, then the others in feature order. Out of
+    place (forward-mode AD vmaps it)."""
     n, F = pos_q.shape[0], pos_q.shape[-1]
     q_pre, q_grid = _split(phi_q, P, n)
-    const = frame_constant(pos_q)
     num = q_grid @ _per_frame_sum(S[:, :, 1:], pos_q, const) if const else 0
     for m in range(F):
         if m not in const:
@@ -284,7 +294,7 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
         g = dO / den[..., None]
         c = -(dO * o.to(dtype)).sum(-1, keepdim=True) / den[..., None]
     else:
-        num, _ = read_slots(phi_q, S6, z5, pos_q, pos_qp, P)
+        num, _ = read_slots(phi_q, S6, z5, pos_q, pos_qp, P, frame_constant(spec, "query"))
         g = torch.empty_like(num)
         with scratch_session():
             c = clamped_row_grads(dO, num, den, spec.clamp, g).clone()
@@ -299,7 +309,7 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
     dz = q.new_zeros((B, H, n + 1, F, D), dtype=dtype)
     dphi = torch.zeros_like(phi_q) if need_dq else None
     dphi_pre, dphi_grid = _split(dphi, P, n) if need_dq else (None, None)
-    const = frame_constant(pos_q)
+    const = frame_constant(spec, "query")
     if const:
         # The frame-constant features: one product per frame for all of them (frame_constant).
         frame_dS = q_grid.transpose(-1, -2) @ g_grid                   # [B, H, n, D, Dv]
@@ -381,7 +391,7 @@ def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: V
     dphi = torch.zeros_like(phi_k) if need_dk else None
     dv_pre, dv_grid = _split(dv, P, n) if need_dv else (None, None)
     dphi_pre, dphi_grid = _split(dphi, P, n) if need_dk else (None, None)
-    const = frame_constant(pos_k)
+    const = frame_constant(spec, "key")
     if const:
         # The frame-constant features: one product per frame for all of them (frame_constant).
         frame_dS = _per_frame_sum(dSk[:, :, 1:], pos_k, const)            # [B, H, n, D, Dv]
@@ -420,7 +430,8 @@ def window_key_totals(k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, star
     P = spec.num_prefix_tokens if start == 0 else 0
     n = (k.shape[2] - P) // per_k
     pos_k, pos_kp = slot_features(spec, "key", start, n, dtype, k.device)
-    U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P)
+    U, Uz = slot_states(apply_feature_map(k.to(dtype), spec.feature_map), v.to(dtype), pos_k, pos_kp, P,
+                        frame_constant(spec, "key"))
     return U.sum(2), Uz.sum(2)
 
 
