@@ -103,16 +103,17 @@ def call_threads(work: int) -> int:
 
 
 def with_call_threads(fn: Callable[..., _T]) -> Callable[..., _T]:
-    """Runs ``fn`` (a backend's forward or backward: its first tensor arguments are q-sized
-    [B, H, N, D] tensors) with :func:`call_threads` threads when they are CPU tensors."""
+    """Runs ``fn`` (a backend's forward or backward, or a frame-causal window function: the 4-d tensors
+    among its first four arguments are token tensors [B, H, N, D]) with :func:`call_threads` threads when
+    they are CPU tensors."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        tensors = [a for a in args[:4] if isinstance(a, torch.Tensor)]
+        tensors = [a for a in args[:4] if isinstance(a, torch.Tensor) and a.dim() == 4]
         if not tensors or tensors[0].device.type != "cpu":
             return fn(*args, **kwargs)
         previous = torch.get_num_threads()
-        threads = call_threads(max(t.numel() * t.shape[-1] for t in tensors if t.dim()))
+        threads = call_threads(max(t.numel() * t.shape[-1] for t in tensors))
         if threads == previous:
             return fn(*args, **kwargs)
         torch.set_num_threads(threads)

@@ -20,12 +20,12 @@ without init. The streaming cache (:mod:`.stream`) and context parallelism over 
 
 Cost: O(N F D Dv) time, O(N D + n F D Dv) memory: no F*D-wide expanded features exist (each feature's
 state is one batched matmul over the frames; the features constant within a frame, :func:`frame_constant`,
-share one), nothing N x N. Computed in float32 (float64 for float64
-inputs). The window functions run in chunks of whole (batch, head) slices of about
-``torch_backend.CHUNK_BYTES`` per token-sized tensor, as the bidirectional torch backend does: heads are
-independent, and a chunk's temporaries (several elementwise passes per feature) stay in the CPU's caches;
-each call picks its CPU threads from its size and the cores left idle (:mod:`.cpu_threads`), as there.
-The triton backend's :mod:`.triton_frames` has the same functions over the kernels.
+share one), nothing N x N. Computed in float32 (float64 for float64 inputs). The window functions run in
+chunks of whole (batch, head) slices of about ``torch_backend.CHUNK_BYTES`` per token-sized tensor, as the
+bidirectional torch backend does: heads are independent, and a chunk's temporaries (several elementwise
+passes per feature) stay in the CPU's caches; each call picks its CPU threads from its size and the cores
+left idle (:mod:`.cpu_threads`), as there. The triton backend's :mod:`.triton_frames` has the same
+functions over the kernels.
 """
 from __future__ import annotations
 
