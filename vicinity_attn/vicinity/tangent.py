@@ -94,33 +94,34 @@ def _frames_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch
                     tk: torch.Tensor | None, tv: torch.Tensor | None, spec: VicinitySpec) -> torch.Tensor:
     """:func:`vicinity_tangent` of a frame-causal call: the same formulas with each query's slot states
     (:mod:`.frames`): dS(s) and dz(s) are the prefix sums of the slots' own state tangents."""
-    from .frames import read_slots, slot_features, slot_states
+    from .frames import frame_constant, read_slots, slot_features, slot_states
     dtype = compute_dtype(q.dtype)
     P = spec.num_prefix_tokens
     pos_q, pos_qp = slot_features(spec, "query", 0, spec.n_frames, dtype, q.device)
     pos_k, pos_kp = slot_features(spec, "key", 0, spec.n_frames, dtype, q.device)
+    const_q, const_k = frame_constant(spec, "query"), frame_constant(spec, "key")
     fq = apply_feature_map(q.to(dtype), spec.feature_map)
     fk = apply_feature_map(k.to(dtype), spec.feature_map)
     v = v.to(dtype)
-    U, Uz = slot_states(fk, v, pos_k, pos_kp, P)
+    U, Uz = slot_states(fk, v, pos_k, pos_kp, P, const_k)
     S, z = U.cumsum(2), Uz.cumsum(2)
-    num, raw_den = read_slots(fq, S, z, pos_q, pos_qp, P)
+    num, raw_den = read_slots(fq, S, z, pos_q, pos_qp, P, const_q)
     den = (raw_den.clamp_min(spec.den_floor) if spec.den_floor > 0 else raw_den) + spec.eps
     o = num / den[..., None]
 
     d_num, d_den = [], []
     if tq is not None:
-        n_q, r_q = read_slots(_feature_tangent(fq, tq, spec.feature_map), S, z, pos_q, pos_qp, P)
+        n_q, r_q = read_slots(_feature_tangent(fq, tq, spec.feature_map), S, z, pos_q, pos_qp, P, const_q)
         d_num.append(n_q)
         d_den.append(r_q)
     if tk is not None:
-        dU, dUz = slot_states(_feature_tangent(fk, tk, spec.feature_map), v, pos_k, pos_kp, P)
-        n_k, r_k = read_slots(fq, dU.cumsum(2), dUz.cumsum(2), pos_q, pos_qp, P)
+        dU, dUz = slot_states(_feature_tangent(fk, tk, spec.feature_map), v, pos_k, pos_kp, P, const_k)
+        n_k, r_k = read_slots(fq, dU.cumsum(2), dUz.cumsum(2), pos_q, pos_qp, P, const_q)
         d_num.append(n_k)
         d_den.append(r_k)
     if tv is not None:
-        dU, _ = slot_states(fk, tv.to(dtype), pos_k, pos_kp, P)
-        d_num.append(read_slots(fq, dU.cumsum(2), z, pos_q, pos_qp, P)[0])
+        dU, _ = slot_states(fk, tv.to(dtype), pos_k, pos_kp, P, const_k)
+        d_num.append(read_slots(fq, dU.cumsum(2), z, pos_q, pos_qp, P, const_q)[0])
     if not d_num:
         return torch.zeros_like(o, dtype=q.dtype)
     d_den_sum = sum(d_den) if d_den else torch.zeros_like(den)
