@@ -114,6 +114,7 @@ def test_torch_backend_in_head_chunks_matches_the_reference(monkeypatch, case, l
     ((3, 8, 8), "product", 2, (8, 9)),          # products with the other axes vary within a frame
     ((5,), "product", 0, (0, 1)),               # 1-d: every feature is the time axis'
     ((5, 6), "none", 0, (0,)),
+    ((300, 64, 64), "sum", 0, (0, 1)),          # found over two blocks of frames
 ])
 def test_frame_constant_features(grid, variant, P, want):
     spec = VicinitySpec(grid=grid, kv_grid=grid, variant=variant, num_prefix_tokens=P, causal="frames")

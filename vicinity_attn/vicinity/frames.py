@@ -56,8 +56,20 @@ def _chunks(x: torch.Tensor, width: int) -> list[tuple[slice, slice]]:
     return _head_chunks(B, H, max(1, torch_backend.CHUNK_BYTES // max(head_bytes, 1)))
 
 
-def _pair(pair: States | None, c: tuple[slice, slice]) -> States | None:
-    return None if pair is None else (pair[0][c], pair[1][c])
+def _part(x, c: tuple[slice, slice]):
+    """Chunk c of x: a tensor [B, H, ...], a tuple of them (a state pair) or None."""
+    if x is None:
+        return None
+    return tuple(_part(t, c) for t in x) if isinstance(x, tuple) else x[c]
+
+
+def _put(whole, part, c: tuple[slice, slice]) -> None:
+    """whole[c] = part, through tuples (as :func:`_part` takes them apart)."""
+    if isinstance(whole, tuple):
+        for w, p in zip(whole, part):
+            _put(w, p, c)
+    else:
+        whole[c] = part
 
 
 def window_frames(spec: VicinitySpec, start: int, n_queries: int, n_keys: int) -> int:
@@ -121,8 +133,14 @@ def frame_constant(spec: VicinitySpec, side: str) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _frame_constant(grid: tuple[int, ...], variant: str, side: str, num_prefix_tokens: int) -> tuple[int, ...]:
-    pos, _ = _positions(grid, variant, side, num_prefix_tokens, 0, grid[0], torch.float64, torch.device("cpu"))
-    return tuple(m for m, same in enumerate((pos == pos[:, :1]).all(1).all(0).tolist()) if same)
+    # Blocks of frames of about a million tokens: a long stream's grid never has all its features at once.
+    T, step = grid[0], max(1, 2 ** 20 // math.prod(grid[1:]))
+    same = torch.tensor(True)
+    for f0 in range(0, T, step):
+        pos, _ = _positions(grid, variant, side, num_prefix_tokens, f0, min(step, T - f0), torch.float64,
+                            torch.device("cpu"))
+        same = same & (pos == pos[:, :1]).all(1).all(0)
+    return tuple(m for m, constant in enumerate(same.tolist()) if constant)
 
 
 def _per_frame_sum(states: torch.Tensor, pos: torch.Tensor, features: tuple[int, ...]) -> torch.Tensor:
@@ -159,24 +177,23 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Vici
     n = window_frames(spec, start, Nq, k.shape[2])
     dtype = compute_dtype(q.dtype)
     check_state_pair(init, "init", (B, H, F, D, Dv), dtype, q.device)
+    o = empty_output_like(q, Dv)
     chunks = _chunks(q, max(D, Dv))
     if len(chunks) == 1:
-        return _window_forward(q, k, v, spec, start, init, n, dtype)
-    o = empty_output_like(q, Dv)
-    den = q.new_empty((B, H, Nq), dtype=dtype)
-    S, z = q.new_empty((B, H, n + 1, F * D, Dv), dtype=dtype), q.new_empty((B, H, n + 1, F * D), dtype=dtype)
-    carry = (q.new_empty((B, H, F, D, Dv), dtype=dtype), q.new_empty((B, H, F, D), dtype=dtype))
+        return (o, *_window_forward(q, k, v, spec, start, init, n, dtype, o))
+    rest = (q.new_empty((B, H, Nq), dtype=dtype), q.new_empty((B, H, n + 1, F * D, Dv), dtype=dtype),
+            q.new_empty((B, H, n + 1, F * D), dtype=dtype),
+            (q.new_empty((B, H, F, D, Dv), dtype=dtype), q.new_empty((B, H, F, D), dtype=dtype)))
     for c in chunks:
-        parts = _window_forward(q[c], k[c], v[c], spec, start, _pair(init, c), n, dtype)
-        for whole, part in zip((o, den, S, z) + carry, parts[:4] + parts[4]):
-            whole[c] = part
-    return o, den, S, z, carry
+        _put(rest, _window_forward(q[c], k[c], v[c], spec, start, _part(init, c), n, dtype, o[c]), c)
+    return (o, *rest)
 
 
 def _window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: VicinitySpec, start: int,
-                    init: States | None, n: int, dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, States]:
-    """:func:`window_forward` on one chunk of (batch, head) slices (checked: n frames, compute ``dtype``)."""
+                    init: States | None, n: int, dtype: torch.dtype, o: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, States]:
+    """:func:`window_forward` on one chunk of (batch, head) slices (checked: n frames, compute ``dtype``),
+    writing o into ``o``: (den, S, z, carry)."""
     B, H, Nq, D = q.shape
     Dv, F = v.shape[-1], spec.n_features
     P = spec.num_prefix_tokens if start == 0 else 0
@@ -194,9 +211,8 @@ def _window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Vic
     num, rows = read_slots(apply_feature_map(q.to(dtype), spec.feature_map), S, z, pos_q, pos_qp, P,
                            frame_constant(spec, "query"))
     den = normalise_(rows, spec)
-    o = empty_output_like(q, Dv)
     o.copy_(_divide(num, den, spec))
-    return o, den, S.view(B, H, n + 1, F * D, Dv), z.view(B, H, n + 1, F * D), carry
+    return den, S.view(B, H, n + 1, F * D, Dv), z.view(B, H, n + 1, F * D), carry
 
 
 def slot_states(phi_k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor, pos_kp: torch.Tensor, P: int,
@@ -263,24 +279,22 @@ def window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, de
     n = S.shape[2] - 1
     F = S.shape[3] // D
     dtype = den.dtype
+    dq = torch.empty_like(q) if need_dq else None
     chunks = _chunks(q, max(D, Dv))
     if len(chunks) == 1:
-        dq, dpre = _window_query_backward(do, q, o, den, S, z, spec, start, need_dq)
+        dpre = _window_query_backward(do, q, o, den, S, z, spec, start, dq)
     else:
-        dq = torch.empty_like(q) if need_dq else None
         dpre = (q.new_empty((B, H, n + 1, F, D, Dv), dtype=dtype), q.new_empty((B, H, n + 1, F, D), dtype=dtype))
         for c in chunks:
-            dq_c, (dS_c, dz_c) = _window_query_backward(do[c], q[c], o[c], den[c], S[c], z[c], spec, start, need_dq)
-            if need_dq:
-                dq[c] = dq_c
-            dpre[0][c], dpre[1][c] = dS_c, dz_c
+            _put(dpre, _window_query_backward(do[c], q[c], o[c], den[c], S[c], z[c], spec, start, _part(dq, c)), c)
     return dq, dpre, (dpre[0].sum(2), dpre[1].sum(2))
 
 
 def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, den: torch.Tensor, S: torch.Tensor,
-                           z: torch.Tensor, spec: VicinitySpec, start: int, need_dq: bool
-                           ) -> tuple[torch.Tensor | None, States]:
-    """:func:`window_query_backward` on one chunk of (batch, head) slices: (dq or None, dpre)."""
+                           z: torch.Tensor, spec: VicinitySpec, start: int, dq: torch.Tensor | None) -> States:
+    """:func:`window_query_backward` on one chunk of (batch, head) slices, writing dq into ``dq`` (None: not
+    wanted): dpre."""
+    need_dq = dq is not None
     B, H, Nq, D = q.shape
     Dv = do.shape[-1]
     n = S.shape[2] - 1
@@ -340,11 +354,10 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
                 dphi_pre.addcmul_(part, wp[:, None])
     if spec.clamp is not None:
         dS.mul_(clamped_state_passes(S6, spec.clamp))
-    dq = None
     if need_dq:
         mul_feature_map_grad_(dphi, phi_q, spec.feature_map)
-        dq = torch.empty_like(q).copy_(dphi)
-    return dq, (dS, dz)
+        dq.copy_(dphi)
+    return dS, dz
 
 
 @with_call_threads
@@ -356,25 +369,19 @@ def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: Vi
     dS, dz = dpre
     B, H, n1, F, D, Dv = dS.shape
     check_state_pair(carry_grad, "carry_grad", (B, H, F, D, Dv), dS.dtype, dS.device)
-    chunks = _chunks(k, max(D, Dv))
-    if len(chunks) == 1:
-        return _window_key_backward(k, v, dpre, spec, start, carry_grad, need_dk, need_dv)
     dk = torch.empty_like(k) if need_dk else None
     dv = torch.empty_like(v) if need_dv else None
-    for c in chunks:
-        dk_c, dv_c = _window_key_backward(k[c], v[c], _pair(dpre, c), spec, start, _pair(carry_grad, c),
-                                          need_dk, need_dv)
-        if need_dk:
-            dk[c] = dk_c
-        if need_dv:
-            dv[c] = dv_c
+    for c in _chunks(k, max(D, Dv)):
+        _window_key_backward(k[c], v[c], _part(dpre, c), spec, start, _part(carry_grad, c), _part(dk, c),
+                             _part(dv, c))
     return dk, dv
 
 
 def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: VicinitySpec, start: int,
-                         carry_grad: States | None, need_dk: bool, need_dv: bool
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """:func:`window_key_backward` on one chunk of (batch, head) slices (``carry_grad`` checked)."""
+                         carry_grad: States | None, dk: torch.Tensor | None, dv_out: torch.Tensor | None) -> None:
+    """:func:`window_key_backward` on one chunk of (batch, head) slices (``carry_grad`` checked), writing dk
+    and dv into ``dk`` / ``dv_out`` (None: not wanted)."""
+    need_dk, need_dv = dk is not None, dv_out is not None
     dS, dz = dpre
     B, H, n1, F, D, Dv = dS.shape
     n, dtype = n1 - 1, dS.dtype
@@ -415,11 +422,11 @@ def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: V
                 dv_pre.addcmul_(k_pre @ dSk[:, :, 0, m], wp)
             if need_dk:
                 dphi_pre.addcmul_(v_pre @ dSk[:, :, 0, m].transpose(-1, -2) + dzk[:, :, 0, m, None, :], wp)
-    dk = None
     if need_dk:
         mul_feature_map_grad_(dphi, phi_k, spec.feature_map)
-        dk = torch.empty_like(k).copy_(dphi)
-    return dk, (torch.empty_like(v).copy_(dv) if need_dv else None)
+        dk.copy_(dphi)
+    if need_dv:
+        dv_out.copy_(dv)
 
 
 @with_call_threads
