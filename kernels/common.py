@@ -83,6 +83,15 @@ def _gpu_operand(x, PREC: tl.constexpr):
 
 
 @triton.jit
+def mma_rows(a, b, acc, rows, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc + rows[:, None] * (a @ b): the product of unscaled operands, its rows scaled in fp32 afterwards
+    (``mma`` into a zero accumulator). For a per-token weight rows [M] this is (rows * a) @ b without
+    rounding rows * a to the dot's dtype, and an operand shared by several weights (one per position
+    feature) is converted for the tensor cores once, not once per weight."""
+    return acc + rows[:, None] * mma(a, b, tl.zeros(acc.shape, acc.dtype), DOT, PREC)
+
+
+@triton.jit
 def mma(a, b, acc, DOT: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b, accumulated in acc's dtype.
 

@@ -243,7 +243,9 @@ RESIDENT_STATE_BYTES = {"fwd_output": 64 * 1024, "bwd_keys": 32 * 1024}
 # of 16-bit operands, else 8 (at 4, 64-wide tiles and fp16's TF32 tiles of many features spill); the key
 # pass, with two accumulators and the phi and v tiles, at the streaming config's warps (8 for 64-wide and
 # unaligned heads: at 4 they spill; 4 for narrow aligned ones, whose 16-wide dS tiles would load in 32-bit
-# pieces at 8); unaligned heads with many features take the streaming key pass.
+# pieces at 8), but 8 for 32-wide tiles past RESIDENT_FEW_FEATURES features (at 4, the F unscaled products
+# beside the two accumulators spill 16-248 bytes); unaligned heads with many features take the streaming key
+# pass.
 RESIDENT_BLOCK_N = 64
 RESIDENT_TOKEN_STAGES = 2
 RESIDENT_FEW_FEATURES = 4
@@ -294,7 +296,7 @@ def resident_options(cfg: LaunchConfig, launch: str, n_feat: int, dtype: torch.d
     if cfg.max_registers is None:
         return dict(BLOCK_N=cfg.block_n, TOKEN_STAGES=1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if launch == "bwd_keys":
-        warps = cfg.num_warps
+        warps = 8 if n_feat > RESIDENT_FEW_FEATURES and cfg.block_d > HEAD_BLOCKS[0] else cfg.num_warps
     else:
         wide_operands = dot_operand_dtype(launch, dtype) not in (torch.float16, torch.bfloat16)   # fp16's TF32
         wide = cfg.block_d >= HEAD_BLOCKS[-1] or (wide_operands and cfg.block_d > HEAD_BLOCKS[0])

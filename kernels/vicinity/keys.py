@@ -27,7 +27,7 @@ as in output.py, over the key side; factor[seq] multiplies key_scale.
 import triton
 import triton.language as tl
 
-from ..common import dot_operand, feature_map, mma, mul_feature_map_grad_of_phi
+from ..common import dot_operand, feature_map, mma_rows, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .frames import frame_block
 from .positions import position_axes, position_feature, select_position_feature
@@ -49,12 +49,13 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
                  ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, seq_ptr=None,
                  VARLEN: tl.constexpr = False):
     """Feature M's contribution: acc_dk += P_M (v @ dS_M[dk_rows, dk_cols]^T) (+ P_M dz_M[dk_rows] with
-    Z_TERM), acc_dv += (P_M phi) @ dS_M[dv_rows, dv_cols]. SHARED: both tiles are the same (the caller
+    Z_TERM), acc_dv += P_M (phi @ dS_M[dv_rows, dv_cols]). SHARED: both tiles are the same (the caller
     passes the same offsets) and it is read once.
 
-    The dots make the precision choices of the output and dq passes: dv's operand is the product
-    P_M phi; dk's, with TF32 dots (fp16 and fp32 inputs), is v itself, exact as a TF32 operand, and
-    P_M scales the product (see ``queries.dq_feature``); bf16 dots take v * P_M.
+    Both dots take the unscaled token tiles v and phi and P_M scales their fp32 products (``mma_rows``), at
+    every dtype: v is exact as an operand (see ``queries.dq_feature`` for why that matters to dk), and the
+    F features share one operand conversion per token block instead of one per feature (on sm_90 each
+    scaled operand went registers -> shared memory -> registers, with its barriers).
     VARLEN: the grid sizes are read from the sequence table here, per feature, not held in registers
     across the loops (held, they make the packed launches spill).
     """
@@ -71,10 +72,7 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
         # operands (the state tile, P_M) for a chain and puts all warps on the token axis, so that every
         # warp holds both whole state operands in registers and spills.
         if H > 0:
-            if DOT == tl.bfloat16 or PREC == "emulate_bf16":
-                acc_dk = mma(v * p[:, None], tl.trans(state_k), acc_dk, DOT, PREC)
-            else:
-                acc_dk += p[:, None] * mma(v, tl.trans(state_k), tl.zeros(acc_dk.shape, acc_dk.dtype), DOT, PREC)
+            acc_dk = mma_rows(v, tl.trans(state_k), acc_dk, p, DOT, PREC)
         if Z_TERM:
             zm = tl.load(dz_base + M * D + dk_rows, mask=dk_rows_mask, other=0.0)
             acc_dk += p[:, None] * zm[None, :]
@@ -84,7 +82,7 @@ def _key_feature(phi, v, acc_dk, acc_dv, M, ds_base, dz_base, offs_n, dk_rows, d
         else:
             state_v = tl.load(state_base + dv_rows[:, None] * DV + dv_cols[None, :],
                               mask=dv_rows_mask[:, None] & dv_cols_mask[None, :], other=0.0)
-        acc_dv = mma(phi * p[:, None], state_v, acc_dv, DOT, PREC)
+        acc_dv = mma_rows(phi, state_v, acc_dv, p, DOT, PREC)
     return acc_dk, acc_dv
 
 
@@ -171,14 +169,10 @@ def _resident_keys(k_ptr, v_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, H, N, D, DV, n_
             p = select_position_feature(axes, m, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, False, ACC)
             # The precision choices of _key_feature (its docstring), in the same order.
             if NEED_DK:
-                if DOT == tl.bfloat16 or PREC == "emulate_bf16":
-                    acc_dk = mma(v * p[:, None], states_t[m], acc_dk, DOT, PREC)
-                else:
-                    acc_dk += p[:, None] * mma(v, states_t[m], tl.zeros(acc_dk.shape, acc_dk.dtype), DOT,
-                                               PREC)
+                acc_dk = mma_rows(v, states_t[m], acc_dk, p, DOT, PREC)
                 acc_dk += p[:, None] * tl.load(dz_vec + m * D, mask=mask_d, other=0.0)[None, :]
             if NEED_DV:
-                acc_dv = mma(phi * p[:, None], states[m], acc_dv, DOT, PREC)
+                acc_dv = mma_rows(phi, states[m], acc_dv, p, DOT, PREC)
         if NEED_DV:
             tl.store(dv_base + offs_n[:, None] * stride_dv_n + offs_e[None, :] * stride_dv_d,
                      (acc_dv * key_scale).to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])

@@ -34,7 +34,7 @@ in the dot operand dtype). VARLEN (packed sequences): as in output.py, over the 
 import triton
 import triton.language as tl
 
-from ..common import dot_operand, feature_map, mma, mul_feature_map_grad, mul_feature_map_grad_of_phi
+from ..common import dot_operand, feature_map, mma, mma_rows, mul_feature_map_grad, mul_feature_map_grad_of_phi
 from ..runtime import launch_jit
 from .clamp import without_floor_rows
 from .frames import frame_block
@@ -105,7 +105,7 @@ def dq_feature_dot(y, acc, p, state, DOT: tl.constexpr, PREC: tl.constexpr):
     if DOT == tl.bfloat16 or PREC == "emulate_bf16":
         return mma(y * p[:, None], tl.trans(state), acc, DOT, PREC)
     else:
-        return acc + p[:, None] * mma(y, tl.trans(state), tl.zeros(acc.shape, acc.dtype), DOT, PREC)
+        return mma_rows(y, tl.trans(state), acc, p, DOT, PREC)
 
 
 @triton.jit
