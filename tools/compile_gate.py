@@ -80,7 +80,7 @@ GEOMETRIES = tuple(
 # prefix; relu and elu1 are the GEOMETRIES' maps.
 IDENTITY_CASES = tuple(LaunchCase(dtype=t, feature_map="identity") for t in ("fp16", "bf16", "fp32")) + (
     LaunchCase(dtype="fp16", d=40, dv=40, layout="bnhd", strides="unaligned", n_prefix=1, feature_map="identity"),)
-# The most features a grid gives (product on a 3-d grid: F = 8; with prefix tokens F = 9, padded to 16), and the
+# The most features a grid gives (product on a 3-d grid: F = 8; with prefix tokens F = 10, padded to 16), and the
 # most the sum form gives (F = 6 on a 3-d grid: its dq pass holds other values), at every dtype x head dim x stride
 # mode: the tiles and warps the configs pick for many features (fp32 state tiles, the dq pass's F state tiles,
 # the resident passes).
