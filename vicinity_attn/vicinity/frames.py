@@ -304,12 +304,13 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
     S6, z5 = S.view(B, H, n + 1, F, D, Dv), z.view(B, H, n + 1, F, D)
     dO = do.to(dtype)
     pos_q, pos_qp = slot_features(spec, "query", start, n, dtype, q.device)
+    const = frame_constant(spec, "query")
     phi_q = apply_feature_map(q.to(dtype), spec.feature_map)
     if spec.clamp is None:
         g = dO / den[..., None]
         c = -(dO * o.to(dtype)).sum(-1, keepdim=True) / den[..., None]
     else:
-        num, _ = read_slots(phi_q, S6, z5, pos_q, pos_qp, P, frame_constant(spec, "query"))
+        num, _ = read_slots(phi_q, S6, z5, pos_q, pos_qp, P, const)
         g = torch.empty_like(num)
         with scratch_session():
             c = clamped_row_grads(dO, num, den, spec.clamp, g).clone()
@@ -324,7 +325,6 @@ def _window_query_backward(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, d
     dz = q.new_zeros((B, H, n + 1, F, D), dtype=dtype)
     dphi = torch.zeros_like(phi_q) if need_dq else None
     dphi_pre, dphi_grid = _split(dphi, P, n) if need_dq else (None, None)
-    const = frame_constant(spec, "query")
     if const:
         # The frame-constant features: one product per frame for all of them (frame_constant).
         frame_dS = q_grid.transpose(-1, -2) @ g_grid                   # [B, H, n, D, Dv]
@@ -378,10 +378,10 @@ def window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: Vi
 
 
 def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: VicinitySpec, start: int,
-                         carry_grad: States | None, dk: torch.Tensor | None, dv_out: torch.Tensor | None) -> None:
+                         carry_grad: States | None, dk: torch.Tensor | None, dv: torch.Tensor | None) -> None:
     """:func:`window_key_backward` on one chunk of (batch, head) slices (``carry_grad`` checked), writing dk
-    and dv into ``dk`` / ``dv_out`` (None: not wanted)."""
-    need_dk, need_dv = dk is not None, dv_out is not None
+    and dv into ``dk`` / ``dv`` (None: not wanted)."""
+    need_dk, need_dv = dk is not None, dv is not None
     dS, dz = dpre
     B, H, n1, F, D, Dv = dS.shape
     n, dtype = n1 - 1, dS.dtype
@@ -395,9 +395,9 @@ def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: V
     phi_k = apply_feature_map(k.to(dtype), spec.feature_map)
     k_pre, k_grid = _split(phi_k, P, n)
     v_pre, v_grid = _split(v.to(dtype), P, n)
-    dv = torch.zeros(v.shape, dtype=dtype, device=v.device) if need_dv else None
+    dv_acc = torch.zeros(v.shape, dtype=dtype, device=v.device) if need_dv else None
     dphi = torch.zeros_like(phi_k) if need_dk else None
-    dv_pre, dv_grid = _split(dv, P, n) if need_dv else (None, None)
+    dv_pre, dv_grid = _split(dv_acc, P, n) if need_dv else (None, None)
     dphi_pre, dphi_grid = _split(dphi, P, n) if need_dk else (None, None)
     const = frame_constant(spec, "key")
     if const:
@@ -426,7 +426,7 @@ def _window_key_backward(k: torch.Tensor, v: torch.Tensor, dpre: States, spec: V
         mul_feature_map_grad_(dphi, phi_k, spec.feature_map)
         dk.copy_(dphi)
     if need_dv:
-        dv_out.copy_(dv)
+        dv.copy_(dv_acc)
 
 
 @with_call_threads
