@@ -116,7 +116,8 @@ def render(model: dict) -> str:
         for what, t in model["targets"].items():
             value = ", ".join(t["value"]) if isinstance(t["value"], list) else t["value"]
             old = "" if t["old"] is None else f" (old: {t['old']})"
-            lines.append(f"- {what}: {value or 'none below 2'}{old}: {'met' if t['met'] else 'NOT met'} (model).")
+            lines.append(f"- {what}: {value or 'none below 2'}{old}: {'met' if t['met'] else 'NOT met'} (model)."
+                         + _reach_text(t))
     sens = {name: e["sensitivity"] for name, e in model["shapes"].items() if e.get("sensitivity")}
     if sens:
         lines += ["", "Sensitivity (new model, H100, forward + backward, us): each latency constant at the ends of "
@@ -132,6 +133,23 @@ def render(model: dict) -> str:
               "", "Every figure in this section is a model; `python -m bench.gpu_check` measures every row "
               "on a GPU, per kernel."]
     return "\n".join(lines)
+
+
+def _reach_text(t: dict) -> str:
+    """What a time target needs on the new model (``gpu_model._reach``), or nothing."""
+    if "stall_free_us" not in t:
+        return ""
+    at = ", ".join(f"{_us(v)} at {r} a cycle" for r, v in t["stall_free_at_issue"].items())
+    cut = t["instruction_cut"]
+    if cut is None:
+        need = "more than instructions: the bandwidth, tensor and launch floors alone exceed it"
+    else:
+        need = "no instruction cut" if cut == 0 else f"{cut:.0%} fewer issued instructions in every launch"
+    return (f" It asks for {_us(t['target_us'])} us; the same instructions with every stall hidden (the "
+            f"stall-free floor: each launch's issue, shared-store, bandwidth or tensor time, whichever is "
+            f"largest, plus its launch) take {_us(t['stall_free_us'])} us at the model's issue rate of "
+            f"{t['issue_per_scheduler']} per scheduler a cycle ({at}): meeting it needs every stall hidden "
+            f"and {need} (model).")
 
 
 def _eager(x: dict) -> str:

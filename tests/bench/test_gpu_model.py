@@ -317,7 +317,7 @@ def test_issue27_targets_read_from_the_shapes():
     def entry(new, old, launches, fa2=1000.0, ctas=1):
         kernels = [dict(kernel="k", ctas_per_sm=ctas)]
         return dict(modelled_us=new, old_modelled_us=old, vs_io_floor=new / 100, old_vs_io_floor=old / 100,
-                    fa2_modelled_us=fa2, fa2_old_modelled_us=fa2, launches=launches, kernels=kernels)
+                    io_floor_us=100.0, fa2_modelled_us=fa2, fa2_old_modelled_us=fa2, launches=launches, kernels=kernels)
     shapes = dict(a=dict(fwdbwd=entry(200.0, 75.0, 6)), b=dict(fwdbwd=entry(140.0, 130.0, 6, ctas=2)),
                   c=dict(fwd=entry(1.0, 1.0, 2), fwdbwd=entry(1.0, 1.0, 6)))
     got = gm.issue27_targets(shapes)
@@ -326,3 +326,28 @@ def test_issue27_targets_read_from_the_shapes():
     assert (fa2["value"], fa2["old"], fa2["met"]) == (5.0, 13.33, False)
     assert (launches["value"], launches["met"]) == (4, False)                   # 2 forward, 4 backward
     assert ctas["value"] == ["k: 1"] and not ctas["met"]
+
+
+def test_stall_free_floor_and_the_instruction_cut_a_target_needs():
+    launch = gm.H100_SXM["launch_overhead_s"] * 1e6
+
+    def kernel(issue, hbm, chain):
+        return dict(latency=dict(issue_us=issue, smem_us=1.0, hbm_us=hbm, l2_us=2.0, tensor_us=3.0, chain_us=chain))
+    # One issue-bound launch (40 us of issue, 80 us with its stalls), one bound by HBM (25 us).
+    kernels = [kernel(40.0, 10.0, 80.0), kernel(20.0, 25.0, 30.0)]
+    assert gm.stall_free_floor(kernels) == pytest.approx(40.0 + 25.0 + 2 * launch)
+    # Issue time scales as 1 / rate: at the peak (1.0 a cycle) the first launch issues in 25 us.
+    assert gm.stall_free_floor(kernels, 1.0) == pytest.approx(25.0 + 25.0 + 2 * launch)
+    # A target of 60 us + launches: the first launch must lose a quarter of its instructions (30 us); the
+    # second stays HBM-bound whatever its instructions.
+    cut = gm.instruction_cut_for(kernels, 55.0 + 2 * launch)
+    assert cut == pytest.approx(0.25, abs=1e-6)
+    assert gm.instruction_cut_for(kernels, 100.0) == 0.0
+    assert gm.instruction_cut_for(kernels, 20.0 + 2 * launch) is None          # below the HBM-bound launch
+    entry = dict(modelled_us=150.0, old_modelled_us=70.0, vs_io_floor=1.5, old_vs_io_floor=0.7, fa2_modelled_us=600.0,
+                 fa2_old_modelled_us=600.0, io_floor_us=100.0, launches=2, kernels=[
+                     dict(k, kernel="k", ctas_per_sm=1) for k in kernels])
+    fa2 = gm.issue27_targets(dict(a=dict(fwdbwd=entry)))["VVT stage 1 fwd+bwd >= 10x faster than FlashAttention-2"]
+    assert fa2["target_us"] == 60.0 and fa2["stall_free_us"] == pytest.approx(70.0)
+    assert fa2["stall_free_at_issue"]["1.0"] == pytest.approx(55.0)
+    assert fa2["instruction_cut"] == pytest.approx(0.25, abs=1e-3)          # 60 us = 30 + 25 + 2 launches
