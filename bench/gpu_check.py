@@ -498,6 +498,12 @@ def _brief(res: dict) -> str:
         parts.append(" ".join(k for k, v in res["paths"].items() if v is True) or "no sm_90 path")
     if res.get("deterministic") is False:
         parts.append("NOT DETERMINISTIC")
+    if res.get("total_measured_us"):
+        dry = res.get("method", "").startswith("DRY RUN")
+        timed = "DRY RUN interpreter time, NOT a GPU time" if dry else "measured"
+        parts.append(f"{res['total_measured_us']:.1f} us {timed}: x{res['total_ratio']} the model's "
+                     f"{res['total_modelled_us']:.1f}, x{res['total_old_ratio']} the old model's, "
+                     f"x{res.get('total_floor_ratio')} the stall-free floor's")
     return f"{', '.join(parts)} ({res.get('seconds', 0):.1f} s)"
 
 
@@ -507,7 +513,10 @@ def _brief(res: dict) -> str:
 def model_rows(model: dict | None, name: str, chip: dict) -> list[dict]:
     """The model's per-kernel rows of shape ``name`` (forward + backward), both models: ``modelled_us`` the
     latency-aware one (its own H100 SXM or H200 figure), ``old_modelled_us`` the bandwidth / issue one,
-    retimed for ``chip`` where it is not the model's own (:func:`bench.gpu_model.kernel_time`'s old formula)."""
+    retimed for ``chip`` where it is not the model's own (:func:`bench.gpu_model.kernel_time`'s old formula),
+    and ``stall_free_us``, the latency-aware model's stall-free floor (:func:`bench.gpu_model.stall_free_us`:
+    what these instructions would take with every stall hidden), where the model has it."""
+    from .gpu_model import stall_free_us
     entry = (model or {}).get("shapes", {}).get(name, {}).get("fwdbwd", {})
     h200 = chip.get("hbm_bytes_per_s", 0) > 4e12
     rows = []
@@ -517,30 +526,36 @@ def model_rows(model: dict | None, name: str, chip: dict) -> list[dict]:
                  tensor_us=k["tensor_flops"] / chip["tensor_flops_per_s"] * 1e6, issue_us=k["issue_us"])
         old = max(t.values()) + chip["launch_overhead_s"] * 1e6
         new = k.get("h200_modelled_us" if h200 else "modelled_us") if "old_modelled_us" in k else None
+        latency = k.get("latency_h200" if h200 else "latency")
         rows.append(dict(kernel=k["kernel"], role=k.get("role"), modelled_us=old if new is None else new,
-                         old_modelled_us=old))
+                         old_modelled_us=old,
+                         stall_free_us=None if latency is None else stall_free_us(dict(latency=latency), chip=chip)))
     return rows
 
 
 def per_kernel(measured: dict[str, tuple[float, int]], rows: list[dict], calls: int) -> list[dict]:
     """Measured total microseconds and launch count per kernel name (over ``calls`` calls) beside the model's
-    rows of the same kernel (summed per name): per call, with ratio measured / model for both models."""
+    rows of the same kernel (summed per name): per call, with ratio measured / model for both models, and
+    measured / the stall-free floor (``floor_ratio``; None unless every row of the kernel has one)."""
     by_name: dict[str, dict] = {}
     for r in rows:
         e = by_name.setdefault(r["kernel"], dict(kernel=r["kernel"], roles=[], modelled_us=0.0, old_modelled_us=0.0,
-                                                  modelled_launches=0))
+                                                  stall_free_us=0.0, modelled_launches=0))
         e["roles"].append(r["role"])
         e["modelled_us"] += r["modelled_us"]
         e["old_modelled_us"] += r.get("old_modelled_us", r["modelled_us"])
+        floor = r.get("stall_free_us")
+        e["stall_free_us"] = None if floor is None or e["stall_free_us"] is None else e["stall_free_us"] + floor
         e["modelled_launches"] += 1
     out = []
     for name in list(by_name) + sorted(n for n in measured if n not in by_name):
-        e = by_name.get(name, dict(kernel=name, roles=[], modelled_us=None, old_modelled_us=None,
+        e = by_name.get(name, dict(kernel=name, roles=[], modelled_us=None, old_modelled_us=None, stall_free_us=None,
                                    modelled_launches=0))
         us, count = measured.get(name, (None, 0))
         e["measured_us"] = None if us is None else round(us / calls, 3)
         e["launches_per_call"] = count / calls
-        for key, ratio in (("modelled_us", "ratio"), ("old_modelled_us", "old_ratio")):
+        for key, ratio in (("modelled_us", "ratio"), ("old_modelled_us", "old_ratio"),
+                           ("stall_free_us", "floor_ratio")):
             e[ratio] = (round(e["measured_us"] / e[key], 2) if e["measured_us"] is not None and e[key] else None)
             if e[key] is not None:
                 e[key] = round(e[key], 3)
@@ -601,11 +616,15 @@ def kernel_item(shape: dict, device, ctx: dict) -> dict:
     total_m = sum(r["measured_us"] or 0 for r in ours)
     total_model = sum(r["modelled_us"] for r in ours)
     total_old = sum(r["old_modelled_us"] for r in ours)
+    floors = [r["stall_free_us"] for r in ours]
+    total_floor = sum(floors) if floors and None not in floors else None
     return dict(method=how, calls=calls, kernels=kernels, ok=True,
                 total_measured_us=round(total_m, 2), total_modelled_us=round(total_model, 2),
                 total_old_modelled_us=round(total_old, 2),
+                total_stall_free_us=None if total_floor is None else round(total_floor, 2),
                 total_ratio=round(total_m / total_model, 2) if total_model and total_m else None,
                 total_old_ratio=round(total_m / total_old, 2) if total_old and total_m else None,
+                total_floor_ratio=round(total_m / total_floor, 2) if total_floor and total_m else None,
                 other_device_time_us=round(sum((r["measured_us"] or 0) for r in kernels
                                                if r["modelled_us"] is None and not _is_host_event(r["kernel"])), 2))
 

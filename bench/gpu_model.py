@@ -657,9 +657,10 @@ FLOOR_ISSUE_RATES = (0.75, 1.0)
 
 
 def stall_free_us(kernel: dict, issue_scale: float = 1.0, chip: dict = H100_SXM) -> float:
-    """One launch's new-model time (H100) with every stall hidden: its busiest SM only issues its warps'
-    instructions (``issue_us``, times ``issue_scale``) and stores to shared memory, bounded below by the
-    device's HBM, L2 and tensor floors, plus a launch. No kernel of these instructions can beat it on the
+    """One launch's new-model time with every stall hidden, from its latency readout ``kernel["latency"]``
+    (the H100 SXM's; ``latency_h200`` for the H200): its busiest SM only issues its warps' instructions
+    (``issue_us``, times ``issue_scale``) and stores to shared memory, bounded below by the device's HBM,
+    L2 and tensor floors, plus ``chip``'s launch. No kernel of these instructions can beat it on the
     model, however its latency is hidden (more CTAs per SM, pipelining)."""
     lat = kernel["latency"]
     return (max(lat["issue_us"] * issue_scale, lat["smem_us"], lat["hbm_us"], lat["l2_us"], lat["tensor_us"])

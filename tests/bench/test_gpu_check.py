@@ -179,8 +179,10 @@ def test_model_rows_retimed_for_the_h200_and_ratios():
     k1 = table[0]
     assert k1["kernel"] == "k1" and k1["modelled_launches"] == 2 and k1["launches_per_call"] == 2
     assert k1["measured_us"] == 100.0 and k1["ratio"] == round(100 / 7.0, 2) == k1["old_ratio"]
-    assert table[1] == dict(kernel="memset", roles=[], modelled_us=None, old_modelled_us=None, modelled_launches=0,
-                            measured_us=2.0, launches_per_call=1.0, ratio=None, old_ratio=None)
+    assert k1["stall_free_us"] is None and k1["floor_ratio"] is None       # no latency readout: no floor
+    assert table[1] == dict(kernel="memset", roles=[], modelled_us=None, old_modelled_us=None, stall_free_us=None,
+                            modelled_launches=0, measured_us=2.0, launches_per_call=1.0, ratio=None, old_ratio=None,
+                            floor_ratio=None)
 
 
 def test_model_rows_carry_both_models():
@@ -193,6 +195,20 @@ def test_model_rows_carry_both_models():
     assert h100["old_modelled_us"] == pytest.approx(2e9 / (0.85 * 3.35e12) * 1e6 + 2.5)   # retimed, not copied
     table = gc.per_kernel({"k1": (100.0, 1)}, [h100], calls=1)
     assert table[0]["ratio"] == 2.5 and table[0]["old_ratio"] == round(100 / h100["old_modelled_us"], 2)
+
+
+def test_model_rows_carry_the_stall_free_floor_per_chip():
+    chips = gc.chip_models()
+    latency = dict(issue_us=20.0, smem_us=1.0, hbm_us=12.0, l2_us=2.0, tensor_us=3.0)
+    row = dict(kernel="k1", role="fwd", hbm_bytes=2.0e9, l2_bytes=1.0, tensor_flops=1.0, issue_us=1.0,
+               old_modelled_us=999.0, modelled_us=40.0, h200_modelled_us=30.0, latency=latency,
+               latency_h200=dict(latency, issue_us=10.0))
+    model = dict(shapes=dict(s=dict(fwdbwd=dict(kernels=[row, dict(row, role="bwd")]))))
+    h100, h200 = (gc.model_rows(model, "s", chips[c]) for c in ("H100 SXM", "H200"))
+    assert h100[0]["stall_free_us"] == pytest.approx(20.0 + 2.5)             # issue-bound
+    assert h200[0]["stall_free_us"] == pytest.approx(12.0 + 2.5)             # its own readout: HBM-bound
+    table = gc.per_kernel({"k1": (90.0, 2)}, h100, calls=1)
+    assert table[0]["stall_free_us"] == pytest.approx(45.0) and table[0]["floor_ratio"] == 2.0
 
 
 def test_pytest_output_parsed_with_spaces_in_ids():
