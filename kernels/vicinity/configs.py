@@ -285,7 +285,7 @@ def resident_states(launch: str, dtype: torch.dtype, n_feat: int, d: int, dv: in
     if operand_bytes == 4 and (launch == "bwd_keys" or cfg.block_d >= HEAD_BLOCKS[-1]):
         return False
     if launch == "bwd_keys" and (n_feat > 8 or ((d % 16 or dv % 16) and n_feat > RESIDENT_FEW_FEATURES)):
-        return False    # (F = 9, or unaligned heads with a 3-d product's 8 features: it spills under triton 3.6)
+        return False    # (F = 10, or unaligned heads with a 3-d product's 8 features: it spills under triton 3.6)
     return n_feat * cfg.block_d * cfg.block_dv * operand_bytes <= RESIDENT_STATE_BYTES[launch]
 
 

@@ -369,6 +369,8 @@ def query_pass_kernel(
                     mask=mask_n[:, None] & mask_e[None, :], other=0.0)
         # q in its own dtype, issued beside dO: its latency overlaps the dq dots.
         x = tl.load(q_base + offs_n[:, None] * stride_q_n + offs_d[None, :] * stride_q_d, mask=mask_x, other=0.0)
+        # den too: loaded where it is first needed, after the dq dots, it was a round trip of its own.
+        den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
         axes = position_axes(offs_n, n_prefix, grid_0, grid_1, grid_2, N_AXES, VARIANT, HAS_PREFIX, ACC)
         if RESIDENT > 0:
             acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
@@ -383,7 +385,6 @@ def query_pass_kernel(
             acc = dq_features(y, tl.zeros((BLOCK_N, BLOCK_D), ACC), m_base, axes, offs_d, mask_d,
                               offs_e, mask_e, D, DV, N_FEAT, N_AXES, VARIANT, HAS_PREFIX, IS_QUERY, ACC, DOT, PREC)
         phi = feature_map(x.to(ACC), mask_x, FMAP)
-        den = tl.load(den_ptr + bh * N + offs_n, mask=mask_n, other=1.0)
         rs, rz = row_weights(tl.sum(phi * acc, axis=1) / den, den, den_floor, eps)
         dq = weigh_dq_rows(acc, rs, rz, axes, z_base, offs_d, mask_d, D, N_FEAT, N_AXES, VARIANT, HAS_PREFIX,
                            IS_QUERY, ACC)
