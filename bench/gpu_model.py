@@ -53,6 +53,10 @@ attention at the bench's k-NN shapes) and direction:
    serial work (a roofline bound per kernel), the SM terms are each SM's own and bound it from below.
    More CTAs per SM never increase the time (fewer waves, a higher shared issue rate) and the H200
    is never slower than the H100 (only its HBM bandwidth differs).
+6. The stall-free floor (``stall_free_us``): each launch at the largest of its issue, shared-store,
+   bandwidth and tensor times plus its launch, as if every stall were hidden. No kernel with the same
+   instructions beats it on this model; for issue 27's time targets the JSON also gives it at other
+   issue rates and the instruction cut a target needs (``instruction_cut_for``).
 
 Constants (``LATENCY``; cycles at the model's 1.83 GHz):
 - L2 hit 270 cycles and HBM 600: the ranges published by pointer-chasing microbenchmarks of Hopper
