@@ -501,9 +501,10 @@ def _brief(res: dict) -> str:
     if res.get("total_measured_us"):
         dry = res.get("method", "").startswith("DRY RUN")
         timed = "DRY RUN interpreter time, NOT a GPU time" if dry else "measured"
+        floor = res.get("total_floor_ratio")
         parts.append(f"{res['total_measured_us']:.1f} us {timed}: x{res['total_ratio']} the model's "
-                     f"{res['total_modelled_us']:.1f}, x{res['total_old_ratio']} the old model's, "
-                     f"x{res.get('total_floor_ratio')} the stall-free floor's")
+                     f"{res['total_modelled_us']:.1f}, x{res['total_old_ratio']} the old model's"
+                     + ("" if floor is None else f", x{floor} the stall-free floor's"))
     return f"{', '.join(parts)} ({res.get('seconds', 0):.1f} s)"
 
 
